@@ -1,0 +1,83 @@
+"""The server's error types and their one mapping to gRPC status codes.
+
+Code below the servicers raises these (or `TensorError` from the codec);
+`status_of` is the only place that decides which status a client sees.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from convserve.client.tensor import TensorError
+
+
+class ServeError(Exception):
+    """Base class: an error whose message is safe and useful to send to a client."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(ServeError):
+    """A request field is malformed; `field` names it, `problem` says what was expected."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class NotFound(ServeError):
+    """An unknown model name or a version that is not loaded."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ServeError):
+    """The queue is full or a request is over a size limit the server enforces."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServeError):
+    """The caller's deadline passed before the work could run."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServeError):
+    """The caller went away; the work was dropped."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unavailable(ServeError):
+    """No model is ready, or the server is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unauthenticated(ServeError):
+    """Missing or wrong credentials."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Internal(ServeError):
+    """A bug or an unexpected model failure; the detail goes to the log."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for `exc`.
+
+    Unknown exceptions become INTERNAL with a generic message, so internals
+    never leak to clients; callers log those with their traceback.
+    """
+    if isinstance(exc, ServeError):
+        return exc.code, str(exc)
+    if isinstance(exc, TensorError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"

@@ -1,0 +1,143 @@
+"""Typed internal values: what servicers hand to the runtime and get back.
+
+Servicers (one per protocol) translate wire messages into these and back;
+nothing below them sees protobuf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Padding = Literal["VALID", "SAME", "EXPLICIT"]
+Mode = Literal["CROSS_CORRELATION", "CONVOLUTION"]
+Protocol = Literal["convserve", "oip", "tfserving"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model name (None: the default model) and an optional pinned version."""
+
+    name: str | None = None
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """Digit images already checked and reshaped to [N,28,28,1].
+
+    uint8 in [0, 255] or float32 in [0, 1]; the runtime scales uint8.
+    """
+
+    images: np.ndarray
+    model: ModelRef = ModelRef()
+
+
+@dataclass(frozen=True)
+class PredictOutput:
+    model_name: str
+    model_version: int
+    probabilities: np.ndarray  # float32 [N,10]
+
+    @property
+    def digits(self) -> np.ndarray:
+        return np.argmax(self.probabilities, axis=1).astype(np.int32)
+
+    @property
+    def confidences(self) -> np.ndarray:
+        return np.max(self.probabilities, axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ConvolutionOptions:
+    strides: tuple[int, int] = (1, 1)
+    padding: Padding = "VALID"
+    # (top, bottom, left, right); only with padding == "EXPLICIT".
+    explicit_padding: tuple[int, int, int, int] | None = None
+    dilations: tuple[int, int] = (1, 1)
+    mode: Mode = "CROSS_CORRELATION"
+
+
+@dataclass(frozen=True)
+class ConvolveInput:
+    """input [H,W] or [N,H,W,C]; kernel [kh,kw] or [kh,kw,C,F]; bias [F] or None.
+
+    Shapes and dtypes are as decoded from the wire; `ops.convolve` checks
+    that they fit together and raises InvalidArgument naming the field.
+    """
+
+    input: np.ndarray
+    kernel: np.ndarray
+    bias: np.ndarray | None = None
+    options: ConvolutionOptions = ConvolutionOptions()
+
+
+@dataclass(frozen=True)
+class ConvolveOutput:
+    output: np.ndarray  # same dtype as input; [H',W'] or [N,H',W',F]
+
+
+@dataclass(frozen=True)
+class FitKernelInput:
+    inputs: np.ndarray
+    targets: np.ndarray
+    kernel_shape: tuple[int, ...]
+    fit_bias: bool = False
+    options: ConvolutionOptions = ConvolutionOptions()
+    learning_rate: float | None = None  # None: the server's default
+    max_steps: int | None = None  # None: the server's default
+    tolerance: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FitKernelOutput:
+    kernel: np.ndarray  # float64, kernel_shape
+    bias: np.ndarray | None  # float64 [F] or None
+    loss: list[float]
+    steps: int
+    stop_reason: Literal["converged", "max_steps", "time_budget"]
+
+
+@dataclass(frozen=True)
+class FeatureMapsInput:
+    image: np.ndarray  # [1,28,28,1], uint8 or float32
+    layers: tuple[str, ...] = ()
+    model: ModelRef = ModelRef()
+
+
+@dataclass(frozen=True)
+class FeatureMapsOutput:
+    model_name: str
+    model_version: int
+    maps: list[tuple[str, np.ndarray]]  # (layer name, float32 [H,W,F])
+
+
+@dataclass(frozen=True)
+class TensorSpecInfo:
+    name: str
+    dtypes: tuple[str, ...]  # numpy names: "uint8", "float32"
+    shape: tuple[int, ...]  # -1 for any size
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    type: str
+    output_shape: tuple[int, ...]
+    parameters: int
+    trainable: bool = True
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    model_name: str
+    loaded_versions: tuple[int, ...]
+    serving_version: int
+    inputs: tuple[TensorSpecInfo, ...]
+    outputs: tuple[TensorSpecInfo, ...]
+    layers: tuple[LayerRow, ...]
+    training: dict[str, object] = field(default_factory=dict)  # the trainer's training_record.json
+    device: str = "/CPU:0"
