@@ -1,0 +1,74 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# TensorFlow's C++ start-up chatter drowns test output; warnings still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model base path holding version 1, trained briefly on the sample digits.
+
+    Accurate enough for "the right digit comes back" checks, small enough to
+    train in well under a minute on two cores. Also writes `samples.npz`
+    (held-out digits and labels) beside the base path.
+    """
+    from convserve.trainer.__main__ import main
+
+    root = tmp_path_factory.mktemp("model")
+    base = root / "mnist"
+    code = main(
+        [
+            "--dataset", "sample",
+            "--limit-train", "2000",
+            "--epochs", "2",
+            "--seed", "0",
+            "--quiet",
+            "--model-base-path", str(base),
+            "--save-samples", str(root / "samples.npz"),
+        ]
+    )  # fmt: skip
+    assert code == 0, "training the shared test model failed"
+    assert (base / "1" / "saved_model.pb").is_file()
+    return base
+
+
+@pytest.fixture(scope="session")
+def model_base_path(trained_model_dir: Path) -> Path:
+    """The base path of the shared trained model (version 1). Do not write into it."""
+    return trained_model_dir
+
+
+@pytest.fixture(scope="session")
+def sample_digits(trained_model_dir: Path) -> tuple:
+    """Held-out digits (uint8 [k,28,28]) and their labels, saved by the trainer."""
+    import numpy as np
+
+    with np.load(trained_model_dir.parent / "samples.npz") as data:
+        return data["images"], data["labels"]
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program a test drives, e.g. ``promtool``.
+
+    Locally a missing tool skips the test with the reason; in CI (CI=true),
+    where .ci/run installs every such tool, it fails the test instead, so a
+    broken install step cannot hide behind a skip.
+    """
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
