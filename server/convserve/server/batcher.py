@@ -1,0 +1,370 @@
+"""Dynamic batching: merges concurrent requests into few model calls.
+
+One `DynamicBatcher` serves one model call (e.g. Predict on one model). Each
+`submit` puts its rows in a bounded queue (counted in rows, i.e. images) and
+awaits a future. Batches are dispatched without idle waiting:
+
+* no batch running: dispatch at once with whatever is queued (a lone request
+  on an idle batcher runs immediately, as a batch of one);
+* a batch running and a slot free (``max_concurrent_batches > 1``): dispatch
+  when ``max_batch_size`` rows are queued, or when ``batch_timeout_s`` has
+  passed since the first queued row of the forming batch arrived;
+* no slot free: wait; requests arriving meanwhile form the next batch.
+
+A request larger than ``max_batch_size`` is split across batches and
+reassembled in order. Batches are padded (by repeating their last row) to a
+size from ``pad_sizes`` so that TensorFlow sees few distinct shapes and does
+not retrace; padding rows are dropped before results are handed out.
+
+``run_batch`` is synchronous and runs in an executor so the event loop never
+blocks on the model. Only requests whose rows have the same trailing shape and
+dtype share a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from convserve.server import errors
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Receives batching figures; the server's metrics implement this."""
+
+    def on_queue_depth(self, items: int) -> None:
+        """The number of rows now queued (not yet in a batch)."""
+
+    def on_batch(
+        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
+    ) -> None:
+        """One model call finished: real rows, rows after padding, each part's
+        wait from enqueue to batch start, and the duration of `run_batch`."""
+
+
+@dataclass(eq=False)
+class _Request:
+    items: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    deadline: float | None
+    enqueued_at: float
+    taken: int = 0  # rows already handed to batches
+    done: int = 0  # rows whose results arrived
+    parts: list[tuple[int, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.items.shape[0])
+
+    @property
+    def untaken(self) -> int:
+        return self.size - self.taken
+
+    def compatible(self, other: _Request) -> bool:
+        return (
+            self.items.shape[1:] == other.items.shape[1:] and self.items.dtype == other.items.dtype
+        )
+
+
+@dataclass(frozen=True)
+class _Slice:
+    request: _Request
+    start: int
+    stop: int
+    wait_s: float
+
+
+def default_pad_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself."""
+    sizes = []
+    size = 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+class DynamicBatcher:
+    """Queues row batches, runs them through `run_batch` in merged batches.
+
+    `run_batch` receives an array ``[B, ...]`` and must return ``[B, ...]``
+    (one output row per input row, in order). Deadlines passed to `submit`
+    are absolute times on `clock`'s scale (``time.monotonic`` by default).
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        *,
+        name: str,
+        max_batch_size: int,
+        batch_timeout_s: float,
+        max_queued_items: int,
+        max_concurrent_batches: int = 1,
+        pad_sizes: Sequence[int] | None = None,
+        executor: concurrent.futures.Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_concurrent_batches < 1:
+            raise ValueError(
+                f"max_concurrent_batches must be at least 1, got {max_concurrent_batches}"
+            )
+        if max_queued_items < 1:
+            raise ValueError(f"max_queued_items must be at least 1, got {max_queued_items}")
+        if batch_timeout_s < 0:
+            raise ValueError(f"batch_timeout_s must not be negative, got {batch_timeout_s}")
+        if pad_sizes is None:
+            sizes = default_pad_sizes(max_batch_size)
+        else:
+            if any(s < 1 for s in pad_sizes):
+                raise ValueError(f"pad_sizes must be positive, got {list(pad_sizes)}")
+            # A batch never exceeds max_batch_size, so larger sizes would never be used.
+            sizes = sorted({s for s in pad_sizes if s <= max_batch_size} | {max_batch_size})
+        self._run_batch = run_batch
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.max_queued_items = max_queued_items
+        self.max_concurrent_batches = max_concurrent_batches
+        self.pad_sizes: tuple[int, ...] = tuple(sizes)
+        self._owns_executor = executor is None
+        self._executor: concurrent.futures.Executor = (
+            executor
+            if executor is not None
+            else concurrent.futures.ThreadPoolExecutor(
+                max_workers=max_concurrent_batches, thread_name_prefix=f"batcher-{name}"
+            )
+        )
+        self._clock = clock
+        self._observer = observer
+        self._queue: list[_Request] = []
+        self._queued_items = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._draining = False
+        self._idle: asyncio.Event | None = None
+
+    @property
+    def queued_items(self) -> int:
+        """Rows waiting in the queue (not yet handed to a batch)."""
+        return self._queued_items
+
+    @property
+    def running_batches(self) -> int:
+        return len(self._running)
+
+    def padded_size(self, size: int) -> int:
+        """The batch size `run_batch` sees for `size` real rows."""
+        for padded in self.pad_sizes:
+            if padded >= size:
+                return padded
+        return size
+
+    async def submit(self, items: np.ndarray, *, deadline: float | None = None) -> np.ndarray:
+        """Run `items` ([n, ...], n >= 1) through the model; returns its n output rows.
+
+        Raises errors.ResourceExhausted at once if the queue cannot take n more
+        rows, errors.DeadlineExceeded if `deadline` passes before a batch holding
+        the rows starts, errors.Unavailable once the batcher is closed, and
+        whatever `run_batch` raised for a batch holding the rows.
+        """
+        if self._closed:
+            raise errors.Unavailable(f"{self.name}: the server is shutting down")
+        if items.ndim < 1 or items.shape[0] < 1:
+            raise ValueError(f"{self.name}: submit needs at least one row, got {items.shape}")
+        n = int(items.shape[0])
+        if self._queued_items + n > self.max_queued_items:
+            raise errors.ResourceExhausted(
+                f"{self.name}: the queue is full ({self._queued_items} of "
+                f"{self.max_queued_items} images queued, this request has {n}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        request = _Request(
+            items=items, future=loop.create_future(), deadline=deadline, enqueued_at=self._clock()
+        )
+        self._queue.append(request)
+        self._set_queued(self._queued_items + n)
+        self._maybe_dispatch()
+        try:
+            return await request.future
+        finally:
+            # Cancelled or failed: whatever was not yet handed to a batch is dropped.
+            self._remove(request)
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop accepting work.
+
+        drain=True: finish everything queued and running. drain=False: fail
+        queued work with errors.Unavailable and wait only for running batches.
+        """
+        self._closed = True
+        if drain:
+            self._draining = True
+            self._maybe_dispatch()
+        else:
+            for request in list(self._queue):
+                self._fail(request, errors.Unavailable(f"{self.name}: the server is shutting down"))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue or self._running:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+        if self._owns_executor:
+            self._executor.shutdown(wait=False)
+
+    # -- internals ------------------------------------------------------------
+
+    def _set_queued(self, items: int) -> None:
+        self._queued_items = items
+        if self._observer is not None:
+            try:
+                self._observer.on_queue_depth(items)
+            except Exception:
+                log.exception("batch observer failed")
+
+    def _remove(self, request: _Request) -> None:
+        if request in self._queue:
+            self._queue.remove(request)
+            self._set_queued(self._queued_items - request.untaken)
+            request.taken = request.size
+            self._check_idle()
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(exc)
+        self._remove(request)
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self._queue and not self._running:
+            self._idle.set()
+
+    def _maybe_dispatch(self) -> None:
+        """Start every batch the dispatch rule allows now; arm a timer for the next."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._queue and len(self._running) < self.max_concurrent_batches:
+            if self._running and not self._draining:
+                waited = self._clock() - self._queue[0].enqueued_at
+                if self._queued_items < self.max_batch_size and waited < self.batch_timeout_s:
+                    loop = asyncio.get_running_loop()
+                    self._timer = loop.call_later(
+                        self.batch_timeout_s - waited, self._maybe_dispatch
+                    )
+                    return
+            self._dispatch_one()
+
+    def _dispatch_one(self) -> None:
+        now = self._clock()
+        slices: list[_Slice] = []
+        rows = 0
+        head: _Request | None = None
+        for request in list(self._queue):
+            if rows >= self.max_batch_size:
+                break
+            if request.deadline is not None and now >= request.deadline:
+                self._fail(
+                    request,
+                    errors.DeadlineExceeded(
+                        f"{self.name}: the deadline passed while the request was queued"
+                    ),
+                )
+                continue
+            if head is None:
+                head = request
+            elif not request.compatible(head):
+                continue
+            take = min(request.untaken, self.max_batch_size - rows)
+            start = request.taken
+            slices.append(_Slice(request, start, start + take, now - request.enqueued_at))
+            request.taken += take
+            rows += take
+            if request.untaken == 0:
+                self._queue.remove(request)
+        if not slices:
+            self._check_idle()
+            return
+        self._set_queued(self._queued_items - rows)
+        task = asyncio.get_running_loop().create_task(self._run(slices, rows))
+        self._running.add(task)
+
+    async def _run(self, slices: list[_Slice], rows: int) -> None:
+        padded = self.padded_size(rows)
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                output, run_s = await loop.run_in_executor(
+                    self._executor, self._call_model, slices, padded
+                )
+            except Exception as exc:
+                for part in slices:
+                    self._fail(part.request, exc)
+                return
+            if self._observer is not None:
+                try:
+                    self._observer.on_batch(rows, padded, [s.wait_s for s in slices], run_s)
+                except Exception:
+                    log.exception("batch observer failed")
+            offset = 0
+            for part in slices:
+                length = part.stop - part.start
+                self._deliver(part, output[offset : offset + length])
+                offset += length
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.discard(task)
+            self._maybe_dispatch()
+            self._check_idle()
+
+    def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
+        """Runs in the executor: assemble, pad, run, check the row count."""
+        pieces = [part.request.items[part.start : part.stop] for part in slices]
+        rows = sum(p.shape[0] for p in pieces)
+        if padded > rows:
+            last = pieces[-1][-1:]
+            pieces.append(np.repeat(last, padded - rows, axis=0))
+        batch = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+        started = self._clock()
+        output = np.asarray(self._run_batch(batch))
+        run_s = self._clock() - started
+        if output.ndim < 1 or output.shape[0] != padded:
+            log.error(
+                "%s: the model returned shape %s for a batch of %d rows",
+                self.name,
+                output.shape,
+                padded,
+            )
+            raise errors.Internal(
+                f"{self.name}: the model returned a wrong number of rows; see the server log"
+            )
+        return output, run_s
+
+    def _deliver(self, part: _Slice, rows: np.ndarray) -> None:
+        request = part.request
+        if request.future.done():  # failed or cancelled meanwhile: drop the rows
+            return
+        request.parts.append((part.start, rows))
+        request.done += part.stop - part.start
+        if request.done == request.size:
+            if len(request.parts) == 1:
+                result = request.parts[0][1]
+            else:
+                result = np.concatenate([r for _, r in sorted(request.parts, key=lambda p: p[0])])
+            request.parts.clear()
+            request.future.set_result(result)

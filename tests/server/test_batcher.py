@@ -1,0 +1,516 @@
+"""DynamicBatcher: dispatch rule, splitting, padding, limits, failures, shutdown.
+
+Batches run in a `ManualExecutor` that holds every submitted batch until the
+test runs it, so "a batch is running" is a state the test controls; the loop
+is advanced with bounded `asyncio.sleep(0)` rounds and time is a fake clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convserve.server import errors
+from convserve.server.batcher import DynamicBatcher, default_pad_sizes
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ManualExecutor(concurrent.futures.Executor):
+    """Holds submitted calls until `run_next` runs them on the caller's thread."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple]] = []
+        self.submitted = asyncio.Event()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.pending.append((future, fn, args))
+        self.submitted.set()
+        return future
+
+    def run_next(self) -> None:
+        future, fn, args = self.pending.pop(0)
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+
+class Recorder:
+    """run_batch = rows * 2, recording every batch it is given."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(batch.copy())
+        return batch * 2
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+        self.batches: list[tuple[int, int, list[float], float]] = []
+
+    def on_queue_depth(self, items: int) -> None:
+        self.depths.append(items)
+
+    def on_batch(
+        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
+    ) -> None:
+        self.batches.append((size, padded_size, list(queue_waits_s), run_s))
+
+
+async def settle(rounds: int = 20) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def rows(start: int, n: int, width: int = 3) -> np.ndarray:
+    """n rows whose values identify them: row i holds start+i everywhere."""
+    return np.repeat(np.arange(start, start + n, dtype=np.float64)[:, None], width, axis=1)
+
+
+def make(
+    run_batch: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs: Any
+) -> tuple[DynamicBatcher, ManualExecutor, Recorder, FakeClock]:
+    executor = ManualExecutor()
+    recorder = Recorder()
+    clock = FakeClock()
+    options: dict[str, Any] = {
+        "name": "test",
+        "max_batch_size": 8,
+        "batch_timeout_s": 1000.0,
+        "max_queued_items": 100,
+        "executor": executor,
+        "clock": clock,
+    }
+    options.update(kwargs)
+    batcher = DynamicBatcher(run_batch or recorder, **options)
+    return batcher, executor, recorder, clock
+
+
+async def run_all(executor: ManualExecutor, limit: int = 100) -> None:
+    """Run batches (including ones dispatched as earlier ones finish) until none is left."""
+    for _ in range(limit):
+        await settle()
+        if not executor.pending:
+            return
+        executor.run_next()
+    raise AssertionError("batches kept coming")
+
+
+def test_default_pad_sizes() -> None:
+    assert default_pad_sizes(1) == [1]
+    assert default_pad_sizes(8) == [1, 2, 4, 8]
+    assert default_pad_sizes(12) == [1, 2, 4, 8, 12]
+
+
+async def test_lone_request_runs_at_once_as_a_batch_of_one() -> None:
+    batcher, executor, recorder, _ = make()
+    task = asyncio.create_task(batcher.submit(rows(5, 1)))
+    await settle()
+    assert len(executor.pending) == 1  # dispatched without waiting for the timeout
+    assert batcher.running_batches == 1
+    executor.run_next()
+    np.testing.assert_array_equal(await task, rows(5, 1) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [1]
+
+
+async def test_lone_request_with_the_default_thread_pool() -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def run_batch(batch: np.ndarray) -> np.ndarray:
+        started.set()
+        assert release.wait(10)
+        return batch + 1
+
+    batcher = DynamicBatcher(
+        run_batch, name="pool", max_batch_size=4, batch_timeout_s=0.0, max_queued_items=8
+    )
+    task = asyncio.create_task(batcher.submit(rows(0, 3)))
+    # The event loop stays free while the model runs in the pool.
+    assert await asyncio.to_thread(started.wait, 10)
+    assert not task.done()
+    release.set()
+    result = await asyncio.wait_for(task, 10)
+    np.testing.assert_array_equal(result, rows(0, 3) + 1)
+    await batcher.close()
+
+
+async def test_requests_arriving_during_a_batch_are_merged_into_the_next() -> None:
+    batcher, executor, recorder, _ = make(max_batch_size=8)
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    assert len(executor.pending) == 1
+    later = [asyncio.create_task(batcher.submit(rows(10 * (i + 1), 2))) for i in range(3)]
+    await settle()
+    assert len(executor.pending) == 1  # one slot: the others wait
+    assert batcher.queued_items == 6
+    executor.run_next()
+    await settle()
+    assert first.done()
+    assert len(executor.pending) == 1  # all three merged into one batch
+    assert batcher.queued_items == 0
+    executor.run_next()
+    results = await asyncio.gather(*later)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result, rows(10 * (i + 1), 2) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [1, 8]  # 6 rows padded to 8
+
+
+async def test_max_batch_size_is_respected() -> None:
+    batcher, executor, recorder, _ = make(max_batch_size=4)
+    blocker = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    tasks = [asyncio.create_task(batcher.submit(rows(100 + i, 1))) for i in range(10)]
+    await run_all(executor)
+    await blocker
+    results = await asyncio.gather(*tasks)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result, rows(100 + i, 1) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [1, 4, 4, 2]
+
+
+async def test_oversized_request_is_split_and_reassembled_in_order() -> None:
+    batcher, executor, recorder, _ = make(max_batch_size=4)
+    task = asyncio.create_task(batcher.submit(rows(0, 11)))
+    await run_all(executor)
+    np.testing.assert_array_equal(await task, rows(0, 11) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [4, 4, 4]  # 4 + 4 + 3 padded to 4
+    np.testing.assert_array_equal(recorder.batches[0], rows(0, 4))
+    np.testing.assert_array_equal(recorder.batches[2][:3], rows(8, 3))
+
+
+async def test_split_request_shares_batches_with_others() -> None:
+    batcher, executor, _, _ = make(max_batch_size=4, max_concurrent_batches=2)
+    blocker = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    big = asyncio.create_task(batcher.submit(rows(100, 6)))
+    small = asyncio.create_task(batcher.submit(rows(200, 1)))
+    await run_all(executor)
+    await blocker
+    np.testing.assert_array_equal(await big, rows(100, 6) * 2)
+    np.testing.assert_array_equal(await small, rows(200, 1) * 2)
+
+
+async def test_padding_repeats_the_last_row_and_never_leaks() -> None:
+    batcher, executor, recorder, _ = make(max_batch_size=16, pad_sizes=[4, 16])
+    assert batcher.pad_sizes == (4, 16)
+    blocker = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    a = asyncio.create_task(batcher.submit(rows(10, 2)))
+    b = asyncio.create_task(batcher.submit(rows(20, 3)))
+    await run_all(executor)
+    assert [x.shape[0] for x in recorder.batches] == [4, 16]
+    batch = recorder.batches[1]
+    np.testing.assert_array_equal(batch[:5], np.concatenate([rows(10, 2), rows(20, 3)]))
+    np.testing.assert_array_equal(batch[5:], np.repeat(rows(22, 1), 11, axis=0))
+    np.testing.assert_array_equal(await blocker, rows(0, 1) * 2)
+    result_a, result_b = await a, await b
+    assert result_a.shape == (2, 3)
+    assert result_b.shape == (3, 3)
+    np.testing.assert_array_equal(result_a, rows(10, 2) * 2)
+    np.testing.assert_array_equal(result_b, rows(20, 3) * 2)
+
+
+async def test_queue_full_raises_at_once_without_affecting_others() -> None:
+    batcher, executor, _, _ = make(max_batch_size=4, max_queued_items=5)
+    running = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    queued = asyncio.create_task(batcher.submit(rows(10, 4)))
+    await settle()
+    assert batcher.queued_items == 4
+    with pytest.raises(errors.ResourceExhausted, match="queue is full"):
+        await batcher.submit(rows(20, 2))
+    assert batcher.queued_items == 4
+    fits = asyncio.create_task(batcher.submit(rows(30, 1)))
+    await run_all(executor)
+    np.testing.assert_array_equal(await running, rows(0, 1) * 2)
+    np.testing.assert_array_equal(await queued, rows(10, 4) * 2)
+    np.testing.assert_array_equal(await fits, rows(30, 1) * 2)
+
+
+async def test_expired_deadline_fails_before_reaching_the_model() -> None:
+    batcher, executor, recorder, clock = make()
+    running = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    doomed = asyncio.create_task(batcher.submit(rows(50, 2), deadline=5.0))
+    fine = asyncio.create_task(batcher.submit(rows(60, 1), deadline=50.0))
+    await settle()
+    clock.now = 10.0
+    await run_all(executor)
+    with pytest.raises(errors.DeadlineExceeded):
+        await doomed
+    np.testing.assert_array_equal(await fine, rows(60, 1) * 2)
+    await running
+    seen = np.concatenate(recorder.batches)
+    assert not np.any((seen == 50) | (seen == 51))
+    assert batcher.queued_items == 0
+
+
+async def test_deadline_not_yet_passed_runs() -> None:
+    batcher, executor, _, clock = make()
+    clock.now = 3.0
+    task = asyncio.create_task(batcher.submit(rows(1, 1), deadline=3.5))
+    await run_all(executor)
+    np.testing.assert_array_equal(await task, rows(1, 1) * 2)
+
+
+async def test_cancelled_request_is_dropped_and_its_items_freed() -> None:
+    batcher, executor, recorder, _ = make(max_queued_items=6)
+    running = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    cancelled = asyncio.create_task(batcher.submit(rows(70, 5)))
+    await settle()
+    assert batcher.queued_items == 5
+    cancelled.cancel()
+    await settle()
+    assert cancelled.cancelled()
+    assert batcher.queued_items == 0
+    kept = asyncio.create_task(batcher.submit(rows(80, 5)))  # fits only because 5 were freed
+    await run_all(executor)
+    np.testing.assert_array_equal(await kept, rows(80, 5) * 2)
+    await running
+    seen = np.concatenate(recorder.batches)
+    assert not np.any((seen >= 70) & (seen < 75))
+
+
+async def test_cancelled_split_request_drops_its_remaining_parts() -> None:
+    batcher, executor, recorder, _ = make(max_batch_size=2)
+    task = asyncio.create_task(batcher.submit(rows(0, 6)))
+    await settle()
+    assert len(executor.pending) == 1
+    task.cancel()
+    await settle()
+    assert batcher.queued_items == 0
+    await run_all(executor)
+    assert len(recorder.batches) == 1  # only the part already running
+
+
+async def test_failure_reaches_every_waiter_and_the_batcher_keeps_working() -> None:
+    calls = {"n": 0}
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("model exploded")
+        return batch * 2
+
+    batcher, executor, _, _ = make(flaky)
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    mates = [asyncio.create_task(batcher.submit(rows(10 + i, 1))) for i in range(3)]
+    await run_all(executor)
+    await first
+    for mate in mates:
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await mate
+    after = asyncio.create_task(batcher.submit(rows(40, 2)))
+    await run_all(executor)
+    np.testing.assert_array_equal(await after, rows(40, 2) * 2)
+
+
+async def test_wrong_output_length_is_internal_for_the_whole_batch() -> None:
+    batcher, executor, _, _ = make(lambda batch: batch[:-1])
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    mates = [asyncio.create_task(batcher.submit(rows(10 + i, 1))) for i in range(2)]
+    await run_all(executor)
+    for task in [first, *mates]:
+        with pytest.raises(errors.Internal):
+            await task
+
+
+async def test_timeout_dispatch_with_two_slots() -> None:
+    batcher, executor, _, clock = make(max_batch_size=8, max_concurrent_batches=2)
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    assert len(executor.pending) == 1
+    clock.now = 1.0
+    second = asyncio.create_task(batcher.submit(rows(10, 1)))  # forming batch starts at t=1
+    await settle()
+    assert len(executor.pending) == 1  # a slot is free, but neither full nor timed out
+    clock.now = 1000.5
+    third = asyncio.create_task(batcher.submit(rows(20, 1)))
+    await settle()
+    assert len(executor.pending) == 1  # 999.5 s since the forming batch began: still waiting
+    clock.now = 1001.0
+    fourth = asyncio.create_task(batcher.submit(rows(30, 1)))
+    await settle()
+    assert len(executor.pending) == 2  # timed out: the second slot takes all three
+    assert batcher.queued_items == 0
+    await run_all(executor)
+    for task, start in [(first, 0), (second, 10), (third, 20), (fourth, 30)]:
+        np.testing.assert_array_equal(await task, rows(start, 1) * 2)
+
+
+async def test_full_batch_dispatches_into_a_free_slot_before_the_timeout() -> None:
+    batcher, executor, recorder, _ = make(max_batch_size=4, max_concurrent_batches=2)
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    more = [asyncio.create_task(batcher.submit(rows(10 + i, 1))) for i in range(3)]
+    await settle()
+    assert len(executor.pending) == 1
+    last = asyncio.create_task(batcher.submit(rows(20, 1)))
+    await settle()
+    assert len(executor.pending) == 2
+    await run_all(executor)
+    assert [b.shape[0] for b in recorder.batches] == [1, 4]
+    await asyncio.gather(first, last, *more)
+
+
+async def test_timer_dispatches_when_nothing_else_happens() -> None:
+    batcher, executor, _, _ = make(
+        max_concurrent_batches=2, batch_timeout_s=0.001, clock=time.monotonic
+    )
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    executor.submitted.clear()
+    second = asyncio.create_task(batcher.submit(rows(10, 1)))
+    await asyncio.wait_for(executor.submitted.wait(), 10)
+    assert len(executor.pending) == 2
+    await run_all(executor)
+    await asyncio.gather(first, second)
+
+
+async def test_requests_of_different_shapes_never_share_a_batch() -> None:
+    batcher, executor, recorder, _ = make()
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    wide = asyncio.create_task(batcher.submit(rows(10, 2, width=5)))
+    narrow = asyncio.create_task(batcher.submit(rows(20, 2)))
+    await run_all(executor)
+    np.testing.assert_array_equal(await wide, rows(10, 2, width=5) * 2)
+    np.testing.assert_array_equal(await narrow, rows(20, 2) * 2)
+    await first
+    assert [b.shape for b in recorder.batches] == [(1, 3), (2, 5), (2, 3)]
+
+
+async def test_observer_sees_depths_and_batches() -> None:
+    observer = Observer()
+    batcher, executor, _, clock = make(observer=observer)
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    second = asyncio.create_task(batcher.submit(rows(10, 3)))
+    await settle()
+    clock.now = 2.5
+    await run_all(executor)
+    await asyncio.gather(first, second)
+    assert observer.depths == [1, 0, 3, 0]
+    assert [(b[0], b[1], b[2]) for b in observer.batches] == [(1, 1, [0.0]), (3, 4, [2.5])]
+
+
+async def test_close_with_drain_finishes_queued_work() -> None:
+    batcher, executor, _, _ = make()
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    second = asyncio.create_task(batcher.submit(rows(10, 2)))
+    await settle()
+    closing = asyncio.create_task(batcher.close(drain=True))
+    await settle()
+    with pytest.raises(errors.Unavailable):
+        await batcher.submit(rows(20, 1))
+    assert not closing.done()
+    await run_all(executor)
+    await asyncio.wait_for(closing, 10)
+    np.testing.assert_array_equal(await first, rows(0, 1) * 2)
+    np.testing.assert_array_equal(await second, rows(10, 2) * 2)
+
+
+async def test_close_without_drain_fails_queued_work() -> None:
+    batcher, executor, recorder, _ = make()
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    second = asyncio.create_task(batcher.submit(rows(10, 2)))
+    await settle()
+    closing = asyncio.create_task(batcher.close(drain=False))
+    await settle()
+    with pytest.raises(errors.Unavailable):
+        await second
+    assert not closing.done()  # the running batch still finishes
+    await run_all(executor)
+    await asyncio.wait_for(closing, 10)
+    np.testing.assert_array_equal(await first, rows(0, 1) * 2)
+    assert len(recorder.batches) == 1
+    with pytest.raises(errors.Unavailable):
+        await batcher.submit(rows(20, 1))
+
+
+def test_rejects_bad_configuration() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DynamicBatcher(
+            lambda x: x, name="x", max_batch_size=0, batch_timeout_s=0, max_queued_items=1
+        )
+    with pytest.raises(ValueError, match="pad_sizes"):
+        DynamicBatcher(
+            lambda x: x,
+            name="x",
+            max_batch_size=4,
+            batch_timeout_s=0,
+            max_queued_items=1,
+            pad_sizes=[0, 4],
+        )
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=1, max_size=12),
+    max_batch_size=st.integers(1, 9),
+    slots=st.integers(1, 3),
+    cancel=st.sets(st.integers(0, 11), max_size=3),
+)
+def test_every_waiter_gets_exactly_its_own_rows(
+    sizes: list[int], max_batch_size: int, slots: int, cancel: set[int]
+) -> None:
+    async def scenario() -> None:
+        observer = Observer()
+        batcher, executor, recorder, _ = make(
+            max_batch_size=max_batch_size,
+            max_concurrent_batches=slots,
+            max_queued_items=1000,
+            observer=observer,
+        )
+        starts = np.cumsum([0, *sizes])[:-1] * 1.0
+        tasks = []
+        for i, (start, n) in enumerate(zip(starts, sizes, strict=True)):
+            tasks.append(asyncio.create_task(batcher.submit(rows(int(start), n))))
+            if i % 3 == 0:
+                await settle(2)
+        await settle(2)
+        for i in cancel:
+            if i < len(tasks):
+                tasks[i].cancel()
+        await run_all(executor, limit=1000)
+        for i, (task, start, n) in enumerate(zip(tasks, starts, sizes, strict=True)):
+            if task.cancelled():
+                assert i in cancel
+                continue
+            np.testing.assert_array_equal(await task, rows(int(start), n) * 2)
+        for batch, (size, padded, _, _) in zip(recorder.batches, observer.batches, strict=True):
+            assert size <= max_batch_size
+            assert batch.shape[0] == padded == batcher.padded_size(size)
+            assert padded in batcher.pad_sizes
+        assert batcher.queued_items == 0
+        assert batcher.running_batches == 0
+        await batcher.close()
+
+    asyncio.run(scenario())
