@@ -1,0 +1,68 @@
+"""Client SDK for convserve: digit prediction and 2-D convolution over gRPC.
+
+Needs only grpcio, protobuf and numpy; image files need pillow (the
+``images`` extra) and the load generator's ``--protocol oip`` needs
+tritonclient (the ``oip`` extra).
+
+    from convserve.client import ConvServeClient
+
+    with ConvServeClient("localhost:8500") as client:
+        result = client.predict(images)  # uint8 [N,28,28] or float32 in [0, 1]
+        print(result.digits, result.confidences)
+"""
+
+from convserve.client.async_client import AsyncConvServeClient
+from convserve.client.channel import TlsConfig
+from convserve.client.errors import (
+    CancelledError,
+    ConvServeError,
+    DeadlineExceededError,
+    InputError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from convserve.client.images import mnist_preprocess
+from convserve.client.results import (
+    FeatureMapsResult,
+    FitKernelResult,
+    LayerInfo,
+    ModelMetadata,
+    Prediction,
+    PredictResult,
+    TensorSpec,
+    TrainingRecord,
+)
+from convserve.client.retry import RetryPolicy
+from convserve.client.sync_client import ConvServeClient
+
+__all__ = [
+    "AsyncConvServeClient",
+    "CancelledError",
+    "ConvServeClient",
+    "ConvServeError",
+    "DeadlineExceededError",
+    "FeatureMapsResult",
+    "FitKernelResult",
+    "InputError",
+    "InternalError",
+    "InvalidArgumentError",
+    "LayerInfo",
+    "ModelMetadata",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PredictResult",
+    "Prediction",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "TensorSpec",
+    "TlsConfig",
+    "TrainingRecord",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "mnist_preprocess",
+]

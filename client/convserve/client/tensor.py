@@ -13,7 +13,7 @@ import numpy as np
 
 from convserve.v1 import tensor_pb2
 
-DTYPE_TO_PROTO: dict[np.dtype, int] = {
+DTYPE_TO_PROTO: dict[np.dtype, tensor_pb2.DataType.ValueType] = {
     np.dtype(np.uint8): tensor_pb2.DATA_TYPE_UINT8,
     np.dtype(np.float32): tensor_pb2.DATA_TYPE_FLOAT32,
     np.dtype(np.float64): tensor_pb2.DATA_TYPE_FLOAT64,
@@ -46,7 +46,9 @@ def dtype_name(dtype: int) -> str:
     return f"unknown dtype {dtype}"
 
 
-def to_tensor(array: np.ndarray | object, dtype: np.dtype | type | None = None) -> tensor_pb2.Tensor:
+def to_tensor(
+    array: np.ndarray | object, dtype: np.dtype | type | None = None
+) -> tensor_pb2.Tensor:
     """Wrap an array (or anything np.asarray takes) in a Tensor message.
 
     Raises TypeError for element types the wire format does not carry.
@@ -61,7 +63,9 @@ def to_tensor(array: np.ndarray | object, dtype: np.dtype | type | None = None) 
             + ", ".join(sorted(d.name for d in DTYPE_TO_PROTO))
         )
     little = np.ascontiguousarray(arr, dtype=native.newbyteorder("<"))
-    return tensor_pb2.Tensor(dtype=DTYPE_TO_PROTO[native], shape=little.shape, content=little.tobytes())
+    return tensor_pb2.Tensor(
+        dtype=DTYPE_TO_PROTO[native], shape=little.shape, content=little.tobytes()
+    )
 
 
 def from_tensor(
@@ -93,7 +97,8 @@ def from_tensor(
     count = math.prod(shape)
     if count > max_elements:
         raise TensorError(
-            field, f"shape {list(shape)} has {count} elements, more than the limit of {max_elements}"
+            field,
+            f"shape {list(shape)} has {count} elements, more than the limit of {max_elements}",
         )
     expected = count * dtype.itemsize
     if len(tensor.content) != expected:

@@ -1,0 +1,243 @@
+"""The asyncio client: the same methods as `ConvServeClient`, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from convserve.client import convert, health
+from convserve.client.channel import TlsConfig, aio_channel
+from convserve.client.config import (
+    ASYNC_SPLIT_CONCURRENCY,
+    DEFAULT_MAX_BATCH_IMAGES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    make_config,
+    new_rng,
+)
+from convserve.client.convert import PaddingArg, Pair
+from convserve.client.errors import ConvServeError
+from convserve.client.images import ImagesInput, ImageSource
+from convserve.client.results import (
+    FeatureMapsResult,
+    FitKernelResult,
+    ModelMetadata,
+    PredictResult,
+)
+from convserve.client.retry import Attempts, Deadline, RetryPolicy
+from convserve.v1 import convserve_pb2_grpc
+
+Response = TypeVar("Response")
+
+
+class AsyncConvServeClient:
+    """Calls a convserve server from asyncio code. Use ``async with``, or await `close()`.
+
+    The arguments are those of `ConvServeClient`. A batch larger than
+    `max_batch_images` is sent as several requests, a few at a time.
+
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        tls: bool | TlsConfig = False,
+        token: str | None = None,
+        retries: int | RetryPolicy = 3,
+        max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
+        model_name: str = "",
+    ) -> None:
+        self._config = make_config(
+            target,
+            timeout_s=timeout_s,
+            tls=tls,
+            token=token,
+            retries=retries,
+            max_batch_images=max_batch_images,
+            model_name=model_name,
+        )
+        self._rng = new_rng()
+        self._channel = aio_channel(target, self._config.tls, self._config.options)
+        self._stub = convserve_pb2_grpc.ConvServeStub(self._channel)
+        self._health = self._channel.unary_unary(
+            health.CHECK_METHOD,
+            request_serializer=health.HealthCheckRequest.SerializeToString,
+            response_deserializer=health.HealthCheckResponse.FromString,
+        )
+
+    async def __aenter__(self) -> AsyncConvServeClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(
+        self, method: Callable[..., Awaitable[Response]], request: Any, deadline: Deadline
+    ) -> Response:
+        attempts = Attempts(self._config.retry, deadline, self._rng)
+        while True:
+            try:
+                return await method(
+                    request, timeout=attempts.timeout_s(), metadata=self._config.metadata
+                )
+            except grpc.RpcError as error:
+                await asyncio.sleep(attempts.after_failure(error))
+
+    async def predict(
+        self,
+        images: ImagesInput,
+        *,
+        model_version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> PredictResult:
+        """Classify digits: an array, a list of arrays, or image files / PNG or JPEG bytes.
+
+        See `convserve.client.images` for the accepted shapes and what is sent.
+        """
+        requests = convert.predict_requests(
+            images,
+            max_batch_images=self._config.max_batch_images,
+            spec=convert.model_spec(self._config.model_name, model_version),
+        )
+        deadline = self._config.deadline(timeout_s)
+        limit = asyncio.Semaphore(ASYNC_SPLIT_CONCURRENCY)
+
+        async def one(request: Any) -> Any:
+            async with limit:
+                return await self._call(self._stub.Predict, request, deadline)
+
+        tasks = [asyncio.ensure_future(one(r)) for r in requests]
+        try:
+            responses = await asyncio.gather(*tasks)
+        except BaseException:
+            # The call has failed; the other parts' answers would be thrown away.
+            for task in tasks:
+                task.cancel()
+            raise
+        return convert.predict_result(requests, responses)
+
+    async def convolve(
+        self,
+        input: object,
+        kernel: object,
+        bias: object | None = None,
+        *,
+        mode: str = "cross-correlation",
+        strides: Pair = 1,
+        padding: PaddingArg = "valid",
+        dilations: Pair = 1,
+        timeout_s: float | None = None,
+    ) -> np.ndarray:
+        """Apply `kernel` ([kh,kw] or [kh,kw,C,F]) to `input` ([H,W] or [N,H,W,C]).
+
+        float32 input is computed in float32; float64 and integer input in float64.
+        """
+        options = convert.convolution_options(
+            mode=mode, strides=strides, padding=padding, dilations=dilations
+        )
+        request = convert.convolve_request(input, kernel, bias, options)
+        response = await self._call(self._stub.Convolve, request, self._config.deadline(timeout_s))
+        return convert.convolve_result(response)
+
+    async def fit_kernel(
+        self,
+        inputs: object,
+        targets: object,
+        kernel_shape: Sequence[int],
+        *,
+        fit_bias: bool = False,
+        mode: str = "cross-correlation",
+        strides: Pair = 1,
+        padding: PaddingArg = "valid",
+        dilations: Pair = 1,
+        learning_rate: float | None = None,
+        max_steps: int | None = None,
+        tolerance: float = 0.0,
+        seed: int = 0,
+        timeout_s: float | None = None,
+    ) -> FitKernelResult:
+        """Learn the kernel (and bias) that maps `inputs` to `targets`."""
+        options = convert.convolution_options(
+            mode=mode, strides=strides, padding=padding, dilations=dilations
+        )
+        request = convert.fit_kernel_request(
+            inputs,
+            targets,
+            kernel_shape,
+            fit_bias=fit_bias,
+            options=options,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            tolerance=tolerance,
+            seed=seed,
+        )
+        response = await self._call(self._stub.FitKernel, request, self._config.deadline(timeout_s))
+        return convert.fit_kernel_result(response)
+
+    async def feature_maps(
+        self,
+        image: ImageSource,
+        *,
+        layers: Sequence[str] = (),
+        model_version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> FeatureMapsResult:
+        """The convolution layers' activations for one image (all layers when `layers` is empty)."""
+        request = convert.feature_maps_request(
+            image, layers, convert.model_spec(self._config.model_name, model_version)
+        )
+        response = await self._call(
+            self._stub.GetFeatureMaps, request, self._config.deadline(timeout_s)
+        )
+        return convert.feature_maps_result(response)
+
+    async def metadata(
+        self, *, model_version: int | None = None, timeout_s: float | None = None
+    ) -> ModelMetadata:
+        request = convert.metadata_request(
+            convert.model_spec(self._config.model_name, model_version)
+        )
+        response = await self._call(
+            self._stub.GetModelMetadata, request, self._config.deadline(timeout_s)
+        )
+        return convert.metadata_result(response)
+
+    async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """The gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
+        response = await self._call(
+            self._health, health.check_request(service), self._config.deadline(timeout_s)
+        )
+        return health.status_name(response)
+
+    async def wait_for_serving(
+        self, timeout_s: float, *, service: str = "", poll_interval_s: float = 0.25
+    ) -> str:
+        """Poll `health` until SERVING or `timeout_s` passes; return the last status.
+
+        Raises the last error if the server never answered.
+        """
+        wait = health.ServingWait(timeout_s, poll_interval_s)
+        while True:
+            try:
+                status = await self.health(service, timeout_s=wait.call_timeout_s())
+            except ConvServeError as error:
+                wait.failed(error)
+            else:
+                if wait.answered(status):
+                    return status
+            await asyncio.sleep(poll_interval_s)

@@ -1,0 +1,564 @@
+"""The load generator behind ``convserve bench``.
+
+Two ways to load a server:
+
+* Closed loop (`Phase.concurrency`): that many simulated users each send a
+  request, wait for the answer, and send the next. Measures capacity at a
+  given concurrency; a slow server slows the users down.
+* Open loop (`Phase.rate`): requests go out on a fixed schedule, one every
+  1/rate seconds, whether or not earlier ones have been answered, and each
+  latency is measured from the request's *scheduled* send time. A server
+  (or a generator) that stalls cannot hide the queueing it causes: every
+  request that should have been sent during a stall is charged the wait
+  (no coordinated omission).
+
+Each worker process runs one asyncio loop with grpc.aio and sends
+pre-serialized requests (see `bench_requests`); `processes` > 1 spreads the
+load over several processes, whose raw latency samples are merged exactly.
+Only requests sent (or scheduled) after the warm-up and before the end of
+the measurement window count; requests still in flight at the end are
+awaited, so their latency is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import multiprocessing
+import os
+import queue
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from convserve.client import bench_requests
+from convserve.client.channel import TlsConfig, aio_channel, auth_metadata, channel_options
+from convserve.client.errors import InputError, error_for
+from convserve.client.table import format_table
+
+PROGRESS_INTERVAL_S = 0.25
+SETUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to load and how; `images` is the uint8 [k,28,28] pool requests are made from."""
+
+    target: str
+    images: np.ndarray
+    protocol: str = "convserve"  # or "oip"
+    rpc: str = "predict"  # or "convolve" (convserve only)
+    model_name: str = ""  # required with oip
+    images_per_request: int = 1
+    duration_s: float = 10.0
+    warmup_s: float = 1.0
+    processes: int = 1
+    timeout_s: float = 10.0
+    tls: TlsConfig | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("convserve", "oip"):
+            raise InputError(f"protocol: expected convserve or oip, got {self.protocol!r}")
+        if self.protocol == "oip" and not self.model_name:
+            raise InputError("--protocol oip needs --model NAME")
+        if self.protocol == "oip" and self.rpc != "predict":
+            raise InputError("--protocol oip supports only --rpc predict (model inference)")
+        if self.images_per_request < 1:
+            raise InputError("images per request must be >= 1")
+        if self.duration_s <= 0 or self.warmup_s < 0 or self.timeout_s <= 0:
+            raise InputError("duration and timeout must be > 0, warm-up >= 0")
+        if self.processes < 1:
+            raise InputError("processes must be >= 1")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Exactly one of `concurrency` (closed loop) and `rate` (open loop, requests/s)."""
+
+    concurrency: int | None = None
+    rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.concurrency is None) == (self.rate is None):
+            raise InputError("a phase needs either a concurrency or a rate")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise InputError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.rate is not None and not self.rate > 0:
+            raise InputError(f"rate must be > 0, got {self.rate}")
+
+    @property
+    def label(self) -> str:
+        if self.concurrency is not None:
+            return f"closed c={self.concurrency}"
+        return f"open {self.rate:g}/s"
+
+
+@dataclass
+class WorkerResult:
+    """One process's share of a phase: raw samples, so that merging is exact."""
+
+    latencies_s: np.ndarray  # successful requests in the window
+    codes: dict[str, int]  # status code name -> requests in the window (OK included)
+    cpu_s: float
+    wall_s: float
+
+
+@dataclass
+class PhaseResult:
+    phase: Phase
+    duration_s: float
+    images_per_request: int
+    latencies_s: np.ndarray
+    codes: dict[str, int]
+    cpu_s: list[float]  # per process
+    wall_s: list[float]
+
+    @property
+    def ok(self) -> int:
+        return self.codes.get("OK", 0)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return {code: n for code, n in sorted(self.codes.items()) if code != "OK"}
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.ok / self.duration_s
+
+    @property
+    def images_per_s(self) -> float:
+        return self.requests_per_s * self.images_per_request
+
+    def percentile_s(self, q: float) -> float:
+        """Nearest-rank percentile of the successful requests' latencies (NaN if none)."""
+        if self.latencies_s.size == 0:
+            return math.nan
+        return float(np.percentile(self.latencies_s, q, method="inverted_cdf"))
+
+    @property
+    def max_s(self) -> float:
+        return float(self.latencies_s.max()) if self.latencies_s.size else math.nan
+
+    @property
+    def cpu_cores(self) -> float:
+        """The generator's CPU use in cores: per-process CPU time / wall time, summed."""
+        return sum(c / w for c, w in zip(self.cpu_s, self.wall_s, strict=True) if w > 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        def ms(seconds: float) -> float | None:
+            return None if math.isnan(seconds) else round(seconds * 1000.0, 3)
+
+        return {
+            "mode": "closed" if self.phase.concurrency is not None else "open",
+            "concurrency": self.phase.concurrency,
+            "rate": self.phase.rate,
+            "duration_s": self.duration_s,
+            "requests_ok": self.ok,
+            "errors": self.errors,
+            "requests_per_s": round(self.requests_per_s, 3),
+            "images_per_s": round(self.images_per_s, 3),
+            "latency_ms": {
+                "p50": ms(self.percentile_s(50)),
+                "p90": ms(self.percentile_s(90)),
+                "p99": ms(self.percentile_s(99)),
+                "max": ms(self.max_s),
+            },
+            "generator_cpu_cores": round(self.cpu_cores, 4),
+            "generator_cpu_per_process": [
+                round(c / w, 4) if w > 0 else None
+                for c, w in zip(self.cpu_s, self.wall_s, strict=True)
+            ],
+        }
+
+
+def merge(phase: Phase, config: BenchConfig, parts: Sequence[WorkerResult]) -> PhaseResult:
+    """Combine the processes' raw samples and counts (no averaging of percentiles)."""
+    codes: Counter[str] = Counter()
+    for part in parts:
+        codes.update(part.codes)
+    latencies = [p.latencies_s for p in parts if p.latencies_s.size]
+    return PhaseResult(
+        phase=phase,
+        duration_s=config.duration_s,
+        images_per_request=config.images_per_request,
+        latencies_s=np.sort(np.concatenate(latencies)) if latencies else np.zeros(0),
+        codes=dict(codes),
+        cpu_s=[p.cpu_s for p in parts],
+        wall_s=[p.wall_s for p in parts],
+    )
+
+
+# --- One worker: an asyncio loop in one process --------------------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.codes: Counter[str] = Counter()
+        self.done = 0
+        self.failed = 0
+
+    def add(self, latency_s: float, code: grpc.StatusCode, counted: bool) -> None:
+        self.done += 1
+        self.failed += code != grpc.StatusCode.OK
+        if counted:
+            self.codes[code.name] += 1
+            if code == grpc.StatusCode.OK:
+                self.latencies.append(latency_s)
+
+
+class SetupError(Exception):
+    """The run could not start; carries the status code when the server refused."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def _prepare(
+    channel: grpc.aio.Channel, config: BenchConfig, metadata: tuple[tuple[str, str], ...]
+) -> tuple[str, list[bytes]]:
+    if config.protocol == "convserve":
+        return bench_requests.convserve_requests(
+            config.rpc, config.images, config.images_per_request, config.model_name
+        )
+    service_pb2, service_pb2_grpc = bench_requests.import_oip()
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        response = await stub.ModelMetadata(
+            service_pb2.ModelMetadataRequest(name=config.model_name),
+            timeout=config.timeout_s,
+            metadata=metadata,
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise SetupError(
+            f"ModelMetadata for model {config.model_name!r} failed: {exc.code().name}: "
+            f"{exc.details()}",
+            exc.code(),
+        ) from exc
+    spec = bench_requests.oip_input(response)
+    return bench_requests.oip_requests(
+        config.model_name, spec, config.images, config.images_per_request
+    )
+
+
+async def _send(
+    call: grpc.aio.UnaryUnaryMultiCallable,
+    request: bytes,
+    timeout_s: float,
+    metadata: tuple[tuple[str, str], ...],
+) -> grpc.StatusCode:
+    try:
+        await call(request, timeout=timeout_s, metadata=metadata)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def _closed_loop(
+    send: Callable[[bytes], Any],
+    requests: list[bytes],
+    users: int,
+    first_user: int,
+    window: tuple[float, float],
+    recorder: _Recorder,
+) -> None:
+    warm_end, end = window
+
+    async def user(n: int) -> None:
+        i = n
+        while (start := time.perf_counter()) < end:
+            code = await send(requests[i % len(requests)])
+            recorder.add(time.perf_counter() - start, code, start >= warm_end)
+            i += 1
+
+    if users == 0:
+        # Idle, but present for the whole phase so that its CPU share is comparable.
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    await asyncio.gather(*(user(first_user + n) for n in range(users)))
+
+
+async def _open_loop(
+    send: Callable[[bytes], Any],
+    requests: list[bytes],
+    schedule: tuple[float, float],
+    window: tuple[float, float],
+    recorder: _Recorder,
+) -> None:
+    first, interval = schedule
+    warm_end, end = window
+    pending: set[asyncio.Task[None]] = set()
+
+    async def timed(request: bytes, scheduled: float) -> None:
+        code = await send(request)
+        recorder.add(time.perf_counter() - scheduled, code, scheduled >= warm_end)
+
+    i = 0
+    while (scheduled := first + i * interval) < end:
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        # Sent even when late: the lateness is part of the latency measured.
+        task = asyncio.create_task(timed(requests[i % len(requests)], scheduled))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        i += 1
+    if pending:
+        await asyncio.gather(*pending)
+
+
+async def run_worker(
+    config: BenchConfig,
+    phase: Phase,
+    index: int,
+    ready: Callable[[], None],
+    progress: Callable[[int, int], None] | None,
+) -> WorkerResult:
+    """Run worker `index` of `config.processes` for one phase.
+
+    `ready` is called after setup (and blocks until every worker is ready);
+    `progress(done, failed)` is called periodically.
+    """
+    metadata = auth_metadata(config.token)
+    options = channel_options(tls=config.tls)
+    async with aio_channel(config.target, config.tls, options) as channel:
+        method, requests = await _prepare(channel, config, metadata)
+        call = channel.unary_unary(method)
+
+        async def send(request: bytes) -> grpc.StatusCode:
+            return await _send(call, request, config.timeout_s, metadata)
+
+        # One request first: a server that is down or rejects the request
+        # fails the run now, not with a table of errors.
+        try:
+            await call(requests[0], timeout=config.timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise SetupError(
+                f"the first request failed: {exc.code().name}: {exc.details()}", exc.code()
+            ) from exc
+        ready()
+
+        recorder = _Recorder()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        warm_end = wall0 + config.warmup_s
+        end = warm_end + config.duration_s
+
+        reporter: asyncio.Task[None] | None = None
+        if progress is not None:
+            report = progress
+
+            async def report_progress() -> None:
+                while True:
+                    report(recorder.done, recorder.failed)
+                    await asyncio.sleep(PROGRESS_INTERVAL_S)
+
+            reporter = asyncio.create_task(report_progress())
+        try:
+            if phase.concurrency is not None:
+                share, extra = divmod(phase.concurrency, config.processes)
+                users = share + (index < extra)
+                first_user = index * share + min(index, extra)
+                await _closed_loop(send, requests, users, first_user, (warm_end, end), recorder)
+            else:
+                assert phase.rate is not None
+                # Process p sends requests p, p+P, p+2P, ... of one global schedule.
+                interval = config.processes / phase.rate
+                first = wall0 + index / phase.rate
+                await _open_loop(send, requests, (first, interval), (warm_end, end), recorder)
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+        if progress is not None:
+            progress(recorder.done, recorder.failed)
+        return WorkerResult(
+            latencies_s=np.array(recorder.latencies, dtype=np.float64),
+            codes=dict(recorder.codes),
+            cpu_s=time.process_time() - cpu0,
+            wall_s=time.perf_counter() - wall0,
+        )
+
+
+# --- Running phases across processes ----------------------------------------------
+
+
+def _process_main(
+    config: BenchConfig,
+    phase: Phase,
+    index: int,
+    barrier: Any,
+    results: Any,
+    counters: Any,
+) -> None:
+    """Entry point of a worker process (spawned, so that no gRPC state is inherited)."""
+
+    def ready() -> None:
+        barrier.wait(timeout=SETUP_TIMEOUT_S)
+
+    def progress(done: int, failed: int) -> None:
+        counters[2 * index] = done
+        counters[2 * index + 1] = failed
+
+    try:
+        result = asyncio.run(run_worker(config, phase, index, ready, progress))
+        results.put((index, result, None))
+    except BaseException as exc:  # reported to the parent, which decides what to do
+        barrier.abort()
+        code = exc.code if isinstance(exc, SetupError) else None
+        message = str(exc) if isinstance(exc, SetupError | InputError) else traceback.format_exc()
+        results.put((index, None, (message, code)))
+
+
+class Progress:
+    """One self-overwriting stderr line; silent when disabled."""
+
+    def __init__(self, enabled: bool, total_s: float, label: str) -> None:
+        self.enabled = enabled
+        self.total_s = total_s
+        self.label = label
+        self.start = time.perf_counter()
+
+    def show(self, done: int, failed: int) -> None:
+        if not self.enabled:
+            return
+        elapsed = min(time.perf_counter() - self.start, self.total_s)
+        filled = int(20 * elapsed / self.total_s) if self.total_s > 0 else 20
+        bar = "#" * filled + "-" * (20 - filled)
+        sys.stderr.write(
+            f"\r{self.label:<16} [{bar}] {elapsed:5.1f}/{self.total_s:.1f} s "
+            f"{done} requests, {failed} failed "
+        )
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 79 + "\r")
+            sys.stderr.flush()
+
+
+def _setup_failure(message: str, code: grpc.StatusCode | None) -> Exception:
+    if code is None:
+        return SetupError(message)
+    return error_for(code, message)
+
+
+def run_phase(config: BenchConfig, phase: Phase, *, show_progress: bool = False) -> PhaseResult:
+    """Load the server for warm-up + duration; raises ConvServeError / SetupError if it cannot."""
+    bar = Progress(show_progress, config.warmup_s + config.duration_s, phase.label)
+    if config.processes == 1:
+        try:
+            part = asyncio.run(run_worker(config, phase, 0, lambda: None, bar.show))
+        except SetupError as exc:
+            raise _setup_failure(str(exc), exc.code) from exc
+        finally:
+            bar.finish()
+        return merge(phase, config, [part])
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(config.processes)
+    results = context.Queue()
+    counters = context.Array("q", 2 * config.processes, lock=False)
+    workers = [
+        context.Process(
+            target=_process_main,
+            args=(config, phase, i, barrier, results, counters),
+            daemon=True,
+        )
+        for i in range(config.processes)
+    ]
+    for worker in workers:
+        worker.start()
+    parts: dict[int, WorkerResult] = {}
+    failure: tuple[str, grpc.StatusCode | None] | None = None
+    limit = time.monotonic() + SETUP_TIMEOUT_S + config.warmup_s + config.duration_s
+    limit += 2 * config.timeout_s
+    try:
+        while len(parts) < config.processes and failure is None:
+            if time.monotonic() > limit:
+                failure = ("worker processes did not finish in time", None)
+                break
+            try:
+                index, part, error = results.get(timeout=PROGRESS_INTERVAL_S)
+            except queue.Empty:
+                bar.show(sum(counters[0::2]), sum(counters[1::2]))
+                crashed = [
+                    i
+                    for i, w in enumerate(workers)
+                    if w.exitcode not in (None, 0) and i not in parts
+                ]
+                if crashed:
+                    code = workers[crashed[0]].exitcode
+                    failure = (f"worker process {crashed[0]} died (exit code {code})", None)
+                continue
+            if error is not None:
+                failure = error
+            else:
+                parts[index] = part
+    finally:
+        bar.finish()
+        for worker in workers:
+            worker.join(timeout=5.0 if failure is None else 0.5)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    if failure is not None:
+        raise _setup_failure(*failure)
+    return merge(phase, config, [parts[i] for i in range(config.processes)])
+
+
+def run(
+    config: BenchConfig, phases: Sequence[Phase], *, show_progress: bool = False
+) -> list[PhaseResult]:
+    return [run_phase(config, phase, show_progress=show_progress) for phase in phases]
+
+
+# --- Reporting -----------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000.0:.2f}"
+
+
+def summary_table(results: Sequence[PhaseResult]) -> str:
+    headers = [
+        "load", "requests", "req/s", "images/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
+        "errors", "gen CPU",
+    ]  # fmt: skip
+    rows = [
+        [
+            r.phase.label,
+            r.ok,
+            f"{r.requests_per_s:.1f}",
+            f"{r.images_per_s:.1f}",
+            _ms(r.percentile_s(50)),
+            _ms(r.percentile_s(90)),
+            _ms(r.percentile_s(99)),
+            _ms(r.max_s),
+            ", ".join(f"{code} {n}" for code, n in r.errors.items()) or "-",
+            f"{r.cpu_cores:.2f} cores",
+        ]
+        for r in results
+    ]
+    return format_table(headers, rows, right=range(1, 8))
+
+
+def report_dict(config: BenchConfig, results: Sequence[PhaseResult]) -> dict[str, Any]:
+    return {
+        "target": config.target,
+        "protocol": config.protocol,
+        "rpc": config.rpc,
+        "model": config.model_name,
+        "images_per_request": config.images_per_request,
+        "processes": config.processes,
+        "duration_s": config.duration_s,
+        "warmup_s": config.warmup_s,
+        "machine_cpus": os.cpu_count(),
+        "phases": [r.as_dict() for r in results],
+    }

@@ -1,0 +1,200 @@
+"""The load generator's inputs: digit images and pre-serialized requests.
+
+Requests are serialized once, before the run, and sent as raw bytes, so the
+generator spends its CPU on gRPC and not on protobuf or numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convserve.client.errors import InputError
+from convserve.client.images import image_batch
+from convserve.client.tensor import to_tensor
+from convserve.v1 import convserve_pb2 as pb
+
+PREDICT_METHOD = "/convserve.v1.ConvServe/Predict"
+CONVOLVE_METHOD = "/convserve.v1.ConvServe/Convolve"
+OIP_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+# Distinct requests cycled through, so that no layer can serve a repeat from a cache.
+REQUEST_POOL = 16
+
+# Seven-segment layout: (row0, col0, row1, col1) in a 20x12 box, per segment a-g.
+_SEGMENTS = {
+    "a": (0, 0, 0, 11),
+    "b": (0, 11, 9, 11),
+    "c": (10, 11, 19, 11),
+    "d": (19, 0, 19, 11),
+    "e": (10, 0, 19, 0),
+    "f": (0, 0, 9, 0),
+    "g": (9, 0, 10, 11),
+}
+_DIGIT_SEGMENTS = [
+    "abcdef",
+    "bc",
+    "abged",
+    "abgcd",
+    "fgbc",
+    "afgcd",
+    "afgedc",
+    "abc",
+    "abcdefg",
+    "abcdfg",
+]
+
+
+def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic digit-like images (uint8 [count,28,28]) and their labels.
+
+    Seven-segment digits with random stroke width, shift and slant: not
+    MNIST, but inputs of the right shape and ink density, for load tests
+    without a data set.
+    """
+    rng = np.random.default_rng(seed)
+    images = np.zeros((count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count, dtype=np.int64) % 10
+    for n in range(count):
+        canvas = np.zeros((28, 28), dtype=np.float64)
+        top = 4 + int(rng.integers(-1, 2))
+        left = 8 + int(rng.integers(-2, 3))
+        width = int(rng.integers(2, 4))  # MNIST strokes are two to three pixels wide
+        slant = float(rng.uniform(-0.2, 0.2))
+        for segment in _DIGIT_SEGMENTS[labels[n]]:
+            r0, c0, r1, c1 = _SEGMENTS[segment]
+            for r in range(r0, r1 + 1):
+                for c in range(c0, c1 + 1):
+                    y = top + r - width // 2
+                    x = left + c + round(slant * (10 - r)) - width // 2
+                    canvas[y : y + width, x : x + width] = 1.0
+        images[n] = (canvas * 255).astype(np.uint8)
+    return images, labels
+
+
+def load_images(path: str | Path) -> np.ndarray:
+    """Digits from an .npz file's ``images`` array (or an .npy file) as uint8 [N,28,28]."""
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a numpy .npz/.npy file ({exc})") from exc
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if "images" not in loaded.files:
+                found = ", ".join(loaded.files) or "none"
+                raise InputError(f"{path}: no 'images' array (found {found})")
+            array = loaded["images"]
+    else:
+        array = np.asarray(loaded)
+    batch = image_batch(array)
+    if batch.dtype != np.uint8:
+        batch = np.rint(batch * 255.0).astype(np.uint8)
+    return batch
+
+
+def _batches(images: np.ndarray, per_request: int) -> list[np.ndarray]:
+    """REQUEST_POOL batches of `per_request` images, cycling through `images`."""
+    index = np.arange(REQUEST_POOL * per_request) % images.shape[0]
+    return [images[index[i * per_request : (i + 1) * per_request]] for i in range(REQUEST_POOL)]
+
+
+def convserve_requests(
+    rpc: str, images: np.ndarray, per_request: int, model_name: str
+) -> tuple[str, list[bytes]]:
+    """(method path, serialized requests) for convserve.v1 Predict or Convolve."""
+    if rpc == "predict":
+        spec = pb.ModelSpec(name=model_name)
+        return PREDICT_METHOD, [
+            pb.PredictRequest(model_spec=spec, images=to_tensor(b)).SerializeToString()
+            for b in _batches(images, per_request)
+        ]
+    if rpc == "convolve":
+        # A 3x3 edge detector over the images as one [N,28,28,1] float32 batch.
+        kernel = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32).reshape(3, 3, 1, 1)
+        options = pb.ConvolutionOptions(padding=pb.PADDING_SAME)
+        return CONVOLVE_METHOD, [
+            pb.ConvolveRequest(
+                input=to_tensor((b.astype(np.float32) / 255.0)[..., np.newaxis]),
+                kernel=to_tensor(kernel),
+                options=options,
+            ).SerializeToString()
+            for b in _batches(images, per_request)
+        ]
+    raise InputError(f"rpc: expected predict or convolve, got {rpc!r}")
+
+
+def import_oip() -> tuple[Any, Any]:
+    """tritonclient's generated Open Inference Protocol modules (service_pb2, service_pb2_grpc)."""
+    try:
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+    except ImportError as exc:
+        raise ImportError(
+            "--protocol oip needs tritonclient: pip install 'convserve[oip]'"
+        ) from exc
+    return service_pb2, service_pb2_grpc
+
+
+@dataclass(frozen=True)
+class OipInput:
+    """The model's first input as its metadata describes it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+_OIP_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
+
+
+def oip_input(metadata: Any) -> OipInput:
+    """Read the first input of a ModelMetadataResponse."""
+    if not metadata.inputs:
+        raise InputError(f"model {metadata.name!r} declares no inputs")
+    first = metadata.inputs[0]
+    return OipInput(first.name, first.datatype, tuple(int(d) for d in first.shape))
+
+
+def oip_requests(
+    model_name: str, spec: OipInput, images: np.ndarray, per_request: int
+) -> tuple[str, list[bytes]]:
+    """(method path, serialized ModelInferRequests) with the images as raw input contents.
+
+    The batch dimension (the leading -1) becomes `per_request`; the other
+    dimensions must hold one 28x28 image; UINT8 inputs get 0-255 pixels, FP32
+    and FP64 inputs get values in [0, 1].
+    """
+    service_pb2, _ = import_oip()
+    if spec.datatype not in _OIP_DTYPES:
+        raise InputError(
+            f"model input {spec.name!r}: datatype {spec.datatype} is not one of "
+            f"{', '.join(_OIP_DTYPES)}"
+        )
+    if not spec.shape or spec.shape[0] != -1:
+        raise InputError(
+            f"model input {spec.name!r}: expected a leading batch dimension of -1, "
+            f"got shape {list(spec.shape)}"
+        )
+    image_shape = spec.shape[1:]
+    if any(d < 0 for d in image_shape) or math.prod(image_shape) != 28 * 28:
+        raise InputError(
+            f"model input {spec.name!r}: shape {list(spec.shape)} does not hold 28x28 images"
+        )
+    dtype = _OIP_DTYPES[spec.datatype]
+    requests = []
+    for batch in _batches(images, per_request):
+        values = batch if dtype == np.uint8 else batch.astype(dtype) / 255.0
+        shape = [per_request, *image_shape]
+        request = service_pb2.ModelInferRequest(model_name=model_name)
+        tensor = request.inputs.add(name=spec.name, datatype=spec.datatype)
+        tensor.shape.extend(shape)
+        request.raw_input_contents.append(
+            np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+        )
+        requests.append(request.SerializeToString())
+    return OIP_INFER_METHOD, requests

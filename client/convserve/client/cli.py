@@ -1,0 +1,712 @@
+"""The ``convserve`` command line: talk to a convserve server and load-test it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from convserve.client import bench, bench_requests
+from convserve.client.bench import BenchConfig, Phase, SetupError, report_dict, summary_table
+from convserve.client.channel import TlsConfig
+from convserve.client.config import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_TARGET
+from convserve.client.errors import ConvServeError, InputError
+from convserve.client.images import image_batch, load_grayscale, mnist_preprocess, require_pillow
+from convserve.client.sync_client import ConvServeClient
+from convserve.client.table import format_table
+
+EXIT_OK = 0
+EXIT_OTHER = 1
+EXIT_USAGE = 2
+EXIT_REJECTED = 3
+EXIT_UNAVAILABLE = 4
+EXIT_AUTH = 5
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0  success (health: the server is SERVING)
+  1  any other failure
+  2  usage error or unreadable / invalid input file
+  3  the server rejected the request (INVALID_ARGUMENT, NOT_FOUND)
+  4  the server is unavailable, not serving, or the deadline passed
+     (UNAVAILABLE, DEADLINE_EXCEEDED)
+  5  authentication failed (UNAUTHENTICATED, PERMISSION_DENIED)
+
+environment: CONVSERVE_TARGET (default --target), CONVSERVE_TOKEN (default --token)
+"""
+
+_CODE_TO_EXIT = {
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_REJECTED,
+    grpc.StatusCode.NOT_FOUND: EXIT_REJECTED,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
+}
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class UsageError(Exception):
+    """A flag value that argparse cannot check by itself."""
+
+
+def exit_code_for(code: grpc.StatusCode) -> int:
+    return _CODE_TO_EXIT.get(code, EXIT_OTHER)
+
+
+# --- Parsing helpers ----------------------------------------------------------------
+
+
+def _ints(text: str, count: int | tuple[int, ...], name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name}: expected comma-separated integers, got {text!r}") from None
+    counts = (count,) if isinstance(count, int) else count
+    if len(values) not in counts:
+        raise UsageError(f"{name}: expected {' or '.join(map(str, counts))} values, got {text!r}")
+    return values
+
+
+def _positive_list(text: str, name: str, kind: Callable[[str], Any]) -> list[Any]:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{name}: every value must be positive, got {text!r}")
+    return values
+
+
+def _padding(text: str) -> str | list[int]:
+    if text.lower() in ("valid", "same"):
+        return text.lower()
+    return _ints(text, 4, "--padding (valid, same or top,bottom,left,right)")
+
+
+def _pair(text: str, name: str) -> list[int]:
+    values = _ints(text, (1, 2), name)
+    return values * 2 if len(values) == 1 else values
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a numpy .npy file ({exc})") from exc
+
+
+def _array_argument(text: str, name: str) -> np.ndarray:
+    """A .npy file or a JSON literal such as '[[1,-1]]'."""
+    if text.endswith(".npy"):
+        return _load_npy(Path(text))
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise InputError(f"{name}: expected a JSON array such as [[1,-1]] or a .npy file") from None
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (ValueError, TypeError):
+        raise InputError(f"{name}: expected a rectangular array of numbers, got {text!r}") from None
+
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"{args.token_file}: cannot read token ({exc.strerror})") from None
+    return args.token or None
+
+
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key must be given together")
+    wanted = args.tls or args.tls_ca or args.tls_cert or args.tls_server_name
+    if not wanted:
+        return None
+    for path in (args.tls_ca, args.tls_cert, args.tls_key):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{path}: no such file")
+    return TlsConfig(
+        root_ca=args.tls_ca,
+        client_cert=args.tls_cert,
+        client_key=args.tls_key,
+        server_name_override=args.tls_server_name,
+    )
+
+
+def _client(args: argparse.Namespace, **kwargs: Any) -> ConvServeClient:
+    return ConvServeClient(
+        args.target,
+        timeout_s=args.timeout_s,
+        tls=_tls(args) or False,
+        token=_read_token(args),
+        retries=args.retries,
+        model_name=args.model,
+        **kwargs,
+    )
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _matrix_text(array: np.ndarray) -> str:
+    return np.array2string(array, precision=4, suppress_small=True, max_line_width=100)
+
+
+# --- predict ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    name: str
+    images: np.ndarray  # [n,28,28] uint8 or float32
+    labels: np.ndarray | None
+    single: bool  # one image file: no index to show
+
+
+def _predict_source(path: Path) -> _Source:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as loaded:
+                files = list(loaded.files)
+                if "images" not in files:
+                    raise InputError(f"{path}: no 'images' array (found {', '.join(files)})")
+                raw, labels = loaded["images"], loaded["labels"] if "labels" in files else None
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: not a numpy .npz file ({exc})") from exc
+    elif suffix == ".npy":
+        raw, labels = _load_npy(path), None
+    else:
+        return _Source(path.name, mnist_preprocess(load_grayscale(path))[np.newaxis], None, True)
+    try:
+        images = image_batch(raw)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    if labels is not None:
+        labels = np.asarray(labels).reshape(-1)
+        if labels.shape[0] != images.shape[0]:
+            raise InputError(f"{path}: {labels.shape[0]} labels for {images.shape[0]} images")
+    return _Source(path.name, images, labels, False)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    sources = [_predict_source(Path(f)) for f in args.files]
+    with _client(args, max_batch_images=args.batch_size) as client:
+        result = client.predict([s.images for s in sources], model_version=args.model_version)
+    with_labels = any(s.labels is not None for s in sources)
+    rows: list[list[object]] = []
+    records: list[dict[str, Any]] = []
+    correct = labelled = 0
+    position = 0
+    for source in sources:
+        for i in range(source.images.shape[0]):
+            prediction = result[position]
+            position += 1
+            top = prediction.top(3)
+            record: dict[str, Any] = {
+                "file": source.name,
+                "index": i,
+                "digit": prediction.digit,
+                "confidence": round(prediction.confidence, 6),
+                "top3": [{"digit": d, "probability": round(p, 6)} for d, p in top],
+            }
+            row: list[object] = [
+                source.name,
+                "-" if source.single else i,
+                prediction.digit,
+                f"{prediction.confidence:.4f}",
+                "  ".join(f"{d}:{p:.3f}" for d, p in top),
+            ]
+            if source.labels is not None:
+                label = int(source.labels[i])
+                match = label == prediction.digit
+                correct += match
+                labelled += 1
+                record.update(label=label, match=match)
+                row += [label, "yes" if match else "NO"]
+            elif with_labels:
+                row += ["-", "-"]
+            records.append(record)
+            rows.append(row)
+    headers = ["file", "index", "digit", "confidence", "top-3"]
+    if with_labels:
+        headers += ["label", "match"]
+    text = format_table(headers, rows, right=(1, 2, 3, 5))
+    text += f"\nmodel {result.model_name} version {result.model_version}"
+    if labelled:
+        text += f"; {correct}/{labelled} correct ({100.0 * correct / labelled:.1f}%)"
+    data: dict[str, Any] = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "predictions": records,
+    }
+    if labelled:
+        data["accuracy"] = correct / labelled
+    _emit(args, data, text)
+    return EXIT_OK
+
+
+# --- convolve and fit-kernel -----------------------------------------------------------
+
+
+def _convolution_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "mode": args.mode,
+        "strides": _pair(args.stride, "--stride"),
+        "padding": _padding(args.padding),
+        "dilations": _pair(args.dilation, "--dilation"),
+    }
+
+
+def _load_input_array(text: str) -> np.ndarray:
+    path = Path(text)
+    if path.suffix.lower() == ".npy":
+        return _load_npy(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return (load_grayscale(path) / 255.0).astype(np.float32)
+    raise InputError(f"{path}: expected a .npy array or a PNG/JPEG image")
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    """Gray levels scaled linearly from [min, max] to [0, 255]."""
+    image = np.squeeze(array)
+    if image.ndim != 2:
+        raise InputError(
+            f"{path}: a PNG holds one [H,W] map, the output has shape {list(array.shape)}; use .npy"
+        )
+    low, high = float(image.min()), float(image.max())
+    scaled = (image - low) / (high - low) * 255.0 if high > low else np.zeros_like(image)
+    require_pillow().fromarray(np.rint(scaled).astype(np.uint8)).save(path)
+
+
+def _cmd_convolve(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    if output.suffix.lower() not in (".npy", ".png"):
+        raise UsageError(f"--output: expected a .npy or .png file name, got {args.output!r}")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent}: no such directory")
+    x = _load_input_array(args.input)
+    kernel = _array_argument(args.kernel, "--kernel")
+    bias = _array_argument(args.bias, "--bias") if args.bias is not None else None
+    kwargs = _convolution_kwargs(args)
+    with _client(args) as client:
+        y = client.convolve(x, kernel, bias, **kwargs)
+    if output.suffix.lower() == ".npy":
+        np.save(output, y)
+    else:
+        _save_png(y, output)
+    data: dict[str, Any] = {
+        "output": str(output),
+        "shape": list(y.shape),
+        "dtype": y.dtype.name,
+        "min": float(y.min()),
+        "max": float(y.max()),
+    }
+    text = (
+        f"output {list(y.shape)} {y.dtype.name}, values {_fmt(y.min())} to {_fmt(y.max())}, "
+        f"written to {output}"
+    )
+    if y.size <= 400:
+        data["values"] = y.tolist()
+        text += "\n" + _matrix_text(y)
+    _emit(args, data, text)
+    return EXIT_OK
+
+
+def _loss_points(steps: int) -> list[int]:
+    """About ten indexes into the loss curve, denser at the start where it falls fastest."""
+    if steps <= 10:
+        return list(range(steps + 1))
+    points = {0, steps}
+    points.update(round(float(v)) for v in np.geomspace(1, steps, 9))
+    return sorted(points)
+
+
+def _cmd_fit_kernel(args: argparse.Namespace) -> int:
+    inputs = _load_npy(Path(args.inputs))
+    targets = _load_npy(Path(args.targets))
+    kernel_shape = _ints(args.kernel_shape, (2, 4), "--kernel-shape")
+    with _client(args) as client:
+        fit = client.fit_kernel(
+            inputs,
+            targets,
+            kernel_shape,
+            fit_bias=args.fit_bias,
+            learning_rate=args.learning_rate,
+            max_steps=args.steps,
+            tolerance=args.tolerance,
+            seed=args.seed,
+            **_convolution_kwargs(args),
+        )
+    loss = list(fit.loss)
+    data = {
+        "kernel": fit.kernel.tolist(),
+        "bias": fit.bias.tolist() if fit.bias is not None else None,
+        "steps": fit.steps,
+        "stop_reason": fit.stop_reason,
+        "loss": loss,
+    }
+    lines = [f"kernel {list(fit.kernel.shape)}:", _matrix_text(fit.kernel)]
+    if fit.bias is not None:
+        lines.append(f"bias: {_matrix_text(fit.bias)}")
+    lines.append(f"steps: {fit.steps} ({fit.stop_reason})")
+    if loss:
+        lines.append(f"loss: {loss[0]:.6g} -> {loss[-1]:.6g}")
+        rows = [[i, f"{loss[i]:.6g}"] for i in _loss_points(len(loss) - 1)]
+        lines.append(format_table(["step", "loss"], rows, right=(0, 1)))
+    _emit(args, data, "\n".join(lines))
+    return EXIT_OK
+
+
+# --- feature-maps, metadata, health ---------------------------------------------------
+
+
+def _grid(maps: np.ndarray, scale: int) -> np.ndarray:
+    """[H,W,F] activations -> one uint8 mosaic, each map scaled to its own range."""
+    height, width, count = maps.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    gap = 1
+    canvas = np.full((rows * (height + gap) - gap, cols * (width + gap) - gap), 64, dtype=np.uint8)
+    for f in range(count):
+        tile = maps[:, :, f].astype(np.float64)
+        low, high = tile.min(), tile.max()
+        tile = (tile - low) / (high - low) * 255.0 if high > low else np.zeros_like(tile)
+        r, c = divmod(f, cols)
+        y, x = r * (height + gap), c * (width + gap)
+        canvas[y : y + height, x : x + width] = np.rint(tile).astype(np.uint8)
+    return np.kron(canvas, np.ones((scale, scale), dtype=np.uint8))
+
+
+def _single_image(text: str) -> np.ndarray:
+    path = Path(text)
+    if path.suffix.lower() == ".npy":
+        try:
+            batch = image_batch(_load_npy(path))
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+        if batch.shape[0] != 1:
+            raise InputError(f"{path}: expected one image, got {batch.shape[0]}")
+        return batch
+    return mnist_preprocess(load_grayscale(path))[np.newaxis]
+
+
+def _cmd_feature_maps(args: argparse.Namespace) -> int:
+    Image = require_pillow()
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"{output}: not a directory")
+    image = _single_image(args.image)
+    layers = [name for name in args.layers.split(",") if name] if args.layers else []
+    with _client(args) as client:
+        result = client.feature_maps(image, layers=layers, model_version=args.model_version)
+    output.mkdir(parents=True, exist_ok=True)
+    rows, records = [], []
+    for i, (layer, maps) in enumerate(result.maps.items()):
+        path = output / f"{i:02d}_{layer}.png"
+        Image.fromarray(_grid(maps, args.scale)).save(path)
+        rows.append([layer, "x".join(map(str, maps.shape)), path])
+        records.append({"layer": layer, "shape": list(maps.shape), "file": str(path)})
+    text = format_table(["layer", "shape (HxWxF)", "file"], rows)
+    text += f"\nmodel {result.model_name} version {result.model_version}"
+    data = {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "feature_maps": records,
+    }
+    _emit(args, data, text)
+    return EXIT_OK
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join("None" if d < 0 else str(d) for d in shape) + ")"
+
+
+def _cmd_metadata(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        meta = client.metadata(model_version=args.model_version)
+    layer_rows = [
+        [
+            f"{layer.name} ({layer.type})",
+            _shape_text((-1, *layer.output_shape)),
+            f"{layer.parameters:,}",
+            "yes" if layer.trainable else "no",
+        ]
+        for layer in meta.layers
+    ]
+    t = meta.training
+    lines = [
+        f"model {meta.model_name}, serving version {meta.serving_version} "
+        f"(loaded: {', '.join(map(str, meta.loaded_versions))}) on {meta.device}",
+    ]
+    for kind, specs in (("input", meta.inputs), ("output", meta.outputs)):
+        for spec in specs:
+            lines.append(f"{kind} {spec.name}: {'|'.join(spec.dtypes)} {_shape_text(spec.shape)}")
+    lines += [
+        "",
+        format_table(
+            ["Layer (type)", "Output Shape", "Param #", "Trainable"], layer_rows, right=(2,)
+        ),
+        f"Total params: {t.total_parameters:,}",
+        "",
+        f"trained on {t.dataset} ({t.train_examples} examples, architecture {t.architecture}) "
+        f"in {t.training_time_s:.1f} s with TensorFlow {t.tensorflow_version}",
+        f"test accuracy {t.test_accuracy:.4f} on {t.test_examples} examples; "
+        f"exported {t.exported_at}",
+    ]
+    if t.fixed_kernel:
+        lines.append(f"fixed first-layer kernel: {t.fixed_kernel}")
+    if t.hyperparameters:
+        lines.append(
+            "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in t.hyperparameters.items())
+        )
+    _emit(args, asdict(meta), "\n".join(lines))
+    return EXIT_OK
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.wait_s > 0:
+            status = client.wait_for_serving(args.wait_s, service=args.service)
+        else:
+            status = client.health(args.service)
+    _emit(args, {"target": args.target, "service": args.service, "status": status}, status)
+    return EXIT_OK if status == "SERVING" else EXIT_UNAVAILABLE
+
+
+# --- bench ------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.images:
+        images = bench_requests.load_images(args.images)
+    else:
+        images, _ = bench_requests.synthetic_digits(256)
+    if args.rate is not None:
+        phases = [Phase(rate=r) for r in _positive_list(args.rate, "--rate", float)]
+    else:
+        levels = _positive_list(args.concurrency, "--concurrency", int)
+        phases = [Phase(concurrency=c) for c in levels]
+    config = BenchConfig(
+        target=args.target,
+        images=images,
+        protocol=args.protocol,
+        rpc=args.rpc,
+        model_name=args.model,
+        images_per_request=args.images_per_request,
+        duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
+        processes=args.processes,
+        timeout_s=args.timeout_s,
+        tls=_tls(args),
+        token=_read_token(args),
+    )
+    show_progress = not args.json and not args.no_progress and sys.stderr.isatty()
+    results = bench.run(config, phases, show_progress=show_progress)
+    cpus = os.cpu_count() or 1
+    busiest = max(r.cpu_cores for r in results)
+    text = (
+        f"{config.protocol} {config.rpc} -> {config.target}, "
+        f"{config.images_per_request} image(s)/request, {config.processes} process(es), "
+        f"{config.duration_s:g} s per phase after {config.warmup_s:g} s warm-up\n"
+        + summary_table(results)
+        + f"\ngenerator CPU: up to {busiest:.2f} cores ({100.0 * busiest / cpus:.0f}% of "
+        f"{cpus} CPUs); latency percentiles are nearest-rank over successful requests"
+    )
+    _emit(args, report_dict(config, results), text)
+    return EXIT_OK if all(not r.errors for r in results) else EXIT_OTHER
+
+
+# --- The parser -------------------------------------------------------------------------
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("CONVSERVE_TARGET", DEFAULT_TARGET),
+        help="host:port, or dns:///name:port to balance over every address "
+        "(default: $CONVSERVE_TARGET or %(default)s)",
+    )
+    group.add_argument("--tls", action="store_true", help="use TLS (implied by the --tls-* flags)")
+    group.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) to verify the server")
+    group.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+    group.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
+    group.add_argument("--tls-server-name", metavar="NAME", help="expected server name")
+    tokens = group.add_mutually_exclusive_group()
+    tokens.add_argument(
+        "--token",
+        default=os.environ.get("CONVSERVE_TOKEN"),
+        help="bearer token (default: $CONVSERVE_TOKEN)",
+    )
+    tokens.add_argument("--token-file", metavar="FILE", help="read the bearer token from FILE")
+    group.add_argument(
+        "--timeout-s", type=float, default=30.0, help="deadline per command (default %(default)s)"
+    )
+    group.add_argument(
+        "--retries", type=int, default=3, help="retries on UNAVAILABLE (default %(default)s)"
+    )
+    group.add_argument("--model", default="", help="model name (default: the server's)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return common
+
+
+def _conv_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mode", choices=("cross-correlation", "convolution"), default="cross-correlation"
+    )
+    parser.add_argument("--stride", default="1", help="S or SH,SW (default 1)")
+    parser.add_argument(
+        "--padding", default="valid", help="valid, same, or top,bottom,left,right (default valid)"
+    )
+    parser.add_argument("--dilation", default="1", help="D or DH,DW (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="convserve",
+        description="Digit prediction and 2-D convolution on a convserve server, and load tests.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=help,
+            description=help,
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("predict", _cmd_predict, "classify digits in PNG/JPEG images or .npy/.npz arrays")
+    p.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="image files (prepared the MNIST way), .npy arrays of digits, or .npz files "
+        "with 'images' (and optional 'labels', then the match is shown)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_IMAGES,
+        help="images per request; larger inputs are split (default %(default)s)",
+    )
+    p.add_argument("--model-version", type=int, help="pin a loaded model version")
+
+    p = command("convolve", _cmd_convolve, "apply a kernel to an image or array")
+    p.add_argument("--input", required=True, help="PNG/JPEG (gray levels in [0,1]) or .npy")
+    p.add_argument("--kernel", required=True, help="JSON such as '[[1,-1]]', or a .npy file")
+    p.add_argument("--bias", help="a number, a JSON list (one per output channel), or .npy")
+    _conv_options(p)
+    p.add_argument("--output", required=True, help="OUT.npy (values) or OUT.png (rescaled)")
+
+    p = command("fit-kernel", _cmd_fit_kernel, "learn a kernel from input/target arrays")
+    p.add_argument("--inputs", required=True, help=".npy: [H,W], [N,H,W] or [N,H,W,C]")
+    p.add_argument("--targets", required=True, help=".npy: the matching outputs")
+    p.add_argument("--kernel-shape", required=True, help="KH,KW or KH,KW,C,F")
+    p.add_argument("--fit-bias", action="store_true", help="also learn a bias")
+    p.add_argument("--steps", type=int, help="maximum steps (default: the server's)")
+    p.add_argument("--learning-rate", type=float, help="step size (default: the server's)")
+    p.add_argument("--tolerance", type=float, default=0.0, help="stop at this loss")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial kernel")
+    _conv_options(p)
+
+    p = command("feature-maps", _cmd_feature_maps, "save the convolution layers' activations")
+    p.add_argument("image", metavar="IMG", help="PNG/JPEG image or .npy array of one digit")
+    p.add_argument("--output", required=True, help="directory for one PNG grid per layer")
+    p.add_argument("--layers", help="comma-separated layer names (default: all)")
+    p.add_argument("--scale", type=int, default=4, help="pixel size of the grids (default 4)")
+    p.add_argument("--model-version", type=int, help="pin a loaded model version")
+
+    p = command("metadata", _cmd_metadata, "show the model's layers and training record")
+    p.add_argument("--model-version", type=int, help="a loaded version other than the serving one")
+
+    p = command("health", _cmd_health, "check the server's health (exit 0 when SERVING)")
+    p.add_argument(
+        "--wait-s", type=float, default=0.0, help="poll up to this long for SERVING (default 0)"
+    )
+    p.add_argument("--service", default="", help="service name to check (default: the server)")
+
+    p = command("bench", _cmd_bench, "load-test the server (closed or open loop)")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument(
+        "--concurrency",
+        default="1",
+        help="closed loop: comma-separated concurrency levels, one phase each (default 1)",
+    )
+    load.add_argument(
+        "--rate",
+        help="open loop: requests/s (comma-separated for several phases); latency counts "
+        "from each request's scheduled send time",
+    )
+    p.add_argument("--protocol", choices=("convserve", "oip"), default="convserve")
+    p.add_argument("--rpc", choices=("predict", "convolve"), default="predict")
+    p.add_argument("--images-per-request", type=int, default=1)
+    p.add_argument("--duration-s", type=float, default=10.0, help="measured time per phase")
+    p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured time before it")
+    p.add_argument("--processes", type=int, default=1, help="generator processes (default 1)")
+    p.add_argument("--images", metavar="FILE", help=".npz with 'images' (default: synthetic)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    as_json = bool(getattr(args, "json", False))
+
+    def fail(code: int, message: str, status: str | None = None) -> int:
+        print(f"convserve {args.command}: error: {message}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"error": {"code": status, "message": message}, "exit_code": code}))
+        return code
+
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        return fail(EXIT_USAGE, str(exc))
+    except InputError as exc:
+        return fail(EXIT_USAGE, str(exc))
+    except ConvServeError as exc:
+        return fail(exit_code_for(exc.code), f"{exc.code.name}: {exc.details}", exc.code.name)
+    except SetupError as exc:
+        return fail(EXIT_OTHER, str(exc))
+    except ImportError as exc:
+        return fail(EXIT_OTHER, str(exc))
+    except ValueError as exc:  # e.g. unreadable TLS files found while building credentials
+        return fail(EXIT_USAGE, str(exc))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,88 @@
+"""The TensorFlow Serving gRPC services: ``tensorflow.serving.PredictionService``
+(Predict, GetModelMetadata) and ``tensorflow.serving.ModelService`` (GetModelStatus).
+
+A TF Serving client switches to convserve by changing only its address: the
+digit model is served under its configured name with TF Serving's signatures
+(see `tfserving_convert`), through the shared runtime, so requests are
+batched, limited and counted with convserve.v1's. Classify, Regress,
+MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The *_pb2 modules register the service descriptors that reflection serves;
+# the *_pb2_grpc modules alone do not import them.
+from tensorflow_serving.apis import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from convserve.server import types
+from convserve.server.protocols import tfserving_convert
+from convserve.server.protocols.calls import Calls
+
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name[
+    "PredictionService"
+].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+PROTOCOL: types.Protocol = "tfserving"
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, runtime: Any, calls: Calls) -> None:
+        self._runtime = runtime
+        self._calls = calls
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            images, ref, signature, outputs = tfserving_convert.predict_request(request)
+            value = types.PredictInput(self._runtime.check_images(images, "inputs[images]"), ref)
+            result = await self._runtime.predict(
+                value, deadline=self._calls.deadline(context), protocol=PROTOCOL
+            )
+            return tfserving_convert.predict_response(result, signature, outputs)
+
+        return await self._calls.run("Predict", context, run)
+
+    async def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            tfserving_convert.check_metadata_fields(request)
+            ref = tfserving_convert.model_ref(request.model_spec)
+            meta = self._runtime.metadata(ref)
+            return tfserving_convert.model_metadata_response(meta, ref.version)
+
+        return await self._calls.run("GetModelMetadata", context, run)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, runtime: Any, calls: Calls) -> None:
+        self._runtime = runtime
+        self._calls = calls
+
+    async def GetModelStatus(self, request: Any, context: Any) -> Any:
+        async def run() -> Any:
+            ref = tfserving_convert.model_ref(request.model_spec)
+            meta = self._runtime.metadata(ref)
+            return tfserving_convert.model_status_response(meta, ref.version)
+
+        return await self._calls.run("GetModelStatus", context, run)
+
+
+class TfServingAdapter:
+    """Adds the TensorFlow Serving services to a convserve server."""
+
+    name = "tfserving"
+
+    def add_to_server(self, server: Any, runtime: Any, metrics: Any) -> list[str]:
+        calls = Calls(PROTOCOL, metrics)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(runtime, calls), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(runtime, calls), server
+        )
+        return [PREDICTION_SERVICE, MODEL_SERVICE]

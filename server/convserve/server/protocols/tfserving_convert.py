@@ -1,0 +1,265 @@
+"""TensorFlow Serving messages <-> convserve's typed values.
+
+Pure functions: nothing here talks to the network or the runtime. Messages are
+the ``tensorflow-serving-api`` package's generated classes with TensorFlow's
+own ``TensorProto``, so a TF Serving client talks to convserve unchanged.
+
+Conventions (as TF Serving serves the exported SavedModel):
+
+- ``model_spec.name``: the model (empty: the default model);
+  ``model_spec.version`` pins a loaded version; ``version_label`` ``"stable"``
+  or ``"latest"`` means the serving version (they are one oneof).
+- ``model_spec.signature_name``: ``"serving_default"`` (or empty), input
+  ``images`` DT_FLOAT in [0, 1]; or ``"predict_uint8"``, input ``images``
+  DT_UINT8 in [0, 255]. Shape ``[N,28,28,1]`` (``[N,28,28]`` and ``[N,784]``
+  are accepted too). Output ``probabilities`` DT_FLOAT ``[N,10]``, returned
+  in ``tensor_content``. ``output_filter`` selects outputs by name.
+- Input tensors carry their values in ``tensor_content`` or in the typed
+  field of their dtype (``float_val`` for DT_FLOAT, ``int_val`` for
+  DT_UINT8); a typed field must hold exactly one value per element.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    predict_pb2,
+    status_pb2,
+)
+
+from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
+from convserve.server import errors, types
+from convserve.v1 import tensor_pb2 as convserve_tensor_pb2
+
+DEFAULT_SIGNATURE = "serving_default"
+INPUT = "images"
+OUTPUT = "probabilities"
+# Signature name -> the TensorFlow dtype of its `images` input.
+SIGNATURES: dict[str, int] = {
+    DEFAULT_SIGNATURE: types_pb2.DT_FLOAT,
+    "predict_uint8": types_pb2.DT_UINT8,
+}
+VERSION_LABELS = ("stable", "latest")
+PREDICT_METHOD = "tensorflow/serving/predict"
+SIGNATURE_DEF_FIELD = "signature_def"
+
+NUMPY_OF: dict[int, np.dtype] = {
+    types_pb2.DT_UINT8: np.dtype(np.uint8),
+    types_pb2.DT_INT32: np.dtype(np.int32),
+    types_pb2.DT_INT64: np.dtype(np.int64),
+    types_pb2.DT_FLOAT: np.dtype(np.float32),
+    types_pb2.DT_DOUBLE: np.dtype(np.float64),
+}
+TF_DTYPE_OF: dict[np.dtype, int] = {v: k for k, v in NUMPY_OF.items()}
+# The typed TensorProto field that carries each dtype's values.
+VALUES_FIELD = {
+    types_pb2.DT_UINT8: "int_val",
+    types_pb2.DT_INT32: "int_val",
+    types_pb2.DT_INT64: "int64_val",
+    types_pb2.DT_FLOAT: "float_val",
+    types_pb2.DT_DOUBLE: "double_val",
+}
+
+
+def dtype_name(dtype: int) -> str:
+    """1 -> ``DT_FLOAT``; unknown values print as numbers."""
+    try:
+        return str(types_pb2.DataType.Name(dtype))
+    except ValueError:
+        return str(dtype)
+
+
+def model_ref(spec: Any) -> types.ModelRef:
+    """A ModelSpec -> the model and pinned version (labels mean the serving version)."""
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version_label" and spec.version_label not in VERSION_LABELS:
+        raise errors.InvalidArgument(
+            "model_spec.version_label",
+            f"one of {', '.join(VERSION_LABELS)} expected, got {spec.version_label!r}",
+        )
+    version = spec.version.value if choice == "version" else None
+    return types.ModelRef(name=spec.name or None, version=version)
+
+
+def signature_of(spec: Any) -> str:
+    """The signature a ModelSpec names (empty: serving_default)."""
+    name = spec.signature_name or DEFAULT_SIGNATURE
+    if name not in SIGNATURES:
+        raise errors.InvalidArgument(
+            "model_spec.signature_name",
+            f"one of {', '.join(SIGNATURES)} expected, got {name!r}",
+        )
+    return name
+
+
+def array_from_proto(proto: Any, field: str) -> np.ndarray:
+    """A TensorProto -> array, with the same checks as convserve.v1 tensors
+    (known dtype, positive dimensions, content length)."""
+    if proto.dtype not in NUMPY_OF:
+        raise errors.InvalidArgument(
+            f"{field}.dtype",
+            f"one of {', '.join(dtype_name(d) for d in NUMPY_OF)} expected, "
+            f"got {dtype_name(proto.dtype)}",
+        )
+    if proto.tensor_shape.unknown_rank:
+        raise errors.InvalidArgument(f"{field}.tensor_shape", "a known shape expected")
+    dtype = NUMPY_OF[proto.dtype]
+    shape = [int(d.size) for d in proto.tensor_shape.dim]
+    if proto.tensor_content:
+        content = proto.tensor_content
+    else:
+        name = VALUES_FIELD[proto.dtype]
+        values = getattr(proto, name)
+        if dtype == np.uint8:
+            wide = np.asarray(values, dtype=np.int64)
+            if wide.size and (int(wide.min()) < 0 or int(wide.max()) > 255):
+                raise errors.InvalidArgument(
+                    f"{field}.{name}", "DT_UINT8 values in [0, 255] expected"
+                )
+            array = wide.astype(np.uint8)
+        else:
+            array = np.asarray(values, dtype=dtype)
+        if shape and all(d > 0 for d in shape) and array.size != math.prod(shape):
+            raise errors.InvalidArgument(
+                f"{field}.{name}",
+                f"{math.prod(shape)} values expected for shape {shape} "
+                f"(or the data in tensor_content), got {array.size}",
+            )
+        content = array.astype(dtype.newbyteorder("<"), copy=False).tobytes()
+    tensor = convserve_tensor_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=shape, content=content)
+    return from_tensor(tensor, field)
+
+
+def proto_from_array(array: np.ndarray) -> Any:
+    """An array -> TensorProto with its data in tensor_content (little-endian)."""
+    dtype = array.dtype.newbyteorder("=")
+    little = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<"))
+    return tensor_pb2.TensorProto(
+        dtype=TF_DTYPE_OF[dtype],
+        tensor_shape=shape_proto(array.shape),
+        tensor_content=little.tobytes(),
+    )
+
+
+def shape_proto(shape: Sequence[int]) -> Any:
+    return tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in shape]
+    )
+
+
+def predict_request(request: Any) -> tuple[np.ndarray, types.ModelRef, str, list[str]]:
+    """A PredictRequest -> (images as sent, model, signature name, output names).
+
+    The images still need the runtime's image check (shape, range, limits).
+    """
+    ref = model_ref(request.model_spec)
+    signature = signature_of(request.model_spec)
+    extra = sorted(set(request.inputs) - {INPUT})
+    if extra or INPUT not in request.inputs:
+        raise errors.InvalidArgument(
+            "inputs",
+            f"exactly one input {INPUT!r} expected for signature {signature}, "
+            f"got {sorted(request.inputs) or 'none'}",
+        )
+    proto = request.inputs[INPUT]
+    expected = SIGNATURES[signature]
+    if proto.dtype != expected:
+        others = [s for s, d in SIGNATURES.items() if d == proto.dtype]
+        hint = f" (signature {others[0]} takes {dtype_name(proto.dtype)})" if others else ""
+        raise errors.InvalidArgument(
+            f"inputs[{INPUT}].dtype",
+            f"{dtype_name(expected)} expected for signature {signature}, "
+            f"got {dtype_name(proto.dtype)}{hint}",
+        )
+    images = array_from_proto(proto, f"inputs[{INPUT}]")
+    outputs: list[str] = []
+    for name in request.output_filter:
+        if name != OUTPUT:
+            raise errors.InvalidArgument(
+                "output_filter",
+                f"output names of signature {signature} ({OUTPUT}) expected, got {name!r}",
+            )
+        if name not in outputs:
+            outputs.append(name)
+    return images, ref, signature, outputs or [OUTPUT]
+
+
+def served_spec(model_name: str, version: int, signature: str = "") -> Any:
+    """The ModelSpec of a response: the model and version that served it."""
+    spec = model_pb2.ModelSpec(name=model_name, signature_name=signature)
+    spec.version.value = version
+    return spec
+
+
+def predict_response(result: types.PredictOutput, signature: str, outputs: Sequence[str]) -> Any:
+    """A PredictResponse with the requested outputs (only ``probabilities`` exists)."""
+    response = predict_pb2.PredictResponse(
+        model_spec=served_spec(result.model_name, result.model_version, signature)
+    )
+    for name in outputs:
+        response.outputs[name].CopyFrom(proto_from_array(result.probabilities))
+    return response
+
+
+def check_metadata_fields(request: Any) -> None:
+    """GetModelMetadata serves ``signature_def`` only, as TF Serving does."""
+    fields = list(request.metadata_field)
+    if not fields:
+        raise errors.InvalidArgument(
+            "metadata_field", f"at least one field ({SIGNATURE_DEF_FIELD}) expected, got none"
+        )
+    unknown = [f for f in fields if f != SIGNATURE_DEF_FIELD]
+    if unknown:
+        raise errors.InvalidArgument(
+            "metadata_field", f"only {SIGNATURE_DEF_FIELD} expected, got {unknown}"
+        )
+
+
+def _tensor_info(name: str, dtype: int, shape: Sequence[int]) -> Any:
+    return meta_graph_pb2.TensorInfo(name=name, dtype=dtype, tensor_shape=shape_proto(shape))
+
+
+def signature_def_map() -> Any:
+    """The SignatureDefMap of the served signatures, named as TensorFlow names them."""
+    result = get_model_metadata_pb2.SignatureDefMap()
+    for signature, dtype in SIGNATURES.items():
+        sig = result.signature_def[signature]
+        sig.method_name = PREDICT_METHOD
+        sig.inputs[INPUT].CopyFrom(_tensor_info(f"{signature}_{INPUT}:0", dtype, [-1, 28, 28, 1]))
+        sig.outputs[OUTPUT].CopyFrom(
+            _tensor_info("StatefulPartitionedCall:0", types_pb2.DT_FLOAT, [-1, 10])
+        )
+    return result
+
+
+def model_metadata_response(meta: types.ModelMetadata, version: int | None) -> Any:
+    """A GetModelMetadataResponse: the signature_def map packed in an Any."""
+    response = get_model_metadata_pb2.GetModelMetadataResponse(
+        model_spec=served_spec(
+            meta.model_name, meta.serving_version if version is None else version
+        )
+    )
+    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_def_map())
+    return response
+
+
+def model_status_response(meta: types.ModelMetadata, version: int | None) -> Any:
+    """A GetModelStatusResponse: every loaded version (or the pinned one) AVAILABLE."""
+    versions = [version] if version is not None else list(meta.loaded_versions)
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for v in versions:
+        response.model_version_status.add(
+            version=v,
+            state=get_model_status_pb2.ModelVersionStatus.AVAILABLE,
+            status=status_pb2.StatusProto(),
+        )
+    return response

@@ -1,0 +1,152 @@
+"""`make bench`: the model's in-process limit, then what the server delivers.
+
+1. Loads the served SavedModel in this process and measures images/s of its
+   `serving_default` signature at several batch sizes: the best is the limit.
+2. Starts `convserve-server` as a subprocess and drives it with
+   `convserve bench` (the project's load generator): 1-image requests at
+   concurrency 1, 16 and 64, then 32-image requests.
+3. Prints one table; every ratio is taken within this one run, because the
+   machine is shared and absolute figures move from run to run.
+
+    python tests/bench.py [--model-base-path DIR] [--duration-s 10] [--json OUT.json]
+
+Without --model-base-path a model is trained on the sample digits first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BIN = Path(sys.executable).parent
+BATCH_SIZES = (1, 8, 32, 64, 128, 256)
+
+
+def model_limit(version_dir: Path, seconds_per_size: float) -> dict[int, float]:
+    """images/s of the float32 signature per batch size, measured in-process."""
+    import tensorflow as tf
+
+    predict = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    rng = np.random.default_rng(0)
+    rates: dict[int, float] = {}
+    for size in BATCH_SIZES:
+        images = tf.constant(rng.random((size, 28, 28, 1), dtype=np.float32))
+        predict(images=images)  # the first call traces
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds_per_size:
+            predict(images=images)["probabilities"].numpy()
+            count += size
+        rates[size] = count / (time.perf_counter() - start)
+        print(f"  in-process batch {size:>3}: {rates[size]:>9,.0f} images/s", flush=True)
+    return rates
+
+
+def start_server(base: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+    log = log_path.open("wb")
+    server = subprocess.Popen(
+        [str(BIN / "convserve-server"), "--model-base-path", str(base), "--port", "0",
+         "--metrics-port", "0"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on \S+:(\d+)", log_path.read_text(errors="replace"))
+        if found:
+            return server, int(found.group(1))
+        if server.poll() is not None:
+            break
+        time.sleep(0.2)
+    server.kill()
+    raise SystemExit(f"the server did not start; see {log_path}")
+
+
+def run_bench(port: int, concurrency: int, images: int, duration_s: float) -> dict:
+    out = subprocess.run(
+        [str(BIN / "convserve"), "--target", f"127.0.0.1:{port}", "--json", "bench",
+         "--concurrency", str(concurrency), "--images-per-request", str(images),
+         "--duration-s", str(duration_s), "--warmup-s", "2", "--no-progress"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if not out.stdout.strip():
+        raise SystemExit(f"convserve bench failed: {out.stderr}")
+    return json.loads(out.stdout)["phases"][0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model-base-path", type=Path)
+    parser.add_argument("--duration-s", type=float, default=10.0, help="per served phase")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.model_base_path
+        if base is None:
+            base = Path(tmp) / "mnist"
+            print("training a model on the sample digits ...", flush=True)
+            subprocess.run([str(BIN / "convserve-train"), "--dataset", "sample", "--quiet",
+                            "--model-base-path", str(base)], check=True)  # fmt: skip
+        version = max(int(p.name) for p in base.iterdir() if p.name.isdigit())
+        print(f"1. in-process limit of {base}/{version}:", flush=True)
+        rates = model_limit(base / str(version), seconds_per_size=3.0)
+        best = max(rates, key=lambda s: rates[s])
+        limit = rates[best]
+
+        print("2. served, through convserve bench:", flush=True)
+        server, port = start_server(base, Path(tmp) / "server.log")
+        rows = []
+        try:
+            for concurrency, images in ((1, 1), (16, 1), (64, 1), (16, 32)):
+                phase = run_bench(port, concurrency, images, args.duration_s)
+                rows.append((concurrency, images, phase))
+                print(f"  {images:>2} image(s) x concurrency {concurrency:>2}: "
+                      f"{phase['requests_per_s']:>8,.0f} req/s", flush=True)  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+    header = ("load", "req/s", "images/s", "p50 ms", "p99 ms", "of limit", "errors", "gen CPU")
+    table = [header]
+    table.append((f"in-process, batch {best}", "", f"{limit:,.0f}", "", "", "100%", "", ""))
+    for concurrency, images, p in rows:
+        lat = p["latency_ms"]
+        table.append((
+            f"{images} img x conc {concurrency}",
+            f"{p['requests_per_s']:,.0f}",
+            f"{p['images_per_s']:,.0f}",
+            f"{lat['p50']:.2f}" if lat["p50"] is not None else "-",
+            f"{lat['p99']:.2f}" if lat["p99"] is not None else "-",
+            f"{100 * p['images_per_s'] / limit:.0f}%",
+            str(sum(p["errors"].values())),
+            f"{p['generator_cpu_cores']:.2f}",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    print()
+    for n, row in enumerate(table):
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    print(f"\n{os.cpu_count()} CPUs shared by server and load generator; "
+          "ratios are within this run.")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"limit_images_per_s": limit, "best_batch": best,
+                                         "in_process": rates, "served": [r[2] for r in rows]},
+                                        indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

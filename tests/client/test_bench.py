@@ -1,0 +1,178 @@
+"""The load generator against fake servers with known behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convserve.client import bench, bench_requests
+from convserve.client.bench import BenchConfig, Phase, WorkerResult
+from convserve.client.errors import InputError, NotFoundError, UnavailableError
+
+from .fakes import Behaviour, serve_fake
+from .test_client import closed_port
+
+IMAGES, LABELS = bench_requests.synthetic_digits(32)
+
+
+def config(target: str, **kwargs: object) -> BenchConfig:
+    defaults: dict[str, object] = {"duration_s": 2.0, "warmup_s": 0.3}
+    defaults.update(kwargs)
+    return BenchConfig(target=target, images=IMAGES, **defaults)  # type: ignore[arg-type]
+
+
+def test_closed_loop_p50_matches_a_fixed_server_delay() -> None:
+    # 50 ms rather than less: on a shared two-core machine scheduling noise is
+    # a millisecond or two, which a 10% bound on a tiny delay would not absorb.
+    delay_s = 0.050
+    with serve_fake(Behaviour(delay_s=delay_s)) as fake:
+        (result,) = bench.run(config(fake.target), [Phase(concurrency=2)])
+    assert result.errors == {}
+    assert delay_s <= result.percentile_s(50) <= delay_s * 1.10
+    # Two users, each one request per ~50 ms.
+    assert 30.0 <= result.requests_per_s <= 40.0
+    assert result.percentile_s(50) <= result.percentile_s(90) <= result.percentile_s(99)
+    assert result.percentile_s(99) <= result.max_s
+    assert 0.0 < result.cpu_cores < 2.5
+
+
+def test_open_loop_charges_a_stall_to_every_request_scheduled_during_it() -> None:
+    # One second into the run the server stops answering for one second.
+    with serve_fake(Behaviour(stall_after_s=1.5, stall_s=1.0)) as fake:
+        (result,) = bench.run(config(fake.target, duration_s=3.0, warmup_s=0.5), [Phase(rate=50)])
+    assert result.ok == 150  # exactly the scheduled requests in the 3 s window
+    assert result.percentile_s(99) >= 0.9
+    assert result.max_s >= 0.99
+    # About fifty requests were scheduled during the stall, so more than a
+    # tenth of all of them waited at least a quarter of a second.
+    assert result.percentile_s(85) >= 0.25
+
+
+def test_closed_loop_would_hide_the_same_stall() -> None:
+    # For contrast: one user waits out the stall in a single request, so only
+    # one sample shows it (coordinated omission) and p99 stays small.
+    with serve_fake(Behaviour(stall_after_s=1.5, stall_s=1.0)) as fake:
+        (result,) = bench.run(config(fake.target, duration_s=3.0), [Phase(concurrency=1)])
+    assert result.max_s >= 0.99
+    assert result.percentile_s(99) < 0.1
+
+
+def test_several_processes_are_merged() -> None:
+    with serve_fake(Behaviour(delay_s=0.02)) as fake:
+        cfg = config(fake.target, processes=2, duration_s=1.5)
+        closed, open_ = bench.run(cfg, [Phase(concurrency=4), Phase(rate=80)])
+    assert len(closed.cpu_s) == 2
+    assert all(c > 0 for c in closed.cpu_s)
+    # Four users over two processes, ~20 ms per request: ~200 requests/s.
+    assert 120.0 <= closed.requests_per_s <= 205.0
+    assert closed.errors == {}
+    assert open_.ok == 120  # 80/s for 1.5 s, split over two processes, none lost
+    assert abs(open_.percentile_s(50) - 0.02) < 0.01
+    served = sum(fake.behaviour.images)
+    assert served >= closed.ok + open_.ok
+
+
+def test_merge_pools_raw_samples() -> None:
+    parts = [
+        WorkerResult(np.array([0.001, 0.002, 0.003]), {"OK": 3, "UNAVAILABLE": 1}, 0.5, 2.0),
+        WorkerResult(np.array([0.010] * 7), {"OK": 7}, 0.25, 2.0),
+    ]
+    cfg = config("unused:1", duration_s=2.0, images_per_request=4)
+    result = bench.merge(Phase(concurrency=2), cfg, parts)
+    pooled = np.concatenate([p.latencies_s for p in parts])
+    for q in (50, 90, 99):
+        assert result.percentile_s(q) == np.percentile(pooled, q, method="inverted_cdf")
+    # An average of the two parts' medians (0.002, 0.010) would be 0.006.
+    assert result.percentile_s(50) == 0.010
+    assert result.codes == {"OK": 10, "UNAVAILABLE": 1}
+    assert result.errors == {"UNAVAILABLE": 1}
+    assert (result.requests_per_s, result.images_per_s) == (5.0, 20.0)
+    assert result.cpu_cores == pytest.approx(0.375)
+    row = result.as_dict()
+    assert row["latency_ms"]["p50"] == 10.0
+    assert row["generator_cpu_per_process"] == [0.25, 0.125]
+
+
+def test_open_inference_protocol() -> None:
+    with serve_fake(Behaviour(delay_s=0.005), oip=True) as fake:
+        cfg = config(
+            fake.target, protocol="oip", model_name="mnist", images_per_request=4, duration_s=1.0
+        )
+        (result,) = bench.run(cfg, [Phase(concurrency=2)])
+        assert result.errors == {}
+        assert result.ok > 20
+        assert result.images_per_s == 4 * result.requests_per_s
+        assert set(fake.behaviour.images) == {4}
+        assert fake.behaviour.calls["ModelInfer"] >= result.ok
+        with pytest.raises(NotFoundError, match="unknown model 'other'"):
+            bench.run(config(fake.target, protocol="oip", model_name="other"), [Phase(rate=1)])
+
+
+def test_oip_request_follows_the_model_metadata() -> None:
+    spec = bench_requests.OipInput("x", "FP32", (-1, 784))
+    method, requests = bench_requests.oip_requests("m", spec, IMAGES, 3)
+    assert method == "/inference.GRPCInferenceService/ModelInfer"
+    service_pb2, _ = bench_requests.import_oip()
+    request = service_pb2.ModelInferRequest.FromString(requests[0])
+    assert list(request.inputs[0].shape) == [3, 784]
+    assert request.inputs[0].datatype == "FP32"
+    values = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(3, 28, 28)
+    np.testing.assert_allclose(values, IMAGES[:3] / 255.0, rtol=1e-6)
+    for bad, message in [
+        (bench_requests.OipInput("x", "BYTES", (-1, 784)), "datatype BYTES"),
+        (bench_requests.OipInput("x", "UINT8", (28, 28)), "leading batch dimension"),
+        (bench_requests.OipInput("x", "UINT8", (-1, 28, 27)), "does not hold 28x28"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            bench_requests.oip_requests("m", bad, IMAGES, 1)
+
+
+def test_convolve_rpc() -> None:
+    with serve_fake() as fake:
+        (result,) = bench.run(config(fake.target, rpc="convolve", duration_s=0.5), [Phase(rate=20)])
+    assert result.ok == 10
+    assert fake.behaviour.calls["Convolve"] >= 10
+
+
+def test_a_server_that_cannot_be_reached_fails_the_run_at_once() -> None:
+    with pytest.raises(UnavailableError, match="the first request failed"):
+        bench.run(config(f"127.0.0.1:{closed_port()}"), [Phase(concurrency=1)])
+
+
+def test_config_and_phase_validation() -> None:
+    with pytest.raises(InputError, match="needs --model"):
+        config("x:1", protocol="oip")
+    with pytest.raises(InputError, match="either a concurrency or a rate"):
+        Phase()
+    with pytest.raises(InputError, match="rate must be > 0"):
+        Phase(rate=0)
+    assert Phase(concurrency=3).label == "closed c=3"
+    assert Phase(rate=2.5).label == "open 2.5/s"
+
+
+def test_input_images(tmp_path: Path) -> None:
+    again, labels = bench_requests.synthetic_digits(32)
+    np.testing.assert_array_equal(again, IMAGES)  # deterministic
+    assert labels.tolist() == [i % 10 for i in range(32)]
+    assert IMAGES.dtype == np.uint8
+    assert (IMAGES > 0).sum(axis=(1, 2)).min() > 20
+    path = tmp_path / "digits.npz"
+    np.savez(path, images=IMAGES[:5] / 255.0, labels=labels[:5])
+    np.testing.assert_array_equal(bench_requests.load_images(path), IMAGES[:5])
+    np.savez(tmp_path / "other.npz", pixels=IMAGES)
+    with pytest.raises(InputError, match="no 'images' array"):
+        bench_requests.load_images(tmp_path / "other.npz")
+
+
+def test_progress_line(capsys: pytest.CaptureFixture[str]) -> None:
+    bench.Progress(False, 10.0, "closed c=1").show(5, 0)
+    assert capsys.readouterr().err == ""
+    line = bench.Progress(True, 10.0, "closed c=1")
+    line.show(120, 3)
+    line.finish()
+    err = capsys.readouterr().err
+    assert err.startswith("\rclosed c=1       [")
+    assert "120 requests, 3 failed" in err
+    assert err.endswith("\r")

@@ -1,0 +1,157 @@
+"""Input normalization and MNIST-style preparation of image files."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convserve.client.errors import InputError
+from convserve.client.images import (
+    image_batch,
+    load_grayscale,
+    mnist_preprocess,
+    single_image,
+)
+
+
+@pytest.mark.parametrize(
+    ("shape", "count"),
+    [
+        ((5, 28, 28), 5),
+        ((5, 28, 28, 1), 5),
+        ((5, 784), 5),
+        ((28, 28), 1),
+        ((28, 28, 1), 1),
+        ((784,), 1),
+        ((1, 28, 28), 1),
+    ],
+)
+def test_accepted_shapes_become_n_28_28(shape: tuple[int, ...], count: int) -> None:
+    pixels = np.arange(np.prod(shape)).reshape(shape) % 256
+    batch = image_batch(pixels.astype(np.uint8))
+    assert batch.shape == (count, 28, 28)
+    # Reshaping only: the pixel order is kept.
+    np.testing.assert_array_equal(batch.reshape(-1), pixels.reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(28, 27), (2, 28, 28, 3), (3, 785), (0, 28, 28), (2, 2, 28, 28)])
+def test_other_shapes_are_refused(shape: tuple[int, ...]) -> None:
+    with pytest.raises(InputError, match=r"images: shape must be|no images"):
+        image_batch(np.zeros(shape, np.uint8))
+
+
+def test_dtype_rules() -> None:
+    ints = np.full((1, 28, 28), 200, dtype=np.int64)
+    assert image_batch(ints).dtype == np.uint8
+    assert image_batch(ints.astype(np.float64) / 255.0).dtype == np.float32
+    assert image_batch(np.ones((1, 28, 28), bool)).max() == 255
+    with pytest.raises(InputError, match=r"integer pixels must be in \[0, 255\].*-1 to 200"):
+        image_batch(np.concatenate([ints, -np.ones_like(ints)]))
+    with pytest.raises(InputError, match=r"divide by 255"):
+        image_batch(ints.astype(np.float32))
+    with pytest.raises(InputError, match="finite"):
+        image_batch(np.full((1, 28, 28), np.nan))
+    with pytest.raises(InputError, match="must be numbers"):
+        image_batch(np.full((1, 28, 28), "x"))
+
+
+def test_lists_are_joined_and_mixed_types_become_float() -> None:
+    a = np.full((28, 28), 255, np.uint8)
+    b = np.zeros((2, 28, 28), np.float32)
+    parts: list[np.ndarray] = [a, b]
+    batch = image_batch(parts)
+    assert batch.shape == (3, 28, 28)
+    assert batch.dtype == np.float32
+    assert batch[0].max() == 1.0
+    nested = image_batch(np.zeros((28, 28), np.uint8).tolist())
+    assert nested.shape == (1, 28, 28)
+    assert nested.dtype == np.uint8
+    with pytest.raises(InputError, match=r"images\[1\]: shape"):
+        image_batch([a, np.zeros((3, 3), np.uint8)])
+    with pytest.raises(InputError, match="no images"):
+        image_batch([])
+
+
+def test_single_image_refuses_batches() -> None:
+    assert single_image(np.zeros((1, 784), np.uint8)).shape == (1, 28, 28)
+    with pytest.raises(InputError, match="expected one image, got 2"):
+        single_image(np.zeros((2, 28, 28), np.uint8))
+
+
+def _bar_digit(height: int, width: int, *, dark_on_light: bool) -> np.ndarray:
+    """A thick vertical stroke (a "1") off-centre in a larger canvas."""
+    canvas = np.zeros((height, width))
+    canvas[height // 5 : height - height // 10, width // 6 : width // 6 + width // 8] = 255
+    return 255 - canvas if dark_on_light else canvas
+
+
+@pytest.mark.parametrize("dark_on_light", [False, True])
+def test_mnist_preprocess_inverts_crops_scales_and_centres(dark_on_light: bool) -> None:
+    digit = mnist_preprocess(_bar_digit(200, 120, dark_on_light=dark_on_light))
+    assert digit.shape == (28, 28)
+    assert digit.dtype == np.uint8
+    assert digit[0].max() == 0
+    assert digit[:, 0].max() == 0
+    ink = digit > 127
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    assert rows[-1] - rows[0] + 1 == 20  # the long side fills the 20-pixel box
+    assert cols[-1] - cols[0] + 1 < 10  # the aspect ratio is kept
+    mass = digit.astype(np.float64)
+    com_y = (mass.sum(axis=1) * np.arange(28)).sum() / mass.sum()
+    com_x = (mass.sum(axis=0) * np.arange(28)).sum() / mass.sum()
+    assert abs(com_y - 13.5) <= 0.75
+    assert abs(com_x - 13.5) <= 0.75
+
+
+def test_mnist_preprocess_ignores_paper_texture() -> None:
+    rng = np.random.default_rng(0)
+    paper = 230 + rng.normal(0, 4, (100, 100))  # light, slightly noisy paper
+    paper[30:70, 45:55] = 20  # the stroke
+    digit = mnist_preprocess(paper)
+    rows = np.flatnonzero((digit > 0).any(axis=1))
+    assert rows[-1] - rows[0] + 1 <= 21  # the crop followed the stroke, not the noise
+
+
+def test_blank_image_gives_a_blank_digit() -> None:
+    assert mnist_preprocess(np.full((50, 50), 255.0)).max() == 0
+
+
+def _png_bytes(array: np.ndarray, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode if mode != "L" else None).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_png_and_jpeg_decoding(tmp_path: Path) -> None:
+    gray = (np.arange(30 * 40) % 256).astype(np.uint8).reshape(30, 40)
+    np.testing.assert_array_equal(load_grayscale(_png_bytes(gray)), gray)
+    path = tmp_path / "digit.jpg"
+    Image.fromarray(gray).convert("RGB").save(path, quality=95)
+    assert np.abs(load_grayscale(path) - gray).mean() < 4.0  # lossy, but close
+
+
+def test_transparent_background_counts_as_paper() -> None:
+    rgba = np.zeros((40, 40, 4), np.uint8)  # fully transparent
+    rgba[10:30, 18:22] = (0, 0, 0, 255)  # an opaque black stroke
+    gray = load_grayscale(_png_bytes(rgba))
+    assert gray[0, 0] == 255
+    assert gray[20, 20] == 0
+    digit = image_batch(_png_bytes(rgba))
+    assert digit.dtype == np.uint8
+    assert digit[0, 14, 14] > 200
+
+
+def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    with pytest.raises(InputError, match=r"notes\.png: not an image file"):
+        load_grayscale(not_image)
+    with pytest.raises(InputError, match=r"missing\.png: no such file"):
+        load_grayscale(tmp_path / "missing.png")
+    with pytest.raises(InputError, match="image bytes: not an image file"):
+        load_grayscale(b"\x00\x01")

@@ -1,0 +1,205 @@
+"""The protocol servicers over the wire, with a stand-in runtime and the stock clients.
+
+What is checked here is the servicers' own work: delegation, the status each
+error becomes, metrics per call, and the methods they do not serve. The same
+clients against the real server are in test_server.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from google.protobuf import descriptor_pool
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from convserve.server import ops, types
+from convserve.server.protocols import ADAPTERS
+from convserve.server.protocols.tfserving_convert import proto_from_array
+from tests.interop.fakes import FakeMetrics, FakeRuntime, fake_probabilities
+from tests.interop.loop_thread import running
+
+
+@dataclass
+class Served:
+    port: int
+    runtime: FakeRuntime
+    metrics: FakeMetrics
+    services: list[str]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    runtime, metrics = FakeRuntime(), FakeMetrics()
+
+    async def start() -> tuple[grpc.aio.Server, Served]:
+        server = grpc.aio.server()
+        services = [name for a in ADAPTERS for name in a.add_to_server(server, runtime, metrics)]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, Served(port, runtime, metrics, services)
+
+    async def stop(started: tuple[grpc.aio.Server, Served]) -> None:
+        await started[0].stop(None)
+
+    with running(start, stop) as started:
+        yield started[1]
+
+
+@pytest.fixture(scope="module")
+def channel(served: Served) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(served.target) as ch:
+        yield ch
+
+
+def test_adapters_name_their_services(served: Served) -> None:
+    assert [a.name for a in ADAPTERS] == ["oip", "tfserving"]
+    assert served.services == [
+        "inference.GRPCInferenceService",
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+    ]
+    # Reflection answers from the default pool, so every service must be registered there.
+    for name in served.services:
+        assert descriptor_pool.Default().FindServiceByName(name).full_name == name
+
+
+IMAGES = np.random.default_rng(3).integers(0, 256, size=(5, 28, 28, 1), dtype=np.uint8)
+
+
+def test_triton_client_infer_and_health(served: Served) -> None:
+    client = triton.InferenceServerClient(served.target)
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("mnist")
+    assert client.is_model_ready("mnist", "1")
+    assert not client.is_model_ready("mnist", "9")
+    assert not client.is_model_ready("fashion")
+    assert client.is_model_ready("conv2d")
+    assert client.get_server_metadata().name == "convserve"
+    assert client.get_model_metadata("mnist").versions == ["1", "2"]
+
+    images = triton.InferInput("images", list(IMAGES.shape), "UINT8")
+    images.set_data_from_numpy(IMAGES)
+    result = client.infer("mnist", [images], request_id="abc", model_version="1")
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), fake_probabilities(IMAGES))
+    response = result.get_response()
+    assert (response.id, response.model_version) == ("abc", "1")
+    assert ("predict", ("oip", None, (5, 28, 28, 1))) in served.runtime.calls
+    assert ("oip", "ModelInfer", "OK") in served.metrics.finished
+
+
+def test_deadline_reaches_the_runtime(served: Served) -> None:
+    client = triton.InferenceServerClient(served.target)
+    images = triton.InferInput("images", [1, 784], "UINT8")
+    images.set_data_from_numpy(IMAGES[:1].reshape(1, 784))
+    client.infer("mnist", [images], client_timeout=30.0)
+    deadline = [c[1][1] for c in served.runtime.calls if c[0] == "predict"][-1]
+    assert deadline is not None
+
+
+@pytest.mark.parametrize(
+    ("model", "version", "code"),
+    [
+        ("fashion", "", grpc.StatusCode.NOT_FOUND),
+        ("mnist", "7", grpc.StatusCode.NOT_FOUND),
+        ("mnist", "seven", grpc.StatusCode.INVALID_ARGUMENT),
+        ("conv2d", "2", grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_metadata_errors(channel: grpc.Channel, model: str, version: str, code: Any) -> None:
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelMetadata(service_pb2.ModelMetadataRequest(name=model, version=version))
+    assert exc.value.code() == code
+
+
+def test_triton_errors_keep_status_and_field(served: Served) -> None:
+    client = triton.InferenceServerClient(served.target)
+    images = triton.InferInput("images", [1, 28, 28], "FP64")
+    images.set_data_from_numpy(np.zeros((1, 28, 28)))
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("mnist", [images])
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "inputs[images].datatype" in exc.value.message()
+    assert ("oip", "ModelInfer", "INVALID_ARGUMENT") in served.metrics.finished
+
+
+def test_conv2d_through_triton_client(served: Served) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.random((2, 9, 9, 3)).astype(np.float32)
+    k = rng.random((3, 3, 3, 2)).astype(np.float32)
+    inputs = []
+    for name, array in (("input", x), ("kernel", k)):
+        tensor = triton.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client = triton.InferenceServerClient(served.target)
+    result = client.infer(
+        "conv2d", inputs, parameters={"strides": "2,2", "padding": "SAME", "mode": "CONVOLUTION"}
+    )
+    options = types.ConvolutionOptions(strides=(2, 2), padding="SAME", mode="CONVOLUTION")
+    expected = ops.convolve(types.ConvolveInput(x, k, None, options)).output
+    np.testing.assert_array_equal(result.as_numpy("output"), expected)
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("conv2d", inputs, parameters={"strides": 0})
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "strides" in exc.value.message()
+
+
+def test_unserved_methods_are_unimplemented(served: Served) -> None:
+    client = triton.InferenceServerClient(served.target)
+    with pytest.raises(InferenceServerException) as exc:
+        client.get_model_config("mnist")
+    assert exc.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_tfserving_stubs(served: Served, channel: grpc.Channel) -> None:
+    predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.model_spec.signature_name = "predict_uint8"
+    request.inputs["images"].CopyFrom(proto_from_array(IMAGES))
+    response = predict.Predict(request, timeout=30)
+    probs = np.frombuffer(response.outputs["probabilities"].tensor_content, "<f4").reshape(5, 10)
+    np.testing.assert_array_equal(probs, fake_probabilities(IMAGES))
+    assert (response.model_spec.version.value, response.model_spec.signature_name) == (
+        2,
+        "predict_uint8",
+    )
+
+    request.model_spec.version.value = 5
+    with pytest.raises(grpc.RpcError) as exc:
+        predict.Predict(request)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+    meta = predict.GetModelMetadata(
+        get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec={"name": "mnist"}, metadata_field=["signature_def"]
+        )
+    )
+    assert meta.metadata["signature_def"].Is(get_model_metadata_pb2.SignatureDefMap.DESCRIPTOR)
+
+    status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"})
+    )
+    assert [s.version for s in status.model_version_status] == [1, 2]
+    assert ("tfserving", "GetModelStatus", "OK") in served.metrics.finished
+    assert ("tfserving", "Predict", "NOT_FOUND") in served.metrics.finished

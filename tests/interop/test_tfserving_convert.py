@@ -1,0 +1,235 @@
+"""TensorFlow Serving converters, both directions.
+
+TensorProtos are built and read back with TensorFlow's own
+`make_tensor_proto` / `make_ndarray`, as TF Serving clients do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    predict_pb2,
+)
+
+from convserve.client.tensor import TensorError
+from convserve.server import errors, types
+from convserve.server.protocols import tfserving_convert as tc
+
+RNG = np.random.default_rng(1)
+FLOATS = RNG.random((2, 28, 28, 1), dtype=np.float32)
+UINT8S = RNG.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+
+
+def predict_request(
+    images: Any = FLOATS,
+    *,
+    name: str = "mnist",
+    signature: str = "",
+    version: int | None = None,
+    label: str = "",
+    outputs: tuple[str, ...] = (),
+) -> Any:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    proto = tf.make_tensor_proto(images) if isinstance(images, np.ndarray) else images
+    request.inputs["images"].CopyFrom(proto)
+    request.output_filter.extend(outputs)
+    return request
+
+
+def invalid(exc: pytest.ExceptionInfo[BaseException], field: str) -> None:
+    code, message = errors.status_of(exc.value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith(field), message
+
+
+def typed_proto(array: np.ndarray) -> Any:
+    proto = tf.make_tensor_proto(array)
+    proto.ClearField("tensor_content")
+    if array.dtype == np.uint8:
+        proto.int_val.extend(array.ravel().tolist())
+    else:
+        proto.float_val.extend(array.ravel().tolist())
+    return proto
+
+
+@pytest.mark.parametrize(
+    ("images", "signature"),
+    [
+        (FLOATS, ""),
+        (FLOATS, "serving_default"),
+        (UINT8S, "predict_uint8"),
+        (typed_proto(FLOATS), "serving_default"),
+        (typed_proto(UINT8S), "predict_uint8"),
+    ],
+)
+def test_predict_request_decodes_content_and_typed_values(images: Any, signature: str) -> None:
+    array, ref, sig, outputs = tc.predict_request(predict_request(images, signature=signature))
+    expected = tf.make_ndarray(images) if not isinstance(images, np.ndarray) else images
+    assert array.dtype == expected.dtype
+    np.testing.assert_array_equal(array, expected)
+    assert ref == types.ModelRef("mnist", None)
+    assert sig == (signature or "serving_default")
+    assert outputs == ["probabilities"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "ref"),
+    [
+        ({"version": 2}, types.ModelRef("mnist", 2)),
+        ({"label": "stable"}, types.ModelRef("mnist", None)),
+        ({"label": "latest"}, types.ModelRef("mnist", None)),
+        ({"name": ""}, types.ModelRef(None, None)),
+    ],
+)
+def test_model_spec_versions_and_labels(kwargs: dict[str, Any], ref: types.ModelRef) -> None:
+    assert tc.predict_request(predict_request(**kwargs))[1] == ref
+
+
+def _two_inputs() -> Any:
+    request = predict_request()
+    request.inputs["extra"].CopyFrom(tf.make_tensor_proto(FLOATS))
+    return request
+
+
+def _short_content() -> Any:
+    proto = tf.make_tensor_proto(FLOATS)
+    proto.tensor_content = proto.tensor_content[:-4]
+    return predict_request(proto)
+
+
+def _typed_count_mismatch() -> Any:
+    proto = typed_proto(FLOATS)
+    proto.float_val.append(0.0)
+    return predict_request(proto)
+
+
+def _uint8_over_255() -> Any:
+    proto = typed_proto(UINT8S)
+    proto.int_val[0] = 300
+    return predict_request(proto, signature="predict_uint8")
+
+
+def _unknown_rank() -> Any:
+    proto = tf.make_tensor_proto(FLOATS)
+    proto.tensor_shape.unknown_rank = True
+    return predict_request(proto)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: predict_request(UINT8S), "inputs[images].dtype"),
+        (lambda: predict_request(FLOATS, signature="predict_uint8"), "inputs[images].dtype"),
+        (lambda: predict_request(FLOATS.astype(np.float64)), "inputs[images].dtype"),
+        (lambda: predict_request(signature="feature_maps"), "model_spec.signature_name"),
+        (lambda: predict_request(label="canary"), "model_spec.version_label"),
+        (lambda: predict_request(outputs=("logits",)), "output_filter"),
+        (lambda: predict_request(np.zeros((0, 28, 28, 1), np.float32)), "inputs[images]"),
+        (_two_inputs, "inputs"),
+        (_short_content, "inputs[images]"),
+        (_typed_count_mismatch, "inputs[images].float_val"),
+        (_uint8_over_255, "inputs[images].int_val"),
+        (_unknown_rank, "inputs[images].tensor_shape"),
+    ],
+)
+def test_bad_predict_requests_name_the_field(make: Any, field: str) -> None:
+    with pytest.raises((errors.ServeError, TensorError)) as exc:
+        tc.predict_request(make())
+    invalid(exc, field)
+
+
+def test_missing_input_is_invalid() -> None:
+    request = predict_request()
+    del request.inputs["images"]
+    with pytest.raises(errors.InvalidArgument) as exc:
+        tc.predict_request(request)
+    invalid(exc, "inputs")
+
+
+PROBS = RNG.random((2, 10)).astype(np.float32)
+
+
+def test_predict_response_reads_back_with_tensorflow() -> None:
+    result = types.PredictOutput("mnist", 5, PROBS)
+    response = tc.predict_response(result, "predict_uint8", ["probabilities"])
+    assert list(response.outputs) == ["probabilities"]
+    proto = response.outputs["probabilities"]
+    assert proto.dtype == types_pb2.DT_FLOAT
+    assert len(proto.tensor_content) == PROBS.nbytes
+    np.testing.assert_array_equal(tf.make_ndarray(proto), PROBS)
+    spec = response.model_spec
+    assert (spec.name, spec.version.value, spec.signature_name) == ("mnist", 5, "predict_uint8")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64, np.uint8])
+def test_proto_from_array_round_trip(dtype: type) -> None:
+    array: np.ndarray = (RNG.random((2, 3)) * 100).astype(dtype)
+    proto = tc.proto_from_array(array)
+    np.testing.assert_array_equal(tf.make_ndarray(proto), array)
+    np.testing.assert_array_equal(tc.array_from_proto(proto, "x"), array)
+
+
+META = types.ModelMetadata(
+    model_name="mnist",
+    loaded_versions=(1, 3),
+    serving_version=3,
+    inputs=(types.TensorSpecInfo("images", ("uint8", "float32"), (-1, 28, 28, 1)),),
+    outputs=(types.TensorSpecInfo("probabilities", ("float32",), (-1, 10)),),
+    layers=(),
+)
+
+
+def test_model_metadata_packs_the_signature_def_map() -> None:
+    response = tc.model_metadata_response(META, None)
+    assert (response.model_spec.name, response.model_spec.version.value) == ("mnist", 3)
+    assert list(response.metadata) == ["signature_def"]
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(sigs)
+    assert set(sigs.signature_def) == {"serving_default", "predict_uint8"}
+    default = sigs.signature_def["serving_default"]
+    assert default.method_name == "tensorflow/serving/predict"
+    assert default.inputs["images"].dtype == types_pb2.DT_FLOAT
+    assert [d.size for d in default.inputs["images"].tensor_shape.dim] == [-1, 28, 28, 1]
+    assert sigs.signature_def["predict_uint8"].inputs["images"].dtype == types_pb2.DT_UINT8
+    assert [d.size for d in default.outputs["probabilities"].tensor_shape.dim] == [-1, 10]
+    assert tc.model_metadata_response(META, 1).model_spec.version.value == 1
+
+
+@pytest.mark.parametrize(("fields", "ok"), [([], False), (["signature_def"], True), (["x"], False)])
+def test_metadata_fields(fields: list[str], ok: bool) -> None:
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)
+    if ok:
+        tc.check_metadata_fields(request)
+    else:
+        with pytest.raises(errors.InvalidArgument) as exc:
+            tc.check_metadata_fields(request)
+        invalid(exc, "metadata_field")
+
+
+def test_model_status_lists_available_versions() -> None:
+    response = tc.model_status_response(META, None)
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert [(s.version, s.state, s.status.error_code) for s in response.model_version_status] == [
+        (1, available, 0),
+        (3, available, 0),
+    ]
+    assert [s.version for s in tc.model_status_response(META, 3).model_version_status] == [3]
+
+
+def test_model_ref_from_a_bare_spec() -> None:
+    assert tc.model_ref(model_pb2.ModelSpec()) == types.ModelRef(None, None)
