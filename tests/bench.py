@@ -140,7 +140,8 @@ def main() -> int:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     print(f"\n{os.cpu_count()} CPUs shared by server and load generator; "
-          "ratios are within this run.")  # fmt: skip
+          "ratios are within this run.\n"
+          "gen CPU: the load generator's own CPU time / wall time, in cores.")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"limit_images_per_s": limit, "best_batch": best,
                                          "in_process": rates, "served": [r[2] for r in rows]},

@@ -345,6 +345,21 @@ def test_health(capsys: pytest.CaptureFixture[str], fake: RunningFake) -> None:
     assert out.strip() == "NOT_SERVING"
 
 
+def test_connection_flags_before_or_after_the_command(
+    capsys: pytest.CaptureFixture[str], fake: RunningFake
+) -> None:
+    code, out, _ = run(capsys, "--target", fake.target, "--json", "health")
+    assert code == 0
+    assert json.loads(out)["status"] == "SERVING"
+    # After the command wins over before it.
+    unreachable = f"127.0.0.1:{closed_port()}"
+    code, out, _ = run(capsys, "--target", unreachable, "health", "--target", fake.target)
+    assert (code, out.strip()) == (0, "SERVING")
+    code, _, err = run(capsys, "--target", fake.target, "health", "--target", unreachable)
+    assert code == 4
+    assert "UNAVAILABLE" in err
+
+
 def test_bench_table_and_json(
     capsys: pytest.CaptureFixture[str], fake: RunningFake, tmp_path: Path
 ) -> None:

@@ -180,6 +180,9 @@ async def test_async_every_method(server: ServerThread, sample_digits: tuple) ->
         meta = await client.metadata()
         result = await client.predict(images[:20])
         assert (result.digits == labels[:20]).mean() >= 0.75
+        as_float = await client.predict(images[:20].astype(np.float32) / 255.0)
+        np.testing.assert_allclose(as_float.probabilities, result.probabilities, atol=1e-5)
+        assert as_float.model_version == meta.serving_version
         np.testing.assert_allclose(await client.convolve(X3, K2), [[19, 25], [37, 43]])
         first = next(iter((await client.feature_maps(images[0])).maps))
         assert first in [layer.name for layer in meta.layers]
@@ -304,6 +307,21 @@ def test_cli_against_the_real_server(
     phase = json.loads(capsys.readouterr().out)["phases"][0]
     assert phase["errors"] == {}
     assert phase["requests_ok"] > 0
+
+
+def test_bench_open_loop_and_open_inference_protocol(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = ["bench", "--target", server.target, "--duration-s", "0.5", "--warmup-s", "0.2"]
+    assert main([*bench, "--rate", "40", "--json", "--no-progress"]) == 0
+    phase = json.loads(capsys.readouterr().out)["phases"][0]
+    assert phase["errors"] == {}
+    assert phase["requests_ok"] > 0
+    oip = [*bench, "--protocol", "oip", "--model", "mnist", "--images-per-request", "3"]
+    assert main([*oip, "--concurrency", "2", "--json", "--no-progress"]) == 0
+    phase = json.loads(capsys.readouterr().out)["phases"][0]
+    assert phase["errors"] == {}
+    assert phase["images_per_s"] == pytest.approx(3 * phase["requests_per_s"], rel=1e-3)
 
 
 # --- TLS and token authentication -----------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import InferResult, service_pb2
 
 from convserve.client.tensor import TensorError
@@ -171,6 +173,10 @@ def _zero_images() -> Any:
                                parameters={"strides": "1,1"}), "parameters"),
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="latest"),
          "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="0"),
+         "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="-2"),
+         "model_version"),
         (_shared_memory_input, "inputs[images].parameters"),
         (_classification_output, "outputs[digits].parameters"),
         (_raw_and_typed, "inputs[images].contents"),
@@ -312,6 +318,8 @@ def test_conv_model_has_one_version() -> None:
         oc.check_conv_version("2")
     with pytest.raises(errors.InvalidArgument):
         oc.check_conv_version("one")
+    with pytest.raises(errors.InvalidArgument):
+        oc.check_conv_version("0")
 
 
 def test_convolve_response_keeps_dtype() -> None:
@@ -357,3 +365,34 @@ def test_conv_metadata_names_the_tensors() -> None:
     assert (response.name, list(response.versions)) == ("conv2d", ["1"])
     assert [t.name for t in response.inputs] == ["input", "kernel", "bias"]
     assert [t.name for t in response.outputs] == ["output"]
+
+
+PARAMETER_VALUES = st.one_of(
+    st.text(alphabet="0123456789,-SAMEVLIDXPCTNROUSvalid ", max_size=12),
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+    st.floats(allow_nan=True),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parameters=st.dictionaries(
+        st.sampled_from((*oc.CONV_PARAMETERS, "priority", "stride", "")), PARAMETER_VALUES
+    )
+)
+def test_any_conv2d_parameters_convert_or_name_the_parameter(parameters: dict[str, Any]) -> None:
+    request = infer_request(
+        "conv2d",
+        [("input", CONV_X, "FP64"), ("kernel", np.ones((3, 3, 2, 1)), "FP64")],
+        parameters=parameters,
+    )
+    field = ""
+    try:
+        value, _ = oc.convolve_request(request)
+    except errors.InvalidArgument as exc:
+        field = exc.field
+    if field:
+        assert field.startswith("parameters"), field
+    else:
+        assert isinstance(value.options, types.ConvolutionOptions)

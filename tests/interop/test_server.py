@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.grpc as triton
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from prometheus_client.parser import text_string_to_metric_families
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -30,6 +36,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from convserve.client import cli
 from convserve.client.tensor import from_tensor, to_tensor
@@ -70,9 +77,21 @@ def _serve(settings: Any) -> Any:
     return running(lambda: start_server(settings), stop)
 
 
+# Small limits, so that the bad-input table can step over each of them cheaply.
+MAX_CONV_ELEMENTS = 4096
+MAX_KERNEL_ELEMENTS = 256
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
 @pytest.fixture(scope="module")
 def server(model_base_path: Path) -> Iterator[Any]:
-    with _serve(_settings(model_base_path)) as running_server:
+    settings = _settings(
+        model_base_path,
+        max_conv_elements=MAX_CONV_ELEMENTS,
+        max_kernel_elements=MAX_KERNEL_ELEMENTS,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+    )
+    with _serve(settings) as running_server:
         yield running_server
 
 
@@ -251,6 +270,16 @@ def test_tfserving_predict_equals_convserve(channel: grpc.Channel, digits: np.nd
         convserve_probabilities(channel, floats),
     )
 
+    typed_uint8 = tf.make_tensor_proto(digits)
+    typed_uint8.ClearField("tensor_content")
+    typed_uint8.int_val.extend(digits.ravel().tolist())
+    request = tf_predict_request(typed_uint8, "predict_uint8")
+    request.model_spec.version_label = "latest"
+    response = stub.Predict(request, timeout=60)
+    assert_same_predictions(
+        tf.make_ndarray(response.outputs["probabilities"]), convserve_probabilities(channel, digits)
+    )
+
 
 def test_tfserving_metadata_and_status(channel: grpc.Channel) -> None:
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -275,6 +304,72 @@ def test_tfserving_metadata_and_status(channel: grpc.Channel) -> None:
             timeout=60,
         )
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _tensor_infos(infos: Any) -> dict[str, tuple[int, list[int]]]:
+    return {k: (t.dtype, [d.size for d in t.tensor_shape.dim]) for k, t in infos.items()}
+
+
+def test_tfserving_signatures_match_the_saved_model(
+    channel: grpc.Channel, model_base_path: Path
+) -> None:
+    # What TF Serving itself would describe for the signatures convserve serves.
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((model_base_path / "1" / "saved_model.pb").read_bytes())
+    exported = saved.meta_graphs[0].signature_def
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "mnist"
+    response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(
+        request, timeout=60
+    )
+    served = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(served)
+    assert set(served.signature_def) == {"serving_default", "predict_uint8"}
+    for name, signature in served.signature_def.items():
+        assert signature.method_name == exported[name].method_name
+        assert _tensor_infos(signature.inputs) == _tensor_infos(exported[name].inputs)
+        assert _tensor_infos(signature.outputs) == _tensor_infos(exported[name].outputs)
+
+
+# -- Shared health, reflection and authentication -----------------------------
+
+
+def test_health_and_reflection_list_every_protocol(channel: grpc.Channel) -> None:
+    services = (
+        "inference.GRPCInferenceService",
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+    )
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in services:
+        response = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=30)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING, name
+    listed = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert set(services) | {"convserve.v1.ConvServe"} <= set(listed)
+
+
+def test_every_protocol_needs_the_token(model_base_path: Path, digits: np.ndarray) -> None:
+    token = "interop-token"
+    bearer = (("authorization", f"Bearer {token}"),)
+    settings = _settings(model_base_path, auth_token=token)
+    with _serve(settings) as secured, grpc.insecure_channel(f"127.0.0.1:{secured.port}") as ch:
+        target = f"127.0.0.1:{secured.port}"
+        client = triton.InferenceServerClient(target)
+        images = triton.InferInput("images", list(digits[:2].shape), "UINT8")
+        images.set_data_from_numpy(digits[:2])
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer("mnist", [images])
+        assert exc.value.status() == "StatusCode.UNAUTHENTICATED"
+        result = client.infer("mnist", [images], headers=dict(bearer))
+        assert result.as_numpy("probabilities").shape == (2, 10)
+
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        request = tf_predict_request(digits[:2], "predict_uint8")
+        with pytest.raises(grpc.RpcError) as rpc_exc:
+            stub.Predict(request, timeout=60)
+        assert rpc_exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        response = stub.Predict(request, timeout=60, metadata=bearer)
+        assert tf.make_ndarray(response.outputs["probabilities"]).shape == (2, 10)
 
 
 # -- The same bad input, the same status ------------------------------------
@@ -306,7 +401,21 @@ PREDICT_CASES: dict[str, tuple[Images, grpc.StatusCode | None]] = {
         Images.of(np.full((1, 784), -0.1, np.float32)),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
+    "zero dimension": (Images("uint8", (1, 0, 28), b""), grpc.StatusCode.INVALID_ARGUMENT),
+    "negative dimension": (
+        Images("uint8", (1, -28, 28), bytes(784)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "overflowing shape": (
+        Images("uint8", (2**31, 2**31, 2**31), bytes(784)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "too many images": (Images.of(np.zeros((MAX_IMAGES + 1, 28, 28), np.uint8)), None),
+    "message over the size limit": (
+        Images.of(np.zeros((MAX_MESSAGE_BYTES // 784 + 1, 28, 28), np.uint8)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
+    "version zero": (Images.of(_GOOD, version=0), grpc.StatusCode.INVALID_ARGUMENT),
     "unknown model": (Images.of(_GOOD, model="fashion"), grpc.StatusCode.NOT_FOUND),
     "unknown version": (Images.of(_GOOD, version=99), grpc.StatusCode.NOT_FOUND),
 }
@@ -316,6 +425,14 @@ _K = _RNG.random((3, 3, 1, 2)).astype(np.float32)
 CONVOLVE_CASES: dict[str, Convolution] = {
     "kernel larger than the input": Convolution(_X, _RNG.random((9, 9, 1, 2)).astype(np.float32)),
     "zero stride": Convolution(_X, _K, strides=(0, 0)),
+    "negative stride": Convolution(_X, _K, strides=(-1, 1)),
+    "zero dilation": Convolution(_X, _K, dilations=(0, 0)),
+    "negative dilation": Convolution(_X, _K, dilations=(1, -2)),
+    "input over the element limit": Convolution(_RNG.random((1, 70, 70, 1)).astype(np.float32), _K),
+    "kernel over the element limit": Convolution(
+        _RNG.random((1, 20, 20, 1)).astype(np.float32),
+        _RNG.random((17, 17, 1, 1)).astype(np.float32),
+    ),
     "unknown padding": Convolution(_X, _K, padding="FULL"),
     "unknown mode": Convolution(_X, _K, mode="CORRELATE"),
     "kernel dtype differs": Convolution(_X, _K.astype(np.float64)),
@@ -392,35 +509,107 @@ def _histogram(samples: dict[Any, float], name: str, suffix: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == f"{name}_{suffix}")
 
 
+def _wait_for(metrics_port: int, done: Any, timeout_s: float = 60.0) -> dict[Any, float]:
+    """Scrape until `done(samples)` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape(metrics_port)
+        if done(samples):
+            return samples
+        assert time.monotonic() < deadline, "the server did not reach the expected state"
+        time.sleep(0.005)
+
+
+def _gained(before: dict[Any, float], after: dict[Any, float], name: str, suffix: str) -> float:
+    return _histogram(after, name, suffix) - _histogram(before, name, suffix)
+
+
+def _send_together(
+    pool: ThreadPoolExecutor, channel: grpc.Channel, parts: list[tuple[str, np.ndarray]]
+) -> list[grpc.StatusCode]:
+    """Send each (protocol, images) from its own thread, all released at once."""
+    start = threading.Barrier(len(parts))
+
+    def send(protocol: str, images: np.ndarray) -> grpc.StatusCode:
+        start.wait(timeout=30)
+        return PREDICT_SENDERS[protocol](channel, Images.of(images))
+
+    futures = [pool.submit(send, protocol, images) for protocol, images in parts]
+    return [f.result(timeout=120) for f in futures]
+
+
+def _behind_a_large_request(
+    pool: ThreadPoolExecutor,
+    channel: grpc.Channel,
+    metrics_port: int,
+    blocker_images: int,
+    parts: list[tuple[str, np.ndarray]],
+) -> tuple[dict[Any, float], dict[Any, float]]:
+    """Send `parts` while a large convserve.v1 request is in the batcher.
+
+    Returns the metrics scraped before and after.
+    """
+    before = scrape(metrics_port)
+    batches_before = _histogram(before, "convserve_batch_size", "count")
+    blocker = pool.submit(
+        PREDICT_SENDERS["convserve"],
+        channel,
+        Images.of(np.zeros((blocker_images, 28, 28, 1), np.uint8)),
+    )
+    # Its first batch ran: it is in the batcher, the rest of it queued.
+    _wait_for(
+        metrics_port,
+        lambda s: _histogram(s, "convserve_batch_size", "count") > batches_before,
+    )
+    assert _send_together(pool, channel, parts) == [grpc.StatusCode.OK] * len(parts)
+    assert blocker.result(timeout=120) == grpc.StatusCode.OK
+    return before, scrape(metrics_port)
+
+
 def test_requests_from_three_protocols_share_one_batch(
     model_base_path: Path, digits: np.ndarray
 ) -> None:
-    # A batch runs when it holds max_batch_size images or after the timeout;
-    # 1 + 2 + 4 images fill exactly one batch of 7, long before the timeout.
-    settings = _settings(model_base_path, max_batch_size=7, batch_timeout_us=20_000_000)
-    with _serve(settings) as batching, grpc.insecure_channel(f"127.0.0.1:{batching.port}") as ch:
-        before = scrape(batching.metrics_port)
-        start = threading.Barrier(3)
-
-        def send(protocol: str, images: np.ndarray) -> grpc.StatusCode:
-            start.wait(timeout=30)
-            return PREDICT_SENDERS[protocol](ch, Images.of(images))
-
-        with ThreadPoolExecutor(3) as pool:
-            futures = [
-                pool.submit(send, "convserve", digits[:1]),
-                pool.submit(send, "oip", digits[1:3]),
-                pool.submit(send, "tfserving", digits[3:7]),
-            ]
-            assert [f.result(timeout=60) for f in futures] == [grpc.StatusCode.OK] * 3
-        after = scrape(batching.metrics_port)
-    count = _histogram(after, "convserve_batch_size", "count") - _histogram(
-        before, "convserve_batch_size", "count"
+    # One model call at a time, at most 8 images each. A large convserve.v1
+    # request is split into full batches that run one after another; requests
+    # that arrive meanwhile queue behind it and are merged into the next batch:
+    # 1 + 2 + 4 images from the three protocols make exactly one batch of 7.
+    settings = _settings(
+        model_base_path,
+        max_batch_size=8,
+        max_concurrent_batches=1,
+        max_images_per_request=8192,
+        max_queued_images=16384,
     )
-    total = _histogram(after, "convserve_batch_size", "sum") - _histogram(
-        before, "convserve_batch_size", "sum"
-    )
-    assert (count, total) == (1, 7)
+    parts = [("convserve", digits[:1]), ("oip", digits[1:3]), ("tfserving", digits[3:7])]
+    with (
+        _serve(settings) as batching,
+        grpc.insecure_channel(f"127.0.0.1:{batching.port}") as ch,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        # Should the large request finish before the three arrive (a stalled
+        # machine), there is no batch to join: try again with a larger one.
+        for blocker_images in (1024, 4096, 8192):
+            before, after = _behind_a_large_request(
+                pool, ch, batching.metrics_port, blocker_images, parts
+            )
+
+            expected_images = blocker_images + 7
+            assert _gained(before, after, "convserve_batch_size", "sum") == expected_images
+            assert _gained(before, after, "convserve_images_processed", "total") == expected_images
+            batches = _gained(before, after, "convserve_batch_size", "count")
+            if batches == blocker_images // 8 + 1:
+                break
+        else:
+            pytest.fail(f"the three requests never shared a batch ({batches} batches)")
+    for protocol, rpc in (
+        ("convserve", "Predict"),
+        ("oip", "ModelInfer"),
+        ("tfserving", "Predict"),
+    ):
+        count = requests_total(after, protocol, rpc, "OK") - requests_total(
+            before, protocol, rpc, "OK"
+        )
+        assert count == (2 if protocol == "convserve" else 1), protocol
 
 
 # -- The load generator over the Open Inference Protocol ---------------------

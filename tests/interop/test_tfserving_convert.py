@@ -138,6 +138,8 @@ def _unknown_rank() -> Any:
         (lambda: predict_request(FLOATS.astype(np.float64)), "inputs[images].dtype"),
         (lambda: predict_request(signature="feature_maps"), "model_spec.signature_name"),
         (lambda: predict_request(label="canary"), "model_spec.version_label"),
+        (lambda: predict_request(version=0), "model_spec.version"),
+        (lambda: predict_request(version=-1), "model_spec.version"),
         (lambda: predict_request(outputs=("logits",)), "output_filter"),
         (lambda: predict_request(np.zeros((0, 28, 28, 1), np.float32)), "inputs[images]"),
         (_two_inputs, "inputs"),

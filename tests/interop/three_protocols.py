@@ -19,9 +19,17 @@ from convserve.client.tensor import DTYPE_TO_PROTO
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from convserve.v1 import tensor_pb2 as cs_tensor_pb2
 
-_OIP_DATATYPE = {"uint8": "UINT8", "int32": "INT32", "float32": "FP32", "float64": "FP64"}
+_OIP_DATATYPE = {
+    "uint8": "UINT8",
+    "int32": "INT32",
+    "int64": "INT64",
+    "float32": "FP32",
+    "float64": "FP64",
+}
 _TF_DTYPE = {
     "uint8": types_pb2.DT_UINT8,
+    "int32": types_pb2.DT_INT32,
+    "int64": types_pb2.DT_INT64,
     "float32": types_pb2.DT_FLOAT,
     "float64": types_pb2.DT_DOUBLE,
 }
@@ -51,7 +59,7 @@ def _code(call: object, request: object) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def convserve_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
+def convserve_predict_request(images: Images) -> convserve_pb2.PredictRequest:
     request = convserve_pb2.PredictRequest(
         images=cs_tensor_pb2.Tensor(
             dtype=DTYPE_TO_PROTO[np.dtype(images.dtype)],
@@ -62,10 +70,10 @@ def convserve_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
     request.model_spec.name = images.model
     if images.version is not None:
         request.model_spec.version = images.version
-    return _code(convserve_pb2_grpc.ConvServeStub(channel).Predict, request)
+    return request
 
 
-def oip_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
+def oip_predict_request(images: Images) -> service_pb2.ModelInferRequest:
     request = service_pb2.ModelInferRequest(
         model_name=images.model,
         model_version="" if images.version is None else str(images.version),
@@ -74,10 +82,10 @@ def oip_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
         name="images", datatype=_OIP_DATATYPE[images.dtype], shape=list(images.shape)
     )
     request.raw_input_contents.append(images.content)
-    return _code(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer, request)
+    return request
 
 
-def tfserving_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
+def tfserving_predict_request(images: Images) -> predict_pb2.PredictRequest:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = images.model
     request.model_spec.signature_name = (
@@ -94,7 +102,22 @@ def tfserving_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
             tensor_content=images.content,
         )
     )
-    return _code(prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict, request)
+    return request
+
+
+def convserve_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
+    stub = convserve_pb2_grpc.ConvServeStub(channel)
+    return _code(stub.Predict, convserve_predict_request(images))
+
+
+def oip_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    return _code(stub.ModelInfer, oip_predict_request(images))
+
+
+def tfserving_predict(channel: grpc.Channel, images: Images) -> grpc.StatusCode:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    return _code(stub.Predict, tfserving_predict_request(images))
 
 
 PREDICT_SENDERS = {
@@ -116,6 +139,7 @@ class Convolution:
     input: np.ndarray
     kernel: np.ndarray
     strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
     padding: str = "VALID"
     mode: str = "CROSS_CORRELATION"
 
@@ -130,6 +154,7 @@ def convserve_convolve(channel: grpc.Channel, conv: Convolution) -> grpc.StatusC
     }
     options = convserve_pb2.ConvolutionOptions(
         strides=conv.strides,
+        dilations=conv.dilations,
         # An enum number that no version of the contract defines.
         padding=paddings.get(conv.padding, 42),  # type: ignore[arg-type]
         mode=modes.get(conv.mode, 42),  # type: ignore[arg-type]
@@ -148,6 +173,7 @@ def oip_convolve(channel: grpc.Channel, conv: Convolution) -> grpc.StatusCode:
         )
         request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
     request.parameters["strides"].string_param = ",".join(str(s) for s in conv.strides)
+    request.parameters["dilations"].string_param = ",".join(str(d) for d in conv.dilations)
     request.parameters["padding"].string_param = conv.padding
     request.parameters["mode"].string_param = conv.mode
     return _code(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer, request)

@@ -542,35 +542,75 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --- The parser -------------------------------------------------------------------------
 
 
-def _common_options() -> argparse.ArgumentParser:
+def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
+    """The connection flags and --json, accepted before and after the command.
+
+    The top-level parser holds the defaults; a command's parser leaves a flag
+    unset unless it is given there (argparse.SUPPRESS), so that
+    ``convserve --json bench`` and ``convserve bench --json`` mean the same and
+    a flag after the command wins over the same flag before it.
+    """
+
+    def default(value: Any) -> Any:
+        return value if with_defaults else argparse.SUPPRESS
+
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
     group.add_argument(
         "--target",
-        default=os.environ.get("CONVSERVE_TARGET", DEFAULT_TARGET),
+        default=default(os.environ.get("CONVSERVE_TARGET", DEFAULT_TARGET)),
         help="host:port, or dns:///name:port to balance over every address "
-        "(default: $CONVSERVE_TARGET or %(default)s)",
+        f"(default: $CONVSERVE_TARGET or {DEFAULT_TARGET})",
     )
-    group.add_argument("--tls", action="store_true", help="use TLS (implied by the --tls-* flags)")
-    group.add_argument("--tls-ca", metavar="PEM", help="CA certificate(s) to verify the server")
-    group.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
-    group.add_argument("--tls-key", metavar="PEM", help="client private key (mutual TLS)")
-    group.add_argument("--tls-server-name", metavar="NAME", help="expected server name")
+    group.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="use TLS (implied by the --tls-* flags)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=default(None),
+        help="CA certificate(s) to verify the server",
+    )
+    group.add_argument(
+        "--tls-cert", metavar="PEM", default=default(None), help="client certificate (mutual TLS)"
+    )
+    group.add_argument(
+        "--tls-key", metavar="PEM", default=default(None), help="client private key (mutual TLS)"
+    )
+    group.add_argument(
+        "--tls-server-name", metavar="NAME", default=default(None), help="expected server name"
+    )
     tokens = group.add_mutually_exclusive_group()
     tokens.add_argument(
         "--token",
-        default=os.environ.get("CONVSERVE_TOKEN"),
+        default=default(os.environ.get("CONVSERVE_TOKEN")),
         help="bearer token (default: $CONVSERVE_TOKEN)",
     )
-    tokens.add_argument("--token-file", metavar="FILE", help="read the bearer token from FILE")
-    group.add_argument(
-        "--timeout-s", type=float, default=30.0, help="deadline per command (default %(default)s)"
+    tokens.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=default(None),
+        help="read the bearer token from FILE",
     )
     group.add_argument(
-        "--retries", type=int, default=3, help="retries on UNAVAILABLE (default %(default)s)"
+        "--timeout-s",
+        type=float,
+        default=default(30.0),
+        help="deadline per command (default 30)",
     )
-    group.add_argument("--model", default="", help="model name (default: the server's)")
-    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    group.add_argument(
+        "--retries",
+        type=int,
+        default=default(3),
+        help="retries on UNAVAILABLE and RESOURCE_EXHAUSTED (default 3)",
+    )
+    group.add_argument("--model", default=default(""), help="model name (default: the server's)")
+    common.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON instead of a table"
+    )
     return common
 
 
@@ -586,9 +626,10 @@ def _conv_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_options()
+    common = _common_options(with_defaults=False)
     parser = argparse.ArgumentParser(
         prog="convserve",
+        parents=[_common_options(with_defaults=True)],
         description="Digit prediction and 2-D convolution on a convserve server, and load tests.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -17,7 +17,8 @@ from convserve.client.retry import Deadline, RetryPolicy, as_retry_policy
 
 DEFAULT_TARGET = "localhost:8500"
 DEFAULT_TIMEOUT_S = 30.0
-# The server's default --max-images-per-request.
+# Below the server's default --max-images-per-request (1024): smaller requests
+# also let the server's batcher spread one large call over several model batches.
 DEFAULT_MAX_BATCH_IMAGES = 256
 # Concurrent requests an async predict sends when it splits a large batch.
 ASYNC_SPLIT_CONCURRENCY = 4

@@ -15,6 +15,7 @@ import grpc
 
 from convserve.client.tensor import TensorError
 from convserve.server import errors, types
+from convserve.server.runtime import deadline_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,9 +38,8 @@ class Calls:
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-        """The caller's deadline as an absolute time.monotonic() (None: no deadline)."""
-        remaining = context.time_remaining()
-        return None if remaining is None else time.monotonic() + remaining
+        """The caller's deadline as the runtime takes it (`runtime.deadline_of`)."""
+        return deadline_of(context)
 
     async def run(
         self,

@@ -82,7 +82,9 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 result = await self._runtime.convolve(conv, deadline=deadline)
                 return oip_convert.convolve_response(request, result, raw)
             images, ref, outputs, raw = oip_convert.predict_request(request)
-            value = types.PredictInput(self._runtime.check_images(images, "images"), ref)
+            value = types.PredictInput(
+                self._runtime.check_images(images, field="inputs[images]"), ref
+            )
             output = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
             return oip_convert.predict_response(request, output, outputs, raw)
 

@@ -90,11 +90,15 @@ def parse_version(text: str, field: str = "model_version") -> int | None:
     if text == "":
         return None
     try:
-        return int(text)
+        version = int(text)
     except ValueError:
+        version = 0
+    # Versions are positive, as in convserve.v1's ModelSpec.
+    if version < 1:
         raise errors.InvalidArgument(
-            field, f"a version number (e.g. '1') or empty expected, got {text!r}"
-        ) from None
+            field, f"a positive version number (e.g. '1') or empty expected, got {text!r}"
+        )
+    return version
 
 
 def model_ref(name: str, version: str, field: str = "model_version") -> types.ModelRef:

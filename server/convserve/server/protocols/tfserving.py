@@ -40,7 +40,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Predict(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
             images, ref, signature, outputs = tfserving_convert.predict_request(request)
-            value = types.PredictInput(self._runtime.check_images(images, "inputs[images]"), ref)
+            value = types.PredictInput(
+                self._runtime.check_images(images, field="inputs[images]"), ref
+            )
             result = await self._runtime.predict(
                 value, deadline=self._calls.deadline(context), protocol=PROTOCOL
             )

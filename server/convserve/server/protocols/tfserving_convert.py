@@ -87,6 +87,11 @@ def model_ref(spec: Any) -> types.ModelRef:
             f"one of {', '.join(VERSION_LABELS)} expected, got {spec.version_label!r}",
         )
     version = spec.version.value if choice == "version" else None
+    # Versions are positive, as in convserve.v1's ModelSpec.
+    if version is not None and version < 1:
+        raise errors.InvalidArgument(
+            "model_spec.version", f"a positive version number expected, got {version}"
+        )
     return types.ModelRef(name=spec.name or None, version=version)
 
 

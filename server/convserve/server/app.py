@@ -1,0 +1,261 @@
+"""Assembling and running the server: gRPC services, health, reflection, metrics.
+
+`start_server` builds one grpc.aio server carrying convserve.v1, the other
+protocols' adapters, ``grpc.health.v1`` and reflection, starts the Prometheus
+``/metrics`` endpoint, loads and warms the model and returns once the server
+reports SERVING. `RunningServer.stop` shuts down in the order load balancers
+need: health turns NOT_SERVING first, then new calls are refused while
+accepted ones finish, then the runtime drains and releases the models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from convserve.server import auth, servicer
+from convserve.server.logs import RequestIdInterceptor
+from convserve.server.protocols import ADAPTERS
+from convserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(RuntimeError):
+    """The server could not start (e.g. the port is taken); the message says why."""
+
+
+class RunningServer:
+    """A started server. `port` and `metrics_port` are the bound ports (never 0)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        server: grpc.aio.Server,
+        health: health_aio.HealthServicer,
+        runtime: Any,
+        metrics: Any,
+        port: int,
+        metrics_http: tuple[WSGIServer, threading.Thread] | None,
+        services: list[str],
+    ) -> None:
+        self.settings = settings
+        self.server = server
+        self.health = health
+        self.runtime = runtime
+        self.metrics = metrics
+        self.port = port
+        self.metrics_port = metrics_http[0].server_port if metrics_http is not None else 0
+        self.services = services
+        self._metrics_http = metrics_http
+        self.stopping = False  # set when a graceful stop begins
+        self._stop_lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+
+    @property
+    def target(self) -> str:
+        """``host:port`` a local client can dial (wildcard hosts become loopback)."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "", "[::]", "::"):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def listening_line(self) -> str:
+        """The line announcing the bound ports (subprocess callers parse it)."""
+        return (
+            f"convserve-server listening on {self.settings.host}:{self.port} "
+            f"metrics on :{self.metrics_port}"
+        )
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.services):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop gracefully within `grace_s` (default: the grace_period_s setting).
+
+        Health turns NOT_SERVING at once (readiness probes fail before anything
+        else changes), new calls are refused, accepted calls get until the
+        grace period ends to finish, then the runtime stops. Safe to call twice.
+        """
+        grace = self.settings.grace_period_s if grace_s is None else max(0.0, grace_s)
+        async with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self.stopping = True
+            deadline = time.monotonic() + grace
+            log.info("shutting down: health NOT_SERVING, draining for up to %.1f s", grace)
+            await self.health.enter_graceful_shutdown()
+            try:
+                await self.server.stop(grace)
+                await self.runtime.stop(max(0.0, deadline - time.monotonic()))
+            finally:
+                self._stop_metrics_http()
+                self._stopped.set()
+            log.info("convserve-server stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Returns once `stop` has finished."""
+        await self._stopped.wait()
+
+    def _stop_metrics_http(self) -> None:
+        if self._metrics_http is None:
+            return
+        httpd, thread = self._metrics_http
+        self._metrics_http = None
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def _bind_host(host: str) -> str:
+    # gRPC wants IPv6 literals in brackets; the HTTP server wants them bare.
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Port 0 must mean a port of our own, never one shared with another server.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+    token = settings.read_auth_token()
+    if token is not None:
+        interceptors.append(auth.BearerTokenInterceptor(token))
+    return interceptors
+
+
+def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
+    host = settings.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    address = f"{host}:{settings.port}"
+    credentials = auth.server_credentials(settings)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} (in use or not a local address)")
+    return port
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics on a daemon thread (prometheus_client's app and threading server).
+
+    Built here rather than with `prometheus_client.start_http_server` for a
+    short shutdown poll: stopping the server must not stall for half a second.
+    """
+    host = _bind_host(settings.host)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    try:
+        httpd = make_server(
+            host,
+            settings.metrics_port,
+            prometheus_client.make_wsgi_app(registry),
+            Server,
+            handler_class=_QuietHandler,
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {settings.host}:{settings.metrics_port}: {exc}"
+        ) from exc
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="metrics-http", daemon=True
+    )
+    thread.start()
+    return httpd, thread
+
+
+async def start_server(
+    settings: Settings, *, runtime: Any = None, metrics: Any = None
+) -> RunningServer:
+    """Start serving `settings`; returns once the model is warmed up and health is SERVING.
+
+    `runtime` and `metrics` default to a new `runtime.Runtime` and
+    `metrics.Metrics`; tests may pass stand-ins with the same interface.
+    Raises StartupError (port unavailable), SettingsError (unreadable TLS
+    or token files) or the runtime's errors (no loadable model).
+    """
+    if metrics is None:
+        from convserve.server.metrics import Metrics
+
+        metrics = Metrics()
+    if runtime is None:
+        from convserve.server.runtime import Runtime
+
+        runtime = Runtime(settings, metrics)
+
+    server = grpc.aio.server(interceptors=_interceptors(settings), options=grpc_options(settings))
+    services = servicer.add_to_server(server, runtime, metrics)
+    for adapter in ADAPTERS:
+        services += adapter.add_to_server(server, runtime, metrics)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [*services, HEALTH_SERVICE, reflection.SERVICE_NAME], server
+    )
+    port = _add_port(server, settings)
+    metrics_http = _start_metrics_http(settings, metrics.registry)
+
+    running = RunningServer(
+        settings=settings,
+        server=server,
+        health=health,
+        runtime=runtime,
+        metrics=metrics,
+        port=port,
+        metrics_http=metrics_http,
+        services=services,
+    )
+    try:
+        # Probes may connect while the model loads; they must see NOT_SERVING, not an error.
+        await running.set_serving(False)
+        await server.start()
+        await runtime.start()
+    except BaseException:
+        await server.stop(0)
+        running._stop_metrics_http()
+        raise
+    await running.set_serving(True)
+    log.info("%s", running.listening_line)
+    return running

@@ -1,0 +1,189 @@
+"""The server's Prometheus metrics: one `Metrics` object per server, one registry.
+
+Every metric has a fixed label set and base units (seconds, bytes). The
+batching metrics are labelled by the runtime operation (``rpc``: Predict,
+Convolve, FitKernel, GetFeatureMaps), whichever protocol sent the request, so
+batches merged across protocols show up in one histogram.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from convserve.server import device as device_mod
+from convserve.server.batcher import BatchObserver
+
+log = logging.getLogger(__name__)
+
+# Request latencies from sub-millisecond cached calls to slow kernel fits.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _Observer:
+    """Feeds one operation's batching figures into the metrics."""
+
+    def __init__(self, metrics: Metrics, rpc: str) -> None:
+        self._queued = metrics.queued_images.labels(rpc=rpc)
+        self._wait = metrics.queue_wait.labels(rpc=rpc)
+        self._execution = metrics.model_execution.labels(rpc=rpc)
+        self._batch_size = metrics.batch_size.labels(rpc=rpc)
+        self._images = metrics.images_processed.labels(rpc=rpc)
+
+    def on_queue_depth(self, items: int) -> None:
+        self._queued.set(items)
+
+    def on_batch(
+        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
+    ) -> None:
+        for wait in queue_waits_s:
+            self._wait.observe(max(0.0, wait))
+        self._execution.observe(max(0.0, run_s))
+        self._batch_size.observe(size)
+        self._images.inc(size)
+
+
+class Metrics:
+    """All server metrics, registered in `registry` (a fresh one when None)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "convserve_requests",
+            "Finished requests by protocol, RPC and gRPC status code.",
+            ["protocol", "rpc", "code"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "convserve_request_duration_seconds",
+            "Time from receiving a request to its response, by protocol and RPC.",
+            ["protocol", "rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.queue_wait = Histogram(
+            "convserve_queue_wait_seconds",
+            "Time a request part waited from enqueue to the start of its batch.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.model_execution = Histogram(
+            "convserve_model_execution_seconds",
+            "Duration of one model or operation call.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "convserve_batch_size",
+            "Images per model call, before padding.",
+            ["rpc"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.images_processed = Counter(
+            "convserve_images_processed",
+            "Images (or convolution inputs) run through a model or operation.",
+            ["rpc"],
+            registry=reg,
+        )
+        self.queued_images = Gauge(
+            "convserve_queued_images",
+            "Images queued for batching, not yet in a batch.",
+            ["rpc"],
+            registry=reg,
+        )
+        self.inflight = Gauge(
+            "convserve_inflight_requests",
+            "Requests being handled now.",
+            ["protocol", "rpc"],
+            registry=reg,
+        )
+        self.model_loads = Counter(
+            "convserve_model_loads",
+            "Model version loads (with warm-up) by result: success or failure.",
+            ["model", "result"],
+            registry=reg,
+        )
+        self.model_info = Info(
+            "convserve_model",
+            "The serving model version and the device it computes on.",
+            ["model"],
+            registry=reg,
+        )
+        self.device_memory = Gauge(
+            "convserve_device_memory_bytes",
+            "Device memory TensorFlow reports in use (current) and its peak.",
+            ["device", "kind"],
+            registry=reg,
+        )
+        self.versions_loaded = Gauge(
+            "convserve_model_versions_loaded",
+            "Model versions loaded in memory (serving or pinnable).",
+            ["model"],
+            registry=reg,
+        )
+
+    def request_started(self, protocol: str, rpc: str) -> None:
+        self.inflight.labels(protocol=protocol, rpc=rpc).inc()
+
+    def request_finished(self, protocol: str, rpc: str, code: str, seconds: float) -> None:
+        """`code` is the gRPC status code name, e.g. "OK" or "INVALID_ARGUMENT"."""
+        self.inflight.labels(protocol=protocol, rpc=rpc).dec()
+        self.requests.labels(protocol=protocol, rpc=rpc, code=code).inc()
+        self.request_duration.labels(protocol=protocol, rpc=rpc).observe(max(0.0, seconds))
+
+    def batch_observer(self, rpc: str) -> BatchObserver:
+        """An observer for `DynamicBatcher` (or any operation call) of `rpc`."""
+        return _Observer(self, rpc)
+
+    def model_loaded(self, model: str, version: int, ok: bool) -> None:
+        self.model_loads.labels(model=model, result="success" if ok else "failure").inc()
+
+    def serving(self, model: str, version: int, device: str, loaded_versions: int) -> None:
+        """Record the version now serving (replaces the previous one in the info metric)."""
+        self.model_info.labels(model=model).info({"version": str(version), "device": device})
+        self.versions_loaded.labels(model=model).set(loaded_versions)
+
+    def update_device_memory(self, device: str) -> None:
+        """Refresh the memory gauges for `device` (e.g. "/GPU:0"); no-op where TF cannot tell."""
+        name = device.lstrip("/")
+        kind, _, index = name.partition(":")
+        choice = device_mod.DeviceChoice(
+            name=f"/{name}",
+            kind="gpu" if kind.lower() == "gpu" else "cpu",
+            index=int(index) if index.isdigit() else 0,
+            reason="metrics",
+        )
+        try:
+            info = device_mod.memory_info(choice)
+        except Exception:  # a metrics refresh must never fail a request
+            log.debug("device memory query failed for %s", device, exc_info=True)
+            return
+        if info is None:
+            return
+        for kind_name in ("current", "peak"):
+            self.device_memory.labels(device=device, kind=kind_name).set(info[kind_name])

@@ -1,0 +1,386 @@
+"""SavedModel versions: discovery, loading with warm-up, polling and atomic swaps.
+
+A model base path holds one directory per version (a positive integer name);
+anything else (hidden export temp dirs, files, other names) is ignored. The
+`ModelManager` serves the newest version that loaded and warmed up, keeps the
+`keep_versions` newest loaded versions pinnable, and hands out leases: a
+request holds a lease on its version while it runs, so a version swapped out
+is released only after its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from convserve.server import errors, types
+
+log = logging.getLogger(__name__)
+
+TRAINING_RECORD = Path("assets.extra") / "training_record.json"
+WARMUP_REQUESTS = Path("assets.extra") / "tf_serving_warmup_requests"
+REQUIRED_SIGNATURES = ("serving_default", "feature_maps")
+IMAGE_SHAPE = (28, 28, 1)
+KEEP_VERSIONS = 2
+
+
+def discover_versions(base_path: Path) -> list[int]:
+    """The version numbers under `base_path`, ascending (positive integer dir names only)."""
+    try:
+        entries = list(base_path.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    versions = []
+    for entry in entries:
+        name = entry.name
+        if not name.isascii() or not name.isdigit() or not entry.is_dir():
+            continue
+        number = int(name)
+        if number > 0:
+            versions.append(number)
+    return sorted(versions)
+
+
+def _signature(path: Path) -> tuple[int, int]:
+    """A cheap change marker for a version dir: a failed version is retried once it changes."""
+    try:
+        stat = (path / "saved_model.pb").stat()
+        return stat.st_mtime_ns, stat.st_size
+    except OSError:
+        return (0, 0)
+
+
+class ModelLoadError(Exception):
+    """A version could not be loaded or failed its warm-up; the message says why."""
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One loaded, warmed-up version and its signatures.
+
+    `predict` and `feature_maps` are blocking TensorFlow calls: run them in a
+    thread, never on the event loop.
+    """
+
+    name: str
+    version: int
+    path: Path
+    device: str
+    record: dict[str, Any]
+    module: Any = field(repr=False)
+    leases: int = 0
+    retired: bool = False
+    # Called once the version is retired and its last lease is gone.
+    on_release: Callable[[LoadedModel], None] | None = field(default=None, repr=False)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """float32 [N,28,28,1] in [0,1] -> probabilities float32 [N,10]."""
+        fn = self.module.signatures["serving_default"]
+        with tf.device(self.device):
+            out = fn(images=tf.constant(images, dtype=tf.float32))
+        return np.asarray(out["probabilities"].numpy(), dtype=np.float32)
+
+    def feature_maps(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """float32 [N,28,28,1] -> {layer name: float32 [N,H,W,F]}."""
+        fn = self.module.signatures["feature_maps"]
+        with tf.device(self.device):
+            out = fn(images=tf.constant(images, dtype=tf.float32))
+        return {name: np.asarray(value.numpy()) for name, value in out.items()}
+
+    @property
+    def feature_map_layers(self) -> tuple[str, ...]:
+        """Layer names in model order (the training record's, else the signature's)."""
+        names = self.record.get("feature_map_layers")
+        outputs = self.module.signatures["feature_maps"].structured_outputs
+        if isinstance(names, list) and set(names) == set(outputs):
+            return tuple(str(n) for n in names)
+        return tuple(sorted(outputs))
+
+    def metadata(self, loaded_versions: tuple[int, ...]) -> types.ModelMetadata:
+        layers = []
+        for row in self.record.get("layers", []):
+            layers.append(
+                types.LayerRow(
+                    name=str(row.get("name", "")),
+                    type=str(row.get("type", "")),
+                    output_shape=tuple(int(d) for d in row.get("output_shape", [])),
+                    parameters=int(row.get("parameters", 0)),
+                    trainable=bool(row.get("trainable", True)),
+                )
+            )
+        return types.ModelMetadata(
+            model_name=self.name,
+            loaded_versions=loaded_versions,
+            serving_version=self.version,
+            inputs=(types.TensorSpecInfo("images", ("uint8", "float32"), (-1, *IMAGE_SHAPE)),),
+            outputs=(types.TensorSpecInfo("probabilities", ("float32",), (-1, 10)),),
+            layers=tuple(layers),
+            training=dict(self.record),
+            device=self.device,
+        )
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    record_path = path / TRAINING_RECORD
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {TRAINING_RECORD}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise ModelLoadError(f"{TRAINING_RECORD} must hold a JSON object")
+    return record
+
+
+def read_warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """(signature name, inputs) of each PredictionLog in the version's warm-up file.
+
+    Returns [] when the version has no warm-up file.
+    """
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    file = path / WARMUP_REQUESTS
+    if not file.is_file():
+        return []
+    requests = []
+    try:
+        for raw in tf.data.TFRecordDataset(str(file)):
+            entry = prediction_log_pb2.PredictionLog.FromString(raw.numpy())
+            if not entry.HasField("predict_log"):
+                continue
+            request = entry.predict_log.request
+            inputs = {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+            requests.append((request.model_spec.signature_name or "serving_default", inputs))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot read {WARMUP_REQUESTS}: {exc}") from exc
+    return requests
+
+
+def load_model(
+    name: str, version: int, path: Path, device: str, warm_batch_sizes: Sequence[int] = ()
+) -> LoadedModel:
+    """Load and warm up one version (blocking; run it in a thread).
+
+    After the version's own warm-up requests, serving_default also runs once
+    per size in `warm_batch_sizes` (the batcher's padded sizes), so that no
+    request pays for a first call at a new batch size.
+    Raises ModelLoadError when the SavedModel cannot be loaded, lacks a
+    required signature, or any warm-up request fails or gives a wrong result.
+    """
+    record = _read_record(path)
+    try:
+        with tf.device(device):
+            module = tf.saved_model.load(str(path))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the SavedModel: {exc}") from exc
+    signatures = getattr(module, "signatures", {})
+    missing = [s for s in REQUIRED_SIGNATURES if s not in signatures]
+    if missing:
+        raise ModelLoadError(f"signatures {missing} missing (has {sorted(signatures)})")
+    model = LoadedModel(
+        name=name, version=version, path=path, device=device, record=record, module=module
+    )
+    warmup = read_warmup_requests(path)
+    if not warmup:
+        log.warning(
+            "%s version %d has no warm-up requests; warming with one blank image", name, version
+        )
+        warmup = [("serving_default", {"images": np.zeros((1, *IMAGE_SHAPE), np.float32)})]
+    for signature_name, inputs in warmup:
+        fn = signatures.get(signature_name)
+        if fn is None:
+            raise ModelLoadError(f"a warm-up request names an unknown signature {signature_name!r}")
+        try:
+            with tf.device(device):
+                out = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+            outputs = {k: v.numpy() for k, v in out.items()}
+        except Exception as exc:
+            raise ModelLoadError(f"warm-up request failed: {exc}") from exc
+        rows = next(iter(inputs.values())).shape[0]
+        for key, value in outputs.items():
+            if value.shape[:1] != (rows,) or not np.all(np.isfinite(value)):
+                raise ModelLoadError(
+                    f"warm-up output {key!r} has shape {list(value.shape)} or non-finite values "
+                    f"for {rows} input rows"
+                )
+    for size in sorted(set(warm_batch_sizes)):
+        try:
+            probabilities = model.predict(np.zeros((size, *IMAGE_SHAPE), np.float32))
+        except Exception as exc:
+            raise ModelLoadError(f"warm-up at batch size {size} failed: {exc}") from exc
+        if probabilities.shape != (size, 10):
+            raise ModelLoadError(
+                f"probabilities of shape [{size}, 10] expected at batch size {size}, "
+                f"got {list(probabilities.shape)}"
+            )
+    # The feature maps signature is served too: run it once so its first call is not slow.
+    try:
+        first = warmup[0][1].get("images")
+        sample = first[:1] if first is not None else np.zeros((1, *IMAGE_SHAPE), np.float32)
+        model.feature_maps(np.asarray(sample, dtype=np.float32))
+    except Exception as exc:
+        raise ModelLoadError(f"feature_maps warm-up failed: {exc}") from exc
+    return model
+
+
+class ModelManager:
+    """Serves the newest good version under `base_path`; loads new ones in the background."""
+
+    def __init__(
+        self,
+        base_path: Path,
+        name: str,
+        device: str,
+        *,
+        on_loaded: Callable[[str, int, bool], None] | None = None,
+        on_serving: Callable[[LoadedModel, int], None] | None = None,
+        keep_versions: int = KEEP_VERSIONS,
+        loader: Callable[[str, int, Path, str], LoadedModel] = load_model,
+    ) -> None:
+        self.base_path = Path(base_path)
+        self.name = name
+        self.device = device
+        self.keep_versions = max(1, keep_versions)
+        self._on_loaded = on_loaded
+        self._on_serving = on_serving
+        self._loader = loader
+        self._loaded: dict[int, LoadedModel] = {}
+        self._serving: LoadedModel | None = None
+        # Versions that failed, with the marker of the files that failed.
+        self._failed: dict[int, tuple[int, int]] = {}
+        self._poll_lock = asyncio.Lock()
+        self._state_lock = threading.Lock()
+
+    @property
+    def serving(self) -> LoadedModel | None:
+        return self._serving
+
+    @property
+    def loaded_versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self._loaded))
+
+    def _candidates(self) -> list[int]:
+        """Versions newer than the serving one not known to fail, newest first."""
+        current = self._serving.version if self._serving is not None else 0
+        out = []
+        for version in reversed(discover_versions(self.base_path)):
+            if version <= current:
+                break
+            failed = self._failed.get(version)
+            if failed is not None and failed == _signature(self.base_path / str(version)):
+                continue
+            out.append(version)
+        return out
+
+    async def poll_once(self) -> int | None:
+        """Load the newest new version, if any, and swap it in.
+
+        Tries newer versions newest first until one loads; returns the
+        version now serving if it changed, else None. Failures are logged and
+        counted; the serving version is untouched by them.
+        """
+        async with self._poll_lock:
+            for version in self._candidates():
+                path = self.base_path / str(version)
+                marker = _signature(path)
+                try:
+                    model = await asyncio.to_thread(
+                        self._loader, self.name, version, path, self.device
+                    )
+                except Exception as exc:
+                    self._failed[version] = marker
+                    log.error("%s version %d refused: %s", self.name, version, exc)
+                    if self._on_loaded is not None:
+                        self._on_loaded(self.name, version, False)
+                    continue
+                self._failed.pop(version, None)
+                log.info("%s version %d loaded and warmed up from %s", self.name, version, path)
+                if self._on_loaded is not None:
+                    self._on_loaded(self.name, version, True)
+                self._swap_in(model)
+                return version
+        return None
+
+    def _swap_in(self, model: LoadedModel) -> None:
+        self._loaded[model.version] = model
+        previous = self._serving
+        self._serving = model
+        for version in sorted(self._loaded)[: -self.keep_versions]:
+            self._retire(self._loaded.pop(version))
+        log.info(
+            "%s now serving version %d (previous %s; loaded %s)",
+            self.name,
+            model.version,
+            previous.version if previous is not None else "none",
+            list(self.loaded_versions),
+        )
+        if self._on_serving is not None:
+            self._on_serving(model, len(self._loaded))
+
+    def _retire(self, model: LoadedModel) -> None:
+        model.retired = True
+        log.info("%s version %d unloaded once its requests finish", self.name, model.version)
+        self._maybe_release(model)
+
+    def _maybe_release(self, model: LoadedModel) -> None:
+        with self._state_lock:
+            release = model.retired and model.leases == 0 and model.on_release is not None
+            callback = model.on_release if release else None
+            if release:
+                model.on_release = None
+        if callback is not None:
+            callback(model)
+
+    def resolve(self, ref: types.ModelRef) -> LoadedModel:
+        """The loaded version `ref` names (the serving one when unpinned).
+
+        Raises errors.NotFound for another model name or a version not loaded,
+        errors.Unavailable when nothing serves yet.
+        """
+        if ref.name not in (None, "", self.name):
+            raise errors.NotFound(
+                f"model {ref.name!r} is not served here (this serves {self.name!r})"
+            )
+        if ref.version is None or ref.version == 0:
+            model = self._serving
+            if model is None:
+                raise errors.Unavailable(f"model {self.name!r} has no version ready yet")
+            return model
+        pinned = self._loaded.get(ref.version)
+        if pinned is None:
+            raise errors.NotFound(
+                f"model {self.name!r} version {ref.version} is not loaded "
+                f"(loaded versions: {list(self.loaded_versions)})"
+            )
+        return pinned
+
+    @contextlib.contextmanager
+    def lease(self, ref: types.ModelRef) -> Iterator[LoadedModel]:
+        """Hold the version `ref` names while the body runs; it is not released meanwhile."""
+        with self._state_lock:
+            model = self.resolve(ref)
+            model.leases += 1
+        try:
+            yield model
+        finally:
+            with self._state_lock:
+                model.leases -= 1
+            self._maybe_release(model)
+
+    def release_all(self) -> list[LoadedModel]:
+        """Forget every version (at shutdown); returns them."""
+        models = list(self._loaded.values())
+        self._loaded.clear()
+        self._serving = None
+        for model in models:
+            self._retire(model)
+        return models

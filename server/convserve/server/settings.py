@@ -1,0 +1,306 @@
+"""The server's settings: one typed object, filled from flags and environment variables.
+
+Every field is an environment variable ``CONVSERVE_<FIELD>`` and a command-line
+flag ``--<field-with-dashes>``; flags win over the environment, which wins over
+the defaults. Units are part of the names (``_s``, ``_us``, ``_bytes``).
+
+The bearer token is the one exception: it is read from ``--auth-token-file``
+or the ``CONVSERVE_AUTH_TOKEN`` environment variable and has no flag of its
+own, because command lines are visible to every user of the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CONVSERVE_"
+# The same forms as device.choose_device accepts; checked here so a typo fails at start-up.
+_DEVICE = re.compile(r"auto|cpu|gpu(:\d+)?")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Fields without a command-line flag (see the module docstring).
+_ENV_ONLY = frozenset({"auth_token"})
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names each flag/variable and the problem."""
+
+
+class Settings(BaseSettings):
+    """Everything the server can be configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    # Model
+    model_base_path: Path = Field(
+        Path("models/mnist"),
+        description="directory holding the model's numbered versions (<base>/<version>/)",
+    )
+    model_name: str = Field(
+        "mnist",
+        min_length=1,
+        description="the name clients address the model by",
+    )
+    device: str = Field(
+        "auto",
+        description='TensorFlow device: "auto" (first GPU, else CPU), "cpu", "gpu" or "gpu:N"',
+    )
+    poll_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="seconds between scans of the base path for new model versions",
+    )
+
+    # Network
+    host: str = Field(
+        "0.0.0.0",
+        min_length=1,
+        description="address the gRPC and metrics servers listen on",
+    )
+    port: int = Field(8500, ge=0, le=65535, description="gRPC port (0: pick a free port)")
+    metrics_port: int = Field(
+        8502,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics HTTP port (0: pick a free port)",
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description="largest gRPC message accepted or sent, in bytes",
+    )
+
+    # Batching
+    max_batch_size: int = Field(
+        64, ge=1, le=4096, description="most images merged into one model call"
+    )
+    batch_timeout_us: int = Field(
+        1000,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "microseconds a forming batch may wait for more images while another batch runs "
+            "(an idle model never waits)"
+        ),
+    )
+    max_queued_images: int = Field(
+        4096,
+        ge=1,
+        description="images waiting for the model before new requests get RESOURCE_EXHAUSTED",
+    )
+    max_concurrent_batches: int = Field(
+        2, ge=1, le=64, description="model calls that may run at the same time"
+    )
+
+    # Request limits
+    max_images_per_request: int = Field(
+        1024, ge=1, description="most images one Predict request may carry"
+    )
+    max_conv_elements: int = Field(
+        1 << 24,
+        ge=1,
+        description="most elements a Convolve/FitKernel input or output tensor may have",
+    )
+    max_kernel_elements: int = Field(
+        1 << 20, ge=1, description="most elements a convolution kernel may have"
+    )
+    max_fit_steps: int = Field(
+        5000, ge=1, description="most gradient descent steps one FitKernel request may run"
+    )
+    fit_time_budget_s: float = Field(
+        10.0, gt=0, description="seconds one FitKernel request may compute before it stops"
+    )
+
+    # Lifecycle
+    grace_period_s: float = Field(
+        10.0,
+        ge=0,
+        description="seconds in-flight requests get to finish after SIGTERM/SIGINT",
+    )
+
+    # Security
+    tls_cert: Path | None = Field(
+        None, description="PEM server certificate chain; enables TLS (needs --tls-key)"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA bundle; when set, clients must present a certificate it signed",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description=(
+            "file holding the bearer token clients must send (or set CONVSERVE_AUTH_TOKEN); "
+            "health checks stay open"
+        ),
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="the bearer token itself (environment variable only, never a flag)",
+    )
+
+    # Logging
+    log_format: Literal["text", "json"] = Field(
+        "text", description='log line format: "text" or "json"'
+    )
+    log_level: str = Field("INFO", description="one of " + ", ".join(_LOG_LEVELS))
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        normalized = value.strip().lower()
+        if not _DEVICE.fullmatch(normalized):
+            raise ValueError('expected "auto", "cpu", "gpu" or "gpu:N" (N a GPU index)')
+        return normalized
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        upper = value.strip().upper()
+        if upper not in _LOG_LEVELS:
+            raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
+        return upper
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_log_format(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
+    @classmethod
+    def _check_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca requires --tls-cert and --tls-key (mutual TLS)")
+        if self.port != 0 and self.port == self.metrics_port:
+            raise ValueError(f"--port and --metrics-port must differ, both are {self.port}")
+        if self.auth_token_file is not None and self.auth_token is not None:
+            raise ValueError(
+                "give the bearer token either in --auth-token-file or in "
+                f"{ENV_PREFIX}AUTH_TOKEN, not both"
+            )
+        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            raise ValueError(f"{ENV_PREFIX}AUTH_TOKEN is set but empty")
+        return self
+
+    @property
+    def batch_timeout_s(self) -> float:
+        """`batch_timeout_us` in seconds, as the batcher takes it."""
+        return self.batch_timeout_us / 1_000_000
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    def read_auth_token(self) -> str | None:
+        """The bearer token clients must send, or None when auth is off.
+
+        Read from `auth_token_file` (surrounding whitespace, e.g. the final
+        newline, is dropped) or taken from `auth_token`. Raises SettingsError
+        for an unreadable or empty token file.
+        """
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value().strip()
+        if self.auth_token_file is None:
+            return None
+        try:
+            token = self.auth_token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(
+                f"--auth-token-file: cannot read {self.auth_token_file}: {exc}"
+            ) from exc
+        if not token:
+            raise SettingsError(f"--auth-token-file: {self.auth_token_file} is empty")
+        return token
+
+    @classmethod
+    def flag_fields(cls) -> list[str]:
+        """Names of the fields that have a command-line flag, in declaration order."""
+        return [name for name in cls.model_fields if name not in _ENV_ONLY]
+
+    @classmethod
+    def argument_parser(cls) -> argparse.ArgumentParser:
+        """A parser with one ``--kebab-name`` flag per field; unset flags are left out."""
+        parser = argparse.ArgumentParser(
+            prog="convserve-server",
+            description=(
+                "Serve the convserve model over gRPC (convserve.v1, Open Inference Protocol, "
+                "TensorFlow Serving), with health, reflection and Prometheus metrics. Every flag "
+                f"is also an environment variable {ENV_PREFIX}<NAME>; flags win."
+            ),
+            argument_default=argparse.SUPPRESS,
+        )
+        for name in cls.flag_fields():
+            info = cls.model_fields[name]
+            default = info.default
+            shown = "unset" if default is None else str(default)
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                metavar=name.upper(),
+                help=f"{info.description} (env {env_name(name)}; default: {shown})",
+            )
+        return parser
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str] | None = None) -> Settings:
+        """Settings from command-line flags over environment variables over defaults.
+
+        argparse itself exits (status 2) on unknown flags and prints --help;
+        values that fail validation raise SettingsError with one line per problem.
+        """
+        namespace = cls.argument_parser().parse_args(None if argv is None else list(argv))
+        return cls.build(**vars(namespace))
+
+    @classmethod
+    def build(cls, **values: Any) -> Settings:
+        """`Settings(**values)` (the environment fills the rest), raising SettingsError."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise SettingsError(describe_errors(exc)) from None
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a field, e.g. ``CONVSERVE_MAX_BATCH_SIZE``."""
+    return ENV_PREFIX + field.upper()
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a field, e.g. ``--max-batch-size``."""
+    return "--" + field.replace("_", "-")
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per problem, naming the flag and environment variable it came from."""
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        location = error["loc"]
+        if location and isinstance(location[0], str):
+            name = location[0]
+            where = env_name(name) if name in _ENV_ONLY else f"{flag_name(name)} / {env_name(name)}"
+            shown = "" if name in _ENV_ONLY else f" (got {error.get('input')!r})"
+            lines.append(f"  {where}: {message}{shown}")
+        else:
+            lines.append(f"  {message}")
+    return "\n".join(lines)

@@ -1,0 +1,328 @@
+"""Kubernetes manifests: render every kustomization, validate it offline, check its promises."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from convserve.server.settings import Settings
+from tests.conftest import REPO_ROOT, require_tool
+from tests.deploy.common import (
+    GRPC_PORT,
+    KUBERNETES_VERSION,
+    KUSTOMIZATIONS,
+    METRICS_PORT,
+    dockerfile_stages,
+    load_yaml_documents,
+    run,
+)
+from tests.deploy.schemas import CUSTOM_RESOURCES
+
+VALIDATE = str(REPO_ROOT / ".venv" / "bin" / "kubernetes-validate")
+SETTINGS_ENV = {f"CONVSERVE_{name.upper()}" for name in Settings.model_fields}
+
+
+def _render(path: Path) -> str:
+    return run([require_tool("kubectl"), "kustomize", str(path)])
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, str]:
+    return {name: _render(path) for name, path in KUSTOMIZATIONS.items()}
+
+
+@pytest.fixture(scope="module")
+def objects(rendered) -> dict[str, list[dict[str, Any]]]:
+    return {name: load_yaml_documents(text) for name, text in rendered.items()}
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def _pod_templates(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in {"Deployment", "Job", "StatefulSet", "DaemonSet"}
+    ]
+
+
+def _server(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(docs, "Deployment", "convserve-server")
+
+
+def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    (container,) = [c for c in pod["containers"] if c["name"] == name]
+    return container
+
+
+def _config(docs: list[dict[str, Any]]) -> dict[str, str]:
+    (config,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("convserve-server")
+    ]
+    return config["data"]
+
+
+# --- offline schema validation -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_kustomization_validates_against_kubernetes_schemas(name, rendered, tmp_path) -> None:
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(rendered[name])
+    # --strict: unknown fields are errors, not silently dropped.
+    report = run([VALIDATE, "--strict", "-k", KUBERNETES_VERSION, str(manifest)])
+    kinds = {(d["apiVersion"], d["kind"]) for d in load_yaml_documents(rendered[name])}
+    passed = re.findall(r"^INFO .* passed for resource (\S+)/", report, flags=re.MULTILINE)
+    warned = re.findall(r"^WARN .* kind (\S+) with api version (\S+) ", report, flags=re.MULTILINE)
+    # Only the custom resources may lack a built-in schema; they are checked below instead.
+    assert {(api, kind) for kind, api in warned} <= set(CUSTOM_RESOURCES)
+    assert len(passed) + len(warned) == len(load_yaml_documents(rendered[name]))
+    assert kinds - set(CUSTOM_RESOURCES), "nothing built-in was validated"
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_custom_resources_validate_against_their_schemas(name, objects) -> None:
+    for doc in objects[name]:
+        schema = CUSTOM_RESOURCES.get((doc["apiVersion"], doc["kind"]))
+        if schema is not None:
+            jsonschema.Draft202012Validator(schema).validate(doc)
+
+
+def test_validation_rejects_a_broken_manifest(rendered, tmp_path) -> None:
+    """The schema check can fail: a typo in a probe and a string port are caught."""
+    broken = rendered["cpu"].replace("readinessProbe:", "readinessProbes:", 1)
+    manifest = tmp_path / "broken.yaml"
+    manifest.write_text(broken)
+    with pytest.raises(AssertionError, match="did not validate"):
+        run([VALIDATE, "--strict", "-k", KUBERNETES_VERSION, str(manifest)])
+    monitor = _one(load_yaml_documents(rendered["cpu"]), "ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["interval"] = "15 seconds"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(
+            CUSTOM_RESOURCES[("monitoring.coreos.com/v1", "ServiceMonitor")]
+        ).validate(monitor)
+
+
+# --- what the manifests promise ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_every_pod_meets_the_restricted_pod_security_standard(name, objects) -> None:
+    templates = _pod_templates(objects[name])
+    assert templates
+    for where, pod in templates:
+        pod_context = pod["securityContext"]
+        assert pod_context["runAsNonRoot"] is True, where
+        assert pod_context["runAsUser"] >= 1000, where
+        assert pod_context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["automountServiceAccountToken"] is False, where
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            context = container["securityContext"]
+            what = f"{where} container {container['name']}"
+            assert context["allowPrivilegeEscalation"] is False, what
+            assert context["readOnlyRootFilesystem"] is True, what
+            assert context["capabilities"] == {"drop": ["ALL"]}, what
+            assert "privileged" not in context, what
+            assert {"requests", "limits"} <= set(container["resources"]), what
+            # HOME points into /tmp, and /tmp is a writable emptyDir.
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            if container in pod["containers"]:
+                volumes = {v["name"]: v for v in pod["volumes"]}
+                assert "emptyDir" in volumes[mounts["/tmp"]], what
+                assert {"name": "HOME", "value": "/tmp"} in container["env"], what
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_pods_run_as_the_images_user(name, objects) -> None:
+    stages = dockerfile_stages()
+    (user,) = [args for keyword, args in stages["runtime"] if keyword == "USER"]
+    uid, gid = (int(part) for part in user.split(":"))
+    for where, pod in _pod_templates(objects[name]):
+        context = pod["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid), where
+        if "fsGroup" in context:
+            assert context["fsGroup"] == gid, where
+
+
+def test_namespace_enforces_restricted(objects) -> None:
+    for name in ("cpu", "gpu"):
+        namespace = _one(objects[name], "Namespace")
+        labels = namespace["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+        for doc in objects[name]:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"]["namespace"] == namespace["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_server_probes_are_native_grpc_on_the_serving_port(name, objects) -> None:
+    pod = _server(objects[name])["spec"]["template"]["spec"]
+    server = _container(pod, "server")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"] == {"port": GRPC_PORT}, probe
+    # Readiness reacts within one period when the server reports NOT_SERVING.
+    assert server["readinessProbe"]["failureThreshold"] == 1
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_termination_grace_covers_prestop_and_the_servers_drain(name, objects) -> None:
+    docs = objects[name]
+    deployment = _server(docs)
+    pod = deployment["spec"]["template"]["spec"]
+    server = _container(pod, "server")
+    grace_s = float(_config(docs)["CONVSERVE_GRACE_PERIOD_S"])
+    pre_stop_s = server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + grace_s
+    # A rollout never removes a ready pod before its replacement is ready.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    configmaps = [e["configMapRef"]["name"] for e in server["envFrom"]]
+    assert configmaps == [_one(docs, "ConfigMap")["metadata"]["name"]]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_config_names_only_real_server_settings(name, objects) -> None:
+    config = _config(objects[name])
+    unknown = set(config) - SETTINGS_ENV
+    assert not unknown, f"the ConfigMap sets variables the server does not read: {unknown}"
+    # The values parse as the server would parse them.
+    Settings.model_validate({k.removeprefix("CONVSERVE_").lower(): v for k, v in config.items()})
+
+
+def test_gpu_overlay_requests_a_gpu_on_gpu_nodes_and_cpu_does_not(objects) -> None:
+    for kind, name, container in (
+        ("Deployment", "convserve-server", "server"),
+        ("Job", "convserve-trainer", "trainer"),
+    ):
+        gpu_pod = _one(objects["gpu"], kind, name)["spec"]["template"]["spec"]
+        resources = _container(gpu_pod, container)["resources"]
+        assert resources["limits"]["nvidia.com/gpu"] == 1
+        assert resources["requests"]["nvidia.com/gpu"] == 1
+        assert gpu_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu_pod[
+            "tolerations"
+        ]
+        assert _container(gpu_pod, container)["image"].endswith("-gpu")
+
+        cpu_pod = _one(objects["cpu"], kind, name)["spec"]["template"]["spec"]
+        assert "nvidia.com/gpu" not in _container(cpu_pod, container)["resources"]["limits"]
+        assert "nodeSelector" not in cpu_pod
+        assert not _container(cpu_pod, container)["image"].endswith("-gpu")
+    assert _config(objects["gpu"])["CONVSERVE_DEVICE"] == "gpu:0"
+    assert _config(objects["cpu"])["CONVSERVE_DEVICE"] == "cpu"
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_trainer_job_writes_the_pvc_the_server_reads(name, objects) -> None:
+    docs = objects[name]
+    claim = _one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    trainer_pod = _one(docs, "Job", "convserve-trainer")["spec"]["template"]["spec"]
+    server_pod = _server(docs)["spec"]["template"]["spec"]
+    for pod, read_only in ((trainer_pod, False), (server_pod, True)):
+        (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            mounts = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+            assert mounts, container["name"]
+            assert all(m.get("readOnly", False) is read_only for m in mounts), container["name"]
+    args = _container(trainer_pod, "trainer")["args"]
+    base = args[args.index("--model-base-path") + 1]
+    assert _config(docs)["CONVSERVE_MODEL_BASE_PATH"] == base
+    # The server waits for the first version rather than crash-looping.
+    (wait,) = server_pod["initContainers"]
+    assert f"{base}/[0-9]*/saved_model.pb" in " ".join(wait["command"])
+    # The volume is group-writable for the unprivileged trainer.
+    assert trainer_pod["securityContext"]["fsGroup"] == trainer_pod["securityContext"]["runAsUser"]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_services_hpa_pdb_and_policy_select_the_server_pods(name, objects) -> None:
+    docs = objects[name]
+    deployment = _server(docs)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container_ports = {
+        p["name"] for p in _container(deployment["spec"]["template"]["spec"], "server")["ports"]
+    }
+
+    def selects(selector: dict[str, str]) -> bool:
+        return bool(selector) and all(pod_labels.get(k) == v for k, v in selector.items())
+
+    cluster_ip = _one(docs, "Service", "convserve-server")
+    headless = _one(docs, "Service", "convserve-server-headless")
+    assert cluster_ip["spec"]["type"] == "ClusterIP"
+    assert headless["spec"]["clusterIP"] == "None"
+    for service in (cluster_ip, headless):
+        assert selects(service["spec"]["selector"])
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+    assert {p["port"] for p in cluster_ip["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT}
+
+    hpa = _one(docs, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"])
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["maxReplicas"]
+
+    policy = _one(docs, "NetworkPolicy")
+    assert selects(policy["spec"]["podSelector"]["matchLabels"])
+    allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert allowed == {"grpc", "metrics"}
+    assert allowed <= container_ports
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_prometheus_finds_the_metrics_port(name, objects) -> None:
+    docs = objects[name]
+    template = _server(docs)["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+    monitor = _one(docs, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        s
+        for s in docs
+        if s["kind"] == "Service"
+        and all(s["metadata"]["labels"].get(k) == v for k, v in selector.items())
+    ]
+    scraped = [
+        p
+        for s in services
+        for p in s["spec"]["ports"]
+        if p["name"] == monitor["spec"]["endpoints"][0]["port"]
+    ]
+    # Exactly one Service port matches, so each pod is scraped once.
+    assert [p["port"] for p in scraped] == [METRICS_PORT]
+
+
+def test_bench_job_load_tests_the_headless_service(objects) -> None:
+    job = _one(objects["bench"], "Job", "convserve-bench")
+    container = _container(job["spec"]["template"]["spec"], "bench")
+    command = container["command"] + container["args"]
+    assert command[:2] == ["convserve", "bench"]
+    target = command[command.index("--target") + 1]
+    assert target == f"dns:///convserve-server-headless:{GRPC_PORT}"
+    assert job["metadata"]["namespace"] == _one(objects["cpu"], "Namespace")["metadata"]["name"]
+    service_names = {d["metadata"]["name"] for d in objects["cpu"] if d["kind"] == "Service"}
+    assert "convserve-server-headless" in service_names
+    # The same image as the server's: it carries the client CLI.
+    server_image = _container(_server(objects["cpu"])["spec"]["template"]["spec"], "server")
+    assert container["image"] == server_image["image"]

@@ -1,0 +1,156 @@
+"""The three protocols' request converters and the runtime's image check, on any input.
+
+The same images (dtype, shape, bytes, model version), malformed or not, sent as
+a convserve.v1, Open Inference Protocol or TF Serving message must be accepted
+as the same array or refused with the same status code, and nothing but a
+ServeError or TensorError may escape (anything else would be INTERNAL).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convserve.client.tensor import TensorError
+from convserve.server import converters, errors
+from convserve.server.metrics import Metrics
+from convserve.server.protocols import oip_convert, tfserving_convert
+from convserve.server.runtime import Runtime
+from convserve.server.settings import Settings
+from tests.interop.three_protocols import (
+    Images,
+    convserve_predict_request,
+    oip_predict_request,
+    tfserving_predict_request,
+)
+
+MAX_IMAGES = 4
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
+    # check_images needs only the settings; no model is loaded.
+    values: dict[str, Any] = {
+        "model_base_path": tmp_path_factory.mktemp("models"),
+        "max_images_per_request": MAX_IMAGES,
+    }
+    return Runtime(Settings(**values), Metrics())
+
+
+Outcome = tuple[grpc.StatusCode, bytes | None]
+
+
+def _outcome(convert: Any) -> Outcome:
+    """(status, checked images' bytes as float32 [N,28,28,1] when accepted)."""
+    try:
+        images = convert()
+    except (errors.ServeError, TensorError) as exc:
+        code, _ = errors.status_of(exc)
+        return code, None
+    assert images.shape[1:] == (28, 28, 1)
+    scale = 255.0 if images.dtype == np.uint8 else 1.0
+    return grpc.StatusCode.OK, (images.astype(np.float32) / np.float32(scale)).tobytes()
+
+
+def outcomes(runtime: Runtime, images: Images) -> dict[str, Outcome]:
+    def convserve() -> np.ndarray:
+        request = convserve_predict_request(images)
+        return converters.predict_request_from_proto(request, runtime.check_images).images
+
+    def oip() -> np.ndarray:
+        array, _, _, _ = oip_convert.predict_request(oip_predict_request(images))
+        return runtime.check_images(array, field="inputs[images]")
+
+    def tfserving() -> np.ndarray:
+        array, _, _, _ = tfserving_convert.predict_request(tfserving_predict_request(images))
+        return runtime.check_images(array, field="inputs[images]")
+
+    return {
+        "convserve": _outcome(convserve),
+        "oip": _outcome(oip),
+        "tfserving": _outcome(tfserving),
+    }
+
+
+DTYPES = ("uint8", "float32", "float64", "int32", "int64")
+DIMS = st.sampled_from([-1, 0, 1, 2, 3, 7, 28, 784, 2**31, 2**62])
+
+
+MISTAKES = (
+    "none",
+    "dtype",
+    "too many",
+    "shape",
+    "short content",
+    "long content",
+    "NaN",
+    "Inf",
+    "above 1",
+    "below 0",
+    "version",
+)
+
+
+@st.composite
+def images_strategy(draw: st.DrawFn) -> Images:
+    mistake = draw(st.sampled_from((*MISTAKES, "anything")))
+    if mistake == "anything":
+        dtype = np.dtype(draw(st.sampled_from(DTYPES)))
+        shape = tuple(draw(st.lists(DIMS, max_size=5)))
+        return Images(dtype.name, shape, draw(st.binary(max_size=64)))
+    # N images of an accepted shape, with at most one mistake.
+    if mistake == "dtype":
+        dtype = np.dtype(draw(st.sampled_from(DTYPES[2:])))
+    else:
+        dtype = np.dtype(draw(st.sampled_from(DTYPES[:2])))
+    n = MAX_IMAGES + 1 if mistake == "too many" else draw(st.integers(1, MAX_IMAGES))
+    shapes = (
+        [(n, 28, 28, 2), (n, 27, 28), (n, 28 * 28, 1)]
+        if mistake == "shape"
+        else [
+            (n, 28, 28),
+            (n, 28, 28, 1),
+            (n, 784),
+        ]
+    )
+    shape = draw(st.sampled_from(shapes))
+    array = np.full(shape, 0.25 if dtype.kind == "f" else draw(st.integers(0, 255)), dtype)
+    bad_values = {"NaN": math.nan, "Inf": -math.inf, "above 1": 1.5, "below 0": -0.01}
+    if mistake in bad_values and dtype.kind == "f":
+        array.flat[draw(st.integers(0, array.size - 1))] = bad_values[mistake]
+    content = array.astype(dtype.newbyteorder("<")).tobytes()
+    if mistake == "short content":
+        content = content[: draw(st.integers(0, len(content) - 1))]
+    if mistake == "long content":
+        content += bytes(draw(st.integers(1, 8)))
+    version = (
+        draw(st.sampled_from([0, -3])) if mistake == "version" else draw(st.sampled_from([None, 1]))
+    )
+    return Images(dtype.name, shape, content, version=version)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(images=images_strategy())
+def test_every_protocol_accepts_and_refuses_the_same_images(
+    runtime: Runtime, images: Images
+) -> None:
+    results = outcomes(runtime, images)
+    assert results["oip"] == results["convserve"], images
+    assert results["tfserving"] == results["convserve"], images
+
+
+def test_a_good_request_is_accepted_alike(runtime: Runtime) -> None:
+    pixels = np.arange(2 * 784, dtype=np.uint8).reshape(2, 28, 28) % 251
+    results = outcomes(runtime, Images.of(pixels))
+    expected = (pixels.astype(np.float32) / np.float32(255.0)).tobytes()
+    assert results == dict.fromkeys(results, (grpc.StatusCode.OK, expected))

@@ -1,0 +1,188 @@
+"""Bearer-token authentication and (mutual) TLS, over real gRPC."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from convserve.client.tensor import to_tensor
+from convserve.server.app import RunningServer, start_server
+from convserve.server.auth import BearerTokenInterceptor, service_of
+from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from tests.conftest import require_tool
+from tests.server.wire_helpers import StubMetrics, StubRuntime, settings_for
+
+TOKEN = "t0ken-for-tests-5d1e"
+PREDICT = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((1, 28, 28), np.uint8)))
+
+
+def test_service_of_method_path() -> None:
+    assert service_of("/convserve.v1.ConvServe/Predict") == "convserve.v1.ConvServe"
+    assert service_of("/grpc.health.v1.Health/Check") == "grpc.health.v1.Health"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "accepted"),
+    [
+        ((("authorization", f"Bearer {TOKEN}"),), True),
+        ((("authorization", f"bearer {TOKEN}"),), True),
+        ((("x-other", "1"), ("authorization", f"Bearer  {TOKEN} ")), True),
+        ((), False),
+        (None, False),
+        ((("authorization", TOKEN),), False),
+        ((("authorization", f"Basic {TOKEN}"),), False),
+        ((("authorization", f"Bearer {TOKEN}x"),), False),
+        ((("authorization", f"Bearer {TOKEN[:-1]}"),), False),
+        ((("authorization", "Bearer "),), False),
+        ((("authorization", b"binary"),), False),
+    ],
+)
+def test_token_check(metadata: object, accepted: bool) -> None:
+    assert (BearerTokenInterceptor(TOKEN).check(metadata) is None) is accepted
+
+
+def test_empty_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="must not be empty"):
+        BearerTokenInterceptor("")
+
+
+@pytest.fixture
+async def authed() -> AsyncIterator[RunningServer]:
+    running = await start_server(
+        settings_for(auth_token=TOKEN), runtime=StubRuntime(), metrics=StubMetrics()
+    )
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+async def call_code(call: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_calls_need_the_token(
+    authed: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with grpc.aio.insecure_channel(authed.target) as channel:
+        stub = convserve_pb2_grpc.ConvServeStub(channel)
+        code, details = await call_code(stub.Predict(PREDICT))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        assert "missing credentials" in details
+        code, details = await call_code(
+            stub.Predict(PREDICT, metadata=(("authorization", "Bearer wrong-token"),))
+        )
+        assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        reply = await stub.Predict(PREDICT, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        assert reply.model_name == "mnist"
+    assert TOKEN not in caplog.text
+    assert "wrong-token" not in caplog.text
+
+
+async def test_other_protocols_and_unknown_methods_need_the_token(authed: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(authed.target) as channel:
+        oip = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        code, _ = await call_code(oip.ServerLive(service_pb2.ServerLiveRequest()))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        live = await oip.ServerLive(
+            service_pb2.ServerLiveRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        assert live.live
+        unknown = channel.unary_unary("/convserve.v1.ConvServe/NoSuchMethod")
+        code, _ = await call_code(unknown(b""))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+        code, _ = await call_code(unknown(b"", metadata=(("authorization", f"Bearer {TOKEN}"),)))
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_health_and_reflection_stay_open(authed: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(authed.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = reflect.ServerReflectionInfo()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        answer = await call.read()
+        await call.done_writing()
+        names = {s.name for s in answer.list_services_response.service}
+        assert "convserve.v1.ConvServe" in names
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([require_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _issue(cwd: Path, name: str, subject: str, ca: str | None, extensions: str) -> None:
+    """Writes <name>.key and <name>.pem: self-signed when `ca` is None, else signed by it."""
+    (cwd / f"{name}.ext").write_text(extensions + "\n")
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", subject, cwd=cwd)  # fmt: skip
+    signer = (
+        ["-signkey", f"{name}.key"] if ca is None else ["-CA", f"{ca}.pem", "-CAkey", f"{ca}.key"]
+    )
+    _openssl("x509", "-req", "-in", f"{name}.csr", *signer, "-days", "2", "-sha256",
+             "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=cwd)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all from the CA."""
+    root = tmp_path_factory.mktemp("pki")
+    _issue(root, "ca", "/CN=convserve test CA", None, "basicConstraints=critical,CA:TRUE")
+    _issue(root, "server", "/CN=localhost", "ca",
+           "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")  # fmt: skip
+    _issue(root, "client", "/CN=client", "ca", "extendedKeyUsage=clientAuth")
+    return root
+
+
+async def test_tls(pki: Path) -> None:
+    settings = settings_for(tls_cert=pki / "server.pem", tls_key=pki / "server.key")
+    running = await start_server(settings, runtime=StubRuntime(), metrics=StubMetrics())
+    try:
+        credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
+        async with grpc.aio.secure_channel(running.target, credentials) as channel:
+            reply = await convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT)
+            assert reply.model_version == 2
+        async with grpc.aio.insecure_channel(running.target) as plain:
+            code, _ = await call_code(
+                convserve_pb2_grpc.ConvServeStub(plain).Predict(PREDICT, timeout=10)
+            )
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await running.stop(0)
+
+
+async def test_mutual_tls_needs_a_client_certificate(pki: Path) -> None:
+    settings = settings_for(
+        tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem"
+    )
+    running = await start_server(settings, runtime=StubRuntime(), metrics=StubMetrics())
+    try:
+        ca = (pki / "ca.pem").read_bytes()
+        anonymous = grpc.ssl_channel_credentials(ca)
+        async with grpc.aio.secure_channel(running.target, anonymous) as channel:
+            code, _ = await call_code(
+                convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT, timeout=10)
+            )
+            assert code == grpc.StatusCode.UNAVAILABLE
+        identified = grpc.ssl_channel_credentials(
+            ca, (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes()
+        )
+        async with grpc.aio.secure_channel(running.target, identified) as channel:
+            reply = await convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT)
+            assert reply.model_name == "mnist"
+    finally:
+        await running.stop(0)

@@ -1,0 +1,457 @@
+"""Runtime with a real trained model: predictions, checks, limits, deadlines, swaps, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convserve.server import errors, models, ops, types
+from convserve.server.metrics import Metrics
+from convserve.server.runtime import Runtime, deadline_of
+from tests.server.runtime_helpers import (
+    copy_base,
+    float_digits,
+    make_settings,
+    saved_model_probabilities,
+    started_runtime,
+)
+from tests.server.test_metrics import value
+
+Digits = tuple[np.ndarray, np.ndarray]
+
+
+# -- image checks (no model needed) ----------------------------------------------
+
+
+@pytest.fixture
+def unstarted(tmp_path: Path) -> Runtime:
+    return Runtime(make_settings(tmp_path, max_images_per_request=8), Metrics())
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 28, 28), (3, 28, 28, 1), (3, 784)], ids=["NHW", "NHWC", "flat"]
+)
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_check_images_accepts_every_allowed_layout(
+    unstarted: Runtime, shape: tuple[int, ...], dtype: type
+) -> None:
+    rng = np.random.default_rng(0)
+    flat = rng.integers(0, 256, size=(3, 784)).astype(np.uint8)
+    images = flat if dtype == np.uint8 else (flat / 255).astype(np.float32)
+    checked = unstarted.check_images(images.reshape(shape))
+    assert checked.shape == (3, 28, 28, 1)
+    assert checked.dtype == dtype
+    np.testing.assert_array_equal(checked.reshape(3, 784), images)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (
+            np.zeros((1, 28, 28), np.float64),
+            r"dtype uint8 \(0\.\.255\) or float32 \(0\.\.1\) expected",
+        ),
+        (np.zeros((1, 28, 28), np.int32), "got int32"),
+        (np.zeros((28, 28), np.uint8), r"shape \[N,28,28\], \[N,28,28,1\] or \[N,784\]"),
+        (np.zeros((1, 28, 27), np.uint8), r"got \[1, 28, 27\]"),
+        (np.zeros((1, 28, 28, 3), np.uint8), r"got \[1, 28, 28, 3\]"),
+        (np.zeros((1, 783), np.uint8), r"got \[1, 783\]"),
+        (np.zeros((0, 28, 28), np.uint8), "at least one image expected, got N=0"),
+        (np.zeros((9, 784), np.uint8), "at most 8 images per request expected"),
+        (np.full((1, 784), np.nan, np.float32), "NaN or Inf"),
+        (np.full((1, 784), np.inf, np.float32), "NaN or Inf"),
+        (np.full((1, 784), 1.5, np.float32), r"in \[0, 1\] expected, got values in \[1.5, 1.5\]"),
+        (np.full((1, 784), -0.1, np.float32), r"in \[0, 1\] expected"),
+    ],
+)
+def test_check_images_names_the_field_and_the_expectation(
+    unstarted: Runtime, images: np.ndarray, message: str
+) -> None:
+    with pytest.raises(errors.InvalidArgument, match=message) as caught:
+        unstarted.check_images(images, field="inputs[images]")
+    assert caught.value.field == "inputs[images]"
+    assert str(caught.value).startswith("inputs[images]: ")
+
+
+async def test_work_before_start_is_unavailable(unstarted: Runtime) -> None:
+    assert not unstarted.ready
+    with pytest.raises(errors.Unavailable):
+        await unstarted.predict(
+            types.PredictInput(np.zeros((1, 28, 28, 1), np.uint8)), deadline=None
+        )
+
+
+async def test_start_without_a_loadable_version_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"broken")
+    (tmp_path / ".export-2").mkdir()
+    metrics = Metrics()
+    runtime = Runtime(make_settings(tmp_path), metrics)
+    with pytest.raises(errors.Unavailable, match=r"no loadable version.*\[1\]"):
+        await runtime.start()
+    assert not runtime.ready
+    assert value(metrics, "convserve_model_loads_total", model="mnist", result="failure") == 1
+    await runtime.stop(1)
+
+
+class _Context:
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def test_deadline_of_is_absolute_monotonic_time() -> None:
+    assert deadline_of(_Context(None)) is None
+    before = time.monotonic()
+    deadline = deadline_of(_Context(2.5))
+    assert deadline is not None
+    assert before + 2.5 <= deadline <= time.monotonic() + 2.5
+
+
+# -- with the trained model --------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_predict_equals_the_saved_model(model_base_path: Path, sample_digits: Digits) -> None:
+    images, labels = sample_digits
+    runtime, metrics = await started_runtime(make_settings(model_base_path))
+    try:
+        assert runtime.ready
+        assert runtime.device == "/CPU:0"
+        expected = saved_model_probabilities(model_base_path / "1", float_digits(images))
+        out = await runtime.predict(types.PredictInput(runtime.check_images(images)), deadline=None)
+        assert out.model_name == "mnist"
+        assert out.model_version == 1
+        assert out.probabilities.shape == (len(images), 10)
+        np.testing.assert_allclose(out.probabilities, expected, rtol=1e-5, atol=1e-6)
+        assert np.mean(out.digits == labels) >= 0.8
+        # float32 input gives the same answer as uint8.
+        as_float = await runtime.predict(
+            types.PredictInput(float_digits(images)), deadline=time.monotonic() + 30
+        )
+        np.testing.assert_allclose(as_float.probabilities, expected, rtol=1e-5, atol=1e-6)
+
+        # Concurrent requests of mixed dtypes and sizes each get their own rows back.
+        rng = np.random.default_rng(1)
+        picks = [rng.choice(len(images), size=int(rng.integers(1, 6))) for _ in range(40)]
+        inputs = [images[p] if i % 2 else float_digits(images[p]) for i, p in enumerate(picks)]
+        results = await asyncio.gather(
+            *(
+                runtime.predict(types.PredictInput(runtime.check_images(x)), deadline=None)
+                for x in inputs
+            )
+        )
+        for pick, result in zip(picks, results, strict=True):
+            np.testing.assert_allclose(result.probabilities, expected[pick], rtol=1e-5, atol=1e-6)
+        batches = value(metrics, "convserve_batch_size_count", rpc="Predict")
+        assert batches < 2 + len(picks), "concurrent requests were not merged into batches"
+        assert value(metrics, "convserve_images_processed_total", rpc="Predict") == 2 * len(
+            images
+        ) + sum(len(p) for p in picks)
+        assert value(metrics, "convserve_queued_images", rpc="Predict") == 0
+    finally:
+        await runtime.stop(5)
+    assert not runtime.ready
+    with pytest.raises(errors.Unavailable, match="shutting down"):
+        await runtime.predict(types.PredictInput(float_digits(images[:1])), deadline=None)
+
+
+@pytest.mark.slow
+async def test_operations_metadata_and_feature_maps(
+    model_base_path: Path, sample_digits: Digits
+) -> None:
+    images, _ = sample_digits
+    runtime, metrics = await started_runtime(make_settings(model_base_path))
+    try:
+        x = np.arange(9, dtype=np.float32).reshape(3, 3)
+        k = np.array([[0, 1], [2, 3]], np.float32)
+        out = await runtime.convolve(types.ConvolveInput(x, k), deadline=None)
+        np.testing.assert_array_equal(out.output, [[19, 25], [37, 43]])
+        flipped = await runtime.convolve(
+            types.ConvolveInput(x, k, options=types.ConvolutionOptions(mode="CONVOLUTION")),
+            deadline=time.monotonic() + 30,
+        )
+        np.testing.assert_array_equal(flipped.output, [[5, 11], [23, 29]])
+        with pytest.raises(errors.InvalidArgument, match=r"^kernel: "):
+            await runtime.convolve(types.ConvolveInput(x, k.astype(np.float64)), deadline=None)
+        assert value(metrics, "convserve_images_processed_total", rpc="Convolve") == 2
+
+        edges = np.ones((6, 8), np.float32)
+        edges[:, 2:6] = 0
+        target = (
+            await runtime.convolve(
+                types.ConvolveInput(edges, np.array([[1, -1]], np.float32)), deadline=None
+            )
+        ).output
+        fit = await runtime.fit_kernel(
+            types.FitKernelInput(edges, target, (1, 2), learning_rate=0.1, tolerance=1e-6),
+            deadline=time.monotonic() + 60,
+        )
+        np.testing.assert_allclose(fit.kernel, [[1, -1]], atol=0.05)
+        assert fit.stop_reason == "converged"
+
+        meta = runtime.metadata(types.ModelRef())
+        assert meta.model_name == "mnist"
+        assert meta.serving_version == 1
+        assert meta.loaded_versions == (1,)
+        assert meta.training["feature_map_layers"] == ["conv1", "conv2", "conv3"]
+        assert [row.name for row in meta.layers][:1] == ["conv1"]
+        with pytest.raises(errors.NotFound):
+            runtime.metadata(types.ModelRef(version=2))
+        with pytest.raises(errors.NotFound):
+            runtime.metadata(types.ModelRef(name="cifar"))
+
+        image = runtime.check_images(images[:1], field="image")
+        maps = await runtime.feature_maps(types.FeatureMapsInput(image), deadline=None)
+        assert [(name, m.shape) for name, m in maps.maps] == [
+            ("conv1", (26, 26, 32)),
+            ("conv2", (11, 11, 64)),
+            ("conv3", (3, 3, 64)),
+        ]
+        chosen = await runtime.feature_maps(
+            types.FeatureMapsInput(image, layers=("conv3", "conv1")), deadline=None
+        )
+        assert [name for name, _ in chosen.maps] == ["conv3", "conv1"]
+        np.testing.assert_allclose(chosen.maps[1][1], maps.maps[0][1], rtol=1e-6)
+        with pytest.raises(errors.InvalidArgument, match=r"^layers: .*\['dense'\]"):
+            await runtime.feature_maps(
+                types.FeatureMapsInput(image, layers=("conv1", "dense")), deadline=None
+            )
+    finally:
+        await runtime.stop(5)
+
+
+@pytest.mark.slow
+async def test_concurrent_convolutions_merge_and_each_gets_its_own_result(
+    model_base_path: Path,
+) -> None:
+    runtime, metrics = await started_runtime(make_settings(model_base_path))
+    rng = np.random.default_rng(3)
+    kernel = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
+    bias = rng.normal(size=(4,)).astype(np.float32)
+    options = types.ConvolutionOptions(padding="SAME", strides=(1, 2))
+    same = [
+        types.ConvolveInput(
+            rng.random((int(rng.integers(1, 4)), 10, 12, 2), np.float32), kernel, bias, options
+        )
+        for _ in range(12)
+    ]
+    image = rng.random((7, 9), np.float32)
+    others = [
+        types.ConvolveInput(image, np.ones((2, 2), np.float32)),  # 2-D, its own group
+        types.ConvolveInput(image, np.ones((2, 2), np.float32), np.ones((1,), np.float32)),
+        types.ConvolveInput(same[0].input, kernel[::-1].copy(), bias, options),
+    ]
+    try:
+        results = await asyncio.gather(
+            *(runtime.convolve(v, deadline=time.monotonic() + 60) for v in same + others)
+        )
+        for request, result in zip(same + others, results, strict=True):
+            alone = ops.convolve(request)
+            np.testing.assert_allclose(result.output, alone.output, rtol=1e-5, atol=1e-5)
+            assert result.output.dtype == np.float32
+        calls = value(metrics, "convserve_batch_size_count", rpc="Convolve")
+        assert calls < len(same) + len(others), "same-kernel requests were not merged"
+        assert (
+            value(metrics, "convserve_images_processed_total", rpc="Convolve")
+            == sum(v.input.shape[0] for v in same) + 2 + same[0].input.shape[0]
+        )
+        assert value(metrics, "convserve_queued_images", rpc="Convolve") == 0
+        # A bad request in a group is refused alone; its group-mates are unaffected.
+        bad = types.ConvolveInput(
+            np.full((1, 10, 12, 2), np.nan, np.float32), kernel, bias, options
+        )
+        mixed = await asyncio.gather(
+            runtime.convolve(same[1], deadline=None),
+            runtime.convolve(bad, deadline=None),
+            return_exceptions=True,
+        )
+        assert isinstance(mixed[0], types.ConvolveOutput)
+        assert isinstance(mixed[1], errors.InvalidArgument)
+        assert str(mixed[1]).startswith("input: ")
+    finally:
+        await runtime.stop(5)
+
+
+@pytest.mark.slow
+async def test_queue_limits_and_deadlines(model_base_path: Path, sample_digits: Digits) -> None:
+    images, _ = sample_digits
+    settings = make_settings(
+        model_base_path,
+        max_batch_size=8,
+        max_queued_images=16,
+        max_concurrent_batches=1,
+        max_conv_elements=64,
+    )
+    runtime, metrics = await started_runtime(settings)
+    eight = types.PredictInput(runtime.check_images(np.concatenate([images[:8]])))
+    try:
+        # More images than the queue can ever hold: refused at once.
+        with pytest.raises(errors.ResourceExhausted, match="queue is full"):
+            await runtime.predict(
+                types.PredictInput(runtime.check_images(images[:17])), deadline=None
+            )
+        # The first request runs at once, the next two fill the queue, the rest are refused.
+        results = await asyncio.gather(
+            *(runtime.predict(eight, deadline=None) for _ in range(6)), return_exceptions=True
+        )
+        ok = [r for r in results if isinstance(r, types.PredictOutput)]
+        refused = [r for r in results if isinstance(r, errors.ResourceExhausted)]
+        assert len(ok) == 3, results
+        assert len(refused) == 3, results
+        assert all(r.probabilities.shape == (8, 10) for r in ok)
+        # Nothing was lost: the queue is empty again and accepts work.
+        assert value(metrics, "convserve_queued_images", rpc="Predict") == 0
+        assert (await runtime.predict(eight, deadline=None)).probabilities.shape == (8, 10)
+
+        # Convolutions: inputs queued or computing are bounded (4 x max_conv_elements
+        # values), the rest are refused at once.
+        x = np.arange(64, dtype=np.float32).reshape(8, 8)
+        k = np.ones((3, 3), np.float32)
+        outcomes = await asyncio.gather(
+            *(runtime.convolve(types.ConvolveInput(x, k), deadline=None) for _ in range(8)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, types.ConvolveOutput) for o in outcomes[:4]), outcomes
+        assert all(isinstance(o, errors.ResourceExhausted) for o in outcomes[4:]), outcomes
+        first = outcomes[0]
+        assert isinstance(first, types.ConvolveOutput)
+        np.testing.assert_allclose(first.output[0, 0], x[:3, :3].sum())
+        # Kernel fits: one runs, waiting ones are bounded the same way.
+        fits = await asyncio.gather(
+            *(
+                runtime.fit_kernel(
+                    types.FitKernelInput(x, x[:6, :6], (3, 3), max_steps=1), deadline=None
+                )
+                for _ in range(8)
+            ),
+            return_exceptions=True,
+        )
+        assert all(isinstance(o, types.FitKernelOutput) for o in fits[:5]), fits
+        assert all(isinstance(o, errors.ResourceExhausted) for o in fits[5:]), fits
+        with pytest.raises(errors.InvalidArgument, match="max_conv_elements"):
+            await runtime.convolve(
+                types.ConvolveInput(np.zeros((9, 9), np.float32), k), deadline=None
+            )
+
+        past = time.monotonic() - 0.001
+        for call in (
+            runtime.predict(eight, deadline=past),
+            runtime.convolve(
+                types.ConvolveInput(np.ones((4, 4), np.float32), np.ones((2, 2), np.float32)),
+                deadline=past,
+            ),
+            runtime.feature_maps(types.FeatureMapsInput(eight.images[:1]), deadline=past),
+        ):
+            with pytest.raises(errors.DeadlineExceeded):
+                await call
+    finally:
+        await runtime.stop(5)
+
+
+@pytest.mark.slow
+async def test_stop_finishes_accepted_requests(
+    model_base_path: Path, sample_digits: Digits
+) -> None:
+    images, _ = sample_digits
+    runtime, _ = await started_runtime(make_settings(model_base_path, max_batch_size=4))
+    value_in = types.PredictInput(runtime.check_images(images[:3]))
+    calls = [asyncio.ensure_future(runtime.predict(value_in, deadline=None)) for _ in range(20)]
+    await asyncio.sleep(0)  # let every call enqueue
+    await runtime.stop(30)
+    results = await asyncio.gather(*calls)
+    assert all(r.probabilities.shape == (3, 10) for r in results)
+    assert not runtime.ready
+
+
+@pytest.mark.slow
+async def test_new_versions_swap_in_under_load_and_corrupt_ones_are_refused(
+    model_base_path: Path, sample_digits: Digits, tmp_path: Path
+) -> None:
+    images, _ = sample_digits
+    base = copy_base(model_base_path, tmp_path / "mnist")
+    runtime, metrics = await started_runtime(make_settings(base))
+    expected = saved_model_probabilities(base / "1", float_digits(images))
+    request = types.PredictInput(runtime.check_images(images))
+    seen: list[int] = []
+    failures: list[BaseException] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            try:
+                out = await runtime.predict(request, deadline=time.monotonic() + 60)
+            except Exception as exc:  # every failure is reported below
+                failures.append(exc)
+                return
+            np.testing.assert_allclose(out.probabilities, expected, rtol=1e-5, atol=1e-6)
+            seen.append(out.model_version)
+
+    async def until(condition: str, check: Callable[[], bool], within_s: float = 120) -> None:
+        limit = time.monotonic() + within_s
+        while not check():
+            assert time.monotonic() < limit, f"timed out waiting for {condition}"
+            assert not failures, failures
+            await asyncio.sleep(0.01)
+
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    try:
+        await until("traffic on version 1", lambda: len(seen) >= 8)
+        first_model = runtime.manager.serving
+        assert first_model is not None
+        assert first_model.version == 1
+        # An atomic export: written under a hidden name, then renamed.
+        shutil.copytree(base / "1", base / ".export-2")
+        (base / ".export-2").rename(base / "2")
+        assert await runtime.poll_once() == 2
+        assert runtime.ready
+        await until("traffic on version 2", lambda: seen.count(2) >= 8)
+        assert runtime.metadata(types.ModelRef()).loaded_versions == (1, 2)
+        pinned = await runtime.predict(
+            types.PredictInput(request.images, types.ModelRef(version=1)), deadline=None
+        )
+        assert pinned.model_version == 1
+
+        # A corrupt version 3 is refused; version 2 keeps serving.
+        shutil.copytree(base / "1", base / "3")
+        (base / "3" / "saved_model.pb").write_bytes(b"\x00 corrupt")
+        assert await runtime.poll_once() is None
+        assert await runtime.poll_once() is None  # counted once, not retried
+        assert value(metrics, "convserve_model_loads_total", model="mnist", result="failure") == 1
+        before = len(seen)
+        await until("more traffic on version 2", lambda: len(seen) >= before + 8)
+        assert runtime.manager.serving is not None
+        assert runtime.manager.serving.version == 2
+
+        # Version 4 retires version 1 (two versions are kept loaded) once its requests end.
+        shutil.copytree(base / "1", base / "4")
+        assert await runtime.poll_once() == 4
+        await until("traffic on version 4", lambda: seen.count(4) >= 8)
+        assert runtime.metadata(types.ModelRef()).loaded_versions == (2, 4)
+        assert first_model.retired
+        assert first_model.leases == 0
+        with pytest.raises(errors.NotFound, match="version 1 is not loaded"):
+            await runtime.predict(
+                types.PredictInput(request.images, types.ModelRef(version=1)), deadline=None
+            )
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+        await runtime.stop(10)
+    assert not failures, failures
+    assert seen[0] == 1
+    assert seen[-1] == 4
+    # Once version 2 was serving, no new request went back to version 1.
+    assert 1 not in seen[seen.index(4) :]
+    assert value(metrics, "convserve_model_loads_total", model="mnist", result="success") == 3
+    info = value(metrics, "convserve_model_info", model="mnist", version="4", device="/CPU:0")
+    assert info == 1
+    assert models.discover_versions(base) == [1, 2, 3, 4]

@@ -1,0 +1,162 @@
+"""Settings: defaults, environment variables, flags, validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from convserve.server.settings import Settings, SettingsError, env_name, flag_name
+
+COMMON_FIELDS = [
+    "model_base_path", "model_name", "host", "port", "metrics_port", "device",
+    "poll_interval_s", "max_batch_size", "batch_timeout_us", "max_queued_images",
+    "max_concurrent_batches", "max_images_per_request", "max_message_bytes",
+    "max_conv_elements", "max_kernel_elements", "max_fit_steps", "fit_time_budget_s",
+    "grace_period_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
+    "log_format", "log_level",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CONVSERVE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_match_the_documented_ones() -> None:
+    settings = Settings.from_argv([])
+    assert settings.model_name == "mnist"
+    assert settings.host == "0.0.0.0"
+    assert settings.port == 8500
+    assert settings.metrics_port == 8502
+    assert settings.device == "auto"
+    assert settings.log_format == "text"
+    assert settings.log_level == "INFO"
+    assert settings.read_auth_token() is None
+    assert not settings.tls_enabled
+
+
+def test_every_documented_field_has_a_flag_with_help() -> None:
+    parser = Settings.argument_parser()
+    help_text = parser.format_help()
+    for name in COMMON_FIELDS:
+        assert name in Settings.model_fields
+        assert flag_name(name) in help_text, name
+        assert env_name(name) in help_text, name
+        assert Settings.model_fields[name].description, name
+    # The token itself is never a flag (command lines are world-readable).
+    assert "--auth-token " not in help_text
+    assert "--auth-token\n" not in help_text
+
+
+def test_environment_variables_fill_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_PORT", "9100")
+    monkeypatch.setenv("CONVSERVE_MAX_BATCH_SIZE", "8")
+    monkeypatch.setenv("CONVSERVE_BATCH_TIMEOUT_US", "2500")
+    monkeypatch.setenv("CONVSERVE_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("CONVSERVE_DEVICE", "GPU:1")
+    settings = Settings.from_argv([])
+    assert settings.port == 9100
+    assert settings.max_batch_size == 8
+    assert settings.batch_timeout_s == pytest.approx(0.0025)
+    assert settings.log_format == "json"
+    assert settings.device == "gpu:1"
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_PORT", "9100")
+    monkeypatch.setenv("CONVSERVE_MODEL_NAME", "from-env")
+    settings = Settings.from_argv(["--port", "9200", "--model-base-path", "/srv/models"])
+    assert settings.port == 9200
+    assert settings.model_name == "from-env"
+    assert settings.model_base_path == Path("/srv/models")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--port", "70000"], "--port / CONVSERVE_PORT: Input should be less than or equal"),
+        (["--metrics-port", "-1"], "--metrics-port / CONVSERVE_METRICS_PORT"),
+        (["--max-batch-size", "many"], "--max-batch-size / CONVSERVE_MAX_BATCH_SIZE"),
+        (["--max-batch-size", "0"], "greater than or equal to 1"),
+        (["--poll-interval-s", "0"], "--poll-interval-s / CONVSERVE_POLL_INTERVAL_S"),
+        (["--device", "tpu"], '--device / CONVSERVE_DEVICE: expected "auto", "cpu"'),
+        (["--log-format", "xml"], "--log-format / CONVSERVE_LOG_FORMAT"),
+        (["--log-level", "chatty"], "--log-level / CONVSERVE_LOG_LEVEL: expected one of DEBUG"),
+        (["--grace-period-s", "-1"], "--grace-period-s"),
+        (["--tls-cert", "/no/such/cert.pem"], "no such file: /no/such/cert.pem"),
+        (["--port", "9000", "--metrics-port", "9000"], "--port and --metrics-port must differ"),
+    ],
+)
+def test_bad_values_are_named_in_the_error(argv: list[str], expected: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_argv(argv)
+    assert expected in str(caught.value)
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_argv(["--port", "x", "--max-fit-steps", "0"])
+    message = str(caught.value)
+    assert "--port" in message
+    assert "--max-fit-steps" in message
+
+
+def test_unknown_flags_exit_like_argparse() -> None:
+    with pytest.raises(SystemExit) as caught:
+        Settings.from_argv(["--no-such-flag", "1"])
+    assert caught.value.code == 2
+
+
+def test_tls_files_must_come_together(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(SettingsError, match="--tls-cert and --tls-key must be given together"):
+        Settings.from_argv(["--tls-cert", str(cert)])
+    with pytest.raises(SettingsError, match="--tls-client-ca requires --tls-cert"):
+        Settings.from_argv(["--tls-client-ca", str(cert)])
+    both = Settings.from_argv(["--tls-cert", str(cert), "--tls-key", str(cert)])
+    assert both.tls_enabled
+
+
+def test_token_from_file_drops_the_newline(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    settings = Settings.from_argv(["--auth-token-file", str(token_file)])
+    assert settings.read_auth_token() == "s3cret-token"
+    assert "s3cret" not in repr(settings)
+
+
+def test_empty_token_file_is_refused(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("\n")
+    settings = Settings.from_argv(["--auth-token-file", str(token_file)])
+    with pytest.raises(SettingsError, match="is empty"):
+        settings.read_auth_token()
+
+
+def test_token_from_environment_is_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CONVSERVE_AUTH_TOKEN", "env-token")
+    settings = Settings.from_argv([])
+    assert settings.read_auth_token() == "env-token"
+    assert "env-token" not in repr(settings)
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token")
+    with pytest.raises(SettingsError, match="not both"):
+        Settings.from_argv(["--auth-token-file", str(token_file)])
+
+
+def test_blank_token_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_AUTH_TOKEN", "  ")
+    with pytest.raises(SettingsError, match="CONVSERVE_AUTH_TOKEN is set but empty"):
+        Settings.from_argv([])
+
+
+def test_settings_are_immutable() -> None:
+    settings = Settings.from_argv([])
+    with pytest.raises(Exception, match="frozen"):
+        settings.port = 1

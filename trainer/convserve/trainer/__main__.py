@@ -1,0 +1,224 @@
+"""convserve-train: train the MNIST CNN and export it as a versioned SavedModel."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from convserve.trainer.train import TrainConfig
+
+# TensorFlow's C++ start-up chatter would bury the training output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Defaults for flags left out. Full MNIST (and --data) follows the reference
+# recipes per architecture. The 4,000-digit sample gives few steps per epoch and
+# overfits, so it trains longer on smaller batches with random shifts and a
+# cosine-decayed learning rate: ~98% held out in well under a minute on 2 cores.
+ARCH_DEFAULTS: dict[str, dict[str, object]] = {
+    "keras": {
+        "optimizer": "rmsprop",
+        "learning_rate": 1e-3,
+        "batch_size": 64,
+        "epochs": 5,
+        "lr_schedule": "constant",
+        "augment": False,
+    },
+    "tutorial": {
+        "optimizer": "adam",
+        "learning_rate": 1e-4,
+        "batch_size": 50,
+        "epochs": 2,
+        "lr_schedule": "constant",
+        "augment": False,
+    },
+}
+SAMPLE_DEFAULTS: dict[str, dict[str, object]] = {
+    "keras": {
+        "learning_rate": 2e-3,
+        "batch_size": 16,
+        "epochs": 12,
+        "lr_schedule": "cosine",
+        "augment": True,
+    },
+    "tutorial": {"batch_size": 16, "epochs": 12, "lr_schedule": "cosine", "augment": True},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convserve-train",
+        description="Train an MNIST CNN and export it as <model-base-path>/<version>/ SavedModel.",
+    )
+    parser.add_argument(
+        "--model-base-path", default="models/mnist", help="export root (default: %(default)s)"
+    )
+    parser.add_argument("--model-name", default="mnist", help="model name (default: %(default)s)")
+    parser.add_argument(
+        "--dataset",
+        choices=("auto", "mnist", "sample"),
+        default="auto",
+        help="auto: full MNIST if cached or downloadable, else the sample (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data", metavar="PATH", help="Keras' mnist.npz or a directory with the four IDX files"
+    )
+    parser.add_argument("--arch", choices=("keras", "tutorial"), default="keras")
+    parser.add_argument(
+        "--epochs", type=int, help="default: 5 (keras), 2 (tutorial); 12 on the sample"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="default: 64 (keras), 50 (tutorial); 16 on the sample"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("rmsprop", "adam", "sgd", "adamw", "nadam", "adagrad"),
+        help="default: rmsprop (keras), adam (tutorial)",
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        help="initial learning rate; default 0.001 (keras; 0.002 on the sample), 0.0001 (tutorial)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        help="learning-rate schedule (default: constant; cosine on the sample)",
+    )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="randomly shift training images by up to 2 pixels (default: on for the sample only)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--fixed-kernel",
+        metavar="NAME|FILE.npy",
+        help="frozen first convolution: laplacian, sobel-x, sobel-y, edge-x or a .npy kernel",
+    )
+    parser.add_argument("--version", type=int, help="export version (default: next integer)")
+    parser.add_argument(
+        "--limit-train", type=int, metavar="N", help="use only the first N training examples"
+    )
+    parser.add_argument(
+        "--save-samples",
+        metavar="PATH.npz",
+        help="write some held-out digits (images uint8 [k,28,28], labels) to this file",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
+    return parser
+
+
+def _positive(parser: argparse.ArgumentParser, name: str, value: int | float | None) -> None:
+    if value is not None and value <= 0:
+        parser.error(f"{name} must be positive, got {value}")
+
+
+def make_config(args: argparse.Namespace, dataset: str) -> TrainConfig:
+    """Hyperparameters: explicit flags, else the sample's defaults, else the architecture's."""
+    from convserve.trainer.train import TrainConfig
+
+    defaults = dict(ARCH_DEFAULTS[args.arch])
+    if dataset == "sample":
+        defaults.update(SAMPLE_DEFAULTS[args.arch])
+
+    def pick(name: str) -> Any:
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    return TrainConfig(
+        arch=args.arch,
+        epochs=pick("epochs"),
+        batch_size=pick("batch_size"),
+        optimizer=pick("optimizer"),
+        learning_rate=pick("learning_rate"),
+        seed=args.seed,
+        lr_schedule=pick("lr_schedule"),
+        augment=pick("augment"),
+        verbose=not args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``convserve-train``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("epochs", "batch_size", "learning_rate", "limit_train", "version"):
+        _positive(parser, "--" + name.replace("_", "-"), getattr(args, name))
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    # Imported here so --help answers without loading TensorFlow.
+    from convserve.trainer.data import DataError, resolve
+    from convserve.trainer.export import ExportError, export_model
+    from convserve.trainer.models import KernelError, build_model, load_kernel
+    from convserve.trainer.train import (
+        deterministic,
+        format_confusion,
+        held_out_samples,
+        train,
+        training_record,
+    )
+
+    try:
+        kernel = load_kernel(args.fixed_kernel) if args.fixed_kernel else None
+        data = resolve(args.dataset, args.data, say).limit_train(args.limit_train)
+    except (DataError, KernelError) as exc:
+        print(f"convserve-train: error: {exc}", file=sys.stderr)
+        return 2
+    config = make_config(args, data.name)
+    base = Path(args.model_base_path)
+    if args.version is not None and (base / str(args.version)).exists():
+        print(
+            f"convserve-train: error: {base / str(args.version)} already exists; "
+            "choose another --version or omit it",
+            file=sys.stderr,
+        )
+        return 2
+
+    with deterministic(config.seed):
+        model = build_model(config.arch, kernel)
+        if not args.quiet:
+            model.summary()
+        result = train(model, data, config, say)
+        say(f"held-out accuracy: {result.test_accuracy:.4f} on {len(data.x_test)} digits")
+        say(f"training time: {result.training_time_s:.1f} s")
+        say("confusion matrix (rows: true digit, columns: predicted digit):")
+        say(format_confusion(result.confusion))
+        record = training_record(
+            model_name=args.model_name,
+            data=data,
+            config=config,
+            result=result,
+            fixed_kernel=args.fixed_kernel or "",
+            limit_train=args.limit_train,
+        )
+        warmup_images, _ = held_out_samples(data, per_class=2)
+        try:
+            target = export_model(model, base, record, warmup_images, version=args.version)
+        except ExportError as exc:
+            print(f"convserve-train: error: {exc}", file=sys.stderr)
+            return 2
+    say(f"exported {args.model_name} version {target.name} to {target}")
+
+    if args.save_samples:
+        images, labels = held_out_samples(data, per_class=2)
+        samples = Path(args.save_samples)
+        samples.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(samples, images=images.astype(np.uint8), labels=labels.astype(np.int64))
+        say(f"saved {len(images)} held-out digits to {samples}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The two CNN architectures and the frozen fixed-kernel first layer.
+
+Models take float32 images [None, 28, 28, 1] in [0, 1] and output softmax
+probabilities [None, 10]. Convolution layers are named ``conv1``, ``conv2``, ...
+(and ``fixed_kernel`` for a frozen first layer) because the server exposes their
+activations under these names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+ARCHITECTURES = ("keras", "tutorial")
+FIXED_KERNEL_LAYER = "fixed_kernel"
+
+KERNEL_PRESETS: dict[str, list[list[float]]] = {
+    "laplacian": [[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]],
+    "sobel-x": [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]],
+    "sobel-y": [[-1, -2, -1], [0, 0, 0], [1, 2, 1]],
+    "edge-x": [[1, -1]],
+}
+
+
+class KernelError(ValueError):
+    """A --fixed-kernel value is neither a preset nor a usable .npy kernel."""
+
+
+def load_kernel(spec: str) -> np.ndarray:
+    """A preset name or a ``.npy`` file -> float32 kernel [kh, kw, 1, filters].
+
+    A 2-D ``.npy`` array is one filter; a 3-D array [kh, kw, filters] or a 4-D
+    array [kh, kw, 1, filters] holds several (input channels must be 1).
+    """
+    if spec in KERNEL_PRESETS:
+        kernel = np.asarray(KERNEL_PRESETS[spec], dtype=np.float32)
+    elif spec.endswith(".npy") or os.path.isfile(spec):
+        path = Path(spec)
+        try:
+            kernel = np.load(path, allow_pickle=False)
+        except FileNotFoundError as exc:
+            raise KernelError(f"--fixed-kernel: {path}: no such file") from exc
+        except (OSError, ValueError, EOFError) as exc:
+            raise KernelError(f"--fixed-kernel: {path}: not a readable .npy file: {exc}") from exc
+        if not np.issubdtype(kernel.dtype, np.number):
+            raise KernelError(f"--fixed-kernel: {path}: dtype {kernel.dtype} is not numeric")
+        kernel = kernel.astype(np.float32)
+    else:
+        raise KernelError(
+            f"--fixed-kernel: {spec!r} is neither a preset ({', '.join(KERNEL_PRESETS)}) "
+            "nor a .npy file"
+        )
+    if kernel.ndim == 2:
+        kernel = kernel[:, :, None, None]
+    elif kernel.ndim == 3:
+        kernel = kernel[:, :, None, :]
+    if kernel.ndim != 4 or kernel.shape[2] != 1 or min(kernel.shape) < 1:
+        raise KernelError(
+            f"--fixed-kernel: kernel shape {list(kernel.shape)} is not [kh, kw], "
+            "[kh, kw, filters] or [kh, kw, 1, filters]"
+        )
+    if kernel.shape[0] > 28 or kernel.shape[1] > 28:
+        raise KernelError(f"--fixed-kernel: kernel {list(kernel.shape)} is larger than 28x28")
+    if not np.all(np.isfinite(kernel)):
+        raise KernelError("--fixed-kernel: kernel values must be finite")
+    return kernel
+
+
+def build_model(arch: str = "keras", fixed_kernel: np.ndarray | None = None) -> keras.Model:
+    """A compiled-free Keras model of the given architecture.
+
+    ``keras`` (93,322 parameters): the small convnet of the Keras MNIST reference.
+    ``tutorial`` (3,274,634 parameters): the two-conv + dense-1024 TensorFlow tutorial net.
+    ``fixed_kernel`` [kh, kw, 1, F] puts a frozen ``same``-padded convolution in front.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    inputs = keras.Input(shape=(28, 28, 1), dtype="float32", name="images")
+    x = inputs
+    if fixed_kernel is not None:
+        layer = keras.layers.Conv2D(
+            fixed_kernel.shape[3],
+            fixed_kernel.shape[:2],
+            padding="same",
+            use_bias=False,
+            trainable=False,
+            name=FIXED_KERNEL_LAYER,
+        )
+        x = layer(x)
+        layer.set_weights([fixed_kernel])
+    if arch == "keras":
+        x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
+        x = keras.layers.MaxPooling2D(2, name="pool1")(x)
+        x = keras.layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+        x = keras.layers.MaxPooling2D(2, name="pool2")(x)
+        x = keras.layers.Conv2D(64, 3, activation="relu", name="conv3")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(64, activation="relu", name="dense")(x)
+    else:
+        x = keras.layers.Conv2D(32, 5, padding="same", activation="relu", name="conv1")(x)
+        x = keras.layers.MaxPooling2D(2, name="pool1")(x)
+        x = keras.layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2")(x)
+        x = keras.layers.MaxPooling2D(2, name="pool2")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(1024, activation="relu", name="dense")(x)
+    outputs = keras.layers.Dense(10, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"mnist_{arch}")
+
+
+def conv_layer_names(model: keras.Model) -> list[str]:
+    """Names of the model's convolution layers, input side first."""
+    return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+    """A model from the same input to a dict {conv layer name: activations}."""
+    names = conv_layer_names(model)
+    outputs = {name: model.get_layer(name).output for name in names}
+    return keras.Model(model.input, outputs, name=f"{model.name}_feature_maps")
