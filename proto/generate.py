@@ -35,11 +35,12 @@ def _plugin(name: str) -> str:
 def generate(out_dir: Path) -> list[Path]:
     """Run protoc for every .proto under proto/convserve/v1 into out_dir."""
     import grpc_tools
-    from grpc_tools import protoc
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PACKAGE_DIR.glob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
+        sys.executable,
+        "-m",
         "grpc_tools.protoc",
         f"--proto_path={PROTO_ROOT}",
         f"--proto_path={well_known}",
@@ -51,8 +52,12 @@ def generate(out_dir: Path) -> list[Path]:
         f"--mypy_grpc_out={out_dir}",
         *protos,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    # protoc runs in its own process: in-process it shares the protobuf runtime
+    # with whatever the caller imported (TensorFlow's, in the test suite), and
+    # that combination crashes.
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"protoc failed:\n{result.stderr}")
     return sorted(p for p in (out_dir / "convserve" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES))
 
 
