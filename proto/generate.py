@@ -58,24 +58,32 @@ def generate(out_dir: Path) -> list[Path]:
     result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         raise SystemExit(f"protoc failed:\n{result.stderr}")
-    return sorted(p for p in (out_dir / "convserve" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+    return sorted(
+        p for p in (out_dir / "convserve" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES)
+    )
 
 
 def stale_files() -> list[str]:
     """Names of generated files that differ from what the generator writes now."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = {p.name: p for p in generate(Path(tmp))}
-        committed = {p.name: p for p in PACKAGE_DIR.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
+        committed = {
+            p.name: p for p in PACKAGE_DIR.iterdir() if p.name.endswith(GENERATED_SUFFIXES)
+        }
         names = sorted(set(fresh) | set(committed))
         return [
             n
             for n in names
-            if n not in fresh or n not in committed or not filecmp.cmp(fresh[n], committed[n], shallow=False)
+            if n not in fresh
+            or n not in committed
+            or not filecmp.cmp(fresh[n], committed[n], shallow=False)
         ]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="only report stale files")
     args = parser.parse_args()
     if args.check:
