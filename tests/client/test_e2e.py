@@ -352,3 +352,71 @@ def test_cli_tls_and_token(
     assert main([*base, "--token", "e2e-token"]) == 0
     assert main([*base, "--token", "nope"]) == 5
     assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+# --- The bare install -------------------------------------------------------------------------
+
+# What `pip install .` needs of the checkout.
+_DISTRIBUTION_FILES = ("pyproject.toml", "README.md", "client", "proto", "server", "trainer")
+
+
+def test_bare_install_is_a_working_thin_client(
+    server: ServerThread, sample_digits: tuple, tmp_path: Path
+) -> None:
+    """`pip install .` in a fresh venv: no TensorFlow, and the CLI talks to a real server."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    # A copy, so that the build's by-products never land in the checkout.
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in _DISTRIBUTION_FILES:
+        path = REPO_ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(path, source / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python, cli = venv / "bin" / "python", venv / "bin" / "convserve"
+    constraints = REPO_ROOT / ".ci" / "constraints.txt"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "-c", str(constraints), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert {"convserve", "grpcio", "protobuf", "numpy"} <= installed
+    assert not installed & {"tensorflow", "tensorflow-cpu", "keras", "tritonclient", "pillow"}
+    check = "import convserve.client, sys; assert 'tensorflow' not in sys.modules"
+    subprocess.run([str(python), "-c", check], check=True, timeout=60)
+
+    images, labels = sample_digits
+    npz = tmp_path / "digits.npz"
+    np.savez(npz, images=images[:8], labels=labels[:8])
+    target = ["--target", server.target]
+    health = subprocess.run(
+        [str(cli), *target, "health"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert health.returncode == 0, health.stdout + health.stderr
+    assert "SERVING" in health.stdout
+    predicted = subprocess.run(
+        [str(cli), *target, "--json", "predict", str(npz)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    with ConvServeClient(server.target) as client:
+        expected = client.predict(images[:8]).digits
+    digits = [p["digit"] for p in json.loads(predicted.stdout)["predictions"]]
+    assert digits == [int(d) for d in expected]
