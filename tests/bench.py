@@ -5,7 +5,10 @@
 2. Starts `convserve-server` as a subprocess and drives it with
    `convserve bench` (the project's load generator): 1-image requests at
    concurrency 1, 16 and 64, then 32-image requests.
-3. Prints one table; every ratio is taken within this one run, because the
+3. Drives a server that does no work (`bench_noop_server.py`, the same
+   grpc.aio stack) the same way: the ceiling Python gRPC and the load
+   generator allow on this machine, whatever the model costs.
+4. Prints one table; every ratio is taken within this one run, because the
    machine is shared and absolute figures move from run to run.
 
     python tests/bench.py [--model-base-path DIR] [--duration-s 10] [--json OUT.json]
@@ -28,6 +31,9 @@ from pathlib import Path
 import numpy as np
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+# (concurrency, images per request) of the served phases.
+PHASES = ((1, 1), (16, 1), (64, 1), (16, 32))
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 
 
@@ -50,13 +56,10 @@ def model_limit(version_dir: Path, seconds_per_size: float) -> dict[int, float]:
     return rates
 
 
-def start_server(base: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     log = log_path.open("wb")
-    server = subprocess.Popen(
-        [str(BIN / "convserve-server"), "--model-base-path", str(base), "--port", "0",
-         "--metrics-port", "0"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("client", "proto"))}
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         found = re.search(r"listening on \S+:(\d+)", log_path.read_text(errors="replace"))
@@ -79,6 +82,22 @@ def run_bench(port: int, concurrency: int, images: int, duration_s: float) -> di
     if not out.stdout.strip():
         raise SystemExit(f"convserve bench failed: {out.stderr}")
     return json.loads(out.stdout)["phases"][0]
+
+
+def drive(command: list[str], log_path: Path, duration_s: float) -> list[dict]:
+    """Start a server, run every phase of PHASES against it, stop it."""
+    server, port = start_server(command, log_path)
+    phases = []
+    try:
+        for concurrency, images in PHASES:
+            phase = run_bench(port, concurrency, images, duration_s)
+            phases.append(phase)
+            print(f"  {images:>2} image(s) x concurrency {concurrency:>2}: "
+                  f"{phase['requests_per_s']:>8,.0f} req/s", flush=True)  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return phases
 
 
 def main() -> int:
@@ -105,22 +124,18 @@ def main() -> int:
         limit = rates[best]
 
         print("2. served, through convserve bench:", flush=True)
-        server, port = start_server(base, Path(tmp) / "server.log")
-        rows = []
-        try:
-            for concurrency, images in ((1, 1), (16, 1), (64, 1), (16, 32)):
-                phase = run_bench(port, concurrency, images, args.duration_s)
-                rows.append((concurrency, images, phase))
-                print(f"  {images:>2} image(s) x concurrency {concurrency:>2}: "
-                      f"{phase['requests_per_s']:>8,.0f} req/s", flush=True)  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        serve = [str(BIN / "convserve-server"), "--model-base-path", str(base), "--port", "0",
+                 "--metrics-port", "0"]  # fmt: skip
+        rows = drive(serve, Path(tmp) / "server.log", args.duration_s)
+        print("3. the same load against a server that does no work:", flush=True)
+        noop = [sys.executable, str(ROOT / "tests" / "bench_noop_server.py")]
+        ceiling = drive(noop, Path(tmp) / "noop.log", args.duration_s)
 
-    header = ("load", "req/s", "images/s", "p50 ms", "p99 ms", "of limit", "errors", "gen CPU")
+    header = ("load", "req/s", "images/s", "p50 ms", "p99 ms", "of limit", "no-op req/s",
+              "of no-op", "errors", "gen CPU")  # fmt: skip
     table = [header]
-    table.append((f"in-process, batch {best}", "", f"{limit:,.0f}", "", "", "100%", "", ""))
-    for concurrency, images, p in rows:
+    table.append((f"in-process, batch {best}", "", f"{limit:,.0f}", "", "", "100%", "", "", "", ""))
+    for (concurrency, images), p, c in zip(PHASES, rows, ceiling, strict=True):
         lat = p["latency_ms"]
         table.append((
             f"{images} img x conc {concurrency}",
@@ -129,6 +144,8 @@ def main() -> int:
             f"{lat['p50']:.2f}" if lat["p50"] is not None else "-",
             f"{lat['p99']:.2f}" if lat["p99"] is not None else "-",
             f"{100 * p['images_per_s'] / limit:.0f}%",
+            f"{c['requests_per_s']:,.0f}",
+            f"{100 * p['requests_per_s'] / c['requests_per_s']:.0f}%",
             str(sum(p["errors"].values())),
             f"{p['generator_cpu_cores']:.2f}",
         ))  # fmt: skip
@@ -141,10 +158,12 @@ def main() -> int:
             print("  ".join("-" * w for w in widths))
     print(f"\n{os.cpu_count()} CPUs shared by server and load generator; "
           "ratios are within this run.\n"
+          "no-op: the same load against a grpc.aio server that does no work.\n"
           "gen CPU: the load generator's own CPU time / wall time, in cores.")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"limit_images_per_s": limit, "best_batch": best,
-                                         "in_process": rates, "served": [r[2] for r in rows]},
+                                         "in_process": rates, "phases": PHASES, "served": rows,
+                                         "noop": ceiling},
                                         indent=2))  # fmt: skip
     return 0
 

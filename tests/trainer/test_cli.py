@@ -273,3 +273,14 @@ def test_data_flag_trains_on_idx_files(tmp_path: Path) -> None:
     assert record["hyperparameters"]["batch_size"] == "64"
     assert record["hyperparameters"]["optimizer"] == "rmsprop"
     assert np.array(record["confusion_matrix"]).sum() == 40
+
+
+@pytest.mark.slow
+def test_default_training_on_the_sample_reaches_96_percent(tmp_path: Path) -> None:
+    """The documented default: the sample, every setting left alone, >= 96% held out."""
+    base = tmp_path / "mnist"
+    assert main(["--dataset", "sample", "--quiet", "--model-base-path", str(base)]) == 0
+    record = read_record(base / "1")
+    assert record["dataset"] == "sample"
+    assert record["test_examples"] == 1000
+    assert record["test_accuracy"] >= 0.96, record["test_accuracy"]

@@ -1,0 +1,48 @@
+"""A convserve.v1 server that does no work: the ceiling `make bench` compares against.
+
+It answers Predict at once with uniform probabilities of the right shape, on
+the same grpc.aio stack as convserve-server, so the load generator measured
+against it shows what Python gRPC itself allows on this machine.
+
+    python tests/bench_noop_server.py   # prints "listening on 127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from convserve.client.tensor import from_tensor, to_tensor
+from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+
+
+class NoopServicer(convserve_pb2_grpc.ConvServeServicer):
+    async def Predict(
+        self, request: convserve_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> convserve_pb2.PredictResponse:
+        n = from_tensor(request.images, "images").shape[0]
+        return convserve_pb2.PredictResponse(
+            model_name="noop",
+            model_version=1,
+            digits=[0] * n,
+            confidences=[0.1] * n,
+            probabilities=to_tensor(np.full((n, 10), 0.1, np.float32)),
+        )
+
+
+async def serve() -> None:
+    server = grpc.aio.server()
+    convserve_pb2_grpc.add_ConvServeServicer_to_server(NoopServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())
