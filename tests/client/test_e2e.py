@@ -25,6 +25,9 @@ from convserve.client import (
     UnavailableError,
 )
 from convserve.client.cli import main
+from tests.reference import IMAGE7, K2, X3, edge_image, edge_response
+from tests.reference import W7 as W3
+from tests.reference import Y7 as EXPECTED7
 
 from .conftest import Certs
 
@@ -32,35 +35,10 @@ pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 180.0
 
-X3 = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-K2 = [[0, 1], [2, 3]]
-IMAGE7 = [
-    [0, 0, 0, 0, 0, 0, 0],
-    [0, 1, 0, 1, 2, 1, 0],
-    [0, 0, 2, 2, 0, 1, 0],
-    [0, 1, 1, 0, 2, 1, 0],
-    [0, 0, 2, 1, 1, 0, 0],
-    [0, 2, 1, 1, 2, 0, 0],
-    [0, 0, 0, 0, 0, 0, 0],
-]
-W3 = [[0, 0, -1], [0, 1, 0], [-2, 0, 2]]
-EXPECTED7 = [
-    [6, 5, -2, 1, 2],
-    [3, 0, 3, 2, -2],
-    [4, 2, -1, 0, 0],
-    [2, 1, 2, -1, -3],
-    [1, 1, 1, 3, 1],
-]
-
 
 def edge_pair() -> tuple[np.ndarray, np.ndarray]:
     """A 6x8 image of ones with columns 2-5 zero, and its [[1,-1]] response."""
-    x = np.ones((6, 8))
-    x[:, 2:6] = 0.0
-    y = np.zeros((6, 7))
-    y[:, 1] = 1.0
-    y[:, 5] = -1.0
-    return x, y
+    return edge_image(), edge_response()
 
 
 @dataclass

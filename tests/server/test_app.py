@@ -36,6 +36,7 @@ from convserve.server.logs import (
     configure_logging,
 )
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from tests.reference import IMAGE7, W7, Y7, edge_image
 from tests.server.wire_helpers import (
     StubMetrics,
     StubRuntime,
@@ -348,32 +349,8 @@ async def test_every_log_line_of_a_call_carries_its_request_id(
 
 # -- the real server ---------------------------------------------------------
 
-SEVEN = np.array(
-    [
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 0, 1, 2, 1, 0],
-        [0, 0, 2, 2, 0, 1, 0],
-        [0, 1, 1, 0, 2, 1, 0],
-        [0, 0, 2, 1, 1, 0, 0],
-        [0, 2, 1, 1, 2, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-    ],
-    dtype=np.float64,
-)
-SEVEN_W = np.array([[0, 0, -1], [0, 1, 0], [-2, 0, 2]], dtype=np.float64)
-SEVEN_Y = [
-    [6, 5, -2, 1, 2],
-    [3, 0, 3, 2, -2],
-    [4, 2, -1, 0, 0],
-    [2, 1, 2, -1, -3],
-    [1, 1, 1, 3, 1],
-]
-
-
-def edge_image() -> np.ndarray:
-    image = np.ones((6, 8))
-    image[:, 2:6] = 0
-    return image
+SEVEN = np.array(IMAGE7, dtype=np.float64)
+SEVEN_W = np.array(W7, dtype=np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -406,7 +383,7 @@ def test_reference_cross_correlation(client: Any) -> None:
 @pytest.mark.slow
 def test_reference_seven_by_seven_with_bias(client: Any) -> None:
     y = client.convolve(SEVEN, SEVEN_W, np.array([1.0]))
-    np.testing.assert_allclose(y, SEVEN_Y)
+    np.testing.assert_allclose(y, Y7)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convserve.server import errors, ops, types
+from tests import reference as ref
 
 CC = types.ConvolutionOptions()
 
@@ -65,44 +66,22 @@ def conv(x: Any, k: Any, bias: Any = None, dtype: Any = np.float32, **options: A
     return ops.convolve(req).output
 
 
-EDGE = np.ones((6, 8))
-EDGE[:, 2:6] = 0
+EDGE = ref.edge_image()
 
 
 def test_reference_cross_correlation() -> None:
-    out = conv([[0, 1, 2], [3, 4, 5], [6, 7, 8]], [[0, 1], [2, 3]])
-    np.testing.assert_array_equal(out, [[19, 25], [37, 43]])
+    out = conv(ref.X3, ref.K2)
+    np.testing.assert_array_equal(out, ref.Y3)
     assert out.dtype == np.float32
 
 
 def test_reference_image_with_bias() -> None:
-    image = [
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 0, 1, 2, 1, 0],
-        [0, 0, 2, 2, 0, 1, 0],
-        [0, 1, 1, 0, 2, 1, 0],
-        [0, 0, 2, 1, 1, 0, 0],
-        [0, 2, 1, 1, 2, 0, 0],
-        [0, 0, 0, 0, 0, 0, 0],
-    ]
-    kernel = [[0, 0, -1], [0, 1, 0], [-2, 0, 2]]
-    expected = [
-        [6, 5, -2, 1, 2],
-        [3, 0, 3, 2, -2],
-        [4, 2, -1, 0, 0],
-        [2, 1, 2, -1, -3],
-        [1, 1, 1, 3, 1],
-    ]
-    np.testing.assert_array_equal(conv(image, kernel, bias=1), expected)
-    np.testing.assert_array_equal(conv(image, kernel, bias=[1], dtype=np.float64), expected)
+    np.testing.assert_array_equal(conv(ref.IMAGE7, ref.W7, bias=1), ref.Y7)
+    np.testing.assert_array_equal(conv(ref.IMAGE7, ref.W7, bias=[1], dtype=np.float64), ref.Y7)
 
 
 def test_reference_edge_detection() -> None:
-    out = conv(EDGE, [[1, -1]])
-    expected = np.zeros((6, 7))
-    expected[:, 1] = 1
-    expected[:, 5] = -1
-    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(conv(EDGE, ref.EDGE_KERNEL), ref.edge_response())
     # The transposed image has horizontal edges only: the same kernel sees nothing.
     np.testing.assert_array_equal(conv(EDGE.T, [[1, -1]]), np.zeros((8, 5)))
 
