@@ -47,3 +47,15 @@ def running(
             thread.run(stop(server))
     finally:
         thread.close()
+
+
+@contextmanager
+def serving(settings: Any) -> Iterator[Any]:
+    """A real server (`app.start_server(settings)`) on a loop thread; stopped at once after."""
+    from convserve.server.app import start_server
+
+    async def stop(server: Any) -> None:
+        await server.stop(0)
+
+    with running(lambda: start_server(settings), stop) as server:
+        yield server

@@ -41,7 +41,7 @@ from tritonclient.utils import InferenceServerException
 from convserve.client import cli
 from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
-from tests.interop.loop_thread import running
+from tests.interop.loop_thread import serving
 from tests.interop.three_protocols import (
     PREDICT_SENDERS,
     Convolution,
@@ -69,12 +69,7 @@ def _settings(model_base_path: Path, **overrides: Any) -> Any:
 
 
 def _serve(settings: Any) -> Any:
-    from convserve.server.app import start_server
-
-    async def stop(server: Any) -> None:
-        await server.stop(0)
-
-    return running(lambda: start_server(settings), stop)
+    return serving(settings)
 
 
 # Small limits, so that the bad-input table can step over each of them cheaply.

@@ -355,13 +355,9 @@ SEVEN_W = np.array(W7, dtype=np.float64)
 
 @pytest.fixture(scope="module")
 def real_server(model_base_path: Path) -> Iterator[Any]:
-    from tests.interop.loop_thread import running
+    from tests.interop.loop_thread import serving
 
-    async def stop(server: Any) -> None:
-        await server.stop(0)
-
-    settings = settings_for(model_base_path)
-    with running(lambda: start_server(settings), stop) as server:
+    with serving(settings_for(model_base_path)) as server:
         yield server
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from convserve.client.tensor import PROTO_TO_DTYPE, to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc, tensor_pb2
-from tests.interop.loop_thread import running
+from tests.interop.loop_thread import serving
 from tests.server.wire_helpers import settings_for
 
 pytestmark = pytest.mark.slow
@@ -43,13 +43,7 @@ CORR_K = np.array([[0.0, 1.0], [2.0, 3.0]])
 
 @pytest.fixture(scope="module")
 def server(model_base_path: Path) -> Iterator[Any]:
-    from convserve.server.app import start_server
-
-    async def stop(server: Any) -> None:
-        await server.stop(0)
-
-    settings = settings_for(model_base_path, **LIMITS)
-    with running(lambda: start_server(settings), stop) as running_server:
+    with serving(settings_for(model_base_path, **LIMITS)) as running_server:
         yield running_server
 
 

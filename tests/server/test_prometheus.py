@@ -18,7 +18,7 @@ import pytest
 from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from tests.conftest import require_tool
-from tests.interop.loop_thread import running
+from tests.interop.loop_thread import serving
 from tests.server.wire_helpers import poll, sample_value, scrape, settings_for
 
 pytestmark = pytest.mark.slow
@@ -41,13 +41,7 @@ EXPECTED_FAMILIES = [
 
 @pytest.fixture(scope="module")
 def server(model_base_path: Path) -> Iterator[Any]:
-    from convserve.server.app import start_server
-
-    async def stop(server: Any) -> None:
-        await server.stop(0)
-
-    settings = settings_for(model_base_path)
-    with running(lambda: start_server(settings), stop) as running_server:
+    with serving(settings_for(model_base_path)) as running_server:
         yield running_server
 
 
