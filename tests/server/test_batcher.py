@@ -405,6 +405,62 @@ async def test_requests_of_different_shapes_never_share_a_batch() -> None:
     assert [b.shape for b in recorder.batches] == [(1, 3), (2, 5), (2, 3)]
 
 
+async def test_without_prepare_dtypes_never_share_a_batch() -> None:
+    batcher, executor, recorder, _ = make()
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    small = asyncio.create_task(batcher.submit(rows(10, 2).astype(np.uint8)))
+    wide = asyncio.create_task(batcher.submit(rows(20, 2)))
+    await run_all(executor)
+    await asyncio.gather(first, small, wide)
+    assert [(b.shape[0], b.dtype) for b in recorder.batches] == [
+        (1, np.float64),
+        (2, np.uint8),
+        (2, np.float64),
+    ]
+
+
+async def test_prepare_runs_in_the_executor_and_lets_dtypes_share_a_batch() -> None:
+    loop_thread = threading.get_ident()
+    prepared_on: list[int] = []
+
+    def prepare(piece: np.ndarray) -> np.ndarray:
+        prepared_on.append(threading.get_ident())
+        return piece.astype(np.float64) / 10 if piece.dtype == np.uint8 else piece
+
+    recorder = Recorder()
+    release = threading.Event()
+
+    def run_batch(batch: np.ndarray) -> np.ndarray:
+        # The first batch is held until the next two requests have queued up.
+        assert release.wait(10)
+        return recorder(batch)
+
+    batcher = DynamicBatcher(
+        run_batch,
+        name="prepare",
+        max_batch_size=8,
+        batch_timeout_s=0.0,
+        max_queued_items=100,
+        max_concurrent_batches=1,
+        prepare=prepare,
+    )
+    first = asyncio.create_task(batcher.submit(rows(0, 1)))
+    await settle()
+    small = asyncio.create_task(batcher.submit((rows(10, 2) * 10).astype(np.uint8)))
+    wide = asyncio.create_task(batcher.submit(rows(20, 2)))
+    await settle()
+    release.set()
+    results = await asyncio.wait_for(asyncio.gather(first, small, wide), 10)
+    np.testing.assert_array_equal(results[1], rows(10, 2) * 2)
+    np.testing.assert_array_equal(results[2], rows(20, 2) * 2)
+    # The uint8 and float64 requests were merged into one float64 batch (padded to 4).
+    assert [(b.shape[0], b.dtype) for b in recorder.batches] == [(1, np.float64), (4, np.float64)]
+    assert prepared_on
+    assert loop_thread not in prepared_on
+    await batcher.close()
+
+
 async def test_observer_sees_depths_and_batches() -> None:
     observer = Observer()
     batcher, executor, _, clock = make(observer=observer)

@@ -84,12 +84,12 @@ def test_model_loads_and_the_serving_version() -> None:
     metrics.model_loaded("mnist", 3, ok=True)
     assert value(metrics, "convserve_model_loads_total", model="mnist", result="success") == 2
     assert value(metrics, "convserve_model_loads_total", model="mnist", result="failure") == 1
-    metrics.serving("mnist", 1, "/CPU:0", loaded_versions=1)
-    metrics.serving("mnist", 3, "/CPU:0", loaded_versions=2)
+    metrics.serving("mnist", 1, "/CPU:0", "litert", loaded_versions=1)
+    metrics.serving("mnist", 3, "/CPU:0", "tensorflow", loaded_versions=2)
     info = [s for s in samples(metrics) if s.name == "convserve_model_info"]
     # Only the serving version is reported.
     assert [(s.labels, s.value) for s in info] == [
-        ({"model": "mnist", "version": "3", "device": "/CPU:0"}, 1.0)
+        ({"model": "mnist", "version": "3", "device": "/CPU:0", "engine": "tensorflow"}, 1.0)
     ]
     assert value(metrics, "convserve_model_versions_loaded", model="mnist") == 2
 
@@ -120,7 +120,7 @@ def test_promtool_accepts_every_metric() -> None:
     metrics.batch_observer("Predict").on_batch(2, 2, [0.0, 0.0], 0.001)
     metrics.batch_observer("Predict").on_queue_depth(0)
     metrics.model_loaded("mnist", 1, ok=True)
-    metrics.serving("mnist", 1, "/CPU:0", loaded_versions=1)
+    metrics.serving("mnist", 1, "/CPU:0", "litert", loaded_versions=1)
     metrics.device_memory.labels(device="/GPU:0", kind="current").set(1024)
     text = generate_latest(metrics.registry)
     result = subprocess.run(

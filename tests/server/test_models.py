@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +185,95 @@ def test_a_real_export_loads_warms_up_and_describes_itself(
     assert [row.name for row in meta.layers] == [r["name"] for r in model.record["layers"]]
     assert meta.training["model_name"] == model.record["model_name"]
     assert meta.inputs[0].shape == (-1, 28, 28, 1)
+
+
+# -- the LiteRT engine ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_litert_predicts_what_the_savedmodel_predicts_from_every_thread(
+    model_base_path: Path, sample_digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    model = models.load_model(
+        "mnist", 1, model_base_path / "1", "/CPU:0", [1, 2, 4, 8], engine="litert", engine_copies=2
+    )
+    assert model.engine == "litert"
+    assert model.litert is not None
+    assert model.litert.copies == 2
+    images = sample_digits[0].astype(np.float32)[..., None] / 255
+    expected = model.predict_tensorflow(images)
+    got = model.predict(images)
+    assert got.dtype == np.float32
+    assert got.shape == expected.shape
+    assert np.max(np.abs(got - expected)) <= models.PARITY_TOLERANCE
+    assert np.array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+
+    # More callers than interpreters, at changing batch sizes: each gets its own rows.
+    failures: list[str] = []
+
+    def caller(offset: int) -> None:
+        for size in (1, 3, 8, 5, 1, 16) * 3:
+            start = (offset * 7 + size) % (len(images) - size)
+            out = model.predict(images[start : start + size])
+            if np.max(np.abs(out - expected[start : start + size])) > models.PARITY_TOLERANCE:
+                failures.append(f"caller {offset}, rows {start}..{start + size}")
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+
+
+@pytest.mark.slow
+def test_a_conversion_that_fails_leaves_tensorflow_serving(
+    model_base_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(module: object) -> bytes:
+        raise RuntimeError("op not supported")
+
+    monkeypatch.setattr(models, "convert_to_litert", refuse)
+    with caplog.at_level(logging.WARNING, logger=models.__name__):
+        model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="litert")
+    assert model.engine == "tensorflow"
+    assert model.litert is None
+    assert "LiteRT conversion failed, TensorFlow serves it: op not supported" in caplog.text
+    assert model.predict(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_a_conversion_that_disagrees_is_never_served(
+    model_base_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    honest = models.LiteRtEngine.__call__
+
+    def off_by_a_little(self: models.LiteRtEngine, images: np.ndarray) -> np.ndarray:
+        return honest(self, images) + np.float32(1e-3)
+
+    monkeypatch.setattr(models.LiteRtEngine, "__call__", off_by_a_little)
+    with caplog.at_level(logging.WARNING, logger=models.__name__):
+        model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="litert")
+    assert model.engine == "tensorflow"
+    assert "LiteRT differs from the SavedModel by 0.001" in caplog.text
+
+
+@pytest.mark.slow
+def test_tensorflow_engine_and_gpu_devices_never_convert(
+    model_base_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_run(module: object) -> bytes:
+        raise AssertionError("converted")
+
+    monkeypatch.setattr(models, "convert_to_litert", must_not_run)
+    model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="tensorflow")
+    assert model.engine == "tensorflow"
+    # No GPU here: TensorFlow places the ops on the CPU (soft placement), but the
+    # choice of engine follows the device asked for.
+    model = models.load_model("mnist", 1, model_base_path / "1", "/GPU:0", engine="litert")
+    assert model.engine == "tensorflow"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="onnx")
 
 
 @pytest.mark.slow

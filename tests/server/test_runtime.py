@@ -452,6 +452,13 @@ async def test_new_versions_swap_in_under_load_and_corrupt_ones_are_refused(
     # Once version 2 was serving, no new request went back to version 1.
     assert 1 not in seen[seen.index(4) :]
     assert value(metrics, "convserve_model_loads_total", model="mnist", result="success") == 3
-    info = value(metrics, "convserve_model_info", model="mnist", version="4", device="/CPU:0")
+    info = value(
+        metrics,
+        "convserve_model_info",
+        model="mnist",
+        version="4",
+        device="/CPU:0",
+        engine="litert",
+    )
     assert info == 1
     assert models.discover_versions(base) == [1, 2, 3, 4]

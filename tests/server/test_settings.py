@@ -14,7 +14,7 @@ COMMON_FIELDS = [
     "max_concurrent_batches", "max_images_per_request", "max_message_bytes",
     "max_conv_elements", "max_kernel_elements", "max_fit_steps", "fit_time_budget_s",
     "grace_period_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
-    "log_format", "log_level",
+    "log_format", "log_level", "cpu_engine", "engine_threads",
 ]  # fmt: skip
 
 
@@ -34,6 +34,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert settings.port == 8500
     assert settings.metrics_port == 8502
     assert settings.device == "auto"
+    assert settings.cpu_engine == "litert"
     assert settings.log_format == "text"
     assert settings.log_level == "INFO"
     assert settings.read_auth_token() is None
@@ -67,6 +68,17 @@ def test_environment_variables_fill_fields(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.device == "gpu:1"
 
 
+def test_engine_threads_default_to_a_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert Settings.from_argv(["--max-concurrent-batches", "2"]).engine_threads_per_call == 4
+    assert Settings.from_argv(["--max-concurrent-batches", "16"]).engine_threads_per_call == 1
+    monkeypatch.setenv("CONVSERVE_ENGINE_THREADS", "3")
+    monkeypatch.setenv("CONVSERVE_CPU_ENGINE", "tensorflow")
+    settings = Settings.from_argv([])
+    assert settings.engine_threads_per_call == 3
+    assert settings.cpu_engine == "tensorflow"
+
+
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVSERVE_PORT", "9100")
     monkeypatch.setenv("CONVSERVE_MODEL_NAME", "from-env")
@@ -86,6 +98,8 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--poll-interval-s", "0"], "--poll-interval-s / CONVSERVE_POLL_INTERVAL_S"),
         (["--device", "tpu"], '--device / CONVSERVE_DEVICE: expected "auto", "cpu"'),
         (["--log-format", "xml"], "--log-format / CONVSERVE_LOG_FORMAT"),
+        (["--cpu-engine", "onnx"], "--cpu-engine / CONVSERVE_CPU_ENGINE: Input should be 'litert'"),
+        (["--engine-threads", "-1"], "--engine-threads / CONVSERVE_ENGINE_THREADS"),
         (["--log-level", "chatty"], "--log-level / CONVSERVE_LOG_LEVEL: expected one of DEBUG"),
         (["--grace-period-s", "-1"], "--grace-period-s"),
         (["--tls-cert", "/no/such/cert.pem"], "no such file: /no/such/cert.pem"),

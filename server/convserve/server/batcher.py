@@ -17,8 +17,14 @@ size from ``pad_sizes`` so that TensorFlow sees few distinct shapes and does
 not retrace; padding rows are dropped before results are handed out.
 
 ``run_batch`` is synchronous and runs in an executor so the event loop never
-blocks on the model. Only requests whose rows have the same trailing shape and
-dtype share a batch.
+blocks on the model. Only requests whose rows have the same trailing shape
+(and dtype, unless a ``prepare`` function is given) share a batch.
+
+``prepare``, if given, turns each request's rows into the model's input (e.g.
+uint8 pixels into float32) in the executor thread, just before the batch is
+assembled: requests of different dtypes can then share a batch, and the event
+loop does no per-element work (numpy releases the GIL for larger arrays, and
+taking it back behind a busy model thread would stall every other request).
 """
 
 from __future__ import annotations
@@ -69,10 +75,10 @@ class _Request:
     def untaken(self) -> int:
         return self.size - self.taken
 
-    def compatible(self, other: _Request) -> bool:
-        return (
-            self.items.shape[1:] == other.items.shape[1:] and self.items.dtype == other.items.dtype
-        )
+    def compatible(self, other: _Request, *, same_dtype: bool) -> bool:
+        if self.items.shape[1:] != other.items.shape[1:]:
+            return False
+        return not same_dtype or self.items.dtype == other.items.dtype
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class DynamicBatcher:
         executor: concurrent.futures.Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: BatchObserver | None = None,
+        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -134,6 +141,7 @@ class DynamicBatcher:
             # A batch never exceeds max_batch_size, so larger sizes would never be used.
             sizes = sorted({s for s in pad_sizes if s <= max_batch_size} | {max_batch_size})
         self._run_batch = run_batch
+        self._prepare = prepare
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -287,7 +295,7 @@ class DynamicBatcher:
                 continue
             if head is None:
                 head = request
-            elif not request.compatible(head):
+            elif not request.compatible(head, same_dtype=self._prepare is None):
                 continue
             take = min(request.untaken, self.max_batch_size - rows)
             start = request.taken
@@ -335,6 +343,8 @@ class DynamicBatcher:
     def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
         """Runs in the executor: assemble, pad, run, check the row count."""
         pieces = [part.request.items[part.start : part.stop] for part in slices]
+        if self._prepare is not None:
+            pieces = [self._prepare(piece) for piece in pieces]
         rows = sum(p.shape[0] for p in pieces)
         if padded > rows:
             last = pieces[-1][-1:]

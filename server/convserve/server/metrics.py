@@ -130,7 +130,7 @@ class Metrics:
         )
         self.model_info = Info(
             "convserve_model",
-            "The serving model version and the device it computes on.",
+            "The serving model version, the device it computes on and the engine that computes.",
             ["model"],
             registry=reg,
         )
@@ -163,9 +163,13 @@ class Metrics:
     def model_loaded(self, model: str, version: int, ok: bool) -> None:
         self.model_loads.labels(model=model, result="success" if ok else "failure").inc()
 
-    def serving(self, model: str, version: int, device: str, loaded_versions: int) -> None:
+    def serving(
+        self, model: str, version: int, device: str, engine: str, loaded_versions: int
+    ) -> None:
         """Record the version now serving (replaces the previous one in the info metric)."""
-        self.model_info.labels(model=model).info({"version": str(version), "device": device})
+        self.model_info.labels(model=model).info(
+            {"version": str(version), "device": device, "engine": engine}
+        )
         self.versions_loaded.labels(model=model).set(loaded_versions)
 
     def update_device_memory(self, device: str) -> None:

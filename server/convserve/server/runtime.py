@@ -166,6 +166,9 @@ class Runtime:
             loader=functools.partial(
                 models.load_model,
                 warm_batch_sizes=default_pad_sizes(self.settings.max_batch_size),
+                engine=self.settings.cpu_engine,
+                engine_threads=self.settings.engine_threads_per_call,
+                engine_copies=self.settings.max_concurrent_batches,
             ),
         )
         await self._manager.poll_once()
@@ -229,8 +232,9 @@ class Runtime:
             max_queued_items=self.settings.max_queued_images,
             max_concurrent_batches=self.settings.max_concurrent_batches,
             observer=self._predict_observer,
+            prepare=self._as_float,
         )
-        self.metrics.serving(model.name, model.version, model.device, loaded)
+        self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
         self.metrics.update_device_memory(model.device)
 
     def _release(self, model: models.LoadedModel) -> None:
@@ -310,7 +314,7 @@ class Runtime:
 
     @staticmethod
     def _as_float(images: np.ndarray) -> np.ndarray:
-        """uint8 0..255 -> float32 0..1, so uint8 and float32 requests share batches."""
+        """uint8 0..255 -> float32 0..1 (the model's input); float32 passes through."""
         if images.dtype == np.uint8:
             return images.astype(np.float32) / np.float32(255.0)
         return np.asarray(images, dtype=np.float32)
@@ -326,7 +330,8 @@ class Runtime:
         (queue full), DeadlineExceeded, Unavailable (shutting down).
         """
         self._check_open()
-        images = self._as_float(self.check_images(value.images, "images"))
+        # uint8 stays uint8 until the batcher's thread converts it (`_as_float`).
+        images = self.check_images(value.images, "images")
         _check_deadline(deadline, "Predict")
         n = int(images.shape[0])
         queued = self._predict_queued()

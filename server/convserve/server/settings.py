@@ -12,6 +12,7 @@ own, because command lines are visible to every user of the machine.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,22 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto",
         description='TensorFlow device: "auto" (first GPU, else CPU), "cpu", "gpu" or "gpu:N"',
+    )
+    cpu_engine: Literal["litert", "tensorflow"] = Field(
+        "litert",
+        description=(
+            'what computes predictions on a CPU: "litert" (the SavedModel converted at load '
+            'and checked against it; falls back to TensorFlow if they differ) or "tensorflow"'
+        ),
+    )
+    engine_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description=(
+            "CPU threads each LiteRT model call may use (0: the CPU count divided by "
+            "max_concurrent_batches)"
+        ),
     )
     poll_interval_s: float = Field(
         2.0,
@@ -201,6 +218,13 @@ class Settings(BaseSettings):
         if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
             raise ValueError(f"{ENV_PREFIX}AUTH_TOKEN is set but empty")
         return self
+
+    @property
+    def engine_threads_per_call(self) -> int:
+        """`engine_threads`, with 0 resolved against this machine's CPU count."""
+        if self.engine_threads:
+            return self.engine_threads
+        return max(1, (os.cpu_count() or 1) // self.max_concurrent_batches)
 
     @property
     def batch_timeout_s(self) -> float:
