@@ -37,22 +37,35 @@ PHASES = ((1, 1), (16, 1), (64, 1), (16, 32))
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 
 
-def model_limit(version_dir: Path, seconds_per_size: float) -> dict[int, float]:
-    """images/s of the float32 signature per batch size, measured in-process."""
-    import tensorflow as tf
+def model_limit(version_dir: Path, seconds_per_size: float) -> dict[str, dict[int, float]]:
+    """images/s per batch size, in-process, of both engines the server can predict with.
 
-    predict = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    "litert": the model as the server loads it on a CPU (serving_default
+    converted to LiteRT, one call at a time with all CPUs); "tensorflow": the
+    SavedModel's serving_default signature itself.
+    """
+    from convserve.server import models
+
+    model = models.load_model(
+        "mnist", 1, version_dir, "/CPU:0", engine="litert", engine_threads=os.cpu_count() or 1
+    )
+    if model.engine != "litert":
+        raise SystemExit("the model did not convert to LiteRT; see the warning above")
+    engines = {"litert": model.predict, "tensorflow": model.predict_tensorflow}
     rng = np.random.default_rng(0)
-    rates: dict[int, float] = {}
-    for size in BATCH_SIZES:
-        images = tf.constant(rng.random((size, 28, 28, 1), dtype=np.float32))
-        predict(images=images)  # the first call traces
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds_per_size:
-            predict(images=images)["probabilities"].numpy()
-            count += size
-        rates[size] = count / (time.perf_counter() - start)
-        print(f"  in-process batch {size:>3}: {rates[size]:>9,.0f} images/s", flush=True)
+    rates: dict[str, dict[int, float]] = {}
+    for engine, predict in engines.items():
+        rates[engine] = {}
+        for size in BATCH_SIZES:
+            images = rng.random((size, 28, 28, 1), dtype=np.float32)
+            predict(images)  # the first call at a size traces or plans
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds_per_size:
+                predict(images)
+                count += size
+            rates[engine][size] = count / (time.perf_counter() - start)
+            print(f"  in-process {engine:<10} batch {size:>3}: "
+                  f"{rates[engine][size]:>9,.0f} images/s", flush=True)  # fmt: skip
     return rates
 
 
@@ -120,8 +133,10 @@ def main() -> int:
         version = max(int(p.name) for p in base.iterdir() if p.name.isdigit())
         print(f"1. in-process limit of {base}/{version}:", flush=True)
         rates = model_limit(base / str(version), seconds_per_size=3.0)
-        best = max(rates, key=lambda s: rates[s])
-        limit = rates[best]
+        best = max(rates["litert"], key=lambda s: rates["litert"][s])
+        limit = rates["litert"][best]
+        tf_best = max(rates["tensorflow"], key=lambda s: rates["tensorflow"][s])
+        tf_limit = rates["tensorflow"][tf_best]
 
         print("2. served, through convserve bench:", flush=True)
         serve = [str(BIN / "convserve-server"), "--model-base-path", str(base), "--port", "0",
@@ -134,7 +149,11 @@ def main() -> int:
     header = ("load", "req/s", "images/s", "p50 ms", "p99 ms", "of limit", "no-op req/s",
               "of no-op", "errors", "gen CPU")  # fmt: skip
     table = [header]
-    table.append((f"in-process, batch {best}", "", f"{limit:,.0f}", "", "", "100%", "", "", "", ""))
+    table.append(
+        (f"in-process LiteRT, batch {best}", "", f"{limit:,.0f}", "", "", "100%", "", "", "", "")
+    )
+    table.append((f"in-process TensorFlow, batch {tf_best}", "", f"{tf_limit:,.0f}", "", "",
+                  f"{100 * tf_limit / limit:.0f}%", "", "", "", ""))  # fmt: skip
     for (concurrency, images), p, c in zip(PHASES, rows, ceiling, strict=True):
         lat = p["latency_ms"]
         table.append((
@@ -158,10 +177,13 @@ def main() -> int:
             print("  ".join("-" * w for w in widths))
     print(f"\n{os.cpu_count()} CPUs shared by server and load generator; "
           "ratios are within this run.\n"
+          "limit: the LiteRT engine in-process at its best batch size (what the server runs\n"
+          f"on a CPU); the SavedModel in TensorFlow reaches {tf_limit:,.0f} images/s.\n"
           "no-op: the same load against a grpc.aio server that does no work.\n"
           "gen CPU: the load generator's own CPU time / wall time, in cores.")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"limit_images_per_s": limit, "best_batch": best,
+                                         "tensorflow_limit_images_per_s": tf_limit,
                                          "in_process": rates, "phases": PHASES, "served": rows,
                                          "noop": ceiling},
                                         indent=2))  # fmt: skip

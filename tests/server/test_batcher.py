@@ -461,6 +461,88 @@ async def test_prepare_runs_in_the_executor_and_lets_dtypes_share_a_batch() -> N
     await batcher.close()
 
 
+async def test_small_batch_on_an_idle_model_runs_inline_on_the_loop() -> None:
+    loop_thread = threading.get_ident()
+    ran_on: list[int] = []
+
+    def run_batch(batch: np.ndarray) -> np.ndarray:
+        ran_on.append(threading.get_ident())
+        return batch * 2
+
+    batcher, executor, _, _ = make(run_batch, inline_max_rows=4)
+    result = await batcher.submit(rows(0, 3))
+    np.testing.assert_array_equal(result, rows(0, 3) * 2)
+    assert ran_on == [loop_thread]
+    assert executor.pending == []
+    # Over the inline limit: the batch goes to the executor.
+    big = asyncio.create_task(batcher.submit(rows(10, 5)))
+    await executor.submitted.wait()
+    assert len(executor.pending) == 1
+    await run_all(executor)
+    np.testing.assert_array_equal(await big, rows(10, 5) * 2)
+
+
+async def test_while_a_batch_runs_small_requests_queue_instead_of_running_inline() -> None:
+    batcher, executor, recorder, _ = make(inline_max_rows=4, max_batch_size=8)
+    big = asyncio.create_task(batcher.submit(rows(0, 6)))
+    await executor.submitted.wait()
+    small = [asyncio.create_task(batcher.submit(rows(10 + 2 * i, 2))) for i in range(2)]
+    await settle()
+    assert not any(t.done() for t in small)  # the model is busy: nothing ran inline
+    executor.run_next()  # the big batch finishes; the two small ones form the next batch
+    await settle()
+    # That next batch (4 rows) found the model idle, so it ran inline at once.
+    assert executor.pending == []
+    results = await asyncio.gather(big, *small)
+    np.testing.assert_array_equal(results[1], rows(10, 2) * 2)
+    np.testing.assert_array_equal(results[2], rows(12, 2) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [8, 4]  # 6 padded to 8, then 2 + 2
+
+
+async def test_only_a_batch_that_empties_the_queue_runs_inline() -> None:
+    batcher, executor, recorder, _ = make(inline_max_rows=4, max_batch_size=4)
+    task = asyncio.create_task(batcher.submit(rows(0, 10)))
+    await settle()
+    # 4 + 4 + 2 rows: while parts remain queued, each goes to the executor ...
+    for _ in range(2):
+        assert len(executor.pending) == 1
+        executor.run_next()
+        await settle()
+    # ... and the last one, which leaves the queue empty, ran inline.
+    assert executor.pending == []
+    np.testing.assert_array_equal(await task, rows(0, 10) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [4, 4, 2]
+
+
+async def test_inline_calls_still_give_the_loop_a_turn() -> None:
+    batcher, executor, _, _ = make(inline_max_rows=4)
+    other_work = asyncio.Event()
+    asyncio.get_running_loop().call_soon(other_work.set)
+    for n in range(3):
+        np.testing.assert_array_equal(await batcher.submit(rows(n, 1)), rows(n, 1) * 2)
+    assert executor.pending == []
+    assert other_work.is_set()
+
+
+async def test_an_inline_failure_reaches_only_its_batch() -> None:
+    calls = 0
+
+    def run_batch(batch: np.ndarray) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("model exploded")
+        return batch * 2
+
+    batcher, executor, _, _ = make(run_batch, inline_max_rows=4)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        await batcher.submit(rows(0, 2))
+    np.testing.assert_array_equal(await batcher.submit(rows(5, 1)), rows(5, 1) * 2)
+    assert batcher.queued_items == 0
+    assert executor.pending == []
+    await batcher.close()
+
+
 async def test_observer_sees_depths_and_batches() -> None:
     observer = Observer()
     batcher, executor, _, clock = make(observer=observer)
@@ -533,9 +615,10 @@ def test_rejects_bad_configuration() -> None:
     max_batch_size=st.integers(1, 9),
     slots=st.integers(1, 3),
     cancel=st.sets(st.integers(0, 11), max_size=3),
+    inline_max_rows=st.sampled_from([0, 2, 16]),
 )
 def test_every_waiter_gets_exactly_its_own_rows(
-    sizes: list[int], max_batch_size: int, slots: int, cancel: set[int]
+    sizes: list[int], max_batch_size: int, slots: int, cancel: set[int], inline_max_rows: int
 ) -> None:
     async def scenario() -> None:
         observer = Observer()
@@ -544,6 +627,7 @@ def test_every_waiter_gets_exactly_its_own_rows(
             max_concurrent_batches=slots,
             max_queued_items=1000,
             observer=observer,
+            inline_max_rows=inline_max_rows,
         )
         starts = np.cumsum([0, *sizes])[:-1] * 1.0
         tasks = []

@@ -21,6 +21,8 @@ DTYPE_TO_PROTO: dict[np.dtype, tensor_pb2.DataType.ValueType] = {
     np.dtype(np.int64): tensor_pb2.DATA_TYPE_INT64,
 }
 PROTO_TO_DTYPE: dict[int, np.dtype] = {v: k.newbyteorder("<") for k, v in DTYPE_TO_PROTO.items()}
+# Arrays already in wire byte order (little-endian) convert without a copy to a new layout.
+_LITTLE_ENDIAN_TO_PROTO = {k.newbyteorder("<"): v for k, v in DTYPE_TO_PROTO.items()}
 
 # Far above any real request, far below what int64 shape products overflow to.
 MAX_ELEMENTS = 1 << 40
@@ -54,6 +56,10 @@ def to_tensor(
     Raises TypeError for element types the wire format does not carry.
     """
     arr = np.asarray(array, dtype=dtype)
+    proto_dtype = _LITTLE_ENDIAN_TO_PROTO.get(arr.dtype)
+    if proto_dtype is not None and arr.flags.c_contiguous:
+        # Already what the wire carries (the common case of a server's outputs).
+        return tensor_pb2.Tensor(dtype=proto_dtype, shape=arr.shape, content=arr.tobytes())
     if arr.dtype == np.float16 or arr.dtype == np.bool_:
         arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.uint8)
     native = arr.dtype.newbyteorder("=")
@@ -87,10 +93,10 @@ def from_tensor(
             f"got {dtype_name(tensor.dtype)}",
         )
     dtype = PROTO_TO_DTYPE[tensor.dtype]
-    shape = tuple(int(d) for d in tensor.shape)
+    shape = tuple(tensor.shape)
     if not shape:
         raise TensorError(field, "shape must have at least one dimension, got []")
-    if any(d <= 0 for d in shape):
+    if min(shape) <= 0:
         raise TensorError(field, f"every dimension must be positive, got shape {list(shape)}")
     # math.prod on Python ints cannot overflow, so a huge product is caught
     # here instead of wrapping around in numpy.

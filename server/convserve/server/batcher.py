@@ -122,6 +122,7 @@ class DynamicBatcher:
         clock: Callable[[], float] = time.monotonic,
         observer: BatchObserver | None = None,
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
+        inline_max_rows: int = 0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -142,6 +143,7 @@ class DynamicBatcher:
             sizes = sorted({s for s in pad_sizes if s <= max_batch_size} | {max_batch_size})
         self._run_batch = run_batch
         self._prepare = prepare
+        self.inline_max_rows = max(0, inline_max_rows)
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -208,6 +210,10 @@ class DynamicBatcher:
         self._set_queued(self._queued_items + n)
         self._maybe_dispatch()
         try:
+            if request.future.done():
+                # It ran inline: still give the loop a turn, or a caller awaiting
+                # submit in a loop would never let anything else run.
+                await asyncio.sleep(0)
             return await request.future
         finally:
             # Cancelled or failed: whatever was not yet handed to a batch is dropped.
@@ -308,8 +314,30 @@ class DynamicBatcher:
             self._check_idle()
             return
         self._set_queued(self._queued_items - rows)
+        # Inline only what empties the queue: the parts of a split request, or
+        # requests queued behind, would otherwise run one after another inline.
+        if rows <= self.inline_max_rows and not self._running and not self._queue:
+            self._run_inline(slices, rows)
+            return
         task = asyncio.get_running_loop().create_task(self._run(slices, rows))
         self._running.add(task)
+
+    def _run_inline(self, slices: list[_Slice], rows: int) -> None:
+        """Run a small batch on the calling (event loop) thread.
+
+        For a model call of a tenth of a millisecond, handing the batch to a
+        worker thread and the result back costs more than the call itself.
+        Only done when no batch is running (the model is idle) and the batch
+        takes everything queued, so the loop is held for one small call at most.
+        """
+        try:
+            output, run_s = self._call_model(slices, self.padded_size(rows))
+        except Exception as exc:
+            for part in slices:
+                self._fail(part.request, exc)
+        else:
+            self._finish(slices, rows, output, run_s)
+        self._check_idle()
 
     async def _run(self, slices: list[_Slice], rows: int) -> None:
         padded = self.padded_size(rows)
@@ -323,22 +351,27 @@ class DynamicBatcher:
                 for part in slices:
                     self._fail(part.request, exc)
                 return
-            if self._observer is not None:
-                try:
-                    self._observer.on_batch(rows, padded, [s.wait_s for s in slices], run_s)
-                except Exception:
-                    log.exception("batch observer failed")
-            offset = 0
-            for part in slices:
-                length = part.stop - part.start
-                self._deliver(part, output[offset : offset + length])
-                offset += length
+            self._finish(slices, rows, output, run_s)
         finally:
             task = asyncio.current_task()
             if task is not None:
                 self._running.discard(task)
             self._maybe_dispatch()
             self._check_idle()
+
+    def _finish(self, slices: list[_Slice], rows: int, output: np.ndarray, run_s: float) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_batch(
+                    rows, self.padded_size(rows), [s.wait_s for s in slices], run_s
+                )
+            except Exception:
+                log.exception("batch observer failed")
+        offset = 0
+        for part in slices:
+            length = part.stop - part.start
+            self._deliver(part, output[offset : offset + length])
+            offset += length
 
     def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
         """Runs in the executor: assemble, pad, run, check the row count."""

@@ -75,6 +75,8 @@ _TRAINING_FIELDS: dict[str, type] = {
 
 # -- shared pieces ------------------------------------------------------------
 
+_DEFAULT_MODEL = types.ModelRef()
+
 
 def tensor_field(message: Any, name: str, field: str | None = None) -> np.ndarray:
     """Decode the Tensor in `message.<name>`; a missing tensor is an error naming `field`."""
@@ -95,6 +97,8 @@ def model_ref_from_proto(
     spec: convserve_pb2.ModelSpec, field: str = "model_spec"
 ) -> types.ModelRef:
     """ModelSpec -> ModelRef: an empty name is the default model, no version the newest."""
+    if not spec.name and not spec.HasField("version"):
+        return _DEFAULT_MODEL
     version: int | None = None
     if spec.HasField("version"):
         version = int(spec.version)
@@ -186,12 +190,13 @@ def predict_request_to_proto(value: types.PredictInput) -> convserve_pb2.Predict
 
 
 def predict_response_to_proto(value: types.PredictOutput) -> convserve_pb2.PredictResponse:
+    probabilities = np.asarray(value.probabilities, np.float32)
     return convserve_pb2.PredictResponse(
         model_name=value.model_name,
         model_version=value.model_version,
-        digits=value.digits.tolist(),
-        confidences=value.confidences.tolist(),
-        probabilities=to_tensor(value.probabilities, np.float32),
+        digits=probabilities.argmax(axis=1).tolist(),
+        confidences=probabilities.max(axis=1).tolist(),
+        probabilities=to_tensor(probabilities),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -146,15 +147,35 @@ class Metrics:
             ["model"],
             registry=reg,
         )
+        self._request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._counts: dict[tuple[str, str, str], Any] = {}
 
     def request_started(self, protocol: str, rpc: str) -> None:
-        self.inflight.labels(protocol=protocol, rpc=rpc).inc()
+        self._series(protocol, rpc)[0].inc()
 
     def request_finished(self, protocol: str, rpc: str, code: str, seconds: float) -> None:
         """`code` is the gRPC status code name, e.g. "OK" or "INVALID_ARGUMENT"."""
-        self.inflight.labels(protocol=protocol, rpc=rpc).dec()
-        self.requests.labels(protocol=protocol, rpc=rpc, code=code).inc()
-        self.request_duration.labels(protocol=protocol, rpc=rpc).observe(max(0.0, seconds))
+        inflight, duration = self._series(protocol, rpc)
+        inflight.dec()
+        counter = self._counts.get((protocol, rpc, code))
+        if counter is None:
+            counter = self.requests.labels(protocol=protocol, rpc=rpc, code=code)
+            self._counts[(protocol, rpc, code)] = counter
+        counter.inc()
+        duration.observe(max(0.0, seconds))
+
+    def _series(self, protocol: str, rpc: str) -> tuple[Any, Any]:
+        # labels() validates and hashes its arguments under a lock on every call, a
+        # sizeable part of a small request's cost; the label values come from fixed
+        # sets, so their series are looked up once.
+        series = self._request_series.get((protocol, rpc))
+        if series is None:
+            series = (
+                self.inflight.labels(protocol=protocol, rpc=rpc),
+                self.request_duration.labels(protocol=protocol, rpc=rpc),
+            )
+            self._request_series[(protocol, rpc)] = series
+        return series
 
     def batch_observer(self, rpc: str) -> BatchObserver:
         """An observer for `DynamicBatcher` (or any operation call) of `rpc`."""

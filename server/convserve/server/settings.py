@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     max_concurrent_batches: int = Field(
         2, ge=1, le=64, description="model calls that may run at the same time"
     )
+    inline_max_images: int = Field(
+        16,
+        ge=0,
+        le=64,
+        description=(
+            "batches of at most this many images run on the event loop when the model is "
+            "idle, skipping the hand-off to a worker thread (LiteRT engine only; 0: never)"
+        ),
+    )
 
     # Request limits
     max_images_per_request: int = Field(
