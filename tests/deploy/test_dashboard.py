@@ -43,7 +43,7 @@ def _exercise(metrics: Any) -> None:
     observer.on_queue_depth(3)
     observer.on_batch(2, 2, [0.001, 0.002], 0.005)
     metrics.model_loaded("mnist", 1, True)
-    metrics.serving("mnist", 1, "/device:CPU:0", 1)
+    metrics.serving("mnist", 1, "/device:CPU:0", "litert", 1)
 
 
 def exported() -> dict[str, set[str] | None]:
