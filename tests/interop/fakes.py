@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from convserve.server import errors, ops, types
+from convserve.server import ops, types
+from tests.server.wire_helpers import stand_in_check_images, stand_in_version
 
 
 def fake_probabilities(images: np.ndarray) -> np.ndarray:
@@ -32,26 +33,10 @@ class FakeRuntime:
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
     def check_images(self, images: np.ndarray, field: str) -> np.ndarray:
-        if images.dtype not in (np.uint8, np.float32):
-            raise errors.InvalidArgument(field, f"uint8 or float32 expected, got {images.dtype}")
-        if images.shape[1:] not in ((28, 28, 1), (28, 28), (784,)):
-            raise errors.InvalidArgument(field, f"[N,28,28,1] expected, got {list(images.shape)}")
-        if len(images) > self.max_images:
-            raise errors.InvalidArgument(field, f"at most {self.max_images} images expected")
-        if images.dtype == np.float32 and not (
-            np.all(np.isfinite(images)) and images.min() >= 0 and images.max() <= 1
-        ):
-            raise errors.InvalidArgument(field, "finite values in [0, 1] expected")
-        return images.reshape(-1, 28, 28, 1)
+        return stand_in_check_images(images, field, self.max_images)
 
     def _version(self, ref: types.ModelRef) -> int:
-        if ref.name not in (None, self.model_name):
-            raise errors.NotFound(f"unknown model {ref.name!r}")
-        if ref.version is None:
-            return max(self.versions)
-        if ref.version not in self.versions:
-            raise errors.NotFound(f"version {ref.version} is not loaded")
-        return ref.version
+        return stand_in_version(ref, self.model_name, self.versions)
 
     async def predict(
         self, value: types.PredictInput, *, deadline: float | None, protocol: str

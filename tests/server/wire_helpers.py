@@ -30,6 +30,36 @@ from convserve.server import errors, ops, types
 LISTENING = re.compile(r"convserve-server listening on (\S+):(\d+) metrics on :(\d+)")
 
 
+def stand_in_check_images(images: np.ndarray, field: str, max_images: int) -> np.ndarray:
+    """The digit checks of the real runtime, in short, for stand-in runtimes."""
+    if images.dtype not in (np.uint8, np.float32):
+        raise errors.InvalidArgument(field, f"uint8 or float32 expected, got {images.dtype}")
+    if images.shape[1:] not in ((28, 28, 1), (28, 28), (784,)):
+        raise errors.InvalidArgument(
+            field, f"[N,28,28], [N,28,28,1] or [N,784] expected, got {list(images.shape)}"
+        )
+    if len(images) > max_images:
+        raise errors.InvalidArgument(
+            field, f"at most {max_images} images expected, got {len(images)}"
+        )
+    if images.dtype == np.float32 and not (
+        np.all(np.isfinite(images)) and images.min() >= 0 and images.max() <= 1
+    ):
+        raise errors.InvalidArgument(field, "finite values in [0, 1] expected")
+    return images.reshape(-1, 28, 28, 1)
+
+
+def stand_in_version(ref: types.ModelRef, model_name: str, versions: tuple[int, ...]) -> int:
+    """The version a stand-in runtime serves `ref` with; NotFound as the real one says it."""
+    if ref.name not in (None, model_name):
+        raise errors.NotFound(f"model_spec.name: unknown model {ref.name!r}")
+    if ref.version is None:
+        return max(versions)
+    if ref.version not in versions:
+        raise errors.NotFound(f"model_spec.version: version {ref.version} is not loaded")
+    return ref.version
+
+
 def stub_probabilities(images: np.ndarray) -> np.ndarray:
     """One-hot on (sum of pixels on the 0..255 scale) mod 10, per image."""
     scaled = images.astype(np.float64) * (255.0 if images.dtype == np.float32 else 1.0)
@@ -67,30 +97,10 @@ class StubRuntime:
         self.stopped_with = grace_s
 
     def check_images(self, images: np.ndarray, field: str = "images") -> np.ndarray:
-        if images.dtype not in (np.uint8, np.float32):
-            raise errors.InvalidArgument(field, f"uint8 or float32 expected, got {images.dtype}")
-        if images.shape[1:] not in ((28, 28, 1), (28, 28), (784,)):
-            raise errors.InvalidArgument(
-                field, f"[N,28,28], [N,28,28,1] or [N,784] expected, got {list(images.shape)}"
-            )
-        if len(images) > self.max_images:
-            raise errors.InvalidArgument(
-                field, f"at most {self.max_images} images expected, got {len(images)}"
-            )
-        if images.dtype == np.float32 and not (
-            np.all(np.isfinite(images)) and images.min() >= 0 and images.max() <= 1
-        ):
-            raise errors.InvalidArgument(field, "finite values in [0, 1] expected")
-        return images.reshape(-1, 28, 28, 1)
+        return stand_in_check_images(images, field, self.max_images)
 
     def _version(self, ref: types.ModelRef) -> int:
-        if ref.name not in (None, self.model_name):
-            raise errors.NotFound(f"model_spec.name: unknown model {ref.name!r}")
-        if ref.version is None:
-            return max(self.versions)
-        if ref.version not in self.versions:
-            raise errors.NotFound(f"model_spec.version: version {ref.version} is not loaded")
-        return ref.version
+        return stand_in_version(ref, self.model_name, self.versions)
 
     async def predict(
         self, value: types.PredictInput, *, deadline: float | None, protocol: str = "convserve"
