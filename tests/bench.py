@@ -4,7 +4,8 @@
    `serving_default` signature at several batch sizes: the best is the limit.
 2. Starts `convserve-server` as a subprocess and drives it with
    `convserve bench` (the project's load generator): 1-image requests at
-   concurrency 1, 16 and 64, then 32-image requests.
+   concurrency 1, 16 and 64, then 32-image requests, each a unary call; then
+   1-image requests at concurrency 64 as messages on 4 PredictStream streams.
 3. Drives a server that does no work (`bench_noop_server.py`, the same
    grpc.aio stack) the same way: the ceiling Python gRPC and the load
    generator allow on this machine, whatever the model costs.
@@ -32,8 +33,8 @@ import numpy as np
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
-# (concurrency, images per request) of the served phases.
-PHASES = ((1, 1), (16, 1), (64, 1), (16, 32))
+# (concurrency, images per request, streams; 0: unary calls) of the served phases.
+PHASES = ((1, 1, 0), (16, 1, 0), (64, 1, 0), (16, 32, 0), (64, 1, 4))
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 
 
@@ -85,11 +86,12 @@ def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen[b
     raise SystemExit(f"the server did not start; see {log_path}")
 
 
-def run_bench(port: int, concurrency: int, images: int, duration_s: float) -> dict:
+def run_bench(port: int, concurrency: int, images: int, streams: int, duration_s: float) -> dict:
     out = subprocess.run(
         [str(BIN / "convserve"), "--target", f"127.0.0.1:{port}", "--json", "bench",
          "--concurrency", str(concurrency), "--images-per-request", str(images),
-         "--duration-s", str(duration_s), "--warmup-s", "2", "--no-progress"],
+         "--streams", str(streams), "--duration-s", str(duration_s), "--warmup-s", "2",
+         "--no-progress"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     if not out.stdout.strip():
@@ -97,15 +99,20 @@ def run_bench(port: int, concurrency: int, images: int, duration_s: float) -> di
     return json.loads(out.stdout)["phases"][0]
 
 
+def label(concurrency: int, images: int, streams: int) -> str:
+    how = f", {streams} streams" if streams else ""
+    return f"{images} img x conc {concurrency}{how}"
+
+
 def drive(command: list[str], log_path: Path, duration_s: float) -> list[dict]:
     """Start a server, run every phase of PHASES against it, stop it."""
     server, port = start_server(command, log_path)
     phases = []
     try:
-        for concurrency, images in PHASES:
-            phase = run_bench(port, concurrency, images, duration_s)
+        for concurrency, images, streams in PHASES:
+            phase = run_bench(port, concurrency, images, streams, duration_s)
             phases.append(phase)
-            print(f"  {images:>2} image(s) x concurrency {concurrency:>2}: "
+            print(f"  {label(concurrency, images, streams)}: "
                   f"{phase['requests_per_s']:>8,.0f} req/s", flush=True)  # fmt: skip
     finally:
         server.terminate()
@@ -154,10 +161,10 @@ def main() -> int:
     )
     table.append((f"in-process TensorFlow, batch {tf_best}", "", f"{tf_limit:,.0f}", "", "",
                   f"{100 * tf_limit / limit:.0f}%", "", "", "", ""))  # fmt: skip
-    for (concurrency, images), p, c in zip(PHASES, rows, ceiling, strict=True):
+    for (concurrency, images, streams), p, c in zip(PHASES, rows, ceiling, strict=True):
         lat = p["latency_ms"]
         table.append((
-            f"{images} img x conc {concurrency}",
+            label(concurrency, images, streams),
             f"{p['requests_per_s']:,.0f}",
             f"{p['images_per_s']:,.0f}",
             f"{lat['p50']:.2f}" if lat["p50"] is not None else "-",

@@ -1,8 +1,9 @@
 """A convserve.v1 server that does no work: the ceiling `make bench` compares against.
 
-It answers Predict at once with uniform probabilities of the right shape, on
-the same grpc.aio stack as convserve-server, so the load generator measured
-against it shows what Python gRPC itself allows on this machine.
+It answers Predict (and each PredictStream message) at once with uniform
+probabilities of the right shape, on the same grpc.aio stack as
+convserve-server, so the load generator measured against it shows what Python
+gRPC itself allows on this machine.
 
     python tests/bench_noop_server.py   # prints "listening on 127.0.0.1:PORT"
 """
@@ -10,6 +11,7 @@ against it shows what Python gRPC itself allows on this machine.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -20,18 +22,32 @@ from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 
 
+def answer(request: convserve_pb2.PredictRequest) -> convserve_pb2.PredictResponse:
+    n = from_tensor(request.images, "images").shape[0]
+    return convserve_pb2.PredictResponse(
+        model_name="noop",
+        model_version=1,
+        digits=[0] * n,
+        confidences=[0.1] * n,
+        probabilities=to_tensor(np.full((n, 10), 0.1, np.float32)),
+    )
+
+
 class NoopServicer(convserve_pb2_grpc.ConvServeServicer):
     async def Predict(
         self, request: convserve_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> convserve_pb2.PredictResponse:
-        n = from_tensor(request.images, "images").shape[0]
-        return convserve_pb2.PredictResponse(
-            model_name="noop",
-            model_version=1,
-            digits=[0] * n,
-            confidences=[0.1] * n,
-            probabilities=to_tensor(np.full((n, 10), 0.1, np.float32)),
-        )
+        return answer(request)
+
+    async def PredictStream(
+        self,
+        requests: AsyncIterator[convserve_pb2.PredictStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[convserve_pb2.PredictStreamResponse]:
+        async for message in requests:
+            yield convserve_pb2.PredictStreamResponse(
+                id=message.id, response=answer(message.request)
+            )
 
 
 async def serve() -> None:

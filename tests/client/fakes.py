@@ -103,12 +103,48 @@ def correlate(x: np.ndarray, k: np.ndarray) -> np.ndarray:
     return out
 
 
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _MessageContext:
+    """One stream message's view of the call: aborting fails the message, not the stream."""
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+
+    def invocation_metadata(self) -> Any:
+        return self._context.invocation_metadata()
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+
 class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
 
     def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         self.behaviour.enter("Predict", context)
+        return self._predict(request, context)
+
+    def PredictStream(self, request_iterator: Any, context: Any) -> Any:
+        """Answers each message in turn, as Predict would (errors as error answers)."""
+        for message in request_iterator:
+            one = _MessageContext(context)
+            try:
+                self.behaviour.enter("PredictStream", one)
+                response = self._predict(message.request, one)
+            except _Aborted as aborted:
+                error = pb.StreamError(code=aborted.code.value[0], message=aborted.details)
+                yield pb.PredictStreamResponse(id=message.id, error=error)
+            else:
+                yield pb.PredictStreamResponse(id=message.id, response=response)
+
+    def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         try:
             images = from_tensor(request.images, "images")
         except TensorError as exc:

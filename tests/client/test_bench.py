@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from convserve.client import bench, bench_requests
 from convserve.client.bench import BenchConfig, Phase, WorkerResult
 from convserve.client.errors import InputError, NotFoundError, UnavailableError
+from convserve.v1 import convserve_pb2 as pb
 
 from .fakes import Behaviour, serve_fake
 from .test_client import closed_port
@@ -132,6 +134,45 @@ def test_oip_request_follows_the_model_metadata() -> None:
     ]:
         with pytest.raises(InputError, match=message):
             bench_requests.oip_requests("m", bad, IMAGES, 1)
+
+
+def test_streams_carry_the_requests_with_the_same_timing() -> None:
+    delay_s = 0.030
+    with serve_fake(Behaviour(delay_s=delay_s)) as fake:
+        # The fake answers a stream's messages one after another, so one user per
+        # stream sees the server's delay, as with unary calls.
+        (result,) = bench.run(config(fake.target, streams=2), [Phase(concurrency=2)])
+    assert result.errors == {}
+    assert float(result.latencies_s.min()) >= delay_s
+    assert result.percentile_s(50) <= delay_s * 1.5
+    assert result.requests_per_s == pytest.approx(2 / result.latencies_s.mean(), rel=0.15)
+    # The first request goes unary (it checks the server takes it); every other one streams.
+    assert fake.behaviour.calls["Predict"] == 1
+    assert fake.behaviour.calls["PredictStream"] >= result.ok
+
+
+def test_stream_error_answers_are_counted_by_code() -> None:
+    behaviour = Behaviour(fail_first=5, fail_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    with serve_fake(behaviour) as fake:
+        # fail_first counts per method: the unary first request fails too, so skip it.
+        behaviour.calls["Predict"] = 5
+        cfg = config(fake.target, streams=1, warmup_s=0.0, duration_s=0.5)
+        (result,) = bench.run(cfg, [Phase(rate=40)])
+    assert result.errors == {"RESOURCE_EXHAUSTED": 5}
+    assert result.ok == 20 - 5
+
+
+def test_stream_mode_is_for_convserve_predict_only() -> None:
+    with pytest.raises(InputError, match="--streams needs --protocol convserve"):
+        config("x:1", streams=2, rpc="convolve")
+    with pytest.raises(InputError, match="streams must be >= 0"):
+        config("x:1", streams=-1)
+    requests = bench_requests.stream_requests([pb.PredictRequest().SerializeToString()])
+    message = pb.PredictStreamRequest.FromString(
+        pb.PredictStreamRequest(id=7).SerializeToString() + requests[0]
+    )
+    assert message.id == 7
+    assert message.HasField("request")
 
 
 def test_convolve_rpc() -> None:

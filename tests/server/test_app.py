@@ -416,6 +416,36 @@ def test_real_server_health_metadata_and_prediction(
     assert result.model_version == 1
 
 
+@pytest.mark.slow
+def test_real_server_streams_64_concurrent_callers(
+    real_server: Any, client: Any, sample_digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from convserve.client import AsyncConvServeClient
+
+    digits = sample_digits[0]
+    # Shifted copies: 64 different images from the 20 held-out digits.
+    shifted = [np.roll(digits, shift, axis=axis) for axis in (1, 2) for shift in (-1, 1)]
+    images = np.concatenate([digits, *shifted])[:64]
+    unary = client.predict(images)
+
+    async def streamed() -> list[Any]:
+        async with (
+            AsyncConvServeClient(real_server.target, timeout_s=120) as sdk,
+            sdk.predict_stream() as one,
+            sdk.predict_stream() as two,
+        ):
+            streams = (one, two)
+            return await asyncio.gather(*(streams[i % 2].predict(images[i]) for i in range(64)))
+
+    results = asyncio.run(streamed())
+    for i, result in enumerate(results):
+        (prediction,) = result.predictions
+        assert prediction.digit == unary.predictions[i].digit
+        np.testing.assert_allclose(
+            prediction.probabilities, unary.predictions[i].probabilities, atol=1e-6
+        )
+
+
 # -- the command ---------------------------------------------------------------
 
 
@@ -429,6 +459,23 @@ def test_main_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--bogus"]) == 2
     assert main(["--help"]) == 0
     assert "--max-queued-images" in capsys.readouterr().out
+
+
+def test_main_sets_the_switch_interval_before_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convserve.server import __main__ as entry
+
+    order: list[object] = []
+    monkeypatch.setattr(entry.sys, "setswitchinterval", lambda s: order.append(s))
+
+    def run(coroutine: Any) -> int:
+        coroutine.close()  # the server itself is not the point here
+        order.append("serve")
+        return 0
+
+    monkeypatch.setattr(entry.asyncio, "run", run)
+    monkeypatch.setattr(entry, "configure_logging", lambda *args: None)
+    assert entry.main(["--model-base-path", "m", "--switch-interval-us", "250"]) == 0
+    assert order == [pytest.approx(250e-6), "serve"]
 
 
 @pytest.mark.slow

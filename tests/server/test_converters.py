@@ -109,6 +109,46 @@ def test_predict_response_both_ways() -> None:
     assert (back.model_name, back.model_version) == ("mnist", 4)
 
 
+def test_predict_stream_request_both_ways() -> None:
+    images = np.arange(2 * 784, dtype=np.float32).reshape(2, 28, 28, 1) / (2 * 784)
+    value = types.PredictInput(images=images, model=types.ModelRef("mnist", 4))
+    message = cv.predict_stream_request_to_proto(2**40, value)
+    assert message.id == 2**40
+    request_id, back = cv.predict_stream_request_from_proto(message, check_images)
+    assert request_id == 2**40
+    assert back.model == value.model
+    np.testing.assert_array_equal(back.images, images)
+
+
+def test_predict_stream_request_without_images_names_the_field() -> None:
+    message = convserve_pb2.PredictStreamRequest(id=3)
+    with pytest.raises(errors.InvalidArgument, match="images: a tensor is required"):
+        cv.predict_stream_request_from_proto(message, check_images)
+
+
+def test_predict_stream_response_both_ways() -> None:
+    probabilities = np.eye(10, dtype=np.float32)[[3, 8]]
+    output = types.PredictOutput("mnist", 2, probabilities)
+    message = cv.predict_stream_response_to_proto(11, output)
+    assert (message.id, message.WhichOneof("result")) == (11, "response")
+    assert list(message.response.digits) == [3, 8]
+    request_id, back = cv.predict_stream_response_from_proto(message)
+    assert request_id == 11
+    assert isinstance(back, types.PredictOutput)
+    assert (back.model_name, back.model_version) == ("mnist", 2)
+    np.testing.assert_array_equal(back.probabilities, probabilities)
+
+
+def test_stream_failure_both_ways() -> None:
+    failure = types.StreamFailure(5, "model 'mnist' version 9 is not loaded")
+    message = cv.predict_stream_response_to_proto(12, failure)
+    assert message.WhichOneof("result") == "error"
+    assert (message.error.code, message.error.message) == (5, failure.message)
+    assert cv.predict_stream_response_from_proto(message) == (12, failure)
+    with pytest.raises(errors.InvalidArgument, match="result: a response or an error"):
+        cv.predict_stream_response_from_proto(convserve_pb2.PredictStreamResponse(id=1))
+
+
 def test_convolve_request_both_ways() -> None:
     value = types.ConvolveInput(
         input=np.arange(12, dtype=np.float64).reshape(3, 4),

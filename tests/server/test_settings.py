@@ -15,6 +15,7 @@ COMMON_FIELDS = [
     "max_conv_elements", "max_kernel_elements", "max_fit_steps", "fit_time_budget_s",
     "grace_period_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     "log_format", "log_level", "cpu_engine", "engine_threads", "inline_max_images",
+    "max_stream_in_flight", "switch_interval_us",
 ]  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from convserve.client.results import (
     TrainingRecord,
 )
 from convserve.client.retry import RetryPolicy
+from convserve.client.stream import PredictStream
 from convserve.client.sync_client import ConvServeClient
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PredictResult",
+    "PredictStream",
     "Prediction",
     "ResourceExhaustedError",
     "RetryPolicy",

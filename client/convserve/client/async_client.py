@@ -30,6 +30,7 @@ from convserve.client.results import (
     PredictResult,
 )
 from convserve.client.retry import Attempts, Deadline, RetryPolicy
+from convserve.client.stream import PredictStream
 from convserve.v1 import convserve_pb2_grpc
 
 Response = TypeVar("Response")
@@ -130,6 +131,22 @@ class AsyncConvServeClient:
                 task.cancel()
             raise
         return convert.predict_result(requests, responses)
+
+    def predict_stream(self, *, timeout_s: float | None = None) -> PredictStream:
+        """Open a PredictStream: many concurrent `predict` calls over one gRPC call.
+
+        Cheaper per request than `predict` when many small requests are in
+        flight at once. `timeout_s` bounds the whole stream (default: none).
+        Use ``async with client.predict_stream() as stream: await
+        stream.predict(images)``.
+        """
+        return PredictStream(
+            self._stub,
+            metadata=self._config.metadata,
+            model_name=self._config.model_name,
+            max_batch_images=self._config.max_batch_images,
+            timeout_s=timeout_s,
+        )
 
     async def convolve(
         self,

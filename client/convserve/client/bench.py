@@ -12,6 +12,11 @@ Two ways to load a server:
   request that should have been sent during a stall is charged the wait
   (no coordinated omission).
 
+Either way a request is one unary call, or (`BenchConfig.streams` > 0) one
+message on a PredictStream stream, answered with its id: many small requests
+then share a few HTTP/2 streams, which costs the server and the generator
+less per request.
+
 Each worker process runs one asyncio loop with grpc.aio and sends
 pre-serialized requests (see `bench_requests`); `processes` > 1 spreads the
 load over several processes, whose raw latency samples are merged exactly.
@@ -23,6 +28,7 @@ awaited, so their latency is not lost.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import multiprocessing
 import os
@@ -31,7 +37,7 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +66,9 @@ class BenchConfig:
     duration_s: float = 10.0
     warmup_s: float = 1.0
     processes: int = 1
+    # 0: one unary call per request; N > 0: each process sends its requests over N
+    # PredictStream streams (convserve predict only), taking turns.
+    streams: int = 0
     timeout_s: float = 10.0
     tls: TlsConfig | None = None
     token: str | None = None
@@ -77,6 +86,10 @@ class BenchConfig:
             raise InputError("duration and timeout must be > 0, warm-up >= 0")
         if self.processes < 1:
             raise InputError("processes must be >= 1")
+        if self.streams < 0:
+            raise InputError(f"streams must be >= 0, got {self.streams}")
+        if self.streams and (self.protocol != "convserve" or self.rpc != "predict"):
+            raise InputError("--streams needs --protocol convserve and --rpc predict")
 
 
 @dataclass(frozen=True)
@@ -263,6 +276,82 @@ async def _send(
     return grpc.StatusCode.OK
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Stream:
+    """One PredictStream call that many users share: a request's answer wakes its sender."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: tuple[tuple[str, str], ...],
+        timeout_s: float,
+    ) -> None:
+        from convserve.v1 import convserve_pb2 as pb
+
+        self._id_message = pb.PredictStreamRequest
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._waiting: dict[int, asyncio.Future[grpc.StatusCode]] = {}
+        self._next_id = 0
+        method = channel.stream_stream(
+            bench_requests.PREDICT_STREAM_METHOD,
+            response_deserializer=pb.PredictStreamResponse.FromString,
+        )
+        self._call = method(self._requests(), timeout=timeout_s, metadata=metadata)
+        self._reader = asyncio.create_task(self._read())
+
+    async def _requests(self) -> Any:
+        while (request := await self._outbox.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        code = grpc.StatusCode.UNAVAILABLE
+        try:
+            async for answer in self._call:
+                waiter = self._waiting.pop(answer.id, None)
+                if waiter is None or waiter.done():
+                    continue
+                if answer.HasField("response"):
+                    waiter.set_result(grpc.StatusCode.OK)
+                else:
+                    waiter.set_result(_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN))
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+        # The stream ended: whoever still waits gets its status (or UNAVAILABLE).
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_result(code)
+        self._waiting.clear()
+
+    async def send(self, request: bytes) -> grpc.StatusCode:
+        """Send a serialized id-less PredictStreamRequest and wait for its answer's status."""
+        if self._reader.done():
+            return grpc.StatusCode.UNAVAILABLE
+        request_id = self._next_id
+        self._next_id += 1
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = waiter
+        self._outbox.put_nowait(self._id_message(id=request_id).SerializeToString() + request)
+        return await waiter
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        await self._reader
+
+
+def _round_robin(
+    senders: list[Callable[[bytes], Awaitable[grpc.StatusCode]]],
+) -> Callable[[bytes], Awaitable[grpc.StatusCode]]:
+    """A sender that hands each request to the next of `senders` in turn."""
+    turn = itertools.cycle(senders)
+
+    def send(request: bytes) -> Awaitable[grpc.StatusCode]:
+        return next(turn)(request)
+
+    return send
+
+
 async def _closed_loop(
     send: Callable[[bytes], Any],
     requests: list[bytes],
@@ -333,8 +422,10 @@ async def run_worker(
         method, requests = await _prepare(channel, config, metadata)
         call = channel.unary_unary(method)
 
-        async def send(request: bytes) -> grpc.StatusCode:
+        async def unary(request: bytes) -> grpc.StatusCode:
             return await _send(call, request, config.timeout_s, metadata)
+
+        send: Callable[[bytes], Awaitable[grpc.StatusCode]] = unary
 
         # One request first: a server that is down or rejects the request
         # fails the run now, not with a table of errors.
@@ -345,6 +436,14 @@ async def run_worker(
                 f"the first request failed: {exc.code().name}: {exc.details()}", exc.code()
             ) from exc
         ready()
+
+        streams: list[_Stream] = []
+        if config.streams:
+            # The whole run on each stream; a request's own wait is bounded by the stream's.
+            lifetime_s = config.warmup_s + config.duration_s + 2 * config.timeout_s
+            streams = [_Stream(channel, metadata, lifetime_s) for _ in range(config.streams)]
+            requests = bench_requests.stream_requests(requests)
+            send = _round_robin([stream.send for stream in streams])
 
         recorder = _Recorder()
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -376,6 +475,8 @@ async def run_worker(
         finally:
             if reporter is not None:
                 reporter.cancel()
+            for stream in streams:
+                await stream.close()
         if progress is not None:
             progress(recorder.done, recorder.failed)
         return WorkerResult(

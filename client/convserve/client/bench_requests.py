@@ -19,6 +19,7 @@ from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2 as pb
 
 PREDICT_METHOD = "/convserve.v1.ConvServe/Predict"
+PREDICT_STREAM_METHOD = "/convserve.v1.ConvServe/PredictStream"
 CONVOLVE_METHOD = "/convserve.v1.ConvServe/Convolve"
 OIP_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Distinct requests cycled through, so that no layer can serve a repeat from a cache.
@@ -127,6 +128,18 @@ def convserve_requests(
             for b in _batches(images, per_request)
         ]
     raise InputError(f"rpc: expected predict or convolve, got {rpc!r}")
+
+
+def stream_requests(requests: list[bytes]) -> list[bytes]:
+    """Serialized PredictRequests as PredictStreamRequests without an id.
+
+    Serialized protobuf messages concatenate as a merge, so the sender
+    prepends each request's id as ``PredictStreamRequest(id=n)`` bytes.
+    """
+    return [
+        pb.PredictStreamRequest(request=pb.PredictRequest.FromString(r)).SerializeToString()
+        for r in requests
+    ]
 
 
 def import_oip() -> tuple[Any, Any]:

@@ -519,6 +519,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         duration_s=args.duration_s,
         warmup_s=args.warmup_s,
         processes=args.processes,
+        streams=args.streams,
         timeout_s=args.timeout_s,
         tls=_tls(args),
         token=_read_token(args),
@@ -530,7 +531,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     text = (
         f"{config.protocol} {config.rpc} -> {config.target}, "
         f"{config.images_per_request} image(s)/request, {config.processes} process(es), "
-        f"{config.duration_s:g} s per phase after {config.warmup_s:g} s warm-up\n"
+        + (f"{config.streams} stream(s) per process, " if config.streams else "")
+        + f"{config.duration_s:g} s per phase after {config.warmup_s:g} s warm-up\n"
         + summary_table(results)
         + f"\ngenerator CPU: up to {busiest:.2f} cores ({100.0 * busiest / cpus:.0f}% of "
         f"{cpus} CPUs); latency percentiles are nearest-rank over successful requests"
@@ -716,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration-s", type=float, default=10.0, help="measured time per phase")
     p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured time before it")
     p.add_argument("--processes", type=int, default=1, help="generator processes (default 1)")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        help="send over this many PredictStream streams per process instead of one unary "
+        "call per request (default 0: unary)",
+    )
     p.add_argument("--images", metavar="FILE", help=".npz with 'images' (default: synthetic)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return parser

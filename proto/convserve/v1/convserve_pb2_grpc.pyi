@@ -35,6 +35,12 @@ class ConvServeStub:
     def __new__(cls, channel: _aio.Channel) -> ConvServeAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_convserve_pb2.PredictRequest, _convserve_pb2.PredictResponse]
     """Classifies a batch of 28x28 digit images."""
+    PredictStream: _grpc.StreamStreamMultiCallable[_convserve_pb2.PredictStreamRequest, _convserve_pb2.PredictStreamResponse]
+    """Many Predict requests over one stream. Each request is answered when it
+    finishes (not necessarily in the order sent), with its id. A request that
+    fails gets an error answer and the stream goes on. For many small
+    concurrent requests this costs less per request than unary Predict.
+    """
     Convolve: _grpc.UnaryUnaryMultiCallable[_convserve_pb2.ConvolveRequest, _convserve_pb2.ConvolveResponse]
     """Applies an arbitrary kernel: 2-D cross-correlation (what CNN layers
     compute) or true convolution (the kernel flipped in both axes).
@@ -55,6 +61,12 @@ class ConvServeAsyncStub(ConvServeStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_convserve_pb2.PredictRequest, _convserve_pb2.PredictResponse]  # type: ignore[assignment]
     """Classifies a batch of 28x28 digit images."""
+    PredictStream: _aio.StreamStreamMultiCallable[_convserve_pb2.PredictStreamRequest, _convserve_pb2.PredictStreamResponse]  # type: ignore[assignment]
+    """Many Predict requests over one stream. Each request is answered when it
+    finishes (not necessarily in the order sent), with its id. A request that
+    fails gets an error answer and the stream goes on. For many small
+    concurrent requests this costs less per request than unary Predict.
+    """
     Convolve: _aio.UnaryUnaryMultiCallable[_convserve_pb2.ConvolveRequest, _convserve_pb2.ConvolveResponse]  # type: ignore[assignment]
     """Applies an arbitrary kernel: 2-D cross-correlation (what CNN layers
     compute) or true convolution (the kernel flipped in both axes).
@@ -78,6 +90,18 @@ class ConvServeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_convserve_pb2.PredictResponse, _abc.Awaitable[_convserve_pb2.PredictResponse]]:
         """Classifies a batch of 28x28 digit images."""
+
+    @_abc_1.abstractmethod
+    def PredictStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_convserve_pb2.PredictStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_convserve_pb2.PredictStreamResponse], _abc.AsyncIterator[_convserve_pb2.PredictStreamResponse]]:
+        """Many Predict requests over one stream. Each request is answered when it
+        finishes (not necessarily in the order sent), with its id. A request that
+        fails gets an error answer and the stream goes on. For many small
+        concurrent requests this costs less per request than unary Predict.
+        """
 
     @_abc_1.abstractmethod
     def Convolve(

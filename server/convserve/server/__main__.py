@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.read_auth_token()
     except SettingsError as exc:
         return _fail(str(exc))
+    # Process-wide, so it is set here and not by servers started in-process (tests).
+    sys.setswitchinterval(settings.switch_interval_us / 1e6)
     try:
         return asyncio.run(serve(settings))
     except KeyboardInterrupt:

@@ -226,7 +226,9 @@ async def start_server(
         runtime = Runtime(settings, metrics)
 
     server = grpc.aio.server(interceptors=_interceptors(settings), options=grpc_options(settings))
-    services = servicer.add_to_server(server, runtime, metrics)
+    services = servicer.add_to_server(
+        server, runtime, metrics, max_stream_in_flight=settings.max_stream_in_flight
+    )
     for adapter in ADAPTERS:
         services += adapter.add_to_server(server, runtime, metrics)
     health = health_aio.HealthServicer()

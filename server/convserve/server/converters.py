@@ -208,6 +208,47 @@ def predict_response_from_proto(response: convserve_pb2.PredictResponse) -> type
     )
 
 
+# -- PredictStream -----------------------------------------------------------
+
+
+def predict_stream_request_from_proto(
+    message: convserve_pb2.PredictStreamRequest, check_images: CheckImages
+) -> tuple[int, types.PredictInput]:
+    """PredictStreamRequest -> (its id, PredictInput)."""
+    return int(message.id), predict_request_from_proto(message.request, check_images)
+
+
+def predict_stream_request_to_proto(
+    request_id: int, value: types.PredictInput
+) -> convserve_pb2.PredictStreamRequest:
+    return convserve_pb2.PredictStreamRequest(
+        id=request_id, request=predict_request_to_proto(value)
+    )
+
+
+def predict_stream_response_to_proto(
+    request_id: int, value: types.PredictOutput | types.StreamFailure
+) -> convserve_pb2.PredictStreamResponse:
+    """The answer to stream request `request_id`: its response or its error."""
+    if isinstance(value, types.StreamFailure):
+        error = convserve_pb2.StreamError(code=value.code, message=value.message)
+        return convserve_pb2.PredictStreamResponse(id=request_id, error=error)
+    return convserve_pb2.PredictStreamResponse(
+        id=request_id, response=predict_response_to_proto(value)
+    )
+
+
+def predict_stream_response_from_proto(
+    message: convserve_pb2.PredictStreamResponse,
+) -> tuple[int, types.PredictOutput | types.StreamFailure]:
+    result = message.WhichOneof("result")
+    if result == "error":
+        return int(message.id), types.StreamFailure(message.error.code, message.error.message)
+    if result != "response":
+        raise errors.InvalidArgument("result", "a response or an error expected, got neither")
+    return int(message.id), predict_response_from_proto(message.response)
+
+
 # -- Convolve ----------------------------------------------------------------
 
 

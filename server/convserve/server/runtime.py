@@ -67,6 +67,9 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def _check_deadline(deadline: float | None, what: str) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise errors.DeadlineExceeded(f"{what}: the deadline passed before the work started")
@@ -349,7 +352,8 @@ class Runtime:
     def _as_float(images: np.ndarray) -> np.ndarray:
         """uint8 0..255 -> float32 0..1 (the model's input); float32 passes through."""
         if images.dtype == np.uint8:
-            return images.astype(np.float32) / np.float32(255.0)
+            # One table lookup: the same float32 values as x / 255, in one pass.
+            return _UINT8_TO_UNIT.take(images)
         return np.asarray(images, dtype=np.float32)
 
     # -- operations -----------------------------------------------------------

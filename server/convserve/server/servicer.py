@@ -8,6 +8,7 @@ status mapping (`errors.status_of`) are those of every other protocol
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
@@ -25,9 +26,10 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
     """Serves convserve.v1 from a runtime with the `Runtime` interface."""
 
-    def __init__(self, runtime: Any, metrics: Any) -> None:
+    def __init__(self, runtime: Any, metrics: Any, *, max_stream_in_flight: int = 128) -> None:
         self._runtime = runtime
         self._calls = Calls(PROTOCOL, metrics)
+        self._max_stream_in_flight = max_stream_in_flight
 
     async def Predict(
         self, request: convserve_pb2.PredictRequest, context: Context
@@ -40,6 +42,32 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
             return converters.predict_response_to_proto(result)
 
         return await self._calls.run("Predict", context, run)
+
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[convserve_pb2.PredictStreamRequest], context: Context
+    ) -> AsyncIterator[convserve_pb2.PredictStreamResponse]:
+        deadline = self._calls.deadline(context)
+
+        async def handle(
+            message: convserve_pb2.PredictStreamRequest,
+        ) -> convserve_pb2.PredictStreamResponse:
+            request_id, value = converters.predict_stream_request_from_proto(
+                message, self._runtime.check_images
+            )
+            result = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
+            return converters.predict_stream_response_to_proto(request_id, result)
+
+        def failed(
+            message: convserve_pb2.PredictStreamRequest, code: grpc.StatusCode, text: str
+        ) -> convserve_pb2.PredictStreamResponse:
+            failure = types.StreamFailure(code.value[0], text)
+            return converters.predict_stream_response_to_proto(message.id, failure)
+
+        answers = self._calls.stream(
+            "PredictStream", request_iterator, handle, failed, self._max_stream_in_flight
+        )
+        async for answer in answers:
+            yield answer
 
     async def Convolve(
         self, request: convserve_pb2.ConvolveRequest, context: Context
@@ -81,7 +109,10 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
         return await self._calls.run("GetModelMetadata", context, run)
 
 
-def add_to_server(server: grpc.aio.Server, runtime: Any, metrics: Any) -> list[str]:
+def add_to_server(
+    server: grpc.aio.Server, runtime: Any, metrics: Any, *, max_stream_in_flight: int = 128
+) -> list[str]:
     """Adds the ConvServe service; returns its full name (for health and reflection)."""
-    convserve_pb2_grpc.add_ConvServeServicer_to_server(ConvServeServicer(runtime, metrics), server)
+    servicer = ConvServeServicer(runtime, metrics, max_stream_in_flight=max_stream_in_flight)
+    convserve_pb2_grpc.add_ConvServeServicer_to_server(servicer, server)
     return [SERVICE]

@@ -120,6 +120,16 @@ class Settings(BaseSettings):
     max_concurrent_batches: int = Field(
         2, ge=1, le=64, description="model calls that may run at the same time"
     )
+    switch_interval_us: int = Field(
+        500,
+        ge=50,
+        le=100_000,
+        description=(
+            "microseconds a Python thread may hold the GIL while another waits for it "
+            "(sys.setswitchinterval; Python's default is 5000). A model thread finishing a "
+            "batch waits this long at most to hand the results to a busy event loop"
+        ),
+    )
     inline_max_images: int = Field(
         16,
         ge=0,
@@ -133,6 +143,15 @@ class Settings(BaseSettings):
     # Request limits
     max_images_per_request: int = Field(
         1024, ge=1, description="most images one Predict request may carry"
+    )
+    max_stream_in_flight: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description=(
+            "most unanswered requests one PredictStream may have; the server stops reading "
+            "the stream at this many until answers go out"
+        ),
     )
     max_conv_elements: int = Field(
         1 << 24,

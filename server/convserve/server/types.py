@@ -51,6 +51,14 @@ class PredictOutput:
 
 
 @dataclass(frozen=True)
+class StreamFailure:
+    """How one message of a request stream failed: a gRPC status code number and text."""
+
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
 class ConvolutionOptions:
     strides: tuple[int, int] = (1, 1)
     padding: Padding = "VALID"
