@@ -137,7 +137,7 @@ def test_oip_request_follows_the_model_metadata() -> None:
 
 
 def test_streams_carry_the_requests_with_the_same_timing() -> None:
-    delay_s = 0.030
+    delay_s = 0.050
     with serve_fake(Behaviour(delay_s=delay_s)) as fake:
         # The fake answers a stream's messages one after another, so one user per
         # stream sees the server's delay, as with unary calls.

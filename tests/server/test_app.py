@@ -140,7 +140,7 @@ async def test_listening_line_reports_the_chosen_ports(caplog: pytest.LogCapture
 
 
 async def test_reflection_lists_every_service(served: tuple[RunningServer, StubRuntime]) -> None:
-    def listed() -> tuple[set[str], list[str]]:
+    def listed() -> tuple[set[str], list[str], list[str]]:
         with grpc.insecure_channel(served[0].target) as channel:
             database = ProtoReflectionDescriptorDatabase(channel)
             services = set(database.get_services())
@@ -148,11 +148,17 @@ async def test_reflection_lists_every_service(served: tuple[RunningServer, StubR
 
             pool = DescriptorPool(database)
             service = pool.FindServiceByName("convserve.v1.ConvServe")
-            return services, [m.name for m in service.methods]
+            streaming = [
+                m.name for m in service.methods if m.client_streaming and m.server_streaming
+            ]
+            return services, [m.name for m in service.methods], streaming
 
-    services, methods = await asyncio.to_thread(listed)
+    services, methods, streaming = await asyncio.to_thread(listed)
     assert services == ALL_SERVICES
-    assert methods == ["Predict", "Convolve", "FitKernel", "GetFeatureMaps", "GetModelMetadata"]
+    assert methods == [
+        "Predict", "PredictStream", "Convolve", "FitKernel", "GetFeatureMaps", "GetModelMetadata",
+    ]  # fmt: skip
+    assert streaming == ["PredictStream"]
 
 
 async def test_metrics_endpoint_serves_the_registry(

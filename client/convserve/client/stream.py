@@ -88,7 +88,7 @@ class PredictStream:
 
     def _send(self, request: pb.PredictRequest) -> asyncio.Future[pb.PredictResponse]:
         if self._ended is not None:
-            raise self._ended
+            raise error_for(self._ended.code, self._ended.details)
         request_id = next(self._ids)
         waiter: asyncio.Future[pb.PredictResponse] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = waiter
