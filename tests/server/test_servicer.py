@@ -15,19 +15,9 @@ import pytest
 
 from convserve.client.tensor import from_tensor, to_tensor
 from convserve.server import types
-from convserve.server.app import RunningServer, start_server
+from convserve.server.app import RunningServer
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
-from tests.server.wire_helpers import StubMetrics, StubRuntime, settings_for, stub_probabilities
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[tuple[RunningServer, StubRuntime, StubMetrics]]:
-    runtime, metrics = StubRuntime(), StubMetrics()
-    running = await start_server(settings_for(), runtime=runtime, metrics=metrics)
-    try:
-        yield running, runtime, metrics
-    finally:
-        await running.stop(0)
+from tests.server.wire_helpers import StubMetrics, StubRuntime, stub_probabilities
 
 
 @pytest.fixture

@@ -141,16 +141,6 @@ async def _all(answers: AsyncIterator[Any]) -> list[Any]:
 # -- over gRPC ----------------------------------------------------------------------
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[RunningServer, StubRuntime, StubMetrics]]:
-    runtime, metrics = StubRuntime(), StubMetrics()
-    running = await start_server(settings_for(), runtime=runtime, metrics=metrics)
-    try:
-        yield running, runtime, metrics
-    finally:
-        await running.stop(0)
-
-
 def numbered(count: int) -> np.ndarray:
     """uint8 images whose first pixel is their index (the stub model's answer)."""
     images = np.zeros((count, 28, 28), np.uint8)
@@ -159,9 +149,9 @@ def numbered(count: int) -> np.ndarray:
 
 
 async def test_sdk_stream_gives_each_caller_its_own_result(
-    served: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, StubRuntime, StubMetrics],
 ) -> None:
-    running, _, metrics = served
+    running, _, metrics = stub
     images = numbered(40)
     async with AsyncConvServeClient(running.target) as client:
         unary = await client.predict(images)
@@ -183,9 +173,9 @@ async def test_sdk_stream_gives_each_caller_its_own_result(
 
 
 async def test_stream_messages_are_handled_concurrently(
-    served: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, StubRuntime, StubMetrics],
 ) -> None:
-    running, runtime, _ = served
+    running, runtime, _ = stub
     runtime.gate = asyncio.Event()
     async with AsyncConvServeClient(running.target) as client, client.predict_stream() as stream:
         calls = [asyncio.ensure_future(stream.predict(numbered(3)[i])) for i in range(3)]
@@ -202,9 +192,9 @@ async def test_stream_messages_are_handled_concurrently(
 
 
 async def test_bad_stream_messages_get_error_answers_naming_the_field(
-    served: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, StubRuntime, StubMetrics],
 ) -> None:
-    async with grpc.aio.insecure_channel(served[0].target) as channel:
+    async with grpc.aio.insecure_channel(stub[0].target) as channel:
         stub = convserve_pb2_grpc.ConvServeStub(channel)
         good = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((1, 784), np.float32)))
         wrong = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((1, 5), np.float32)))

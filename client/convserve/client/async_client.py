@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from convserve.client import convert, health
-from convserve.client.channel import TlsConfig, aio_channel
+from convserve.client.channel import AsyncClosing, TlsConfig, aio_channel
 from convserve.client.config import (
     ASYNC_SPLIT_CONCURRENCY,
     DEFAULT_MAX_BATCH_IMAGES,
@@ -36,7 +35,7 @@ from convserve.v1 import convserve_pb2_grpc
 Response = TypeVar("Response")
 
 
-class AsyncConvServeClient:
+class AsyncConvServeClient(AsyncClosing):
     """Calls a convserve server from asyncio code. Use ``async with``, or await `close()`.
 
     The arguments are those of `ConvServeClient`. A batch larger than
@@ -72,17 +71,6 @@ class AsyncConvServeClient:
             request_serializer=health.HealthCheckRequest.SerializeToString,
             response_deserializer=health.HealthCheckResponse.FromString,
         )
-
-    async def __aenter__(self) -> AsyncConvServeClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         await self._channel.close()

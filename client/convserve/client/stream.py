@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from types import TracebackType
 
 import grpc
 
 from convserve.client import convert
+from convserve.client.channel import AsyncClosing
 from convserve.client.errors import ConvServeError, error_for, from_rpc_error
 from convserve.client.images import ImagesInput
 from convserve.client.results import PredictResult
@@ -25,7 +25,7 @@ from convserve.v1 import convserve_pb2_grpc
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class PredictStream:
+class PredictStream(AsyncClosing):
     """One PredictStream call shared by any number of concurrent `predict` calls.
 
     Made by `AsyncConvServeClient.predict_stream()`; use ``async with`` (or
@@ -52,17 +52,6 @@ class PredictStream:
         self._ended: ConvServeError | None = None
         self._call = stub.PredictStream(self._requests(), timeout=timeout_s, metadata=metadata)
         self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def __aenter__(self) -> PredictStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def predict(
         self, images: ImagesInput, *, model_version: int | None = None
