@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 
 from convserve.client import convert, health
-from convserve.client.channel import AsyncClosing, TlsConfig, aio_channel
+from convserve.client.aio import AsyncClosing, gather_or_cancel
+from convserve.client.channel import TlsConfig, aio_channel
 from convserve.client.config import (
     ASYNC_SPLIT_CONCURRENCY,
     DEFAULT_MAX_BATCH_IMAGES,
@@ -110,14 +111,7 @@ class AsyncConvServeClient(AsyncClosing):
             async with limit:
                 return await self._call(self._stub.Predict, request, deadline)
 
-        tasks = [asyncio.ensure_future(one(r)) for r in requests]
-        try:
-            responses = await asyncio.gather(*tasks)
-        except BaseException:
-            # The call has failed; the other parts' answers would be thrown away.
-            for task in tasks:
-                task.cancel()
-            raise
+        responses = await gather_or_cancel([one(r) for r in requests])
         return convert.predict_result(requests, responses)
 
     def predict_stream(self, *, timeout_s: float | None = None) -> PredictStream:

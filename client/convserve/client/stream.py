@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from convserve.client import convert
-from convserve.client.channel import AsyncClosing
+from convserve.client.aio import AsyncClosing, gather_or_cancel
 from convserve.client.errors import ConvServeError, error_for, from_rpc_error
 from convserve.client.images import ImagesInput
 from convserve.client.results import PredictResult
@@ -66,13 +66,7 @@ class PredictStream(AsyncClosing):
             max_batch_images=self._max_batch_images,
             spec=convert.model_spec(self._model_name, model_version),
         )
-        waiters = [self._send(request) for request in requests]
-        try:
-            responses = await asyncio.gather(*waiters)
-        except BaseException:
-            for waiter in waiters:
-                waiter.cancel()
-            raise
+        responses = await gather_or_cancel([self._send(request) for request in requests])
         return convert.predict_result(requests, responses)
 
     def _send(self, request: pb.PredictRequest) -> asyncio.Future[pb.PredictResponse]:
