@@ -654,3 +654,106 @@ def test_every_waiter_gets_exactly_its_own_rows(
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+# -- run_batch_async: the model call awaited on the event loop ------------------------
+
+
+class AsyncModel:
+    """run_batch_async whose calls wait until the test answers them (rows * 2 by default)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+
+    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self.calls.append((batch.copy(), future))
+        return await future
+
+    def answer(self, index: int = 0, result: np.ndarray | BaseException | None = None) -> None:
+        batch, future = self.calls.pop(index)
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(batch * 2 if result is None else result)
+
+
+def make_async(**kwargs: Any) -> tuple[DynamicBatcher, ManualExecutor, AsyncModel, Observer]:
+    model, observer = AsyncModel(), Observer()
+    batcher, executor, _, _ = make(
+        run_batch_async=model, observer=observer, inline_max_rows=16, **kwargs
+    )
+    return batcher, executor, model, observer
+
+
+async def test_async_model_calls_batch_on_the_loop_without_threads() -> None:
+    batcher, executor, model, observer = make_async(max_concurrent_batches=1)
+    # Nothing runs inline when the model call is already asynchronous.
+    assert batcher.inline_max_rows == 0
+    first = asyncio.ensure_future(batcher.submit(rows(0, 1)))
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [1]
+    # While it runs, the next requests queue and then go out as one padded batch.
+    later = [asyncio.ensure_future(batcher.submit(rows(10 * i, 2))) for i in range(1, 4)]
+    await settle()
+    assert len(model.calls) == 1
+    model.answer()
+    await settle()
+    np.testing.assert_array_equal(await first, rows(0, 1) * 2)
+    assert [b.shape[0] for b, _ in model.calls] == [8]  # 6 rows padded to 8
+    padded = model.calls[0][0]
+    np.testing.assert_array_equal(padded[6:], np.repeat(padded[5:6], 2, axis=0))
+    model.answer()
+    for i, task in enumerate(later, start=1):
+        np.testing.assert_array_equal(await task, rows(10 * i, 2) * 2)
+    assert executor.pending == []
+    assert [(size, padded) for size, padded, _, _ in observer.batches] == [(1, 1), (6, 8)]
+
+
+async def test_async_model_prepares_only_batches_of_mixed_dtypes() -> None:
+    prepared: list[np.dtype] = []
+
+    def prepare(piece: np.ndarray) -> np.ndarray:
+        prepared.append(piece.dtype)
+        return piece.astype(np.float32) / 2
+
+    batcher, _, model, _ = make_async(max_concurrent_batches=1, prepare=prepare)
+    blocker = asyncio.ensure_future(batcher.submit(np.ones((1, 3), np.uint8)))
+    await settle()
+    # Alone, uint8 rows reach the model as they are (it scales them itself).
+    assert model.calls[0][0].dtype == np.uint8
+    assert prepared == []
+    same = [asyncio.ensure_future(batcher.submit(np.full((1, 3), 4, np.uint8))) for _ in range(2)]
+    mixed = asyncio.ensure_future(batcher.submit(np.full((1, 3), 0.5, np.float32)))
+    await settle()
+    model.answer()
+    await settle()
+    # uint8 and float32 rows in one batch: every piece goes through prepare.
+    assert model.calls[0][0].dtype == np.float32
+    assert prepared == [np.uint8, np.uint8, np.float32]
+    model.answer()
+    await asyncio.gather(blocker, *same, mixed)
+    np.testing.assert_array_equal(await mixed, np.full((1, 3), 0.5, np.float32))
+
+
+async def test_async_model_failures_and_wrong_row_counts_reach_every_waiter() -> None:
+    batcher, _, model, _ = make_async(max_concurrent_batches=1)
+    blocker = asyncio.ensure_future(batcher.submit(rows(0, 1)))
+    await settle()
+    waiting = [asyncio.ensure_future(batcher.submit(rows(i, 1))) for i in range(3)]
+    await settle()
+    model.answer(result=RuntimeError("worker gone"))
+    await settle()
+    with pytest.raises(RuntimeError, match="worker gone"):
+        await blocker
+    model.answer(result=np.zeros((3, 3)))  # the batch of three padded to 4 rows
+    for task in waiting:
+        with pytest.raises(errors.Internal, match="wrong number of rows"):
+            await task
+    # Nothing is left behind: the batcher takes new work.
+    after = asyncio.ensure_future(batcher.submit(rows(7, 1)))
+    await settle()
+    model.answer()
+    np.testing.assert_array_equal(await after, rows(7, 1) * 2)
+    assert batcher.queued_items == 0
+    await batcher.close()

@@ -34,6 +34,7 @@ EXPECTED_FAMILIES = [
     "convserve_queued_images",
     "convserve_inflight_requests",
     "convserve_model_loads_total",
+    "convserve_model_worker_exits_total",
     "convserve_model_info",
     "convserve_model_versions_loaded",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from convserve.server import errors, models, ops, types
+from convserve.server import runtime as runtime_mod
 from convserve.server.metrics import Metrics
 from convserve.server.runtime import Runtime, deadline_of
 from tests.server.runtime_helpers import (
@@ -121,16 +123,27 @@ def test_deadline_of_is_absolute_monotonic_time() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("inline_max_images", [0, 16])
+@pytest.mark.parametrize(
+    ("engine_workers", "inline_max_images"), [("process", 16), ("thread", 0), ("thread", 16)]
+)
 async def test_predict_equals_the_saved_model(
-    model_base_path: Path, sample_digits: Digits, inline_max_images: int
+    model_base_path: Path, sample_digits: Digits, engine_workers: str, inline_max_images: int
 ) -> None:
     images, labels = sample_digits
-    settings = make_settings(model_base_path, inline_max_images=inline_max_images)
+    settings = make_settings(
+        model_base_path, engine_workers=engine_workers, inline_max_images=inline_max_images
+    )
     runtime, metrics = await started_runtime(settings)
+    workers = runtime.manager.resolve(types.ModelRef()).workers
+    pids = workers.pids if workers is not None else []
     try:
         assert runtime.ready
         assert runtime.device == "/CPU:0"
+        if engine_workers == "process":
+            assert workers is not None
+            assert len(workers.pids) == settings.max_concurrent_batches
+        else:
+            assert workers is None
         # The loaded model's objects are exempt from the garbage collector's full passes.
         assert gc.get_freeze_count() > 10_000
         expected = saved_model_probabilities(model_base_path / "1", float_digits(images))
@@ -160,7 +173,7 @@ async def test_predict_equals_the_saved_model(
         for pick, result in zip(picks, results, strict=True):
             np.testing.assert_allclose(result.probabilities, expected[pick], rtol=1e-5, atol=1e-6)
         batches = value(metrics, "convserve_batch_size_count", rpc="Predict") - before
-        if inline_max_images:
+        if engine_workers == "thread" and inline_max_images:
             # Started back to back on one loop, each small request found the model
             # idle and ran inline at once, alone.
             assert batches == len(picks)
@@ -175,6 +188,38 @@ async def test_predict_equals_the_saved_model(
     assert not runtime.ready
     with pytest.raises(errors.Unavailable, match="shutting down"):
         await runtime.predict(types.PredictInput(float_digits(images[:1])), deadline=None)
+    if workers is not None:
+        # Released with the model: every worker process exits.
+        assert await asyncio.to_thread(workers.wait_closed, 10.0)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+
+
+@pytest.mark.slow
+async def test_worker_processes_that_fail_to_start_leave_the_server_process_serving(
+    model_base_path: Path,
+    sample_digits: Digits,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise runtime_mod.WorkerError("no processes here")
+
+    monkeypatch.setattr(runtime_mod, "ProcessEngine", refuse)
+    runtime, _ = await started_runtime(make_settings(model_base_path))
+    try:
+        model = runtime.manager.resolve(types.ModelRef())
+        assert model.engine == "litert"
+        assert model.workers is None
+        assert "model worker processes failed, the server process computes predictions: " \
+            "no processes here" in caplog.text  # fmt: skip
+        images = sample_digits[0][:5]
+        expected = saved_model_probabilities(model_base_path / "1", float_digits(images))
+        out = await runtime.predict(types.PredictInput(runtime.check_images(images)), deadline=None)
+        np.testing.assert_allclose(out.probabilities, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        await runtime.stop(5)
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ COMMON_FIELDS = [
     "max_conv_elements", "max_kernel_elements", "max_fit_steps", "fit_time_budget_s",
     "grace_period_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     "log_format", "log_level", "cpu_engine", "engine_threads", "inline_max_images",
-    "max_stream_in_flight", "switch_interval_us",
+    "max_stream_in_flight", "switch_interval_us", "engine_workers",
 ]  # fmt: skip
 
 
@@ -36,6 +36,7 @@ def test_defaults_match_the_documented_ones() -> None:
     assert settings.metrics_port == 8502
     assert settings.device == "auto"
     assert settings.cpu_engine == "litert"
+    assert settings.engine_workers == "process"
     assert settings.log_format == "text"
     assert settings.log_level == "INFO"
     assert settings.read_auth_token() is None
@@ -75,9 +76,11 @@ def test_engine_threads_default_to_a_share_of_the_cpus(monkeypatch: pytest.Monke
     assert Settings.from_argv(["--max-concurrent-batches", "16"]).engine_threads_per_call == 1
     monkeypatch.setenv("CONVSERVE_ENGINE_THREADS", "3")
     monkeypatch.setenv("CONVSERVE_CPU_ENGINE", "tensorflow")
+    monkeypatch.setenv("CONVSERVE_ENGINE_WORKERS", "thread")
     settings = Settings.from_argv([])
     assert settings.engine_threads_per_call == 3
     assert settings.cpu_engine == "tensorflow"
+    assert settings.engine_workers == "thread"
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,6 +104,10 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--log-format", "xml"], "--log-format / CONVSERVE_LOG_FORMAT"),
         (["--cpu-engine", "onnx"], "--cpu-engine / CONVSERVE_CPU_ENGINE: Input should be 'litert'"),
         (["--engine-threads", "-1"], "--engine-threads / CONVSERVE_ENGINE_THREADS"),
+        (
+            ["--engine-workers", "gpu"],
+            "--engine-workers / CONVSERVE_ENGINE_WORKERS: Input should be 'process' or 'thread'",
+        ),
         (["--log-level", "chatty"], "--log-level / CONVSERVE_LOG_LEVEL: expected one of DEBUG"),
         (["--grace-period-s", "-1"], "--grace-period-s"),
         (["--tls-cert", "/no/such/cert.pem"], "no such file: /no/such/cert.pem"),

@@ -25,6 +25,12 @@ uint8 pixels into float32) in the executor thread, just before the batch is
 assembled: requests of different dtypes can then share a batch, and the event
 loop does no per-element work (numpy releases the GIL for larger arrays, and
 taking it back behind a busy model thread would stall every other request).
+
+``run_batch_async``, if given, replaces the executor: a coroutine function
+(e.g. a model in another process) awaited on the event loop, with the batch
+assembled there. It gets the rows as they came when they share a dtype (the
+model converts them itself) and runs ``prepare`` only on batches of mixed
+dtypes. No thread is involved, so nothing waits for the GIL.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -123,6 +129,7 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
         inline_max_rows: int = 0,
+        run_batch_async: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -142,8 +149,10 @@ class DynamicBatcher:
             # A batch never exceeds max_batch_size, so larger sizes would never be used.
             sizes = sorted({s for s in pad_sizes if s <= max_batch_size} | {max_batch_size})
         self._run_batch = run_batch
+        self._run_batch_async = run_batch_async
         self._prepare = prepare
-        self.inline_max_rows = max(0, inline_max_rows)
+        # Nothing to save by running inline when the model call is not a thread hand-off.
+        self.inline_max_rows = 0 if run_batch_async is not None else max(0, inline_max_rows)
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -344,9 +353,12 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         try:
             try:
-                output, run_s = await loop.run_in_executor(
-                    self._executor, self._call_model, slices, padded
-                )
+                if self._run_batch_async is not None:
+                    output, run_s = await self._call_model_async(slices, padded)
+                else:
+                    output, run_s = await loop.run_in_executor(
+                        self._executor, self._call_model, slices, padded
+                    )
             except Exception as exc:
                 for part in slices:
                     self._fail(part.request, exc)
@@ -373,19 +385,23 @@ class DynamicBatcher:
             self._deliver(part, output[offset : offset + length])
             offset += length
 
-    def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
-        """Runs in the executor: assemble, pad, run, check the row count."""
+    def _assemble(self, slices: list[_Slice], padded: int, *, prepare_all: bool) -> np.ndarray:
+        """The batch of `slices`' rows, padded to `padded` rows by repeating the last one.
+
+        prepare_all=False applies `prepare` only when the rows' dtypes differ.
+        """
         pieces = [part.request.items[part.start : part.stop] for part in slices]
-        if self._prepare is not None:
+        if self._prepare is not None and (
+            prepare_all or any(p.dtype != pieces[0].dtype for p in pieces)
+        ):
             pieces = [self._prepare(piece) for piece in pieces]
         rows = sum(p.shape[0] for p in pieces)
         if padded > rows:
             last = pieces[-1][-1:]
             pieces.append(np.repeat(last, padded - rows, axis=0))
-        batch = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-        started = self._clock()
-        output = np.asarray(self._run_batch(batch))
-        run_s = self._clock() - started
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+
+    def _check_output(self, output: np.ndarray, padded: int) -> None:
         if output.ndim < 1 or output.shape[0] != padded:
             log.error(
                 "%s: the model returned shape %s for a batch of %d rows",
@@ -396,6 +412,26 @@ class DynamicBatcher:
             raise errors.Internal(
                 f"{self.name}: the model returned a wrong number of rows; see the server log"
             )
+
+    def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
+        """Runs in the executor: assemble, pad, run, check the row count."""
+        batch = self._assemble(slices, padded, prepare_all=True)
+        started = self._clock()
+        output = np.asarray(self._run_batch(batch))
+        run_s = self._clock() - started
+        self._check_output(output, padded)
+        return output, run_s
+
+    async def _call_model_async(
+        self, slices: list[_Slice], padded: int
+    ) -> tuple[np.ndarray, float]:
+        """`_call_model` through `run_batch_async`, on the event loop."""
+        assert self._run_batch_async is not None
+        batch = self._assemble(slices, padded, prepare_all=False)
+        started = self._clock()
+        output = np.asarray(await self._run_batch_async(batch))
+        run_s = self._clock() - started
+        self._check_output(output, padded)
         return output, run_s
 
     def _deliver(self, part: _Slice, rows: np.ndarray) -> None:

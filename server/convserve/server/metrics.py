@@ -129,6 +129,12 @@ class Metrics:
             ["model", "result"],
             registry=reg,
         )
+        self.worker_exits = Counter(
+            "convserve_model_worker_exits",
+            "Model worker processes that stopped while serving (each is restarted).",
+            ["model"],
+            registry=reg,
+        )
         self.model_info = Info(
             "convserve_model",
             "The serving model version, the device it computes on and the engine that computes.",
@@ -181,6 +187,9 @@ class Metrics:
         """An observer for `DynamicBatcher` (or any operation call) of `rpc`."""
         return _Observer(self, rpc)
 
+    def worker_exited(self, model: str) -> None:
+        self.worker_exits.labels(model=model).inc()
+
     def model_loaded(self, model: str, version: int, ok: bool) -> None:
         self.model_loads.labels(model=model, result="success" if ok else "failure").inc()
 
@@ -192,6 +201,7 @@ class Metrics:
             {"version": str(version), "device": device, "engine": engine}
         )
         self.versions_loaded.labels(model=model).set(loaded_versions)
+        self.worker_exits.labels(model=model)  # exported as 0 before the first exit
 
     def update_device_memory(self, device: str) -> None:
         """Refresh the memory gauges for `device` (e.g. "/GPU:0"); no-op where TF cannot tell."""

@@ -84,6 +84,7 @@ class LiteRtEngine:
 
         self.threads = threads
         self.copies = copies
+        self.flatbuffer = flatbuffer
         self._free: queue.SimpleQueue[_Interpreter] = queue.SimpleQueue()
         for _ in range(copies):
             interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
@@ -151,6 +152,9 @@ class LoadedModel:
     # What computes `predict`: "tensorflow" (the SavedModel) or "litert" (`LiteRtEngine`).
     engine: str = "tensorflow"
     litert: LiteRtEngine | None = field(default=None, repr=False)
+    # The same LiteRT model in worker processes, when the server runs it there
+    # (`engine_process.ProcessEngine`); `predict` stays in-process either way.
+    workers: Any = field(default=None, repr=False)
     leases: int = 0
     retired: bool = False
     # Called once the version is retired and its last lease is gone.

@@ -28,6 +28,7 @@ import numpy as np
 from convserve.server import device as device_mod
 from convserve.server import errors, models, ops, types
 from convserve.server.batcher import BatchObserver, DynamicBatcher, default_pad_sizes
+from convserve.server.engine_process import ProcessEngine, WorkerError
 from convserve.server.metrics import Metrics
 from convserve.server.settings import Settings
 
@@ -211,9 +212,41 @@ class Runtime:
             engine_threads=self.settings.engine_threads_per_call,
             engine_copies=self.settings.max_concurrent_batches,
         )
+        if model.litert is not None and self.settings.engine_workers == "process":
+            model.workers = self._start_workers(model)
         settle_heap(reclaim=self._retired_since_freeze)
         self._retired_since_freeze = False
         return model
+
+    def _start_workers(self, model: models.LoadedModel) -> ProcessEngine | None:
+        """The version's LiteRT model in worker processes, warmed up at every padded size.
+
+        None (the version is served in-process, with a warning) if they fail.
+        """
+        assert model.litert is not None
+        engine: ProcessEngine | None = None
+        try:
+            engine = ProcessEngine(
+                model.litert.flatbuffer,
+                threads=self.settings.engine_threads_per_call,
+                workers=self.settings.max_concurrent_batches,
+                name=f"{model.name} v{model.version}",
+                on_worker_exit=lambda: self.metrics.worker_exited(model.name),
+            )
+            for size in default_pad_sizes(self.settings.max_batch_size):
+                images = np.zeros((size, 28, 28, 1), np.float32)
+                for _ in range(engine.workers):  # round robin: every worker sees each size
+                    if engine(images).shape != (size, 10):
+                        raise WorkerError(f"wrong output shape at batch size {size}")
+        except Exception as exc:
+            if engine is not None:
+                engine.close()
+            log.warning("%s version %d: model worker processes failed, the server process "
+                        "computes predictions: %s", model.name, model.version, exc)  # fmt: skip
+            return None
+        log.info("%s version %d: %d worker processes (pids %s) compute predictions",
+                 model.name, model.version, engine.workers, engine.pids)  # fmt: skip
+        return engine
 
     async def poll_once(self) -> int | None:
         """Look for a new version now; returns the version swapped in, if any."""
@@ -257,6 +290,9 @@ class Runtime:
 
     def _on_serving(self, model: models.LoadedModel, loaded: int) -> None:
         model.on_release = self._release
+        workers: ProcessEngine | None = model.workers
+        if workers is not None:
+            workers.serve()
         self._batchers[model.version] = DynamicBatcher(
             model.predict,
             name=f"{model.name} v{model.version}",
@@ -268,6 +304,7 @@ class Runtime:
             prepare=self._as_float,
             # LiteRT answers a few images in about 0.1 ms: less than a trip to a worker.
             inline_max_rows=self.settings.inline_max_images if model.engine == "litert" else 0,
+            run_batch_async=workers.run if workers is not None else None,
         )
         self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
         self.metrics.update_device_memory(model.device)
@@ -275,6 +312,8 @@ class Runtime:
     def _release(self, model: models.LoadedModel) -> None:
         """The version is retired and no request holds it: close its batcher, drop it."""
         self._retired_since_freeze = True
+        if model.workers is not None:
+            model.workers.close()
         batcher = self._batchers.pop(model.version, None)
         if batcher is None:
             return

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
             "max_concurrent_batches)"
         ),
     )
+    engine_workers: Literal["process", "thread"] = Field(
+        "process",
+        description=(
+            'where LiteRT model calls run: "process" (max_concurrent_batches worker '
+            'processes, so that a batch never waits for the server\'s GIL) or "thread" '
+            "(threads of the server process)"
+        ),
+    )
     poll_interval_s: float = Field(
         2.0,
         gt=0,
@@ -136,7 +144,8 @@ class Settings(BaseSettings):
         le=64,
         description=(
             "batches of at most this many images run on the event loop when the model is "
-            "idle, skipping the hand-off to a worker thread (LiteRT engine only; 0: never)"
+            "idle, skipping the hand-off to a worker thread (LiteRT engine with "
+            "engine_workers=thread only; 0: never)"
         ),
     )
 

@@ -1,0 +1,133 @@
+"""LiteRT in worker processes: same answers as in-process, on and off the event loop,
+and a worker that dies costs one batch, not the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convserve.server import errors, models
+from convserve.server.engine_process import ProcessEngine, WorkerError
+
+Digits = tuple[np.ndarray, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def litert(model_base_path: Path) -> models.LiteRtEngine:
+    model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="litert")
+    assert model.litert is not None
+    return model.litert
+
+
+@pytest.fixture
+def engine(litert: models.LiteRtEngine) -> Iterator[ProcessEngine]:
+    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=2, name="test")
+    try:
+        yield engine
+    finally:
+        engine.close()
+        assert engine.wait_closed(10.0)
+
+
+def in_process(litert: models.LiteRtEngine, images_u8: np.ndarray) -> np.ndarray:
+    return litert((images_u8.astype(np.float32) / np.float32(255.0)).reshape(-1, 28, 28, 1))
+
+
+@pytest.mark.slow
+def test_blocking_calls_match_the_in_process_engine(
+    engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
+) -> None:
+    images = sample_digits[0][:16]
+    expected = in_process(litert, images)
+    # uint8 pixels are scaled in the worker exactly as the server scales them.
+    np.testing.assert_array_equal(engine(images.reshape(-1, 28, 28, 1)), expected)
+    as_float = (images.astype(np.float32) / np.float32(255.0)).reshape(-1, 28, 28, 1)
+    np.testing.assert_array_equal(engine(as_float), expected)
+    # Each size gets its own interpreter in the worker; sizes may come in any order.
+    for size in (1, 5, 16, 2, 5):
+        np.testing.assert_array_equal(engine(images[:size]), expected[:size])
+    with pytest.raises(ValueError, match=r"uint8 or float32 images of 784 pixels expected"):
+        engine(np.zeros((2, 28, 28), np.float64))
+
+
+@pytest.mark.slow
+async def test_concurrent_batches_on_the_event_loop_get_their_own_rows(
+    engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
+) -> None:
+    images = sample_digits[0]
+    expected = in_process(litert, images)
+    engine.serve()
+    with pytest.raises(RuntimeError, match="use run"):
+        engine(images[:1])
+    rng = np.random.default_rng(0)
+    picks = [rng.choice(len(images), size=int(rng.integers(1, 9))) for _ in range(30)]
+    # More batches than workers: the rest wait for an idle worker.
+    results = await asyncio.gather(*(engine.run(images[p]) for p in picks))
+    for pick, result in zip(picks, results, strict=True):
+        np.testing.assert_array_equal(result, expected[pick])
+
+
+@pytest.mark.slow
+async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
+    engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
+) -> None:
+    images = sample_digits[0][:4]
+    expected = in_process(litert, images)
+    engine.serve()
+    exits: list[int] = []
+    engine.on_worker_exit = lambda: exits.append(1)
+    first, second = engine.pids
+    os.kill(first, signal.SIGKILL)
+    outcomes = await asyncio.gather(engine.run(images), engine.run(images), return_exceptions=True)
+    # The batch the dead worker took fails with a clear error; the other is answered.
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(failed) == 1, outcomes
+    assert isinstance(failed[0], errors.Internal)
+    assert f"pid {first}" in str(failed[0])
+    assert "restarted" in str(failed[0])
+    assert exits == [1]
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception):
+            np.testing.assert_array_equal(outcome, expected)
+    # A new worker takes the dead one's place; meanwhile the survivor serves alone.
+    for _ in range(600):
+        if len(engine.pids) == 2:
+            break
+        np.testing.assert_array_equal(await engine.run(images), expected)
+        await asyncio.sleep(0.05)
+    assert len(engine.pids) == 2
+    assert second in engine.pids
+    assert first not in engine.pids
+    results = await asyncio.gather(*(engine.run(images) for _ in range(6)))
+    for result in results:
+        np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.slow
+async def test_closing_stops_the_workers_and_refuses_calls(
+    litert: models.LiteRtEngine, sample_digits: Digits
+) -> None:
+    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=1, name="closing")
+    engine.serve()
+    pids = engine.pids
+    assert (await engine.run(sample_digits[0][:1])).shape == (1, 10)
+    engine.close()
+    with pytest.raises(errors.Unavailable, match="released"):
+        await engine.run(sample_digits[0][:1])
+    assert await asyncio.to_thread(engine.wait_closed, 10.0)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
+    with pytest.raises(WorkerError, match=r"broken worker 0: cannot load the model"):
+        ProcessEngine(b"not a flatbuffer", threads=1, workers=2, name="broken")
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        ProcessEngine(b"", threads=1, workers=0, name="none")
