@@ -126,6 +126,19 @@ async def test_closing_stops_the_workers_and_refuses_calls(
             os.kill(pid, 0)
 
 
+@pytest.mark.slow
+def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine) -> None:
+    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=1, name="nice", niceness=7)
+    try:
+        (pid,) = engine.pids
+        assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + 7)
+    finally:
+        engine.close()
+        assert engine.wait_closed(10.0)
+
+
 def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
     with pytest.raises(WorkerError, match=r"broken worker 0: cannot load the model"):
         ProcessEngine(b"not a flatbuffer", threads=1, workers=2, name="broken")

@@ -15,7 +15,7 @@ COMMON_FIELDS = [
     "max_conv_elements", "max_kernel_elements", "max_fit_steps", "fit_time_budget_s",
     "grace_period_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     "log_format", "log_level", "cpu_engine", "engine_threads", "inline_max_images",
-    "max_stream_in_flight", "switch_interval_us", "engine_workers",
+    "max_stream_in_flight", "switch_interval_us", "engine_workers", "engine_nice",
 ]  # fmt: skip
 
 
@@ -104,6 +104,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--log-format", "xml"], "--log-format / CONVSERVE_LOG_FORMAT"),
         (["--cpu-engine", "onnx"], "--cpu-engine / CONVSERVE_CPU_ENGINE: Input should be 'litert'"),
         (["--engine-threads", "-1"], "--engine-threads / CONVSERVE_ENGINE_THREADS"),
+        (["--engine-nice", "20"], "--engine-nice / CONVSERVE_ENGINE_NICE: Input should be less"),
         (
             ["--engine-workers", "gpu"],
             "--engine-workers / CONVSERVE_ENGINE_WORKERS: Input should be 'process' or 'thread'",

@@ -21,7 +21,7 @@ The wire between the server and a worker, all little-endian:
 A worker that dies fails the batch it held (`errors.Internal`) and is
 replaced in the background; the others keep serving meanwhile.
 
-    python -m convserve.server.engine_process FD THREADS   # started by ProcessEngine
+    python -m convserve.server.engine_process FD THREADS NICENESS   # started by ProcessEngine
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import struct
 import subprocess
@@ -103,12 +104,14 @@ class _Worker:
     event loop, whose reader callback collects the answers.
     """
 
-    def __init__(self, flatbuffer: bytes, threads: int, name: str) -> None:
+    def __init__(self, flatbuffer: bytes, threads: int, niceness: int, name: str) -> None:
         self.name = name
         ours, theirs = socket.socketpair()
+        arguments = (theirs.fileno(), threads, niceness)
+        command = [sys.executable, "-m", __name__, *map(str, arguments)]
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno()), str(threads)],
+                command,
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -233,6 +236,7 @@ class ProcessEngine:
         threads: int,
         workers: int,
         name: str,
+        niceness: int = 0,
         on_worker_exit: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
@@ -240,6 +244,7 @@ class ProcessEngine:
         self.name = name
         self.threads = threads
         self.workers = workers
+        self.niceness = niceness
         self._flatbuffer = flatbuffer
         # Called on the event loop when a serving worker stopped unasked (e.g. a metric).
         self.on_worker_exit = on_worker_exit
@@ -251,7 +256,7 @@ class ProcessEngine:
         self._lock = threading.Lock()
         try:
             for n in range(workers):
-                self._all.append(_Worker(flatbuffer, threads, f"{name} worker {n}"))
+                self._all.append(_Worker(flatbuffer, threads, niceness, f"{name} worker {n}"))
         except Exception:
             self.close()
             raise
@@ -338,7 +343,7 @@ class ProcessEngine:
             code = broken.exit_code()
             log.warning("%s exited (code %s); starting a new one", broken.name, code)
             try:
-                worker = _Worker(self._flatbuffer, self.threads, broken.name)
+                worker = _Worker(self._flatbuffer, self.threads, self.niceness, broken.name)
             except Exception:
                 log.exception("%s could not be restarted", broken.name)
                 return
@@ -433,11 +438,30 @@ def _serve(sock: socket.socket, threads: int) -> None:
         answer(0, output.tobytes())
 
 
+def _step_back(niceness: int) -> None:
+    """Let the server's event loop have a CPU first whenever both want one.
+
+    Handing a batch to a worker wakes it; a process that sleeps as much as a
+    worker does would otherwise take the CPU from the event loop at once, and
+    every request behind the loop waits while the model computes. SCHED_BATCH
+    stops a wake-up from preempting, and the niceness gives the loop the
+    larger share while both are busy. Neither needs privileges.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        if niceness:
+            os.nice(niceness)
+    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
+        print(f"model worker: keeps its scheduling priority ({exc})", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print("usage: python -m convserve.server.engine_process FD THREADS", file=sys.stderr)
+    if len(argv) != 3:
+        print("usage: python -m convserve.server.engine_process FD THREADS NICENESS",
+              file=sys.stderr)  # fmt: skip
         return 2
     sock = socket.socket(fileno=int(argv[0]))
+    _step_back(int(argv[2]))
     try:
         _serve(sock, int(argv[1]))
     except (BrokenPipeError, ConnectionResetError):

@@ -231,6 +231,7 @@ class Runtime:
                 threads=self.settings.engine_threads_per_call,
                 workers=self.settings.max_concurrent_batches,
                 name=f"{model.name} v{model.version}",
+                niceness=self.settings.engine_nice,
                 on_worker_exit=lambda: self.metrics.worker_exited(model.name),
             )
             for size in default_pad_sizes(self.settings.max_batch_size):

@@ -81,6 +81,16 @@ class Settings(BaseSettings):
             "(threads of the server process)"
         ),
     )
+    engine_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "niceness of the model worker processes (engine_workers=process), which also "
+            "run as SCHED_BATCH: the event loop gets a CPU first when both want one "
+            "(0: the server's own priority)"
+        ),
+    )
     poll_interval_s: float = Field(
         2.0,
         gt=0,
