@@ -127,13 +127,15 @@ async def test_closing_stops_the_workers_and_refuses_calls(
 
 
 @pytest.mark.slow
-def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine) -> None:
-    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=1, name="nice", niceness=7)
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, niceness: int) -> None:
+    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=1, name="nice", niceness=niceness)
     try:
         (pid,) = engine.pids
-        assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+        policy = os.SCHED_BATCH if niceness else os.sched_getscheduler(0)
+        assert os.sched_getscheduler(pid) == policy
         ours = os.getpriority(os.PRIO_PROCESS, 0)
-        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + 7)
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + niceness)
     finally:
         engine.close()
         assert engine.wait_closed(10.0)

@@ -439,7 +439,7 @@ def _serve(sock: socket.socket, threads: int) -> None:
 
 
 def _step_back(niceness: int) -> None:
-    """Let the server's event loop have a CPU first whenever both want one.
+    """Let the server's event loop have a CPU first whenever both want one (niceness > 0).
 
     Handing a batch to a worker wakes it; a process that sleeps as much as a
     worker does would otherwise take the CPU from the event loop at once, and
@@ -447,10 +447,11 @@ def _step_back(niceness: int) -> None:
     stops a wake-up from preempting, and the niceness gives the loop the
     larger share while both are busy. Neither needs privileges.
     """
+    if niceness <= 0:
+        return
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        if niceness:
-            os.nice(niceness)
+        os.nice(niceness)
     except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
         print(f"model worker: keeps its scheduling priority ({exc})", file=sys.stderr)
 

@@ -313,8 +313,13 @@ class Runtime:
     def _release(self, model: models.LoadedModel) -> None:
         """The version is retired and no request holds it: close its batcher, drop it."""
         self._retired_since_freeze = True
-        if model.workers is not None:
-            model.workers.close()
+        workers: ProcessEngine | None = model.workers
+        if workers is not None:
+            # The workers' sockets are read by the event loop: close them there.
+            if self._loop is None or self._on_loop_thread():
+                workers.close()
+            else:
+                self._loop.call_soon_threadsafe(workers.close)
         batcher = self._batchers.pop(model.version, None)
         if batcher is None:
             return
@@ -330,6 +335,12 @@ class Runtime:
         # Leases end on the event loop; the callback also works from another thread.
         loop.call_soon_threadsafe(close)
         log.info("%s version %d released", model.name, model.version)
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
 
     def _predict_queued(self) -> int:
         return sum(b.queued_items for b in self._batchers.values())

@@ -86,9 +86,9 @@ class Settings(BaseSettings):
         ge=0,
         le=19,
         description=(
-            "niceness of the model worker processes (engine_workers=process), which also "
-            "run as SCHED_BATCH: the event loop gets a CPU first when both want one "
-            "(0: the server's own priority)"
+            "niceness of the model worker processes (engine_workers=process), which then "
+            "also run as SCHED_BATCH: the event loop gets a CPU first when both want one "
+            "(0: scheduled like the server)"
         ),
     )
     poll_interval_s: float = Field(
@@ -144,8 +144,9 @@ class Settings(BaseSettings):
         le=100_000,
         description=(
             "microseconds a Python thread may hold the GIL while another waits for it "
-            "(sys.setswitchinterval; Python's default is 5000). A model thread finishing a "
-            "batch waits this long at most to hand the results to a busy event loop"
+            "(sys.setswitchinterval; Python's default is 5000). With engine_workers=thread, a "
+            "model thread finishing a batch waits this long at most to hand the results to a "
+            "busy event loop"
         ),
     )
     inline_max_images: int = Field(
