@@ -272,6 +272,8 @@ class ProcessEngine:
         if self._loop is not None:
             raise RuntimeError(f"{self.name}: serving on an event loop; use run()")
         with self._lock:
+            if not self._idle:
+                raise RuntimeError(f"{self.name}: every worker is busy with a blocking call")
             worker = self._idle.popleft()
         try:
             return worker.call(images)
