@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +148,24 @@ def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
         ProcessEngine(b"not a flatbuffer", threads=1, workers=2, name="broken")
     with pytest.raises(ValueError, match="workers must be at least 1"):
         ProcessEngine(b"", threads=1, workers=0, name="none")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "three integers; started by the server"),
+        (["a", "1", "0"], "three integers; started by the server"),
+        (["987", "1", "0"], "FD 987 is not a socket"),
+    ],
+)
+def test_the_worker_entry_point_explains_bad_arguments(argv: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "convserve.server.engine_process", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

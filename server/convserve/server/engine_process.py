@@ -459,14 +459,20 @@ def _step_back(niceness: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: python -m convserve.server.engine_process FD THREADS NICENESS",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    sock = socket.socket(fileno=int(argv[0]))
-    _step_back(int(argv[2]))
+    usage = "usage: python -m convserve.server.engine_process FD THREADS NICENESS"
     try:
-        _serve(sock, int(argv[1]))
+        fd, threads, niceness = (int(a) for a in argv)
+    except ValueError:
+        print(f"{usage} (three integers; started by the server, not by hand)", file=sys.stderr)
+        return 2
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        print(f"model worker: FD {fd} is not a socket ({exc})", file=sys.stderr)
+        return 2
+    _step_back(niceness)
+    try:
+        _serve(sock, threads)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server went away
     finally:
