@@ -72,6 +72,17 @@ def test_malformed_options_name_the_field(
     assert str(caught.value).startswith(field + ": ")
 
 
+@pytest.mark.parametrize("name", ["strides", "dilations", "explicit_padding"])
+def test_huge_repeated_options_are_echoed_cut_short(name: str) -> None:
+    values = [7] * 50_000
+    with pytest.raises(errors.InvalidArgument) as caught:
+        cv.options_from_proto(convserve_pb2.ConvolutionOptions(**{name: values}))
+    assert caught.value.field == f"options.{name}"
+    assert "expected, got [7, 7, 7, " in caught.value.problem
+    assert caught.value.problem.endswith(f"… ({len(repr(values))} characters)")
+    assert len(str(caught.value)) < 200
+
+
 def test_predict_request_both_ways() -> None:
     images = np.arange(2 * 784, dtype=np.uint8).reshape(2, 28, 28, 1)
     value = types.PredictInput(images, types.ModelRef("mnist", 1))

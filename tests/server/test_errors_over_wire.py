@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from convserve.client.tensor import PROTO_TO_DTYPE, to_tensor
+from convserve.server import errors
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc, tensor_pb2
 from tests.interop.loop_thread import serving
 from tests.server.wire_helpers import settings_for
@@ -142,6 +143,26 @@ def test_unknown_models(
     got, details = status(stub.Predict, request)
     assert got == code, details
     assert str(next(iter(spec.values()))) in details
+
+
+@pytest.mark.parametrize("rpc", ["Predict", "GetModelMetadata", "GetFeatureMaps"])
+def test_a_huge_model_name_gets_a_short_status(
+    stub: convserve_pb2_grpc.ConvServeStub, rpc: str
+) -> None:
+    spec = convserve_pb2.ModelSpec(name="a" * 9000)
+    requests = {
+        "Predict": predict(raw(U8, [1, 784], DIGIT_BYTES), name=spec.name),
+        "GetModelMetadata": convserve_pb2.GetModelMetadataRequest(model_spec=spec),
+        "GetFeatureMaps": convserve_pb2.GetFeatureMapsRequest(
+            model_spec=spec, image=raw(U8, [28, 28], DIGIT_BYTES)
+        ),
+    }
+    got, details = status(getattr(stub, rpc), requests[rpc])
+    # Echoed in full, the name would overflow the trailers (8 KiB by default) and the
+    # client would get a metadata-size error instead of the status.
+    assert got in (grpc.StatusCode.NOT_FOUND, INVALID), details[:200]
+    assert "'aaaa" in details
+    assert len(details) <= errors.MAX_MESSAGE_CHARS
 
 
 CONVOLVE_CASES = {

@@ -98,6 +98,29 @@ async def test_stream_reads_no_further_than_max_in_flight() -> None:
     assert source.taken == 10
 
 
+async def test_a_message_holds_its_slot_until_its_answer_is_taken() -> None:
+    metrics = StubMetrics()
+
+    async def handle(message: int) -> int:
+        return message
+
+    source = Source(list(range(10)))
+    answers = Calls("convserve", metrics).stream(
+        "PredictStream", source, handle, failed, max_in_flight=3
+    )
+    # Answers are ready at once, but nobody takes them: reading stops at the limit.
+    first = await anext(answers)
+    await settle()
+    assert source.taken == 3
+    assert len(metrics.started) == 3
+    # Taking one answer more frees the slot of the one taken before it (it was written).
+    second = await anext(answers)
+    await settle()
+    assert source.taken == 4
+    assert [first, second] == [0, 1]
+    assert sorted([first, second, *await _all(answers)]) == list(range(10))
+
+
 async def test_closing_a_stream_cancels_its_unanswered_messages() -> None:
     metrics = StubMetrics()
     cancelled: list[int] = []
@@ -237,3 +260,79 @@ async def test_a_stream_needs_the_token_like_any_call() -> None:
     finally:
         await running.stop(0)
     assert runtime.started_predictions == 1
+
+
+# The client's HTTP/2 receive window: with BDP probing off it stays at the lookahead,
+# so the client's transport accepts only a few answers that its application has not read.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+
+
+async def test_a_client_that_never_reads_holds_the_server_at_max_in_flight() -> None:
+    max_in_flight, count = 8, 10_000
+    runtime, metrics = StubRuntime(), StubMetrics()
+    running = await start_server(
+        settings_for(max_stream_in_flight=max_in_flight), runtime=runtime, metrics=metrics
+    )
+    images = numbered(256)
+    try:
+        async with grpc.aio.insecure_channel(running.target, options=SMALL_WINDOW) as channel:
+            call = convserve_pb2_grpc.ConvServeStub(channel).PredictStream()
+
+            async def write() -> None:
+                for i in range(count):
+                    request = convserve_pb2.PredictRequest(
+                        images=to_tensor(images[i % 256 : i % 256 + 1])
+                    )
+                    await call.write(convserve_pb2.PredictStreamRequest(id=i, request=request))
+                await call.done_writing()
+
+            writer = asyncio.create_task(write())
+            # Wait until the server stops handling messages. That is the absence of an
+            # event, so it is waited for: no progress for 1 s, while a server that
+            # buffers answers handles a message every fraction of a millisecond (the
+            # bound below is passed within the first few ms). Up to 60 s in all.
+            bound = max_in_flight + 64
+            last, quiet_since = -1, asyncio.get_running_loop().time()
+            while asyncio.get_running_loop().time() - quiet_since < 1.0:
+                await asyncio.sleep(0.05)
+                if runtime.started_predictions > bound:
+                    break
+                if runtime.started_predictions != last:
+                    last, quiet_since = (
+                        runtime.started_predictions,
+                        asyncio.get_running_loop().time(),
+                    )
+            # Handled: the max_in_flight messages holding slots, plus the answers that
+            # were written into the client's 1 KiB window (about 75 bytes each, so ~14)
+            # and the ones gRPC's send path accepted. Without the bound all 10,000 are.
+            assert max_in_flight <= runtime.started_predictions <= bound
+            assert not writer.done()  # flow control holds the client back
+            answers = [answer async for answer in call]
+            await writer
+    finally:
+        await running.stop(0)
+    assert sorted(answer.id for answer in answers) == list(range(count))
+    for answer in answers:
+        assert list(answer.response.digits) == [answer.id % 256 % 10]
+    assert len(metrics.finished) == count
+    assert {code for _, _, code in metrics.finished} == {"OK"}
+
+
+async def test_stream_messages_cut_off_by_the_deadline_count_as_deadline_exceeded(
+    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+) -> None:
+    running, runtime, metrics = stub
+    runtime.gate = asyncio.Event()  # never set: the predictions wait until cancelled
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        call = convserve_pb2_grpc.ConvServeStub(channel).PredictStream(timeout=0.3)
+        for i in range(2):
+            request = convserve_pb2.PredictRequest(images=to_tensor(numbered(1)))
+            await call.write(convserve_pb2.PredictStreamRequest(id=i, request=request))
+        assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client sees the status before the server's cancelled tasks have counted
+    # themselves; nothing signals that moment, so this polls (up to 10 s).
+    for _ in range(1000):
+        if len(metrics.finished) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert metrics.finished == [("convserve", "PredictStream", "DEADLINE_EXCEEDED")] * 2

@@ -52,7 +52,7 @@ def stand_in_check_images(images: np.ndarray, field: str, max_images: int) -> np
 def stand_in_version(ref: types.ModelRef, model_name: str, versions: tuple[int, ...]) -> int:
     """The version a stand-in runtime serves `ref` with; NotFound as the real one says it."""
     if ref.name not in (None, model_name):
-        raise errors.NotFound(f"model_spec.name: unknown model {ref.name!r}")
+        raise errors.NotFound(f"model_spec.name: unknown model {errors.shown(ref.name)}")
     if ref.version is None:
         return max(versions)
     if ref.version not in versions:

@@ -3,22 +3,20 @@
 `server_credentials` builds TLS (optionally mutual TLS) credentials from the
 settings. `BearerTokenInterceptor` requires ``authorization: Bearer <token>``
 on every call except health checks and reflection, compares it in constant
-time and answers UNAUTHENTICATED otherwise. The token is never logged.
+time and answers UNAUTHENTICATED otherwise. The token is never logged; rejected
+calls go to the shared `logs.REJECTIONS` summary (DEBUG each, INFO counts).
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
-from convserve.server import errors
+from convserve.server import errors, logs
 from convserve.server.settings import Settings, SettingsError
-
-log = logging.getLogger(__name__)
 
 AUTHORIZATION_HEADER = "authorization"
 SCHEME = "bearer"
@@ -72,11 +70,17 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without the right bearer token with UNAUTHENTICATED."""
 
-    def __init__(self, token: str, exempt_services: frozenset[str] = EXEMPT_SERVICES) -> None:
+    def __init__(
+        self,
+        token: str,
+        exempt_services: frozenset[str] = EXEMPT_SERVICES,
+        rejections: logs.RejectionSummary = logs.REJECTIONS,
+    ) -> None:
         if not token:
             raise ValueError("the bearer token must not be empty")
         self._token = token.encode("utf-8")
         self._exempt = exempt_services
+        self._rejections = rejections
 
     def check(self, metadata: Any) -> errors.Unauthenticated | None:
         """None when `metadata` carries the right token, else the error to answer with."""
@@ -106,7 +110,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         problem = self.check(handler_call_details.invocation_metadata)
         if problem is None:
             return await continuation(handler_call_details)
-        log.info("rejected %s: %s", method, problem)
+        # The method path is the client's: it is shown cut short.
+        self._rejections.rejected(problem.code.name, errors.shown(method), str(problem))
         handler = await continuation(handler_call_details)
         return _rejecting(handler, problem)
 

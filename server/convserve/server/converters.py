@@ -121,7 +121,8 @@ def _pair(values: Any, field: str, meaning: str) -> tuple[int, int]:
         return 1, 1
     if len(values) != 2:
         raise errors.InvalidArgument(
-            field, f"two values {meaning} (or none for [1, 1]) expected, got {list(values)}"
+            field,
+            f"two values {meaning} (or none for [1, 1]) expected, got {errors.shown(list(values))}",
         )
     return int(values[0]), int(values[1])
 
@@ -147,7 +148,7 @@ def options_from_proto(
         if len(pads) != 4:
             raise errors.InvalidArgument(
                 f"{field}.explicit_padding",
-                f"four values [top, bottom, left, right] expected, got {pads}",
+                f"four values [top, bottom, left, right] expected, got {errors.shown(pads)}",
             )
         explicit = (pads[0], pads[1], pads[2], pads[3])
     return types.ConvolutionOptions(
@@ -336,7 +337,8 @@ def fit_kernel_response_from_proto(
     if response.stop_reason not in _STOP_REASONS:
         raise errors.InvalidArgument(
             "stop_reason",
-            f"one of {', '.join(sorted(_STOP_REASONS))} expected, got {response.stop_reason!r}",
+            f"one of {', '.join(sorted(_STOP_REASONS))} expected, "
+            f"got {errors.shown(response.stop_reason)}",
         )
     return types.FitKernelOutput(
         kernel=tensor_field(response, "kernel"),
@@ -430,7 +432,9 @@ def tensor_spec_to_proto(spec: types.TensorSpecInfo) -> convserve_pb2.TensorSpec
 def tensor_spec_from_proto(spec: convserve_pb2.TensorSpec) -> types.TensorSpecInfo:
     unknown = [d for d in spec.dtypes if d not in PROTO_TO_DTYPE]
     if unknown:
-        raise errors.InvalidArgument(f"{spec.name}.dtypes", f"known dtypes expected, got {unknown}")
+        raise errors.InvalidArgument(
+            f"{spec.name}.dtypes", f"known dtypes expected, got {errors.shown(unknown)}"
+        )
     return types.TensorSpecInfo(
         name=spec.name,
         dtypes=tuple(PROTO_TO_DTYPE[d].name for d in spec.dtypes),

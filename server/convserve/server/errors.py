@@ -70,14 +70,41 @@ class Internal(ServeError):
     code = grpc.StatusCode.INTERNAL
 
 
+# A status message travels in the trailers, which hold 8 KiB by default: a longer one
+# would turn the intended status into a metadata-size error on the client.
+MAX_MESSAGE_CHARS = 1000
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """`value` as it may appear in a message to a client or in the log: its repr, cut to
+    about `limit` characters with ``…`` and the full length when longer, e.g.
+    ``'aaaa…' (9000 characters)``. Use it wherever a client's string is echoed."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if isinstance(value, str | bytes):
+        # Cut inside the quotes, so the result still reads as a (shortened) literal.
+        quoted = repr(value[:limit])
+        unit = "bytes" if isinstance(value, bytes) else "characters"
+        return f"{quoted[:-1][:limit]}…{quoted[-1]} ({len(value)} {unit})"
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return f"{message[: MAX_MESSAGE_CHARS - 40]}… (message cut from {len(message)} characters)"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for `exc`.
 
     Unknown exceptions become INTERNAL with a generic message, so internals
-    never leak to clients; callers log those with their traceback.
+    never leak to clients; callers log those with their traceback. Messages are
+    cut to `MAX_MESSAGE_CHARS`, so that a long one cannot overflow the trailers.
     """
     if isinstance(exc, ServeError):
-        return exc.code, str(exc)
+        return exc.code, _capped(str(exc))
     if isinstance(exc, TensorError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, _capped(str(exc))
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"

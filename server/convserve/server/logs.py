@@ -1,5 +1,8 @@
 """Server logging: text or JSON lines on stderr, each tagged with the request id.
 
+`RejectionSummary` (one shared instance, `REJECTIONS`) logs rejected calls: each
+at DEBUG with its detail, and at most one INFO line per interval counting them.
+
 Every RPC gets a request id, the caller's ``x-request-id`` metadata when it
 sends a usable one, else a fresh one. `RequestIdInterceptor` stores it in a
 context variable for the duration of the call, so every log record emitted
@@ -8,12 +11,15 @@ while serving that call (by any module) carries it as ``request_id``.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import os
 import re
 import sys
+import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -99,3 +105,89 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         REQUEST_ID.set(self.request_id(handler_call_details.invocation_metadata))
         return await continuation(handler_call_details)
+
+
+Schedule = Callable[[float, Callable[[], None]], object]
+
+
+def _call_later(delay_s: float, callback: Callable[[], None]) -> None:
+    """Run `callback` after `delay_s` on the running event loop (none: never; the next
+    rejection after the interval logs the counts instead)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    loop.call_later(delay_s, callback)
+
+
+class RejectionSummary:
+    """Logs rejected calls without letting a flood of bad requests flood the log.
+
+    `rejected` logs each call at DEBUG with its detail and counts it by status
+    code; at most one INFO line per `interval_s` reports the counts, e.g.
+    ``rejected 532 calls in the last 10 s: INVALID_ARGUMENT 500, UNAUTHENTICATED 32``.
+    The first rejection after a quiet interval is reported at once; the ones after it
+    when the interval has passed (a timer on the running event loop, else with the
+    next rejection). `clock` and `schedule` (``schedule(delay_s, callback)``) are
+    injectable so tests need no waiting.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule = _call_later,
+    ) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._clock = clock
+        self._schedule = schedule
+        self._counts: Counter[str] = Counter()
+        self._last_line: float | None = None
+        # Bumped by every INFO line, so a timer set for an earlier window does nothing.
+        self._window = 0
+        self._timer_set = False
+
+    def rejected(self, code: str, what: str, detail: str) -> None:
+        """Count one rejected call: `code` its status name, `what` the call (protocol and
+        method), `detail` the message the client got."""
+        self._logger.debug("rejected %s with %s: %s", what, code, detail)
+        self._counts[code] += 1
+        now = self._clock()
+        if self._last_line is None or now - self._last_line >= self._interval_s:
+            self._report(now)
+        elif not self._timer_set:
+            self._timer_set = True
+            window = self._window
+            self._schedule(self._last_line + self._interval_s - now, lambda: self._due(window))
+
+    def flush(self) -> None:
+        """Report the counts not reported yet (e.g. when the server stops)."""
+        if self._counts:
+            self._report(self._clock())
+
+    def _due(self, window: int) -> None:
+        if window == self._window and self._counts:
+            self._report(self._clock())
+
+    def _report(self, now: float) -> None:
+        total = sum(self._counts.values())
+        counts = ", ".join(f"{code} {n}" for code, n in sorted(self._counts.items()))
+        calls = "call" if total == 1 else "calls"
+        if self._last_line is None or now - self._last_line >= 2 * self._interval_s:
+            # After a quiet spell the window is not meaningful: these are the first.
+            self._logger.info("rejected %d %s: %s", total, calls, counts)
+        else:
+            self._logger.info(
+                "rejected %d %s in the last %.0f s: %s", total, calls, now - self._last_line, counts
+            )
+        self._counts.clear()
+        self._last_line = now
+        self._window += 1
+        self._timer_set = False
+
+
+REJECTIONS = RejectionSummary(logging.getLogger("convserve.server.rejections"))
+"""The server's one summary of rejected calls (auth and every protocol's `Calls`)."""

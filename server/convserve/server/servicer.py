@@ -1,20 +1,23 @@
 """The convserve.v1 ConvServe servicer.
 
 Each method translates its request with `converters`, delegates to the shared
-runtime and translates the result back. Request accounting and the error ->
+runtime and translates the result back. Translations of payloads of at least
+`calls.OFFLOAD_MIN_BYTES` run in a thread (`calls.off_loop`), so that a large
+message never holds up the event loop. Request accounting and the error ->
 status mapping (`errors.status_of`) are those of every other protocol
 (`protocols.calls.Calls`), labelled ``protocol="convserve"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 import grpc
 
 from convserve.server import converters, types
-from convserve.server.protocols.calls import Calls
+from convserve.server.protocols.calls import Calls, off_loop
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 
 SERVICE = convserve_pb2.DESCRIPTOR.services_by_name["ConvServe"].full_name
@@ -35,11 +38,20 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
         self, request: convserve_pb2.PredictRequest, context: Context
     ) -> convserve_pb2.PredictResponse:
         async def run() -> convserve_pb2.PredictResponse:
-            value = converters.predict_request_from_proto(request, self._runtime.check_images)
+            value = await off_loop(
+                converters.predict_request_from_proto,
+                request,
+                self._runtime.check_images,
+                size_bytes=request.ByteSize(),
+            )
             result = await self._runtime.predict(
                 value, deadline=self._calls.deadline(context), protocol=PROTOCOL
             )
-            return converters.predict_response_to_proto(result)
+            return await off_loop(
+                converters.predict_response_to_proto,
+                result,
+                size_bytes=_nbytes(result.probabilities),
+            )
 
         return await self._calls.run("Predict", context, run)
 
@@ -51,11 +63,19 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
         async def handle(
             message: convserve_pb2.PredictStreamRequest,
         ) -> convserve_pb2.PredictStreamResponse:
-            request_id, value = converters.predict_stream_request_from_proto(
-                message, self._runtime.check_images
+            request_id, value = await off_loop(
+                converters.predict_stream_request_from_proto,
+                message,
+                self._runtime.check_images,
+                size_bytes=message.ByteSize(),
             )
             result = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
-            return converters.predict_stream_response_to_proto(request_id, result)
+            return await off_loop(
+                converters.predict_stream_response_to_proto,
+                request_id,
+                result,
+                size_bytes=_nbytes(result.probabilities),
+            )
 
         def failed(
             message: convserve_pb2.PredictStreamRequest, code: grpc.StatusCode, text: str
@@ -64,18 +84,29 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
             return converters.predict_stream_response_to_proto(message.id, failure)
 
         answers = self._calls.stream(
-            "PredictStream", request_iterator, handle, failed, self._max_stream_in_flight
+            "PredictStream",
+            request_iterator,
+            handle,
+            failed,
+            self._max_stream_in_flight,
+            context=context,
         )
-        async for answer in answers:
-            yield answer
+        # Closed as soon as this stream ends, so its unanswered messages are cancelled then.
+        async with contextlib.aclosing(answers):
+            async for answer in answers:
+                yield answer
 
     async def Convolve(
         self, request: convserve_pb2.ConvolveRequest, context: Context
     ) -> convserve_pb2.ConvolveResponse:
         async def run() -> convserve_pb2.ConvolveResponse:
-            value = converters.convolve_request_from_proto(request)
+            value = await off_loop(
+                converters.convolve_request_from_proto, request, size_bytes=request.ByteSize()
+            )
             result = await self._runtime.convolve(value, deadline=self._calls.deadline(context))
-            return converters.convolve_response_to_proto(result)
+            return await off_loop(
+                converters.convolve_response_to_proto, result, size_bytes=_nbytes(result.output)
+            )
 
         return await self._calls.run("Convolve", context, run)
 
@@ -83,8 +114,11 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
         self, request: convserve_pb2.FitKernelRequest, context: Context
     ) -> convserve_pb2.FitKernelResponse:
         async def run() -> convserve_pb2.FitKernelResponse:
-            value = converters.fit_kernel_request_from_proto(request)
+            value = await off_loop(
+                converters.fit_kernel_request_from_proto, request, size_bytes=request.ByteSize()
+            )
             result = await self._runtime.fit_kernel(value, deadline=self._calls.deadline(context))
+            # The answer is a kernel and a loss curve: small, whatever the request's size.
             return converters.fit_kernel_response_to_proto(result)
 
         return await self._calls.run("FitKernel", context, run)
@@ -93,9 +127,18 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
         self, request: convserve_pb2.GetFeatureMapsRequest, context: Context
     ) -> convserve_pb2.GetFeatureMapsResponse:
         async def run() -> convserve_pb2.GetFeatureMapsResponse:
-            value = converters.feature_maps_request_from_proto(request, self._runtime.check_images)
+            value = await off_loop(
+                converters.feature_maps_request_from_proto,
+                request,
+                self._runtime.check_images,
+                size_bytes=request.ByteSize(),
+            )
             result = await self._runtime.feature_maps(value, deadline=self._calls.deadline(context))
-            return converters.feature_maps_response_to_proto(result)
+            return await off_loop(
+                converters.feature_maps_response_to_proto,
+                result,
+                size_bytes=sum(_nbytes(maps) for _, maps in result.maps),
+            )
 
         return await self._calls.run("GetFeatureMaps", context, run)
 
@@ -107,6 +150,11 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
             return converters.metadata_response_to_proto(self._runtime.metadata(ref))
 
         return await self._calls.run("GetModelMetadata", context, run)
+
+
+def _nbytes(array: Any) -> int:
+    """The size of an answer's array (0 for anything that is not an array)."""
+    return int(getattr(array, "nbytes", 0))
 
 
 def add_to_server(
