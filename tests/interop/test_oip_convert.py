@@ -18,6 +18,7 @@ from tritonclient.grpc import InferResult, service_pb2
 from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import oip_convert as oc
+from tests.interop.wire_bytes import varint
 
 
 def infer_request(
@@ -162,11 +163,11 @@ def _zero_images() -> Any:
     [
         (lambda: infer_request(inputs=[("images", FLOAT_IMAGES.astype(np.float64), "FP64")]),
          "inputs[images].datatype"),
-        (lambda: infer_request(inputs=[("pixels", UINT8_IMAGES, "UINT8")]), "inputs[pixels]"),
+        (lambda: infer_request(inputs=[("pixels", UINT8_IMAGES, "UINT8")]), "inputs[0]"),
         (lambda: infer_request(inputs=[]), "inputs[images]"),
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")] * 2), "inputs[images]"),
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], outputs=("logits",)),
-         "outputs[logits]"),
+         "outputs[0]"),
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")],
                                outputs=("digits", "digits")), "outputs[digits]"),
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")],
@@ -176,6 +177,16 @@ def _zero_images() -> Any:
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="0"),
          "model_version"),
         (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="-2"),
+         "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")],
+                               version="99999999999999999999"), "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")],
+                               version="9223372036854775808"), "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="1_0"),
+         "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="\u0661"),
+         "model_version"),
+        (lambda: infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version="9" * 5000),
          "model_version"),
         (_shared_memory_input, "inputs[images].parameters"),
         (_classification_output, "outputs[digits].parameters"),
@@ -271,8 +282,10 @@ def test_convolve_request_without_bias_float32() -> None:
                                   mode="CONVOLUTION")),
         ({"padding": "EXPLICIT", "explicit_padding": 2},
          types.ConvolutionOptions(padding="EXPLICIT", explicit_padding=(2, 2, 2, 2))),
-        # Zero strides reach the convolution's own check (the same error as convserve.v1).
-        ({"strides": "0,0"}, types.ConvolutionOptions(strides=(0, 0))),
+        ({"strides": "2, 3", "dilations": 2**31 - 1},
+         types.ConvolutionOptions(strides=(2, 3), dilations=(2**31 - 1, 2**31 - 1))),
+        ({"padding": "EXPLICIT", "explicit_padding": f"0,0,0,{2**31 - 1}"},
+         types.ConvolutionOptions(padding="EXPLICIT", explicit_padding=(0, 0, 0, 2**31 - 1))),
     ],
 )  # fmt: skip
 def test_convolution_parameters(parameters: dict[str, Any], options: Any) -> None:
@@ -291,6 +304,17 @@ def test_convolution_parameters(parameters: dict[str, Any], options: Any) -> Non
         ({"mode": "CORRELATE"}, "parameters.mode"),
         ({"explicit_padding": "1,2"}, "parameters.explicit_padding"),
         ({"stride": "1,1"}, "parameters"),
+        # Every integer is range-checked before TensorFlow, which aborts on some that
+        # do not fit its int32 attributes.
+        ({"strides": "0,0"}, "parameters.strides"),
+        ({"strides": 2**31}, "parameters.strides"),
+        ({"strides": f"1,{2**31}"}, "parameters.strides"),
+        ({"strides": -(2**63)}, "parameters.strides"),
+        ({"dilations": "-1"}, "parameters.dilations"),
+        ({"dilations": f"{2**63},1"}, "parameters.dilations"),
+        ({"explicit_padding": -1}, "parameters.explicit_padding"),
+        ({"explicit_padding": f"0,0,0,{2**31}"}, "parameters.explicit_padding"),
+        ({"strides": "1," * 40 + "1"}, "parameters.strides"),
     ],
 )
 def test_bad_convolution_parameters(parameters: dict[str, Any], field: str) -> None:
@@ -396,3 +420,231 @@ def test_any_conv2d_parameters_convert_or_name_the_parameter(parameters: dict[st
         assert field.startswith("parameters"), field
     else:
         assert isinstance(value.options, types.ConvolutionOptions)
+
+
+# -- typed contents on the wire ------------------------------------------------
+
+
+def unpacked(datatype: str, values: np.ndarray) -> bytes:
+    """InferTensorContents bytes with one tag per value, as a client may send them."""
+    number = service_pb2.InferTensorContents.DESCRIPTOR.fields_by_name[
+        oc.CONTENTS_FIELD[datatype]
+    ].number
+    out = bytearray()
+    for value in values.ravel():
+        if datatype in ("FP32", "FP64"):
+            out += varint(number << 3 | (5 if datatype == "FP32" else 1))
+            out += value.astype(oc.DATATYPES[datatype].newbyteorder("<")).tobytes()
+        else:
+            out += varint(number << 3) + varint(int(value))
+    return bytes(out)
+
+
+def typed_request(datatype: str, array: np.ndarray, contents: bytes) -> Any:
+    request = service_pb2.ModelInferRequest(model_name="mnist")
+    tensor = request.inputs.add(name="images", datatype=datatype, shape=list(array.shape))
+    tensor.contents.MergeFromString(contents)
+    return request
+
+
+TYPED = {
+    "UINT8": np.array([0, 1, 127, 128, 129, 200, 254, 255] * 98, np.uint8).reshape(1, 28, 28),
+    "FP32": np.array([0.0, 1.0, 0.5, 1e-30, 0.25, 0.999, 2.0**-20, 0.125] * 98, np.float32),
+}
+
+
+@pytest.mark.parametrize("datatype", ["UINT8", "FP32"])
+@pytest.mark.parametrize("encoding", ["packed", "unpacked", "mixed"])
+def test_typed_contents_read_back_whatever_the_client_encoding(
+    datatype: str, encoding: str
+) -> None:
+    array = TYPED[datatype].reshape(1, 28, 28)
+    if encoding == "packed":
+        contents = infer_request(inputs=[("images", array, datatype)], raw=False)
+        data = contents.inputs[0].contents.SerializeToString()
+    elif encoding == "unpacked":
+        data = unpacked(datatype, array)
+    else:  # protobuf concatenates packed runs and single values of one field
+        flat = array.ravel()
+        half = service_pb2.InferTensorContents()
+        getattr(half, oc.CONTENTS_FIELD[datatype]).extend(flat[:300].tolist())
+        data = half.SerializeToString() + unpacked(datatype, flat[300:])
+    decoded, _, _, raw = oc.predict_request(typed_request(datatype, array, data))
+    assert not raw
+    assert decoded.dtype == array.dtype
+    np.testing.assert_array_equal(decoded, array)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "array"),
+    [
+        ("FP64", np.array([0.0, -1.5, 1e300, -1e-300, np.pi], np.float64)),
+        ("FP32", np.array([-0.0, 3.4e38, -1.2e-38], np.float32)),
+        ("INT32", np.array([0, -1, 2**31 - 1, -(2**31), 300], np.int32)),
+        ("INT64", np.array([0, -1, 2**63 - 1, -(2**63), 2**40], np.int64)),
+        ("UINT8", np.array([255, 0, 128], np.uint8)),
+    ],
+)
+def test_typed_values_every_datatype_and_encoding(datatype: str, array: np.ndarray) -> None:
+    for data in (
+        unpacked(datatype, array),
+        oc.packed_field(
+            service_pb2.InferTensorContents.DESCRIPTOR.fields_by_name[
+                oc.CONTENTS_FIELD[datatype]
+            ].number,
+            b"".join(varint(int(v)) for v in array)
+            if datatype in ("INT32", "INT64", "UINT8")
+            else array.astype(array.dtype.newbyteorder("<")).tobytes(),
+        ),
+    ):
+        contents = service_pb2.InferTensorContents.FromString(data)
+        values = oc._typed_values("f", datatype, contents)
+        assert values.dtype == array.dtype
+        np.testing.assert_array_equal(values, array)
+        # The same values as protobuf's own (slow) reading of the field.
+        expected = np.asarray(getattr(contents, oc.CONTENTS_FIELD[datatype]), array.dtype)
+        np.testing.assert_array_equal(values, expected)
+
+
+@pytest.mark.parametrize("value", [256, 16383, 16384, 2**21, 2**32 - 1])
+def test_uint8_values_out_of_range_name_the_largest(value: int) -> None:
+    array = np.zeros((1, 28, 28), np.uint8)
+    contents = unpacked("UINT8", array.ravel()[1:]) + unpacked(
+        "UINT8", np.array([value], np.uint32)
+    )
+    with pytest.raises(errors.InvalidArgument) as exc:
+        oc.predict_request(typed_request("UINT8", array, contents))
+    invalid(exc, "inputs[images].contents")
+    assert str(exc.value).endswith(f"UINT8 values in [0, 255] expected, got {value}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(0, 2**32 - 1), max_size=200))
+def test_varint_decoding_equals_protobuf(values: list[int]) -> None:
+    contents = service_pb2.InferTensorContents(uint_contents=values)
+    payload = oc.packed_payload(contents.SerializeToString(), 4, "f")
+    small = oc.small_varints(payload)
+    if all(v <= 255 for v in values):
+        assert small is not None
+        assert small.tolist() == values
+    else:
+        assert small is None
+    assert oc.varint_values(payload, np.dtype(np.uint32), "f").tolist() == values
+    assert oc.largest_varint(payload, "f") == max(values, default=0)
+
+
+def test_varints_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oc, "_VARINT_CHUNK", 7)
+    values = [5, 300, 2**31, 1, 127, 128, 2**28, 0, 99] * 5
+    payload = b"".join(varint(v) for v in values)
+    decoded = oc.varint_values(memoryview(payload), np.dtype(np.uint32), "f")
+    assert decoded.tolist() == values
+
+
+def test_packed_payload_skips_other_fields_and_refuses_junk() -> None:
+    number = 6
+    packed = oc.packed_field(number, np.arange(3, dtype="<f4").tobytes())
+    other = varint(1 << 3) + varint(7) + varint(99 << 3 | 5) + b"abcd"
+    payload = oc.packed_payload(other + packed + other, number, "f")
+    assert np.frombuffer(payload, "<f4").tolist() == [0.0, 1.0, 2.0]
+    assert len(oc.packed_payload(other, number, "f")) == 0
+    # The field number with another wire type is an unknown field: protobuf did not take it.
+    assert len(oc.packed_payload(varint(number << 3) + varint(1), number, "f")) == 0
+    for junk, problem in [
+        (other * (oc.MAX_TENSOR_FIELDS // 2 + 1), "at most"),
+        (varint(7 << 3 | 3), "groups"),
+        (packed[:-1], "truncated"),
+        (b"\xff" * 11, "varint"),
+    ]:
+        with pytest.raises(errors.InvalidArgument) as exc:
+            oc.packed_payload(junk, number, "inputs[x].contents")
+        invalid(exc, "inputs[x].contents")
+        assert problem in str(exc.value)
+
+
+def test_unknown_fields_in_typed_contents_are_ignored() -> None:
+    array = TYPED["FP32"].reshape(1, 28, 28)
+    request = infer_request(inputs=[("images", array, "FP32")], raw=False)
+    data = varint(99 << 3) + varint(5) + request.inputs[0].contents.SerializeToString()
+    decoded, _, _, _ = oc.predict_request(typed_request("FP32", array, data))
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_shapes_are_checked_before_anything_is_allocated() -> None:
+    for raw in (True, False):
+        request = infer_request(inputs=[("images", UINT8_IMAGES[:1, :1, :1], "UINT8")], raw=raw)
+        del request.inputs[0].shape[:]
+        request.inputs[0].shape.extend([2**62, 2**62, 2**62])
+        with pytest.raises((errors.ServeError, TensorError)) as exc:
+            oc.predict_request(request)
+        invalid(exc, "inputs[images]")
+    request = infer_request(inputs=[("images", UINT8_IMAGES[:1, :1, :1], "UINT8")])
+    request.inputs[0].shape.extend([1] * oc.MAX_RANK)
+    with pytest.raises(errors.InvalidArgument) as exc:
+        oc.predict_request(request)
+    invalid(exc, "inputs[images].shape")
+
+
+def test_client_strings_are_shortened_in_messages() -> None:
+    long = "x" * 9000
+    cases = [
+        infer_request(inputs=[(long, UINT8_IMAGES, "UINT8")]),
+        infer_request(inputs=[("images", UINT8_IMAGES, long)]),
+        infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], outputs=(long,)),
+        infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], version=long),
+        infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")], parameters={long: 1}),
+        infer_request(
+            inputs=[("images", UINT8_IMAGES, "UINT8")],
+            parameters={f"{i}{long}": 1 for i in range(20)},
+        ),
+        infer_request("conv2d", parameters={"padding": long}),
+        infer_request("conv2d", parameters={"strides": long}),
+    ]
+    for request in cases:
+        convert = (
+            (lambda r: oc.convolution_options(r.parameters))
+            if request.model_name == "conv2d"
+            else oc.predict_request
+        )
+        with pytest.raises(errors.InvalidArgument) as exc:
+            convert(request)
+        assert len(str(exc.value)) < 700, str(exc.value)
+        assert "characters)" in str(exc.value)
+
+
+@pytest.mark.parametrize("dtype", [">f4", "<f4", ">f8", "<f8"])
+def test_typed_response_is_packed_little_endian_whatever_the_byte_order(dtype: str) -> None:
+    out = RNG.random((2, 3, 4, 5)).astype(dtype)
+    response = oc.convolve_response(infer_request("conv2d"), types.ConvolveOutput(out), raw=False)
+    tensor = response.outputs[0]
+    assert tensor.datatype == ("FP32" if dtype[1:] == "f4" else "FP64")
+    # What a client receives, read by protobuf (tritonclient reads raw contents only).
+    received = service_pb2.ModelInferResponse.FromString(response.SerializeToString())
+    contents = received.outputs[0].contents
+    values = contents.fp32_contents if dtype[1:] == "f4" else contents.fp64_contents
+    np.testing.assert_array_equal(np.asarray(values).reshape(out.shape), out)
+    raw = oc.convolve_response(infer_request("conv2d"), types.ConvolveOutput(out), raw=True)
+    np.testing.assert_array_equal(InferResult(raw).as_numpy("output"), out)
+
+
+def test_typed_round_trip_of_an_empty_payload() -> None:
+    response = oc.infer_response(
+        infer_request(), "conv2d", "1", [("output", np.zeros((0, 3), np.float32))], raw=False
+    )
+    assert len(response.outputs[0].contents.fp32_contents) == 0
+    assert list(response.outputs[0].shape) == [0, 3]
+    # No values at all is "no data", as before.
+    request = infer_request(inputs=[("images", UINT8_IMAGES, "FP32")], raw=False)
+    request.inputs[0].contents.Clear()
+    with pytest.raises(errors.InvalidArgument) as exc:
+        oc.predict_request(request)
+    invalid(exc, "inputs[images].contents")
+    assert "no data" in str(exc.value)
+
+
+def test_request_bytes_estimates_without_serializing() -> None:
+    raw = infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")])
+    assert oc.request_bytes(raw) >= UINT8_IMAGES.nbytes
+    typed = infer_request(inputs=[("images", FLOAT_IMAGES, "FP32")], raw=False)
+    assert oc.request_bytes(typed) >= FLOAT_IMAGES.nbytes
+    assert oc.request_bytes(service_pb2.ModelInferRequest()) == 0

@@ -7,6 +7,7 @@ clients against the real server are in test_server.py.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pool, message_factory
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_service_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_service_pb2,
     prediction_service_pb2_grpc,
 )
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -31,6 +34,7 @@ from convserve.server.protocols import ADAPTERS
 from convserve.server.protocols.tfserving_convert import proto_from_array
 from tests.interop.fakes import FakeMetrics, FakeRuntime, fake_probabilities
 from tests.interop.loop_thread import running
+from tests.interop.test_typed_limit import ld
 
 
 @dataclass
@@ -50,7 +54,9 @@ def served() -> Iterator[Served]:
     runtime, metrics = FakeRuntime(), FakeMetrics()
 
     async def start() -> tuple[grpc.aio.Server, Served]:
-        server = grpc.aio.server()
+        # Above gRPC's default 4 MiB, so that typed payloads over the adapters' default
+        # max_typed_payload_bytes (4 MiB) reach them.
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
         services = [name for a in ADAPTERS for name in a.add_to_server(server, runtime, metrics)]
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -142,6 +148,63 @@ def test_triton_errors_keep_status_and_field(served: Served) -> None:
     assert ("oip", "ModelInfer", "INVALID_ARGUMENT") in served.metrics.finished
 
 
+def _finished(served: Served, protocol: str, rpc: str, code: str) -> int:
+    with served.metrics.lock:
+        return served.metrics.finished.count((protocol, rpc, code))
+
+
+def packed(message: Any, field: str, array: np.ndarray) -> bytes:
+    """Repeated float `field` of `message` holding `array`, packed: extend() is slow."""
+    number = message.DESCRIPTOR.fields_by_name[field].number
+    return ld(number, array.astype("<f4").tobytes())
+
+
+def test_large_typed_payloads_are_refused_unparsed_and_counted(
+    served: Served, channel: grpc.Channel
+) -> None:
+    # Over the default max_typed_payload_bytes (4 MiB); raw payloads are not limited.
+    floats = np.zeros((1400, 28, 28, 1), np.float32)  # 4.2 MiB
+    oip = service_pb2.ModelInferRequest(model_name="mnist")
+    contents = oip.inputs.add(name="images", datatype="FP32", shape=list(floats.shape)).contents
+    contents.MergeFromString(packed(contents, "fp32_contents", floats))
+    tf = predict_pb2.PredictRequest()
+    tf.model_spec.name = "mnist"
+    proto = proto_from_array(floats)
+    proto.ClearField("tensor_content")
+    proto.MergeFromString(packed(proto, "float_val", floats))
+    tf.inputs["images"].CopyFrom(proto)
+    cases = [
+        ("oip", "ModelInfer", "/inference.GRPCInferenceService/ModelInfer", oip, "inputs[0]"),
+        ("tfserving", "Predict", "/tensorflow.serving.PredictionService/Predict", tf, "inputs['"),
+    ]
+    for protocol, rpc, path, request, field in cases:
+        before = _finished(served, protocol, rpc, "INVALID_ARGUMENT")
+        with pytest.raises(grpc.RpcError) as exc:
+            channel.unary_unary(path)(request.SerializeToString(), timeout=30)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert exc.value.details().startswith(f"{field}")
+        assert f"at most {4 << 20} bytes of typed values" in exc.value.details()
+        assert _finished(served, protocol, rpc, "INVALID_ARGUMENT") == before + 1
+
+
+@pytest.mark.parametrize(
+    ("protocol", "rpc", "path"),
+    [
+        ("oip", "ModelInfer", "/inference.GRPCInferenceService/ModelInfer"),
+        ("tfserving", "Predict", "/tensorflow.serving.PredictionService/Predict"),
+    ],
+)
+def test_malformed_request_bytes_are_invalid_argument(
+    served: Served, channel: grpc.Channel, protocol: str, rpc: str, path: str
+) -> None:
+    before = _finished(served, protocol, rpc, "INVALID_ARGUMENT")
+    with pytest.raises(grpc.RpcError) as exc:
+        channel.unary_unary(path)(b"\x2a\x7f", timeout=30)  # a length past the end
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith("request: a well-formed ")
+    assert _finished(served, protocol, rpc, "INVALID_ARGUMENT") == before + 1
+
+
 def test_conv2d_through_triton_client(served: Served) -> None:
     rng = np.random.default_rng(4)
     x = rng.random((2, 9, 9, 3)).astype(np.float32)
@@ -203,3 +266,67 @@ def test_tfserving_stubs(served: Served, channel: grpc.Channel) -> None:
     assert [s.version for s in status.model_version_status] == [1, 2]
     assert ("tfserving", "GetModelStatus", "OK") in served.metrics.finished
     assert ("tfserving", "Predict", "NOT_FOUND") in served.metrics.finished
+
+
+SERVED = {
+    "inference.GRPCInferenceService": {
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"
+    },
+    "tensorflow.serving.PredictionService": {"Predict", "GetModelMetadata"},
+    "tensorflow.serving.ModelService": {"GetModelStatus"},
+}  # fmt: skip
+# Every method of every service, from the descriptors, so that none can be missed.
+UNSERVED = [
+    method
+    for service in (
+        service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"],
+        model_service_pb2.DESCRIPTOR.services_by_name["ModelService"],
+    )
+    for method in service.methods
+    if method.name not in SERVED[service.full_name]
+]
+
+
+def test_every_service_method_is_either_served_or_listed() -> None:
+    names = {m.full_name for m in UNSERVED}
+    assert "inference.GRPCInferenceService.ModelStreamInfer" in names
+    assert "tensorflow.serving.ModelService.HandleReloadConfigRequest" in names
+    assert len(UNSERVED) == 14 + 3 + 1
+
+
+@pytest.mark.parametrize("method", UNSERVED, ids=lambda m: m.full_name)
+def test_unserved_methods_answer_unimplemented_naming_the_method(
+    served: Served, channel: grpc.Channel, method: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    request_class = message_factory.GetMessageClass(method.input_type)
+    response_class = message_factory.GetMessageClass(method.output_type)
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    kind = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }[(method.client_streaming, method.server_streaming)]
+    call = kind(
+        path,
+        request_serializer=request_class.SerializeToString,
+        response_deserializer=response_class.FromString,
+    )
+    request = (
+        iter([request_class(), request_class()]) if method.client_streaming else request_class()
+    )
+
+    def invoke() -> None:
+        answer = call(request, timeout=30)
+        if method.server_streaming:
+            list(answer)  # the status comes with the end of the stream
+
+    with pytest.raises(grpc.RpcError) as exc:
+        invoke()
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert exc.value.details() == (
+        f"{method.containing_service.full_name}/{method.name} is not implemented by convserve"
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG] == []

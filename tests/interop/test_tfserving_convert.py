@@ -23,6 +23,7 @@ from tensorflow_serving.apis import (
 from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import tfserving_convert as tc
+from tests.interop.wire_bytes import varint
 
 RNG = np.random.default_rng(1)
 FLOATS = RNG.random((2, 28, 28, 1), dtype=np.float32)
@@ -235,3 +236,107 @@ def test_model_status_lists_available_versions() -> None:
 
 def test_model_ref_from_a_bare_spec() -> None:
     assert tc.model_ref(model_pb2.ModelSpec()) == types.ModelRef(None, None)
+
+
+# -- typed values on the wire --------------------------------------------------
+
+
+def _unpacked(name: str, dtype: np.dtype, values: np.ndarray) -> bytes:
+    """TensorProto bytes of one field with one tag per value, as a client may send them."""
+    number = tc.tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name[name].number
+    out = bytearray()
+    for value in values.ravel():
+        if dtype.kind == "f":
+            out += varint(number << 3 | (5 if dtype.itemsize == 4 else 1))
+            out += np.asarray(value, dtype.newbyteorder("<")).tobytes()
+        else:
+            out += varint(number << 3) + varint(int(value))
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array([[0.0, -1.5, 3.4e38], [1e-38, 0.5, -0.0]], np.float32),
+        np.array([[0.0, -1.5, 1e300], [np.pi, 0.5, -0.0]], np.float64),
+        np.array([[0, -1, 2**31 - 1], [-(2**31), 7, 300]], np.int32),
+        np.array([[0, -1, 2**63 - 1], [-(2**63), 7, 2**40]], np.int64),
+        np.array([[0, 127, 128], [200, 254, 255]], np.uint8),
+    ],
+)
+@pytest.mark.parametrize("packed", [True, False])
+def test_typed_values_every_dtype_and_encoding(array: np.ndarray, packed: bool) -> None:
+    proto = tf.make_tensor_proto(array)
+    proto.ClearField("tensor_content")
+    name = tc.VALUES_FIELD[proto.dtype]
+    if packed:
+        getattr(proto, name).extend(array.ravel().tolist())
+    else:
+        proto.MergeFromString(_unpacked(name, array.dtype, array))
+    decoded = tc.array_from_proto(proto, "x")
+    assert decoded.dtype == array.dtype
+    np.testing.assert_array_equal(decoded, array)
+    np.testing.assert_array_equal(decoded, tf.make_ndarray(proto))
+
+
+@pytest.mark.parametrize("bad", [256, 16384, -1, -(2**31), 2**31 - 1])
+def test_uint8_typed_values_out_of_range(bad: int) -> None:
+    proto = typed_proto(UINT8S)
+    proto.int_val[len(proto.int_val) // 2] = bad
+    with pytest.raises(errors.InvalidArgument) as exc:
+        tc.predict_request(predict_request(proto, signature="predict_uint8"))
+    invalid(exc, "inputs[images].int_val")
+    assert str(exc.value).endswith("DT_UINT8 values in [0, 255] expected")
+
+
+def _with_dims(dims: list[int], typed: bool) -> Any:
+    proto = typed_proto(FLOATS[:1]) if typed else tf.make_tensor_proto(FLOATS[:1])
+    del proto.tensor_shape.dim[:]
+    for d in dims:
+        proto.tensor_shape.dim.add(size=d)
+    return predict_request(proto)
+
+
+@pytest.mark.parametrize("typed", [True, False])
+@pytest.mark.parametrize(
+    ("dims", "field"),
+    [
+        ([-1, 28, 28, 1], "inputs[images]"),
+        ([2**62, 2**62, 28, 1], "inputs[images]"),  # product far beyond int64
+        ([2**40, 28, 28, 1], "inputs[images]"),
+        ([1, 28, 28, 1, 1, 1, 1, 1, 1], "inputs[images].tensor_shape"),
+    ],
+)
+def test_shapes_are_checked_before_anything_is_allocated(
+    dims: list[int], field: str, typed: bool
+) -> None:
+    with pytest.raises((errors.ServeError, TensorError)) as exc:
+        tc.predict_request(_with_dims(dims, typed))
+    invalid(exc, field)
+
+
+def test_client_strings_are_shortened_in_messages() -> None:
+    long = "x" * 9000
+    extra = predict_request()
+    for i in range(20):
+        extra.inputs[f"{i}{long}"].CopyFrom(tf.make_tensor_proto(FLOATS))
+    for request in [
+        predict_request(signature=long),
+        predict_request(label=long),
+        predict_request(outputs=(long,)),
+        extra,
+    ]:
+        with pytest.raises(errors.InvalidArgument) as exc:
+            tc.predict_request(request)
+        assert len(str(exc.value)) < 700, str(exc.value)
+        assert "characters)" in str(exc.value)
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=[long] * 9)
+    with pytest.raises(errors.InvalidArgument) as exc:
+        tc.check_metadata_fields(metadata)
+    assert len(str(exc.value)) < 700
+
+
+def test_request_bytes_estimates_without_serializing() -> None:
+    assert tc.request_bytes(predict_request()) >= FLOATS.nbytes
+    assert tc.request_bytes(predict_request(typed_proto(FLOATS))) >= FLOATS.nbytes
+    assert tc.request_bytes(predict_pb2.PredictRequest()) == 0

@@ -18,7 +18,9 @@ from convserve.server.protocols.tfserving import TfServingAdapter
 class Adapter(Protocol):
     name: str
 
-    def add_to_server(self, server: Any, runtime: Any, metrics: Any) -> list[str]: ...
+    def add_to_server(
+        self, server: Any, runtime: Any, metrics: Any, *, max_typed_payload_bytes: int = ...
+    ) -> list[str]: ...
 
 
 ADAPTERS: tuple[Adapter, ...] = (OipAdapter(), TfServingAdapter())

@@ -2,26 +2,35 @@
 count the request in the shared metrics and turn errors into statuses with
 `errors.status_of` (the one mapping). `Calls.stream` does the same for each
 message of a request stream, answering a failed message instead of ending
-the stream."""
+the stream. Also how a protocol's servicers are added to the server
+(`add_servicer`, `unimplemented_answered`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
 from importlib import metadata as package_metadata
 from typing import Any, TypeVar
 
 import grpc
 
 from convserve.client.tensor import TensorError
-from convserve.server import errors, types
+from convserve.server import errors, logs, types
 from convserve.server.runtime import deadline_of
+from convserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+S = TypeVar("S", bound=type)
+# Payloads of at least this many bytes are converted (decoded, checked, encoded) in a
+# thread: work proportional to a large payload would otherwise stall every other call
+# on the event loop, health checks included.
+OFFLOAD_MIN_BYTES = 1 << 20
 M = TypeVar("M")
+# What the adapters refuse by default, as the server's setting.
+DEFAULT_MAX_TYPED_PAYLOAD_BYTES: int = Settings.model_fields["max_typed_payload_bytes"].default
 _END = object()
 
 
@@ -33,12 +42,193 @@ def server_version() -> str:
         return "unknown"
 
 
-class Calls:
-    """Runs the servicer methods of one protocol."""
+async def off_loop(fn: Callable[..., T], *args: Any, size_bytes: int) -> T:
+    """``fn(*args)``, in a thread when the payload it works on has `size_bytes` >=
+    `OFFLOAD_MIN_BYTES`, else inline (a thread hand-off costs more than a small conversion)."""
+    if size_bytes < OFFLOAD_MIN_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
-    def __init__(self, protocol: types.Protocol, metrics: Any) -> None:
+
+def _unimplemented(method: str) -> Callable[[Any, Any, Any], Awaitable[None]]:
+    message = f"{method} is not implemented by convserve"
+
+    async def answer(self: Any, request: Any, context: Any) -> None:
+        log.debug("%s", message)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    answer.__name__ = answer.__qualname__ = method.rsplit("/", 1)[-1]
+    # add_servicer gives such methods a deserializer that never parses the request.
+    setattr(answer, UNIMPLEMENTED_MARK, True)
+    return answer
+
+
+UNIMPLEMENTED_MARK = "convserve_unimplemented"
+
+
+def _unread(data: bytes) -> None:
+    """The request of a method convserve does not implement: never parsed (a large one
+    would hold the event loop while protobuf parses it, only to be refused)."""
+    return None
+
+
+def unimplemented_answered(service: Any) -> Callable[[S], S]:
+    """A class decorator for the servicer of `service` (a ServiceDescriptor): every method
+    of the service that the class does not define itself answers UNIMPLEMENTED with
+    ``<service>/<method> is not implemented by convserve`` and logs only at DEBUG.
+
+    The generated base class's default raises NotImplementedError, which gRPC logs
+    with a traceback and answers with the exception's repr. One coroutine serves every
+    method kind: it ends the call before reading a request, streamed or not.
+    """
+
+    def fill(cls: S) -> S:
+        for method in service.methods:
+            if method.name not in vars(cls):
+                setattr(cls, method.name, _unimplemented(f"{service.full_name}/{method.name}"))
+        return cls
+
+    return fill
+
+
+class _Recorder:
+    """Stands in for the server while generated code adds a servicer: keeps what it adds."""
+
+    def __init__(self) -> None:
+        self.generic: list[Any] = []
+        self.registered: list[tuple[str, dict[str, Any]]] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.registered.append((service, handlers))
+
+
+def _deserializing(handler: Any, deserialize: Callable[[bytes], Any]) -> Any:
+    """Unary-unary `handler` with the request deserializer `deserialize`."""
+    if handler.request_streaming or handler.response_streaming:
+        raise TypeError("only unary-unary methods take another request deserializer")
+    return grpc.unary_unary_rpc_method_handler(
+        handler.unary_unary,
+        request_deserializer=deserialize,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+class _DeserializerSwap(grpc.ServiceRpcHandler):
+    """A generated service handler, with other request deserializers for some methods."""
+
+    def __init__(self, inner: Any, swapped: dict[str, Callable[[bytes], Any]]) -> None:
+        self._inner = inner
+        self._swapped = swapped  # full method path -> deserializer
+        self._handlers: dict[str, Any] = {}
+
+    def service_name(self) -> str:
+        return str(self._inner.service_name())
+
+    def serves(self, name: str) -> bool:
+        """Whether method `name` of this service gets another deserializer."""
+        method = f"/{self.service_name()}/{name}"
+        return method in self._swapped and self.service(_Details(method)) is not None
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._inner.service(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in self._swapped:
+            return handler
+        if method not in self._handlers:
+            self._handlers[method] = _deserializing(handler, self._swapped[method])
+        return self._handlers[method]
+
+
+def add_servicer(
+    add: Callable[[Any, Any], None],
+    servicer: Any,
+    server: Any,
+    deserializers: Mapping[str, Callable[[bytes], Any]],
+) -> None:
+    """``add(servicer, server)``, `add` being a generated ``add_*Servicer_to_server``, with
+    the request deserializer of each unary-unary method named in `deserializers` (by
+    method name, e.g. ``ModelInfer``) replaced: the server gets exactly what the generated
+    code adds (its handlers, registered the same ways), those deserializers aside.
+    Unary-unary methods answered by `unimplemented_answered` never parse their request."""
+    recorder = _Recorder()
+    add(servicer, recorder)
+    deserializers = dict(deserializers)
+    for _, methods in recorder.registered:
+        for name, handler in methods.items():
+            unary = not handler.request_streaming and not handler.response_streaming
+            if unary and getattr(getattr(servicer, name, None), UNIMPLEMENTED_MARK, False):
+                deserializers.setdefault(name, _unread)
+    handlers = [
+        _DeserializerSwap(
+            handler,
+            {
+                f"/{handler.service_name()}/{name}": deserialize
+                for name, deserialize in deserializers.items()
+            },
+        )
+        for handler in recorder.generic
+    ]
+    for name in deserializers:
+        if not any(handler.serves(name) for handler in handlers):
+            raise ValueError(f"no unary-unary method {name} among the servicer's")
+    server.add_generic_rpc_handlers(handlers)
+    for service, methods in recorder.registered:
+        swapped = {
+            name: _deserializing(handler, deserializers[name]) if name in deserializers else handler
+            for name, handler in methods.items()
+        }
+        server.add_registered_method_handlers(service, swapped)
+
+
+# A cancellation this close to the call's deadline is taken as the deadline's. gRPC
+# clients send their timeout rounded up (to 10 ms between 1 and 10 s, 100 ms up to
+# 100 s, at most about 1%), so a client gives up, and cancels, a little before the
+# deadline the server sees.
+_DEADLINE_SLACK_S = 0.005
+_DEADLINE_ROUNDING = 0.01
+
+
+def cancelled_code(
+    context: grpc.aio.ServicerContext[Any, Any] | None, granted_s: float | None
+) -> grpc.StatusCode:
+    """The status of a call whose handler was cancelled: DEADLINE_EXCEEDED once its
+    deadline has (about) passed, else CANCELLED (the caller went away). `granted_s` is
+    ``context.time_remaining()`` as the call started."""
+    if context is None or granted_s is None:
+        return grpc.StatusCode.CANCELLED
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S + _DEADLINE_ROUNDING * granted_s:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class Calls:
+    """Runs the servicer methods of one protocol.
+
+    Every call is counted in `metrics` with its final status. Rejected calls
+    (client errors, and UNAVAILABLE) go to `rejections` (DEBUG with the detail,
+    rate-limited INFO counts); unexpected exceptions are logged at ERROR with
+    their traceback.
+    """
+
+    def __init__(
+        self,
+        protocol: types.Protocol,
+        metrics: Any,
+        rejections: logs.RejectionSummary = logs.REJECTIONS,
+    ) -> None:
         self.protocol = protocol
         self.metrics = metrics
+        self.rejections = rejections
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -51,14 +241,17 @@ class Calls:
         context: grpc.aio.ServicerContext[Any, Any],
         handler: Callable[[], Awaitable[T]],
     ) -> T:
+        """``await handler()``, counted as one request of `rpc`; its errors become the
+        call's status (`errors.status_of`)."""
         start = time.perf_counter()
+        granted = context.time_remaining()
         code = grpc.StatusCode.OK
         message = ""
         self.metrics.request_started(self.protocol, rpc)
         try:
             return await handler()
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = cancelled_code(context, granted)
             raise
         except Exception as exc:
             code, message = self._failure(rpc, exc)
@@ -72,7 +265,12 @@ class Calls:
     def _failure(self, rpc: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
         code, message = errors.status_of(exc)
         if not isinstance(exc, errors.ServeError | TensorError):
-            log.exception("%s %s failed", self.protocol, rpc)
+            log.error("%s %s failed", self.protocol, rpc, exc_info=exc)
+        elif code == grpc.StatusCode.INTERNAL:
+            # Raised on purpose where the failure was seen (and logged with its detail).
+            log.error("%s %s failed: %s", self.protocol, rpc, message)
+        else:
+            self.rejections.rejected(code.name, f"{self.protocol} {rpc}", message)
         return code, message
 
     async def _answer(
@@ -81,6 +279,8 @@ class Calls:
         message: M,
         handle: Callable[[M], Awaitable[T]],
         failed: Callable[[M, grpc.StatusCode, str], T],
+        context: grpc.aio.ServicerContext[Any, Any] | None,
+        granted_s: float | None,
     ) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -88,7 +288,7 @@ class Calls:
         try:
             return await handle(message)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = cancelled_code(context, granted_s)
             raise
         except Exception as exc:
             code, text = self._failure(rpc, exc)
@@ -105,29 +305,40 @@ class Calls:
         handle: Callable[[M], Awaitable[T]],
         failed: Callable[[M, grpc.StatusCode, str], T],
         max_in_flight: int,
-    ) -> AsyncIterator[T]:
+        context: grpc.aio.ServicerContext[Any, Any] | None = None,
+    ) -> AsyncGenerator[T, None]:
         """Answer every message of a request stream, at most `max_in_flight` at a time.
 
         Each message counts as one request of `rpc` and is handled in its own
         task, so that a stream's messages share batches like concurrent unary
         calls. Its answer is ``handle(message)``, or ``failed(message, code,
         text)`` with the status the unary call would have ended with; either way
-        the stream goes on. Answers come in the order they finish. While
-        `max_in_flight` messages are unanswered, reading pauses, so a client
-        that sends faster than the server answers is held back by HTTP/2 flow
-        control instead of queueing without bound. The stream ends once the
-        client has closed its side and every message is answered; if the
-        stream is cancelled, its unanswered messages are cancelled too.
+        the stream goes on. Answers come in the order they finish.
+
+        A message holds its slot until its answer has been written: the
+        generator is resumed only once gRPC has handed the previous answer to
+        the transport. So at most `max_in_flight` messages are being handled or
+        have answers waiting, whether the client sends faster than the server
+        answers or never reads its answers; either way reading pauses and HTTP/2
+        flow control holds the client back, instead of the server queueing
+        without bound. The stream ends once the client has closed its side and
+        every message is answered; if the stream is cancelled, its unanswered
+        messages are cancelled too (counted as DEADLINE_EXCEEDED when
+        `context`'s deadline has passed).
         """
-        answers: asyncio.Queue[Any] = asyncio.Queue()
+        granted = None if context is None else context.time_remaining()
+        # Every queued answer holds a slot, so the bound is never reached (+1: the end).
+        answers: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_in_flight + 1)
         slots = asyncio.Semaphore(max_in_flight)
         pending: set[asyncio.Task[None]] = set()
 
         async def answer(message: M) -> None:
             try:
-                answers.put_nowait(await self._answer(rpc, message, handle, failed))
-            finally:
-                slots.release()
+                result = await self._answer(rpc, message, handle, failed, context, granted)
+            except BaseException:
+                slots.release()  # no answer will be written for this message
+                raise
+            answers.put_nowait(result)
 
         async def read() -> None:
             iterator = aiter(messages)
@@ -151,6 +362,8 @@ class Calls:
         try:
             while (item := await answers.get()) is not _END:
                 yield item
+                # Resumed: gRPC has written the answer, so its message no longer counts.
+                slots.release()
             await reader  # raises what ended the reading, if anything did
         finally:
             reader.cancel()

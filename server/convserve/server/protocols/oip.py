@@ -4,23 +4,36 @@ Serves the digit model and the ``conv2d`` convolution model (see
 `oip_convert` for the tensor and parameter conventions) through the shared
 runtime, so requests are batched, limited and counted with convserve.v1's.
 The servicer only translates and delegates; the other methods of the service
-(streaming, repository, shared memory, ...) answer UNIMPLEMENTED.
+(streaming, repository, shared memory, ...) answer UNIMPLEMENTED (see
+`calls.unimplemented_answered`). ModelInfer requests whose typed contents exceed the
+server's ``max_typed_payload_bytes`` are refused before they are parsed
+(`oip_convert.infer_request_deserializer`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from convserve.server import errors, types
 from convserve.server.protocols import oip_convert
-from convserve.server.protocols.calls import Calls, server_version
+from convserve.server.protocols.calls import (
+    DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    Calls,
+    add_servicer,
+    off_loop,
+    server_version,
+    unimplemented_answered,
+)
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PROTOCOL: types.Protocol = "oip"
+log = logging.getLogger(__name__)
 
 
+@unimplemented_answered(service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, runtime: Any, metrics: Any) -> None:
         self._runtime = runtime
@@ -75,20 +88,40 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._calls.run("ModelMetadata", context, run)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        # Converting a large payload runs in a thread (`off_loop`), so that it cannot
+        # stall the other calls on the event loop.
         async def run() -> Any:
+            if isinstance(request, oip_convert.RefusedRequest):
+                raise request.error
             deadline = self._calls.deadline(context)
+            size = oip_convert.request_bytes(request)
             if request.model_name == oip_convert.CONV_MODEL:
-                conv, raw = oip_convert.convolve_request(request)
+                conv, raw = await off_loop(oip_convert.convolve_request, request, size_bytes=size)
                 result = await self._runtime.convolve(conv, deadline=deadline)
-                return oip_convert.convolve_response(request, result, raw)
-            images, ref, outputs, raw = oip_convert.predict_request(request)
-            value = types.PredictInput(
-                self._runtime.check_images(images, field="inputs[images]"), ref
-            )
+                return await off_loop(
+                    oip_convert.convolve_response,
+                    request,
+                    result,
+                    raw,
+                    size_bytes=result.output.nbytes,
+                )
+            value, outputs, raw = await off_loop(self._predict_input, request, size_bytes=size)
             output = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
-            return oip_convert.predict_response(request, output, outputs, raw)
+            return await off_loop(
+                oip_convert.predict_response,
+                request,
+                output,
+                outputs,
+                raw,
+                size_bytes=output.probabilities.nbytes,
+            )
 
         return await self._calls.run("ModelInfer", context, run)
+
+    def _predict_input(self, request: Any) -> tuple[types.PredictInput, list[str], bool]:
+        images, ref, outputs, raw = oip_convert.predict_request(request)
+        checked = self._runtime.check_images(images, field="inputs[images]")
+        return types.PredictInput(checked, ref), outputs, raw
 
 
 class OipAdapter:
@@ -96,8 +129,20 @@ class OipAdapter:
 
     name = "oip"
 
-    def add_to_server(self, server: Any, runtime: Any, metrics: Any) -> list[str]:
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            OipServicer(runtime, metrics), server
+    def add_to_server(
+        self,
+        server: Any,
+        runtime: Any,
+        metrics: Any,
+        *,
+        max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    ) -> list[str]:
+        """Adds the service; ModelInfer requests with more than `max_typed_payload_bytes`
+        of typed contents get INVALID_ARGUMENT without being parsed."""
+        add_servicer(
+            service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+            OipServicer(runtime, metrics),
+            server,
+            {"ModelInfer": oip_convert.infer_request_deserializer(max_typed_payload_bytes)},
         )
         return [SERVICE]

@@ -32,16 +32,29 @@ Wire conventions: an input's data comes either from ``raw_input_contents``
 ``fp32_contents``, ``fp64_contents``). The response uses raw output contents
 exactly when the request used raw input contents. Requested outputs select and
 order the outputs; an empty list means all of them. The request id is echoed.
+
+Typed contents are read and written as the packed bytes protobuf carries them
+(`packed_payload`, `packed_field`), never element by element: a Python loop
+over tens of millions of values would hold the GIL for seconds.
+
+Every number that reaches numpy or TensorFlow is range-checked here first:
+versions are positive and fit int64, ``strides`` and ``dilations`` are in
+[1, 2**31-1], ``explicit_padding`` in [0, 2**31-1], shapes have at most
+`MAX_RANK` dimensions and must match the data's length before anything is
+allocated.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf.internal import wire_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
@@ -59,6 +72,18 @@ CONV_PARAMETERS = ("strides", "dilations", "padding", "explicit_padding", "mode"
 # schedules by the gRPC deadline alone, so they are accepted and ignored.
 IGNORED_PARAMETERS = ("priority", "timeout")
 
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+# No model takes more than four dimensions; the bound keeps shapes (and the
+# messages that quote them) small.
+MAX_RANK = 8
+# "top,bottom,left,right" of 10-digit numbers fits easily.
+MAX_PARAMETER_CHARS = 64
+# A tensor message carries a handful of fields (dtype, shape, one value field);
+# walking many more would be work proportional to junk the client sent.
+MAX_TENSOR_FIELDS = 64
+_DECIMAL = re.compile(r"[0-9]+")
+
 DATATYPES: dict[str, np.dtype] = {
     "UINT8": np.dtype(np.uint8),
     "INT32": np.dtype(np.int32),
@@ -75,6 +100,10 @@ CONTENTS_FIELD = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
+_CONTENTS_NUMBER = {
+    datatype: service_pb2.InferTensorContents.DESCRIPTOR.fields_by_name[name].number
+    for datatype, name in CONTENTS_FIELD.items()
+}
 
 
 @dataclass(frozen=True)
@@ -85,18 +114,408 @@ class InferInputs:
     raw: bool  # the data came in raw_input_contents
 
 
+def shown_names(names: Collection[str], limit: int = 5) -> str:
+    """Client-chosen names for a message: each shortened, at most `limit` of them."""
+    ordered = sorted(names)
+    text = ", ".join(errors.shown(name) for name in ordered[:limit])
+    if len(ordered) > limit:
+        text += f" and {len(ordered) - limit} more"
+    return text
+
+
+# -- packed repeated scalars -------------------------------------------------
+#
+# proto3 serializes a repeated scalar field packed (one length-delimited entry
+# holding the values back to back), whatever encoding the client used, so the
+# values of a parsed message are read by serializing it (in C) and viewing the
+# entry's bytes with numpy.
+
+
+def _varint(data: memoryview, pos: int, field: str) -> tuple[int, int]:
+    """The varint at `pos` and the position after it (used for tags and lengths only)."""
+    value = 0
+    for shift in range(0, 70, 7):
+        if pos >= len(data):
+            break
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+    raise errors.InvalidArgument(field, "a well-formed tensor message expected (bad varint)")
+
+
+def packed_payload(serialized: bytes, number: int, field: str) -> memoryview:
+    """The packed values of repeated scalar field `number` in a serialized message
+    (empty when absent). Other fields are skipped; InvalidArgument naming `field`
+    when the message holds more than `MAX_TENSOR_FIELDS` entries or an encoding no
+    generated message produces (groups, unknown wire types)."""
+    data = memoryview(serialized)
+    parts: list[memoryview] = []
+    pos = entries = 0
+    while pos < len(data):
+        entries += 1
+        if entries > MAX_TENSOR_FIELDS:
+            raise errors.InvalidArgument(
+                field, f"at most {MAX_TENSOR_FIELDS} fields in the tensor message expected"
+            )
+        tag, pos = _varint(data, pos, field)
+        found, wire_type = wire_format.UnpackTag(tag)
+        if wire_type == wire_format.WIRETYPE_VARINT:
+            _, pos = _varint(data, pos, field)
+        elif wire_type == wire_format.WIRETYPE_FIXED64:
+            pos += 8
+        elif wire_type == wire_format.WIRETYPE_FIXED32:
+            pos += 4
+        elif wire_type == wire_format.WIRETYPE_LENGTH_DELIMITED:
+            length, pos = _varint(data, pos, field)
+            if found == number:
+                parts.append(data[pos : pos + length])
+            pos += length
+        else:
+            raise errors.InvalidArgument(
+                field, f"a tensor message without groups expected, got wire type {wire_type}"
+            )
+        # The field number with another wire type can only be an unknown field
+        # (protobuf did not take it as values), so it is skipped like one.
+    if pos != len(data):
+        raise errors.InvalidArgument(field, "a well-formed tensor message expected (truncated)")
+    if len(parts) == 1:
+        return parts[0]
+    return memoryview(b"".join(parts))
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def packed_field(number: int, payload: bytes | memoryview) -> bytes:
+    """Field `number` as one packed entry holding `payload`, ready for MergeFromString."""
+    tag = wire_format.PackTag(number, wire_format.WIRETYPE_LENGTH_DELIMITED)
+    return b"".join((_varint_bytes(tag), _varint_bytes(len(payload)), payload))
+
+
+def fixed_values(payload: memoryview, dtype: np.dtype, field: str) -> np.ndarray:
+    """Packed fixed-width values (float, double: little-endian on the wire) as an array."""
+    wire = dtype.newbyteorder("<")
+    if len(payload) % wire.itemsize:
+        raise errors.InvalidArgument(field, "a whole number of packed values expected")
+    return np.frombuffer(payload, dtype=wire)
+
+
+def small_varints(payload: memoryview) -> np.ndarray | None:
+    """Packed varints as uint8, or None when any value is outside [0, 255].
+
+    A value below 128 is one byte; 128..255 are two, the value itself (its
+    continuation bit is its top bit) followed by 0x01. So the values are the
+    bytes that do not follow a continuation byte, provided every such byte is
+    0x01 and no varint is longer than two bytes (16384 and more, or negative).
+    """
+    data = np.frombuffer(payload, dtype=np.uint8)
+    if data.size == 0:
+        return data.copy()
+    more = data >= 0x80
+    second = np.zeros(data.size, dtype=bool)
+    second[1:] = more[:-1]
+    # Elementwise tests over the whole array: boolean indexing is several times slower.
+    if more[-1] or np.any(more & second) or np.any(second & (data != 1)):
+        return None
+    return np.compress(~second, data)
+
+
+_VARINT_CHUNK = 1 << 20
+
+
+def varint_chunks(payload: memoryview, field: str) -> Iterator[np.ndarray]:
+    """Packed varints as uint64 arrays of at most about `_VARINT_CHUNK` values each, in
+    order (int32/int64 values come out as their two's complement: view as int64)."""
+    data = np.frombuffer(payload, dtype=np.uint8)
+    pos = 0
+    while pos < data.size:
+        end = min(pos + _VARINT_CHUNK, data.size)
+        while end < data.size and data[end - 1] >= 0x80:  # finish the varint cut at `end`
+            end += 1
+        chunk = data[pos:end]
+        ends = np.flatnonzero(chunk < 0x80)
+        if ends.size == 0 or ends[-1] != chunk.size - 1:
+            raise errors.InvalidArgument(field, "well-formed packed values expected")
+        starts = np.empty_like(ends)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lengths = ends - starts + 1
+        longest = int(lengths.max())
+        if longest > 10:
+            raise errors.InvalidArgument(field, "well-formed packed values expected")
+        values = (chunk[starts] & 0x7F).astype(np.uint64)
+        for j in range(1, longest):
+            longer = np.flatnonzero(lengths > j)
+            byte = (chunk[starts[longer] + j] & 0x7F).astype(np.uint64)
+            values[longer] |= byte << np.uint64(7 * j)
+        yield values
+        pos = end
+
+
+def varint_values(payload: memoryview, dtype: np.dtype, field: str) -> np.ndarray:
+    """Packed int32/int64/uint32 varints as an array of `dtype` (protobuf's truncation)."""
+    chunks = [c.view(np.int64).astype(dtype) for c in varint_chunks(payload, field)]
+    return np.concatenate(chunks) if chunks else np.empty(0, dtype)
+
+
+def largest_varint(payload: memoryview, field: str) -> int:
+    """The largest of packed unsigned varints (0 when there are none)."""
+    return max((int(c.max()) for c in varint_chunks(payload, field)), default=0)
+
+
+# -- typed payload size, read from the wire before parsing ---------------------
+#
+# grpc.aio parses each request on the event loop, and protobuf's parser holds the
+# GIL throughout: tens of MiB of typed values (varints above all) stall every other
+# call for up to a second, and no thread can help. So ModelInfer's request bytes are
+# first walked field by field (tags and lengths only, never the values), and a request
+# whose typed values exceed the server's limit is refused without being parsed.
+
+# Large requests legitimately carry a handful of fields (inputs, raw contents,
+# outputs, parameters); walking many more would be work proportional to junk.
+MAX_WALKED_FIELDS = 1024
+# protobuf's own limit on nested groups and messages.
+_MAX_DEPTH = 100
+
+
+class WireError(Exception):
+    """The bytes are not a well-formed protobuf message (protobuf reports it on parsing)."""
+
+
+class TooManyFields(Exception):
+    """The walk met more than `MAX_WALKED_FIELDS` fields."""
+
+
+@dataclass(frozen=True)
+class WireField:
+    """One field of a serialized message: its value is ``data[start:end]`` (the payload of a
+    length-delimited field, the bytes of a number, the contents of a group)."""
+
+    number: int
+    wire_type: int
+    start: int
+    end: int
+
+    @property
+    def length_delimited(self) -> bool:
+        return self.wire_type == wire_format.WIRETYPE_LENGTH_DELIMITED
+
+
+class WireReader:
+    """Walks the fields of serialized protobuf bytes without parsing their values: the work
+    is proportional to the number of fields walked, at most `max_fields` in all."""
+
+    def __init__(self, data: bytes, max_fields: int = MAX_WALKED_FIELDS) -> None:
+        self.data = memoryview(data)
+        self.max_fields = max_fields
+        self.walked = 0
+
+    def fields(self, start: int, end: int) -> Iterator[WireField]:
+        """The fields of the message in ``data[start:end]``, in wire order. Raises
+        WireError on malformed bytes, TooManyFields past the budget."""
+        pos = start
+        while pos < end:
+            field, pos = self._field(pos, end, depth=0)
+            if field.wire_type == wire_format.WIRETYPE_END_GROUP:
+                raise WireError("an end-group tag outside a group")
+            yield field
+
+    def _field(self, pos: int, end: int, depth: int) -> tuple[WireField, int]:
+        """The field whose tag is at `pos`, and the position after it."""
+        self.walked += 1
+        if self.walked > self.max_fields:
+            raise TooManyFields
+        tag, pos = self._varint(pos, end)
+        number, wire_type = wire_format.UnpackTag(tag)
+        if number == 0:
+            raise WireError("field number 0")
+        after = pos
+        if wire_type == wire_format.WIRETYPE_VARINT:
+            _, after = self._varint(pos, end)
+        elif wire_type == wire_format.WIRETYPE_FIXED64:
+            after = pos + 8
+        elif wire_type == wire_format.WIRETYPE_FIXED32:
+            after = pos + 4
+        elif wire_type == wire_format.WIRETYPE_LENGTH_DELIMITED:
+            length, pos = self._varint(pos, end)
+            after = pos + length
+        elif wire_type == wire_format.WIRETYPE_START_GROUP:
+            return self._group(number, pos, end, depth + 1)
+        elif wire_type != wire_format.WIRETYPE_END_GROUP:
+            raise WireError(f"wire type {wire_type}")
+        if after > end:
+            raise WireError("truncated")
+        return WireField(number, wire_type, pos, after), after
+
+    def _group(self, number: int, start: int, end: int, depth: int) -> tuple[WireField, int]:
+        # Groups are walked (only their tags cost anything): skipping them unread would
+        # let a request hide typed values after one.
+        if depth > _MAX_DEPTH:
+            raise WireError("nested too deeply")
+        pos = start
+        while pos < end:
+            field, after = self._field(pos, end, depth)
+            if field.wire_type == wire_format.WIRETYPE_END_GROUP:
+                if field.number != number:
+                    raise WireError("mismatched end-group tag")
+                return WireField(number, wire_format.WIRETYPE_START_GROUP, start, pos), after
+            pos = after
+        raise WireError("truncated group")
+
+    def _varint(self, pos: int, end: int) -> tuple[int, int]:
+        value = 0
+        for shift in range(0, 70, 7):
+            if pos >= end:
+                break
+            byte = self.data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value, pos
+        raise WireError("bad varint")
+
+
+@dataclass(frozen=True)
+class RefusedRequest:
+    """What a checking request deserializer returns instead of a message it would not
+    parse; the servicer raises `error` where it counts the call (`Calls.run`)."""
+
+    error: Exception
+
+
+TypedPayloads = Callable[[WireReader], Iterator[tuple[str, int]]]
+"""(field, bytes of typed values) for each part of a serialized request that carries some."""
+
+
+def typed_limit_deserializer(
+    message_class: Any, typed_payloads: TypedPayloads, limit: int, values: str, raw_field: str
+) -> Callable[[bytes], Any]:
+    """A gRPC request deserializer for `message_class` that refuses, without parsing it, a
+    request whose typed values (`typed_payloads`, named `values` in the message) exceed
+    `limit` bytes: it returns a `RefusedRequest` whose InvalidArgument names the input and
+    points to `raw_field`. Others are parsed as usual. It never raises: gRPC would answer
+    an exception with a generic status."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def refusal(data: bytes) -> RefusedRequest | None:
+        total = largest = 0
+        field = ""
+        complete = True
+        try:
+            for part, size in typed_payloads(WireReader(data)):
+                total += size
+                if size > largest:
+                    field, largest = part, size
+        except WireError:
+            # protobuf reports malformed bytes as it always has (it parses no further).
+            complete = False
+        except TooManyFields:
+            if total <= limit:
+                return RefusedRequest(
+                    errors.InvalidArgument(
+                        "request",
+                        f"at most {MAX_WALKED_FIELDS} fields expected in a request larger "
+                        f"than the server's max_typed_payload_bytes ({limit})",
+                    )
+                )
+            complete = False
+        if total <= limit:
+            return None
+        has = total if complete else f"at least {total}"
+        return RefusedRequest(
+            errors.InvalidArgument(
+                field,
+                f"at most {limit} bytes of typed values ({values}) per request expected "
+                f"(the server's max_typed_payload_bytes); this request has {has}. "
+                f"Send large tensors in {raw_field}",
+            )
+        )
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            # A request no longer than the limit cannot carry more typed values.
+            refused = refusal(data) if len(data) > limit else None
+            return refused or message_class.FromString(data)
+        except DecodeError as exc:
+            return RefusedRequest(
+                errors.InvalidArgument("request", f"a well-formed {name} expected ({exc})")
+            )
+        except Exception as exc:
+            return RefusedRequest(exc)  # a defect: logged with its traceback by Calls.run
+
+    return deserialize
+
+
+_INFER_INPUTS = service_pb2.ModelInferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+_INPUT_CONTENTS = service_pb2.ModelInferRequest.InferInputTensor.DESCRIPTOR.fields_by_name[
+    "contents"
+].number
+
+
+def infer_typed_payloads(reader: WireReader) -> Iterator[tuple[str, int]]:
+    """``(inputs[i].contents, bytes)`` for each input of a serialized ModelInferRequest:
+    its `contents` message holds nothing but typed values."""
+    index = 0
+    for field in reader.fields(0, len(reader.data)):
+        if field.number != _INFER_INPUTS or not field.length_delimited:
+            continue  # a mistyped field is an unknown field to protobuf
+        size = sum(
+            part.end - part.start
+            for part in reader.fields(field.start, field.end)
+            if part.number == _INPUT_CONTENTS and part.length_delimited
+        )
+        yield f"inputs[{index}].contents", size
+        index += 1
+
+
+def infer_request_deserializer(limit: int) -> Callable[[bytes], Any]:
+    """ModelInferRequest's deserializer: typed contents of more than `limit` bytes in all
+    are refused unparsed (`typed_limit_deserializer`)."""
+    return typed_limit_deserializer(
+        service_pb2.ModelInferRequest,
+        infer_typed_payloads,
+        limit,
+        "contents.*",
+        "raw_input_contents",
+    )
+
+
+# -- requests -----------------------------------------------------------------
+
+
+def request_bytes(request: Any) -> int:
+    """About how many bytes converting a ModelInferRequest goes through, without
+    serializing it (ByteSize would: as long as converting it)."""
+    total = sum(len(raw) for raw in request.raw_input_contents)
+    for tensor in request.inputs:
+        for _, values in tensor.contents.ListFields():
+            total += 8 * len(values)
+    # Each entry of these costs a little Python work.
+    return total + 64 * (len(request.inputs) + len(request.outputs) + len(request.parameters))
+
+
 def parse_version(text: str, field: str = "model_version") -> int | None:
-    """``""`` -> None (the serving version); ``"3"`` -> 3."""
+    """``""`` -> None (the serving version); ``"3"`` -> 3; InvalidArgument unless a
+    positive decimal number that fits int64."""
     if text == "":
         return None
-    try:
+    version = 0
+    if len(text) <= 32 and _DECIMAL.fullmatch(text):
         version = int(text)
-    except ValueError:
-        version = 0
-    # Versions are positive, as in convserve.v1's ModelSpec.
-    if version < 1:
+    # Versions are positive, as in convserve.v1's ModelSpec (an int64).
+    if not 1 <= version <= INT64_MAX:
         raise errors.InvalidArgument(
-            field, f"a positive version number (e.g. '1') or empty expected, got {text!r}"
+            field,
+            "a positive version number that fits int64 (e.g. '1') or empty expected, "
+            f"got {errors.shown(text)}",
         )
     return version
 
@@ -115,15 +534,26 @@ def _typed_values(field: str, datatype: str, contents: Any) -> np.ndarray:
             f"{datatype} values expected in contents.{expected} (or in raw_input_contents), "
             f"got {', '.join('contents.' + p for p in present) or 'no data'}",
         )
-    values = getattr(contents, expected)
+    payload = packed_payload(contents.SerializeToString(), _CONTENTS_NUMBER[datatype], field)
+    dtype = DATATYPES[datatype]
+    if datatype in ("FP32", "FP64"):
+        return fixed_values(payload, dtype, field)
     if datatype == "UINT8":
-        wide = np.asarray(values, dtype=np.uint32)
-        if wide.size and int(wide.max()) > 255:
+        values = small_varints(payload)
+        if values is None:
             raise errors.InvalidArgument(
-                field, f"UINT8 values in [0, 255] expected, got {int(wide.max())}"
+                field, f"UINT8 values in [0, 255] expected, got {largest_varint(payload, field)}"
             )
-        return wide.astype(np.uint8)
-    return np.asarray(values, dtype=DATATYPES[datatype])
+        return values
+    return varint_values(payload, dtype, field)
+
+
+def _shape(field: str, dims: Sequence[int]) -> list[int]:
+    if len(dims) > MAX_RANK:
+        raise errors.InvalidArgument(
+            f"{field}.shape", f"at most {MAX_RANK} dimensions expected, got {len(dims)}"
+        )
+    return [int(d) for d in dims]
 
 
 def _array(field: str, datatype: str, shape: Sequence[int], data: bytes) -> np.ndarray:
@@ -136,7 +566,7 @@ def _array(field: str, datatype: str, shape: Sequence[int], data: bytes) -> np.n
 def decode_inputs(
     request: Any, accepted: dict[str, tuple[str, ...]], required: Iterable[str]
 ) -> InferInputs:
-    """Decode `request.inputs` to arrays (read-only when raw).
+    """Decode `request.inputs` to arrays (read-only).
 
     `accepted` maps each input name the model takes to its accepted
     datatypes; every name in `required` must be present. Raises
@@ -152,26 +582,27 @@ def decode_inputs(
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
-        field = f"inputs[{name}]" if name else f"inputs[{index}]"
         if name not in accepted:
             raise errors.InvalidArgument(
-                field,
-                f"one of the inputs {', '.join(accepted)} expected, got {name!r}",
+                f"inputs[{index}]",
+                f"one of the inputs {', '.join(accepted)} expected, got {errors.shown(name)}",
             )
+        field = f"inputs[{name}]"
         if name in arrays:
             raise errors.InvalidArgument(field, "each input at most once expected")
         if tensor.datatype not in accepted[name]:
             raise errors.InvalidArgument(
                 f"{field}.datatype",
-                f"{' or '.join(accepted[name])} expected, got {tensor.datatype or 'none'!r}",
+                f"{' or '.join(accepted[name])} expected, "
+                f"got {errors.shown(tensor.datatype or 'none')}",
             )
         if len(tensor.parameters):
             raise errors.InvalidArgument(
                 f"{field}.parameters",
                 "no input parameters expected (shared memory is not supported), got "
-                + ", ".join(sorted(tensor.parameters)),
+                + shown_names(tensor.parameters),
             )
-        shape = [int(d) for d in tensor.shape]
+        shape = _shape(field, tensor.shape)
         if raw:
             if tensor.HasField("contents"):
                 raise errors.InvalidArgument(
@@ -199,32 +630,34 @@ def requested_outputs(request: Any, available: Sequence[str]) -> list[str]:
     if not request.outputs:
         return list(available)
     names: list[str] = []
-    for out in request.outputs:
-        field = f"outputs[{out.name}]"
+    for index, out in enumerate(request.outputs):
         if out.name not in available:
             raise errors.InvalidArgument(
-                field, f"one of the outputs {', '.join(available)} expected, got {out.name!r}"
+                f"outputs[{index}]",
+                f"one of the outputs {', '.join(available)} expected, got {errors.shown(out.name)}",
             )
+        field = f"outputs[{out.name}]"
         if out.name in names:
             raise errors.InvalidArgument(field, "each output at most once expected")
         # binary_data is the HTTP protocol's flag; over gRPC it means nothing.
-        unsupported = sorted(set(out.parameters) - {"binary_data"})
+        unsupported = set(out.parameters) - {"binary_data"}
         if unsupported:
             raise errors.InvalidArgument(
                 f"{field}.parameters",
                 "no output parameters expected (classification and shared memory are not "
-                f"supported), got {', '.join(unsupported)}",
+                f"supported), got {shown_names(unsupported)}",
             )
         names.append(out.name)
     return names
 
 
 def _check_no_parameters(request: Any, allowed: Sequence[str]) -> None:
-    unknown = sorted(set(request.parameters) - set(allowed) - set(IGNORED_PARAMETERS))
+    unknown = set(request.parameters) - set(allowed) - set(IGNORED_PARAMETERS)
     if unknown:
         expected = ", ".join(allowed) if allowed else "none for this model"
         raise errors.InvalidArgument(
-            "parameters", f"known request parameters expected ({expected}), got {unknown}"
+            "parameters",
+            f"known request parameters expected ({expected}), got {shown_names(unknown)}",
         )
 
 
@@ -245,35 +678,49 @@ def _int_list(field: str, param: Any) -> list[int]:
     if kind == "int64_param":
         return [int(param.int64_param)]
     if kind == "string_param":
-        try:
-            return [int(part) for part in param.string_param.split(",")]
-        except ValueError:
-            pass
+        text = param.string_param
+        # Short strings only: the longest sensible value is four 10-digit numbers.
+        if len(text) <= MAX_PARAMETER_CHARS:
+            try:
+                return [int(part) for part in text.split(",")]
+            except ValueError:
+                pass
     raise errors.InvalidArgument(
         field,
         "comma-separated integers as a string (e.g. '2,2') or one int64 expected, got "
-        + repr(getattr(param, kind) if kind else None),
+        + errors.shown(getattr(param, kind) if kind else None),
     )
+
+
+def _in_range(field: str, values: Sequence[int], low: int, high: int) -> None:
+    # Checked here, before TensorFlow sees them: it aborts the process on some
+    # integers that do not fit its int32 attributes.
+    if any(not low <= v <= high for v in values):
+        raise errors.InvalidArgument(
+            field, f"integers in [{low}, {high}] expected, got {errors.shown(list(values))}"
+        )
 
 
 def _pair(field: str, param: Any) -> tuple[int, int]:
     values = _int_list(field, param)
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
-        return values[0], values[1]
-    raise errors.InvalidArgument(field, f"one or two integers expected, got {values}")
+    if len(values) not in (1, 2):
+        raise errors.InvalidArgument(
+            field, f"one or two integers expected, got {errors.shown(values)}"
+        )
+    _in_range(field, values, 1, INT32_MAX)
+    return values[0], values[-1]
 
 
 def _choice(field: str, param: Any, choices: Sequence[str]) -> str:
-    if param.WhichOneof("parameter_choice") == "string_param":
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "string_param":
         value = param.string_param.upper()
         if value in choices:
             return value
-        shown = repr(param.string_param)
+        got = errors.shown(param.string_param)
     else:
-        shown = f"a non-string parameter ({param.WhichOneof('parameter_choice')})"
-    raise errors.InvalidArgument(field, f"one of {', '.join(choices)} expected, got {shown}")
+        got = f"a non-string parameter ({kind})"
+    raise errors.InvalidArgument(field, f"one of {', '.join(choices)} expected, got {got}")
 
 
 def convolution_options(parameters: Any) -> types.ConvolutionOptions:
@@ -288,14 +735,17 @@ def convolution_options(parameters: Any) -> types.ConvolutionOptions:
             "parameters.padding", parameters["padding"], ("VALID", "SAME", "EXPLICIT")
         )
     if "explicit_padding" in parameters:
-        pads = _int_list("parameters.explicit_padding", parameters["explicit_padding"])
+        field = "parameters.explicit_padding"
+        pads = _int_list(field, parameters["explicit_padding"])
         if len(pads) == 1:
             pads = pads * 4
         if len(pads) != 4:
             raise errors.InvalidArgument(
-                "parameters.explicit_padding",
-                f"four integers 'top,bottom,left,right' (or one) expected, got {pads}",
+                field,
+                "four integers 'top,bottom,left,right' (or one) expected, "
+                f"got {errors.shown(pads)}",
             )
+        _in_range(field, pads, 0, INT32_MAX)
         options["explicit_padding"] = (pads[0], pads[1], pads[2], pads[3])
     if "mode" in parameters:
         options["mode"] = _choice(
@@ -308,7 +758,7 @@ def check_conv_version(version: str) -> None:
     """conv2d has one version; any other raises NotFound (InvalidArgument if not a number)."""
     if parse_version(version) not in (None, int(CONV_VERSION)):
         raise errors.NotFound(
-            f"model {CONV_MODEL!r} has only version {CONV_VERSION}, got {version}"
+            f"model {CONV_MODEL!r} has only version {CONV_VERSION}, got {errors.shown(version)}"
         )
 
 
@@ -327,13 +777,21 @@ def convolve_request(request: Any) -> tuple[types.ConvolveInput, bool]:
     return value, inputs.raw
 
 
+# -- responses ----------------------------------------------------------------
+
+
 def _add_output(response: Any, name: str, array: np.ndarray, raw: bool) -> None:
     datatype = DATATYPE_OF[array.dtype.newbyteorder("=")]
     tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+    little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
     if raw:
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         response.raw_output_contents.append(little.tobytes())
+    elif datatype in ("FP32", "FP64"):
+        # Packed little-endian bytes are exactly what the field holds on the wire.
+        payload = little.reshape(-1).view(np.uint8).data
+        tensor.contents.MergeFromString(packed_field(_CONTENTS_NUMBER[datatype], payload))
     else:
+        # Varint fields (only the small `digits` output) take the values themselves.
         getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(array.ravel().tolist())
 
 

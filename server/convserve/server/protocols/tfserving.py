@@ -5,7 +5,10 @@ A TF Serving client switches to convserve by changing only its address: the
 digit model is served under its configured name with TF Serving's signatures
 (see `tfserving_convert`), through the shared runtime, so requests are
 batched, limited and counted with convserve.v1's. Classify, Regress,
-MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED.
+MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED
+(`calls.unimplemented_answered`). Predict requests whose typed values exceed the
+server's ``max_typed_payload_bytes`` are refused before they are parsed
+(`tfserving_convert.predict_request_deserializer`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ from tensorflow_serving.apis import (
 
 from convserve.server import types
 from convserve.server.protocols import tfserving_convert
-from convserve.server.protocols.calls import Calls
+from convserve.server.protocols.calls import (
+    DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    Calls,
+    add_servicer,
+    off_loop,
+    unimplemented_answered,
+)
+from convserve.server.protocols.oip_convert import RefusedRequest
 
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name[
     "PredictionService"
@@ -32,23 +42,39 @@ MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].fu
 PROTOCOL: types.Protocol = "tfserving"
 
 
+@unimplemented_answered(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"])
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, runtime: Any, calls: Calls) -> None:
         self._runtime = runtime
         self._calls = calls
 
     async def Predict(self, request: Any, context: Any) -> Any:
+        # Converting a large payload runs in a thread (`off_loop`), so that it cannot
+        # stall the other calls on the event loop.
         async def run() -> Any:
-            images, ref, signature, outputs = tfserving_convert.predict_request(request)
-            value = types.PredictInput(
-                self._runtime.check_images(images, field="inputs[images]"), ref
+            if isinstance(request, RefusedRequest):
+                raise request.error
+            size = tfserving_convert.request_bytes(request)
+            value, signature, outputs = await off_loop(
+                self._predict_input, request, size_bytes=size
             )
             result = await self._runtime.predict(
                 value, deadline=self._calls.deadline(context), protocol=PROTOCOL
             )
-            return tfserving_convert.predict_response(result, signature, outputs)
+            return await off_loop(
+                tfserving_convert.predict_response,
+                result,
+                signature,
+                outputs,
+                size_bytes=result.probabilities.nbytes,
+            )
 
         return await self._calls.run("Predict", context, run)
+
+    def _predict_input(self, request: Any) -> tuple[types.PredictInput, str, list[str]]:
+        images, ref, signature, outputs = tfserving_convert.predict_request(request)
+        checked = self._runtime.check_images(images, field="inputs[images]")
+        return types.PredictInput(checked, ref), signature, outputs
 
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
         async def run() -> Any:
@@ -60,6 +86,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return await self._calls.run("GetModelMetadata", context, run)
 
 
+@unimplemented_answered(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, runtime: Any, calls: Calls) -> None:
         self._runtime = runtime
@@ -79,10 +106,22 @@ class TfServingAdapter:
 
     name = "tfserving"
 
-    def add_to_server(self, server: Any, runtime: Any, metrics: Any) -> list[str]:
+    def add_to_server(
+        self,
+        server: Any,
+        runtime: Any,
+        metrics: Any,
+        *,
+        max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    ) -> list[str]:
+        """Adds the services; Predict requests with more than `max_typed_payload_bytes` of
+        typed values get INVALID_ARGUMENT without being parsed."""
         calls = Calls(PROTOCOL, metrics)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(runtime, calls), server
+        add_servicer(
+            prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+            PredictionServicer(runtime, calls),
+            server,
+            {"Predict": tfserving_convert.predict_request_deserializer(max_typed_payload_bytes)},
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(runtime, calls), server

@@ -16,13 +16,17 @@ Conventions (as TF Serving serves the exported SavedModel):
   in ``tensor_content``. ``output_filter`` selects outputs by name.
 - Input tensors carry their values in ``tensor_content`` or in the typed
   field of their dtype (``float_val`` for DT_FLOAT, ``int_val`` for
-  DT_UINT8); a typed field must hold exactly one value per element.
+  DT_UINT8); a typed field must hold exactly one value per element. Typed
+  values are read as the packed bytes protobuf carries them (see
+  `oip_convert.packed_payload`), never element by element.
+- Shapes have at most `oip_convert.MAX_RANK` dimensions and must match the
+  data's length before anything is allocated; versions are positive int64s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +42,16 @@ from tensorflow_serving.apis import (
 
 from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
 from convserve.server import errors, types
+from convserve.server.protocols.oip_convert import (
+    MAX_RANK,
+    WireReader,
+    fixed_values,
+    packed_payload,
+    shown_names,
+    small_varints,
+    typed_limit_deserializer,
+    varint_values,
+)
 from convserve.v1 import tensor_pb2 as convserve_tensor_pb2
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -68,6 +82,10 @@ VALUES_FIELD = {
     types_pb2.DT_FLOAT: "float_val",
     types_pb2.DT_DOUBLE: "double_val",
 }
+_VALUES_NUMBER = {
+    dtype: tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name[name].number
+    for dtype, name in VALUES_FIELD.items()
+}
 
 
 def dtype_name(dtype: int) -> str:
@@ -84,7 +102,7 @@ def model_ref(spec: Any) -> types.ModelRef:
     if choice == "version_label" and spec.version_label not in VERSION_LABELS:
         raise errors.InvalidArgument(
             "model_spec.version_label",
-            f"one of {', '.join(VERSION_LABELS)} expected, got {spec.version_label!r}",
+            f"one of {', '.join(VERSION_LABELS)} expected, got {errors.shown(spec.version_label)}",
         )
     version = spec.version.value if choice == "version" else None
     # Versions are positive, as in convserve.v1's ModelSpec.
@@ -101,7 +119,7 @@ def signature_of(spec: Any) -> str:
     if name not in SIGNATURES:
         raise errors.InvalidArgument(
             "model_spec.signature_name",
-            f"one of {', '.join(SIGNATURES)} expected, got {name!r}",
+            f"one of {', '.join(SIGNATURES)} expected, got {errors.shown(name)}",
         )
     return name
 
@@ -118,21 +136,17 @@ def array_from_proto(proto: Any, field: str) -> np.ndarray:
     if proto.tensor_shape.unknown_rank:
         raise errors.InvalidArgument(f"{field}.tensor_shape", "a known shape expected")
     dtype = NUMPY_OF[proto.dtype]
-    shape = [int(d.size) for d in proto.tensor_shape.dim]
+    dims = proto.tensor_shape.dim
+    if len(dims) > MAX_RANK:
+        raise errors.InvalidArgument(
+            f"{field}.tensor_shape", f"at most {MAX_RANK} dimensions expected, got {len(dims)}"
+        )
+    shape = [int(d.size) for d in dims]
     if proto.tensor_content:
         content = proto.tensor_content
     else:
         name = VALUES_FIELD[proto.dtype]
-        values = getattr(proto, name)
-        if dtype == np.uint8:
-            wide = np.asarray(values, dtype=np.int64)
-            if wide.size and (int(wide.min()) < 0 or int(wide.max()) > 255):
-                raise errors.InvalidArgument(
-                    f"{field}.{name}", "DT_UINT8 values in [0, 255] expected"
-                )
-            array = wide.astype(np.uint8)
-        else:
-            array = np.asarray(values, dtype=dtype)
+        array = _typed_values(proto, dtype, f"{field}.{name}")
         if shape and all(d > 0 for d in shape) and array.size != math.prod(shape):
             raise errors.InvalidArgument(
                 f"{field}.{name}",
@@ -142,6 +156,73 @@ def array_from_proto(proto: Any, field: str) -> np.ndarray:
         content = array.astype(dtype.newbyteorder("<"), copy=False).tobytes()
     tensor = convserve_tensor_pb2.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=shape, content=content)
     return from_tensor(tensor, field)
+
+
+def _typed_values(proto: Any, dtype: np.dtype, field: str) -> np.ndarray:
+    payload = packed_payload(proto.SerializeToString(), _VALUES_NUMBER[proto.dtype], field)
+    if dtype.kind == "f":
+        return fixed_values(payload, dtype, field)
+    if dtype == np.uint8:
+        values = small_varints(payload)
+        if values is None:
+            raise errors.InvalidArgument(field, "DT_UINT8 values in [0, 255] expected")
+        return values
+    return varint_values(payload, dtype, field)
+
+
+def request_bytes(request: Any) -> int:
+    """About how many bytes of tensor data a PredictRequest carries, without serializing
+    it (ByteSize would: as long as converting it)."""
+    total = 0
+    for proto in request.inputs.values():
+        total += len(proto.tensor_content)
+        for descriptor, values in proto.ListFields():
+            if descriptor.is_repeated:
+                total += 8 * len(values)
+    # Each entry of these costs a little Python work.
+    return total + 64 * (len(request.inputs) + len(request.output_filter))
+
+
+_PREDICT_INPUTS = predict_pb2.PredictRequest.DESCRIPTOR.fields_by_name["inputs"].number
+_MAP_KEY = predict_pb2.PredictRequest.InputsEntry.DESCRIPTOR.fields_by_name["key"].number
+_MAP_VALUE = predict_pb2.PredictRequest.InputsEntry.DESCRIPTOR.fields_by_name["value"].number
+# A TensorProto's fields that carry no typed values: its header and tensor_content.
+_UNTYPED_NUMBERS = frozenset(
+    tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name[name].number
+    for name in ("dtype", "tensor_shape", "version_number", "tensor_content")
+)
+_MAX_KEY_BYTES = 256
+
+
+def predict_typed_payloads(reader: WireReader) -> Iterator[tuple[str, int]]:
+    """``(inputs[<name>], bytes)`` for each input of a serialized PredictRequest: the bytes
+    of every TensorProto field but the header and tensor_content (float_val, int_val, ...)."""
+    data = reader.data
+    for entry in reader.fields(0, len(data)):
+        if entry.number != _PREDICT_INPUTS or not entry.length_delimited:
+            continue  # a mistyped field is an unknown field to protobuf
+        key = b""
+        size = 0
+        for part in reader.fields(entry.start, entry.end):
+            if not part.length_delimited:
+                continue
+            if part.number == _MAP_KEY:
+                key = bytes(data[part.start : min(part.end, part.start + _MAX_KEY_BYTES)])
+            elif part.number == _MAP_VALUE:
+                size += sum(
+                    value.end - value.start
+                    for value in reader.fields(part.start, part.end)
+                    if value.number not in _UNTYPED_NUMBERS
+                )
+        yield f"inputs[{errors.shown(key.decode('utf-8', 'replace'))}]", size
+
+
+def predict_request_deserializer(limit: int) -> Callable[[bytes], Any]:
+    """PredictRequest's deserializer: typed values of more than `limit` bytes in all are
+    refused unparsed (`oip_convert.typed_limit_deserializer`)."""
+    return typed_limit_deserializer(
+        predict_pb2.PredictRequest, predict_typed_payloads, limit, "*_val", "tensor_content"
+    )
 
 
 def proto_from_array(array: np.ndarray) -> Any:
@@ -173,7 +254,7 @@ def predict_request(request: Any) -> tuple[np.ndarray, types.ModelRef, str, list
         raise errors.InvalidArgument(
             "inputs",
             f"exactly one input {INPUT!r} expected for signature {signature}, "
-            f"got {sorted(request.inputs) or 'none'}",
+            f"got {shown_names(request.inputs) or 'none'}",
         )
     proto = request.inputs[INPUT]
     expected = SIGNATURES[signature]
@@ -191,7 +272,8 @@ def predict_request(request: Any) -> tuple[np.ndarray, types.ModelRef, str, list
         if name != OUTPUT:
             raise errors.InvalidArgument(
                 "output_filter",
-                f"output names of signature {signature} ({OUTPUT}) expected, got {name!r}",
+                f"output names of signature {signature} ({OUTPUT}) expected, "
+                f"got {errors.shown(name)}",
             )
         if name not in outputs:
             outputs.append(name)
@@ -222,10 +304,10 @@ def check_metadata_fields(request: Any) -> None:
         raise errors.InvalidArgument(
             "metadata_field", f"at least one field ({SIGNATURE_DEF_FIELD}) expected, got none"
         )
-    unknown = [f for f in fields if f != SIGNATURE_DEF_FIELD]
+    unknown = {f for f in fields if f != SIGNATURE_DEF_FIELD}
     if unknown:
         raise errors.InvalidArgument(
-            "metadata_field", f"only {SIGNATURE_DEF_FIELD} expected, got {unknown}"
+            "metadata_field", f"only {SIGNATURE_DEF_FIELD} expected, got {shown_names(unknown)}"
         )
 
 
