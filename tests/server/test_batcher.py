@@ -664,10 +664,12 @@ class AsyncModel:
 
     def __init__(self) -> None:
         self.calls: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
+        self.deadlines: list[float | None] = []
 
-    async def __call__(self, batch: np.ndarray) -> np.ndarray:
+    async def __call__(self, batch: np.ndarray, deadline: float | None) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self.calls.append((batch.copy(), future))
+        self.deadlines.append(deadline)
         return await future
 
     def answer(self, index: int = 0, result: np.ndarray | BaseException | None = None) -> None:
@@ -679,11 +681,18 @@ class AsyncModel:
 
 
 def make_async(**kwargs: Any) -> tuple[DynamicBatcher, ManualExecutor, AsyncModel, Observer]:
+    batcher, executor, model, observer, _ = make_async_with_clock(**kwargs)
+    return batcher, executor, model, observer
+
+
+def make_async_with_clock(
+    **kwargs: Any,
+) -> tuple[DynamicBatcher, ManualExecutor, AsyncModel, Observer, FakeClock]:
     model, observer = AsyncModel(), Observer()
-    batcher, executor, _, _ = make(
+    batcher, executor, _, clock = make(
         run_batch_async=model, observer=observer, inline_max_rows=16, **kwargs
     )
-    return batcher, executor, model, observer
+    return batcher, executor, model, observer, clock
 
 
 async def test_async_model_calls_batch_on_the_loop_without_threads() -> None:
@@ -756,4 +765,51 @@ async def test_async_model_failures_and_wrong_row_counts_reach_every_waiter() ->
     model.answer()
     np.testing.assert_array_equal(await after, rows(7, 1) * 2)
     assert batcher.queued_items == 0
+    await batcher.close()
+
+
+async def test_async_model_gets_the_latest_deadline_of_its_batch() -> None:
+    batcher, _, model, _, clock = make_async_with_clock(max_concurrent_batches=1)
+    clock.now = 100.0
+    blocker = asyncio.ensure_future(batcher.submit(rows(0, 1), deadline=150.0))
+    await settle()
+    # A lone request: its own deadline.
+    assert model.deadlines == [150.0]
+    # The next batch holds requests with deadlines 120, 130 and 110: the model
+    # may give up only when the last of its callers has stopped waiting.
+    timed = [
+        asyncio.ensure_future(batcher.submit(rows(10 * i, 1), deadline=d))
+        for i, d in enumerate((120.0, 130.0, 110.0), start=1)
+    ]
+    await settle()
+    model.answer()
+    await settle()
+    assert model.deadlines == [150.0, 130.0]
+    # One caller without a deadline waits for as long as the batch takes: no deadline.
+    untimed = [
+        asyncio.ensure_future(batcher.submit(rows(50, 1), deadline=140.0)),
+        asyncio.ensure_future(batcher.submit(rows(60, 1))),
+    ]
+    await settle()
+    model.answer()
+    await settle()
+    assert model.deadlines == [150.0, 130.0, None]
+    model.answer()
+    await asyncio.gather(blocker, *timed, *untimed)
+    # A request whose deadline passed while it was queued never reaches the model.
+    held = asyncio.ensure_future(batcher.submit(rows(70, 1), deadline=200.0))
+    await settle()
+    late = asyncio.ensure_future(batcher.submit(rows(80, 1), deadline=201.0))
+    kept = asyncio.ensure_future(batcher.submit(rows(90, 1), deadline=300.0))
+    await settle()
+    clock.now = 250.0
+    model.answer()
+    with pytest.raises(errors.DeadlineExceeded, match="queued"):
+        await late
+    await settle()
+    assert model.deadlines[-1] == 300.0
+    assert model.calls[0][0].shape[0] == 1  # only the request still in time
+    model.answer()
+    np.testing.assert_array_equal(await kept, rows(90, 1) * 2)
+    await held
     await batcher.close()

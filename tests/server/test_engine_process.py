@@ -29,7 +29,11 @@ def litert(model_base_path: Path) -> models.LiteRtEngine:
 
 @pytest.fixture
 def engine(litert: models.LiteRtEngine) -> Iterator[ProcessEngine]:
-    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=2, name="test")
+    # No heartbeats: a test that stops a worker wants its batch, not a heartbeat, to find it
+    # (tests/server/test_worker_supervision.py covers the heartbeats).
+    engine = ProcessEngine(
+        litert.flatbuffer, threads=1, workers=2, name="test", heartbeat_interval_s=3600.0
+    )
     try:
         yield engine
     finally:
@@ -85,8 +89,15 @@ async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
     exits: list[int] = []
     engine.on_worker_exit = lambda: exits.append(1)
     first, second = engine.pids
-    os.kill(first, signal.SIGKILL)
-    outcomes = await asyncio.gather(engine.run(images), engine.run(images), return_exceptions=True)
+    # Stopped, the worker takes a batch but never answers it; killed then, it dies
+    # holding the batch. (Killed while idle, it would be replaced before any batch.)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        calls = [asyncio.ensure_future(engine.run(images)) for _ in range(2)]
+        await asyncio.sleep(0)  # each takes one of the two idle workers
+    finally:
+        os.kill(first, signal.SIGKILL)
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
     # The batch the dead worker took fails with a clear error; the other is answered.
     failed = [o for o in outcomes if isinstance(o, Exception)]
     assert len(failed) == 1, outcomes

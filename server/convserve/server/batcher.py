@@ -28,9 +28,13 @@ taking it back behind a busy model thread would stall every other request).
 
 ``run_batch_async``, if given, replaces the executor: a coroutine function
 (e.g. a model in another process) awaited on the event loop, with the batch
-assembled there. It gets the rows as they came when they share a dtype (the
-model converts them itself) and runs ``prepare`` only on batches of mixed
-dtypes. No thread is involved, so nothing waits for the GIL.
+assembled there, as ``await run_batch_async(batch, deadline)``. It gets the
+rows as they came when they share a dtype (the model converts them itself)
+and runs ``prepare`` only on batches of mixed dtypes. No thread is involved,
+so nothing waits for the GIL. ``deadline`` is the latest deadline among the
+batch's requests, on ``clock``'s scale, or None if any of them has none: once
+it passes, nobody waits for the batch any more, so the model may give up on it
+(requests already past their deadline never reach a batch).
 """
 
 from __future__ import annotations
@@ -95,6 +99,18 @@ class _Slice:
     wait_s: float
 
 
+def _latest_deadline(slices: Sequence[_Slice]) -> float | None:
+    """When the last caller of a batch stops waiting for it (None: some caller never does)."""
+    latest: float | None = None
+    for part in slices:
+        deadline = part.request.deadline
+        if deadline is None:
+            return None
+        if latest is None or deadline > latest:
+            latest = deadline
+    return latest
+
+
 def default_pad_sizes(max_batch_size: int) -> list[int]:
     """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself."""
     sizes = []
@@ -129,7 +145,7 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
         inline_max_rows: int = 0,
-        run_batch_async: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None,
+        run_batch_async: Callable[[np.ndarray, float | None], Awaitable[np.ndarray]] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -429,7 +445,7 @@ class DynamicBatcher:
         assert self._run_batch_async is not None
         batch = self._assemble(slices, padded, prepare_all=False)
         started = self._clock()
-        output = np.asarray(await self._run_batch_async(batch))
+        output = np.asarray(await self._run_batch_async(batch, _latest_deadline(slices)))
         run_s = self._clock() - started
         self._check_output(output, padded)
         return output, run_s

@@ -15,11 +15,22 @@ The wire between the server and a worker, all little-endian:
   answers with a response frame (status 0 once the interpreter is ready).
 * request: ``<I rows><B dtype><3x>`` and ``rows * 784`` pixels, uint8 (dtype
   0, 0..255) or float32 (dtype 1, 0..1);
+* heartbeat: a request of 0 rows (dtype 0, no pixels), answered at once with
+  an empty status-0 response;
 * response: ``<B status><3x><I length>`` and `length` bytes: float32
   ``[rows, 10]`` probabilities (status 0) or a UTF-8 error message (status 1).
 
-A worker that dies fails the batch it held (`errors.Internal`) and is
-replaced in the background; the others keep serving meanwhile.
+Supervision. A worker that dies fails the batch it held (`errors.Internal`)
+and is replaced in the background; the others keep serving meanwhile. A
+worker that stops answering (stopped, or stuck in a kernel) is found in one
+of two ways: a batch it holds gets no answer within ``batch_timeout_s``, or,
+while it is idle, it does not answer a heartbeat. Either way it is killed
+(SIGKILL also ends a stopped process) and replaced, so a hung worker costs
+one batch and a restart, never a request that waits forever. A batch whose
+callers' deadline passes first fails with `errors.DeadlineExceeded` at once;
+its worker keeps the batch until it answers (and serves on) or until
+``batch_timeout_s`` (and is replaced): a short deadline does not cost a restart.
+`ProcessEngine.healthy` is False while no worker is usable.
 
     python -m convserve.server.engine_process FD THREADS NICENESS   # started by ProcessEngine
 """
@@ -35,6 +46,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -50,16 +62,32 @@ CLASSES = 10
 REQUEST = struct.Struct("<IB3x")
 RESPONSE = struct.Struct("<B3xI")
 MODEL_LENGTH = struct.Struct("<Q")
+PING = REQUEST.pack(0, 0)
 _DTYPES: dict[np.dtype[Any], int] = {np.dtype(np.uint8): 0, np.dtype(np.float32): 1}
 _FROM_CODE: dict[int, np.dtype[Any]] = {code: dtype for dtype, code in _DTYPES.items()}
 # Seconds a worker may take to start and load its model before the load fails.
 START_TIMEOUT_S = 60.0
 # Seconds a worker may take to exit once its socket is closed before it is killed.
 EXIT_TIMEOUT_S = 5.0
+# Longest pause between attempts to start a worker while starting keeps failing.
+MAX_RESTART_DELAY_S = 30.0
+
+_Answer = asyncio.Future[tuple[int, bytes]]
 
 
 class WorkerError(Exception):
     """A worker process could not start, or died or broke the protocol."""
+
+
+class _Expired(Exception):
+    """A call's time ran out before its answer came.
+
+    `owed`, if not None, gets the answer should it still come.
+    """
+
+    def __init__(self, owed: _Answer | None) -> None:
+        super().__init__("no answer in time")
+        self.owed = owed
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytearray:
@@ -76,10 +104,10 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray:
 
 def _request_frame(images: np.ndarray) -> tuple[bytes, np.ndarray]:
     code = _DTYPES.get(images.dtype)
-    if code is None or images.ndim < 1 or images[0].size != PIXELS:
+    if code is None or images.ndim < 1 or images.shape[0] < 1 or images[0].size != PIXELS:
         raise ValueError(
-            f"uint8 or float32 images of {PIXELS} pixels expected, got {images.dtype} "
-            f"{list(images.shape)}"
+            f"uint8 or float32 images of {PIXELS} pixels expected (at least one), got "
+            f"{images.dtype} {list(images.shape)}"
         )
     return REQUEST.pack(images.shape[0], code), np.ascontiguousarray(images)
 
@@ -100,11 +128,12 @@ def _probabilities(status: int, payload: bytes | bytearray, rows: int) -> np.nda
 class _Worker:
     """One child process with one interpreter; one call at a time.
 
-    Until `attach`, calls are blocking (`call`); after it, `call_async` on the
-    event loop, whose reader callback collects the answers.
+    Constructing it starts the process; `start` hands it the model. Until
+    `attach`, calls are blocking (`call`); after it, `request` on the event
+    loop, whose reader and writer callbacks move the frames.
     """
 
-    def __init__(self, flatbuffer: bytes, threads: int, niceness: int, name: str) -> None:
+    def __init__(self, threads: int, niceness: int, name: str) -> None:
         self.name = name
         ours, theirs = socket.socketpair()
         arguments = (theirs.fileno(), threads, niceness)
@@ -115,28 +144,45 @@ class _Worker:
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.sock = ours
+        # Set by the engine: out of service (being replaced, or the engine closed).
+        self.retired = False
+        # Called on the event loop when the worker closes its end unasked.
+        self.on_end: Callable[[_Worker], None] | None = None
+        # time.monotonic() of the last answer: a worker that answered lately needs no heartbeat.
+        self.answered_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._received = bytearray()
-        self._answer: asyncio.Future[tuple[int, bytes]] | None = None
+        self._answer: _Answer | None = None
+        self._out: memoryview | None = None
+        self._writing = False
         self._ended = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self, flatbuffer: bytes) -> None:
+        """Hand the worker its model and wait until it is ready (blocking).
+
+        Blocking calls after it also fail (TimeoutError) after START_TIMEOUT_S.
+        """
+        sock = self.sock
         try:
-            ours.settimeout(START_TIMEOUT_S)
-            ours.sendall(MODEL_LENGTH.pack(len(flatbuffer)))
-            ours.sendall(flatbuffer)
-            status, length = RESPONSE.unpack(_recv_exact(ours, RESPONSE.size))
-            message = _recv_exact(ours, length)
-            if status != 0:
-                raise WorkerError(f"{name}: {message.decode(errors='replace')}")
-            ours.settimeout(None)
+            sock.settimeout(START_TIMEOUT_S)
+            sock.sendall(MODEL_LENGTH.pack(len(flatbuffer)))
+            sock.sendall(flatbuffer)
+            status, length = RESPONSE.unpack(_recv_exact(sock, RESPONSE.size))
+            message = _recv_exact(sock, length)
         except (OSError, EOFError) as exc:
-            self.close()
-            raise WorkerError(f"{name}: did not start ({exc}); see the log above") from exc
-        except WorkerError:
-            self.close()
-            raise
+            raise WorkerError(f"{self.name}: did not start ({exc}); see the log above") from exc
+        if status != 0:
+            raise WorkerError(f"{self.name}: {message.decode(errors='replace')}")
 
     def call(self, images: np.ndarray) -> np.ndarray:
         """Blocking call (before `attach`, e.g. a warm-up)."""
@@ -146,12 +192,67 @@ class _Worker:
         return _probabilities(status, _recv_exact(self.sock, length), images.shape[0])
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve `call_async` on `loop` (call on its thread)."""
+        """Serve `request` on `loop` (call on its thread)."""
         self._loop = loop
         self.sock.setblocking(False)
         # One reader for the worker's life: registering one per call would cost
         # two epoll_ctl calls per batch.
         loop.add_reader(self.sock.fileno(), self._readable)
+
+    def request(self, frame: bytes) -> _Answer:
+        """Send one request frame; the future gets the answer ``(status, payload)``.
+
+        It fails with EOFError if the worker closes its end first. Nothing
+        here waits: what the socket cannot take now is sent when it can, so
+        a worker that stopped reading never blocks the caller (or `detach`).
+        """
+        loop = self._loop
+        if loop is None or self._ended:
+            raise EOFError(f"{self.name} is not serving")
+        answer: _Answer = loop.create_future()
+        self._answer = answer
+        self._out = memoryview(frame)
+        self._writable()
+        return answer
+
+    def expire(self, answer: _Answer, follow: bool) -> None:
+        """Timer callback: `answer` waited too long and fails with `_Expired`.
+
+        follow=True: the answer the worker still owes goes to the future the
+        exception carries; else it is dropped when it comes.
+        """
+        if answer.done() or self._answer is not answer or self._loop is None:
+            return
+        owed: _Answer | None = self._loop.create_future() if follow else None
+        self._answer = owed
+        answer.set_exception(_Expired(owed))
+
+    def _writable(self) -> None:
+        out = self._out
+        if out is None:
+            return
+        try:
+            sent = self.sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._out = None
+            self._stop_writing()
+            self._fail(EOFError(f"{self.name}: cannot send ({exc})"))
+            return
+        if sent == len(out):
+            self._out = None
+            self._stop_writing()
+            return
+        self._out = out[sent:]
+        if not self._writing and self._loop is not None:
+            self._loop.add_writer(self.sock.fileno(), self._writable)
+            self._writing = True
+
+    def _stop_writing(self) -> None:
+        if self._writing and self._loop is not None:
+            self._loop.remove_writer(self.sock.fileno())
+        self._writing = False
 
     def _readable(self) -> None:
         try:
@@ -162,6 +263,8 @@ class _Worker:
             data = b""
         if not data:
             self._end()
+            if self.on_end is not None:
+                self.on_end(self)
             return
         self._received += data
         if len(self._received) < RESPONSE.size:
@@ -172,29 +275,27 @@ class _Worker:
             return
         payload = bytes(self._received[RESPONSE.size : end])
         del self._received[:end]
+        self.answered_at = time.monotonic()
         answer, self._answer = self._answer, None
         if answer is not None and not answer.done():
             answer.set_result((status, payload))
 
-    def _end(self) -> None:
-        """The worker closed its end (it exited): fail the call waiting, if any."""
-        self._ended = True
-        if self._loop is not None:
-            self._loop.remove_reader(self.sock.fileno())
+    def _fail(self, exc: BaseException) -> None:
         answer, self._answer = self._answer, None
         if answer is not None and not answer.done():
-            answer.set_exception(EOFError(f"{self.name} closed its connection"))
+            answer.set_exception(exc)
 
-    async def call_async(self, images: np.ndarray) -> np.ndarray:
-        loop = self._loop
-        if loop is None or self._ended:
-            raise EOFError(f"{self.name} is not serving")
-        header, pixels = _request_frame(images)
-        answer: asyncio.Future[tuple[int, bytes]] = loop.create_future()
-        self._answer = answer
-        await loop.sock_sendall(self.sock, header + pixels.tobytes())
-        status, payload = await answer
-        return _probabilities(status, payload, images.shape[0])
+    def _end(self) -> None:
+        """The connection is over: stop watching it and fail the call waiting, if any."""
+        self._ended = True
+        self._out = None
+        if self._loop is not None:
+            if self._loop.is_closed():
+                self._answer = None  # nothing can wait for it any more
+                return
+            self._stop_writing()
+            self._loop.remove_reader(self.sock.fileno())
+        self._fail(EOFError(f"{self.name} closed its connection"))
 
     def detach(self) -> None:
         """Stop reading on the loop and close the socket: the worker exits on end of input.
@@ -206,15 +307,20 @@ class _Worker:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def kill(self) -> None:
+        """SIGKILL the process (without waiting): also ends a stopped or stuck one."""
+        with contextlib.suppress(OSError):
+            self.process.kill()
+
     def exit_code(self) -> int | None:
         return self.process.poll()
 
-    def close(self) -> None:
-        """Close the socket and reap the worker (blocking: not on the event loop)."""
+    def close(self, timeout_s: float = EXIT_TIMEOUT_S) -> None:
+        """Close the socket and reap the worker, killing it after `timeout_s` (blocking)."""
         with contextlib.suppress(OSError):
             self.sock.close()
         try:
-            self.process.wait(timeout=EXIT_TIMEOUT_S)
+            self.process.wait(timeout=max(0.0, timeout_s))
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -227,6 +333,16 @@ class ProcessEngine:
     it, `run` (on the event loop) hands each batch to an idle worker. At most
     `workers` batches run at once; a caller finding none idle waits for one.
     `close` and everything after `serve` belong to the event loop's thread.
+
+    Supervision (from `serve` on): a batch gets at most `batch_timeout_s`
+    seconds in a worker; every `heartbeat_interval_s` a watchdog checks the
+    idle workers (exited, or no answer to a heartbeat within
+    ``max(1 s, 2 * heartbeat_interval_s)``) and starts workers whose start
+    failed earlier (with a growing pause). A worker found dead or hung is
+    SIGKILLed and replaced in a background thread; `on_worker_exit` is
+    called for it. `on_health_change(healthy)` is called on the event loop
+    when `healthy` flips (not by `close`: a released version is not a sick
+    server).
     """
 
     def __init__(
@@ -238,88 +354,242 @@ class ProcessEngine:
         name: str,
         niceness: int = 0,
         on_worker_exit: Callable[[], None] | None = None,
+        batch_timeout_s: float = 10.0,
+        heartbeat_interval_s: float = 1.0,
+        on_health_change: Callable[[bool], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
+        if not batch_timeout_s > 0:
+            raise ValueError(f"batch_timeout_s must be positive, got {batch_timeout_s}")
+        if not heartbeat_interval_s > 0:
+            raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
         self.name = name
         self.threads = threads
         self.workers = workers
         self.niceness = niceness
+        self.batch_timeout_s = batch_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
         self._flatbuffer = flatbuffer
-        # Called on the event loop when a serving worker stopped unasked (e.g. a metric).
+        # Called on the event loop when a serving worker died or hung (e.g. a metric).
         self.on_worker_exit = on_worker_exit
+        self.on_health_change = on_health_change
+        # Serving workers (idle or busy); a retired one leaves at once.
         self._all: list[_Worker] = []
         self._closed = False
-        self._reaper: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle: deque[_Worker] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Guards `_idle` for blocking calls and `_living` (touched by threads).
         self._lock = threading.Lock()
+        # Every worker whose process has not been reaped yet, serving or not.
+        self._living: set[_Worker] = set()
+        self._threads: list[threading.Thread] = []
+        self._starting = 0  # workers being started in the background
+        self._started = 0  # workers ever started: numbers their names
+        self._restart_delay_s = 0.0
+        self._restart_at = 0.0
+        self._healthy = True
+        self._watchdog: asyncio.Task[None] | None = None
         try:
-            for n in range(workers):
-                self._all.append(_Worker(flatbuffer, threads, niceness, f"{name} worker {n}"))
+            for _ in range(workers):
+                self._all.append(self._spawn(self._next_name()))
+            # Started side by side: each loads its model while the others do.
+            for worker in self._all:
+                worker.start(flatbuffer)
         except Exception:
             self.close()
             raise
-        self._idle: deque[_Worker] = deque(self._all)
+        self._idle.extend(self._all)
 
     @property
     def pids(self) -> list[int]:
-        """The worker processes' ids (for tests and logs)."""
-        return [w.process.pid for w in self._all]
+        """The serving worker processes' ids (for tests and logs)."""
+        return [w.pid for w in self._all]
+
+    @property
+    def healthy(self) -> bool:
+        """At least one worker is usable: alive and not being replaced."""
+        return not self._closed and bool(self._all)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """float32 (0..1) or uint8 (0..255) [N,28,28(,1)] -> float32 [N,10]; blocking."""
         if self._loop is not None:
             raise RuntimeError(f"{self.name}: serving on an event loop; use run()")
         with self._lock:
+            if not self._all:
+                raise WorkerError(f"{self.name}: no worker is left")
             if not self._idle:
                 raise RuntimeError(f"{self.name}: every worker is busy with a blocking call")
             worker = self._idle.popleft()
         try:
-            return worker.call(images)
-        finally:
+            result = worker.call(images)
+        except (OSError, EOFError) as exc:
+            # Dead, or stuck past START_TIMEOUT_S: it cannot serve (nor be trusted) again.
+            with self._lock:
+                self._all.remove(worker)
+            worker.retired = True
+            worker.kill()
+            self._thread(lambda: self._reap(worker), f"stop {worker.name}")
+            raise WorkerError(f"{worker.name} (pid {worker.pid}) failed: {exc}") from exc
+        except BaseException:
             with self._lock:
                 self._idle.append(worker)
+            raise
+        with self._lock:
+            self._idle.append(worker)
+        return result
 
     def serve(self) -> None:
         """From now on calls come through `run`, on the running event loop."""
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
         for worker in self._all:
-            worker.attach(self._loop)
+            self._attach(worker)
+        self._watchdog = loop.create_task(self._watch(), name=f"watch {self.name}")
 
-    async def run(self, images: np.ndarray) -> np.ndarray:
-        """`__call__` for the event loop: the batch goes to an idle worker."""
-        while not self._idle and not self._closed:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
-        if self._closed:
-            raise errors.Unavailable(f"{self.name}: the model was released")
-        worker = self._idle.popleft()
+    async def run(self, images: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """`__call__` for the event loop: the batch goes to an idle worker.
+
+        `deadline` is absolute, on time.monotonic()'s scale (None: none). Raises
+        errors.DeadlineExceeded once it passes (waiting for a worker or
+        computing), errors.Internal if the worker died or hung (it is
+        replaced), errors.Unavailable once the engine is closed or while no
+        worker runs.
+        """
+        header, pixels = _request_frame(images)
+        rows = images.shape[0]
+        worker = await self._take(deadline)
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        hang_at = now + self.batch_timeout_s
+        by_deadline = deadline is not None and deadline < hang_at
+        limit = deadline if by_deadline and deadline is not None else hang_at
         try:
-            result = await worker.call_async(images)
-        except errors.ServeError:
-            self._release(worker)
-            raise
-        except (OSError, EOFError) as exc:
-            self._replace(worker)
+            answer = worker.request(header + pixels.tobytes())
+        except EOFError as exc:
+            raise self._stopped(worker, exc) from exc
+        timer = loop.call_later(limit - now, worker.expire, answer, by_deadline)
+        try:
+            status, payload = await answer
+        except _Expired as exc:
             if self._closed:
-                raise errors.Unavailable(f"{self.name}: the model was released") from exc
-            if self.on_worker_exit is not None:
-                self.on_worker_exit()
+                if exc.owed is not None:
+                    _discard(exc.owed)
+                raise errors.Unavailable(f"{self.name}: the model was released") from None
+            if exc.owed is not None:
+                self._drain(worker, exc.owed, hang_at)
+                raise errors.DeadlineExceeded(
+                    f"{self.name}: the deadline passed while the model computed the batch"
+                ) from None
+            self._lost(worker, f"did not finish a batch within {self.batch_timeout_s:g} s")
             raise errors.Internal(
-                f"{worker.name} (pid {worker.process.pid}) stopped during a batch; "
-                "it is being restarted"
-            ) from exc
+                f"{worker.name} (pid {worker.pid}) did not finish a batch of {rows} images "
+                f"within {self.batch_timeout_s:g} s: it hung and is being replaced"
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise self._stopped(worker, exc) from exc
         except BaseException:
             # Cancelled mid-call: its answer would reach the next caller, so the
             # worker cannot be trusted any more.
-            self._replace(worker)
+            self._retire(worker)
             raise
+        finally:
+            timer.cancel()
         self._release(worker)
-        return result
+        return _probabilities(status, payload, rows)
+
+    async def _take(self, deadline: float | None) -> _Worker:
+        """An idle worker, waiting for one if need be (but not past `deadline`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                raise errors.Unavailable(f"{self.name}: the model was released")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.DeadlineExceeded(
+                    f"{self.name}: the deadline passed while the batch waited for a model worker"
+                )
+            if self._idle:
+                return self._idle.popleft()
+            if not self._all and not self._starting:
+                raise errors.Unavailable(f"{self.name}: no model worker is running; retry later")
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append(waiter)
+            timer = None
+            if deadline is not None:
+                timer = loop.call_later(deadline - time.monotonic(), _wake, waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # pass on the wake-up this caller will not use
+                raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
+
+    def _stopped(self, worker: _Worker, exc: BaseException) -> errors.ServeError:
+        """The error for a batch whose worker closed its end; replaces the worker."""
+        if self._closed:
+            return errors.Unavailable(f"{self.name}: the model was released")
+        self._lost(worker, f"stopped during a batch ({exc})")
+        return errors.Internal(
+            f"{worker.name} (pid {worker.pid}) stopped during a batch; it is being restarted"
+        )
+
+    def _drain(self, worker: _Worker, owed: _Answer, hang_at: float) -> None:
+        """Keep `worker` busy until it answers the batch its callers gave up on.
+
+        It then serves on, unless the answer does not come by `hang_at`.
+        """
+        assert self._loop is not None
+        delay = max(0.0, hang_at - time.monotonic())
+        timer = self._loop.call_later(delay, worker.expire, owed, False)
+        hung = f"did not finish a batch within {self.batch_timeout_s:g} s"
+        owed.add_done_callback(lambda answer: self._settled(worker, answer, timer, hung))
+
+    def _ping(self, worker: _Worker, bound_s: float) -> None:
+        """Send an idle worker a heartbeat; it serves on if it answers within `bound_s`."""
+        assert self._loop is not None
+        self._idle.remove(worker)
+        try:
+            answer = worker.request(PING)
+        except EOFError as exc:
+            self._lost(worker, f"stopped while idle ({exc})")
+            return
+        timer = self._loop.call_later(bound_s, worker.expire, answer, False)
+        hung = f"did not answer a heartbeat within {bound_s:g} s"
+        answer.add_done_callback(
+            lambda done: self._settled(worker, done, timer, hung, expected=(0, b""))
+        )
+
+    def _settled(
+        self,
+        worker: _Worker,
+        answer: _Answer,
+        timer: asyncio.TimerHandle,
+        hung: str,
+        expected: tuple[int, bytes] | None = None,
+    ) -> None:
+        """An answer no caller waits for came, or failed: the worker serves on or is replaced."""
+        timer.cancel()
+        if answer.cancelled():
+            self._retire(worker)
+            return
+        exc = answer.exception()
+        if exc is None:
+            if expected is None or answer.result() == expected:
+                self._release(worker)
+            else:
+                self._lost(worker, "answered a heartbeat with something else")
+        elif isinstance(exc, _Expired):
+            self._lost(worker, hung)
+        else:
+            self._lost(worker, f"stopped ({exc})")
 
     def _release(self, worker: _Worker) -> None:
+        if worker.retired:
+            return
         self._idle.append(worker)
         self._wake_one()
 
@@ -330,62 +600,242 @@ class ProcessEngine:
                 waiter.set_result(None)
                 return
 
-    def _replace(self, broken: _Worker) -> None:
-        """Stop `broken`; start a new worker in a thread, idle once it is ready."""
-        broken.detach()
-        if broken in self._all:
-            self._all.remove(broken)
-        loop = self._loop
-        if self._closed or loop is None:
-            threading.Thread(target=broken.close, daemon=True).start()
-            return
-
-        def start() -> None:
-            broken.close()
-            code = broken.exit_code()
-            log.warning("%s exited (code %s); starting a new one", broken.name, code)
-            try:
-                worker = _Worker(self._flatbuffer, self.threads, self.niceness, broken.name)
-            except Exception:
-                log.exception("%s could not be restarted", broken.name)
-                return
-            loop.call_soon_threadsafe(self._adopt, worker)
-
-        threading.Thread(target=start, name=f"restart {broken.name}", daemon=True).start()
-
-    def _adopt(self, worker: _Worker) -> None:
-        if self._closed or self._loop is None:
-            threading.Thread(target=worker.close, daemon=True).start()
-            return
-        worker.attach(self._loop)
-        log.info("%s restarted (pid %d)", worker.name, worker.process.pid)
-        self._all.append(worker)
-        self._release(worker)
-
-    def close(self) -> None:
-        """Stop every worker (without blocking); later calls get errors.Unavailable."""
-        self._closed = True
-        workers, self._all = self._all, []
-        for worker in workers:
-            worker.detach()
-        if workers:
-
-            def reap() -> None:
-                for worker in workers:
-                    worker.close()
-
-            self._reaper = threading.Thread(target=reap, name=f"stop {self.name}", daemon=True)
-            self._reaper.start()
+    def _wake_all(self) -> None:
         while self._waiters:
             self._wake_one()
 
+    def _attach(self, worker: _Worker) -> None:
+        assert self._loop is not None
+        worker.on_end = self._ended
+        worker.attach(self._loop)
+
+    def _ended(self, worker: _Worker) -> None:
+        """`worker` closed its end: replace it now if idle (else its caller does)."""
+        if worker in self._idle:
+            self._lost(worker, "exited while idle")
+
+    def _lost(self, worker: _Worker, why: str) -> None:
+        """`worker` died or hung: replace it, and count it."""
+        if not self._retire(worker):
+            return
+        log.warning("%s (pid %d) %s; starting a new one", worker.name, worker.pid, why)
+        if self.on_worker_exit is not None:
+            try:
+                self.on_worker_exit()
+            except Exception:
+                log.exception("%s: on_worker_exit failed", self.name)
+
+    def _retire(self, worker: _Worker) -> bool:
+        """Take `worker` out of service, kill it and start a replacement.
+
+        False if it was out of service already (or the engine is closed).
+        """
+        if worker.retired or self._closed:
+            return False
+        worker.retired = True
+        self._all.remove(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        worker.detach()
+        worker.kill()
+        self._check_health()
+        self._start_in_background(worker.name, broken=worker)
+        return True
+
+    def _start_in_background(self, name: str, broken: _Worker | None = None) -> None:
+        """Reap `broken` (if any), then start a worker called `name`; it joins once ready."""
+        loop = self._loop
+        if loop is None:
+            if broken is not None:
+                self._thread(lambda: self._reap(broken), f"stop {broken.name}")
+            return
+        self._starting += 1
+
+        def start() -> None:
+            if broken is not None:
+                self._reap(broken)
+            worker = None if self._closed else self._start_one(name)
+            if worker is not None and self._closed:
+                self._reap(worker)  # closed meanwhile: the loop may not run `_adopt` any more
+                worker = None
+            try:
+                loop.call_soon_threadsafe(self._adopt, worker)
+            except RuntimeError:  # the event loop is closed: nobody will serve it
+                if worker is not None:
+                    self._reap(worker)
+
+        self._thread(start, f"start {name}")
+
+    def _start_one(self, name: str) -> _Worker | None:
+        """A started worker, or None (logged) if it could not start (blocking)."""
+        try:
+            worker = self._spawn(name)
+        except Exception:
+            log.exception("%s could not be started", name)
+            return None
+        try:
+            worker.start(self._flatbuffer)
+        except Exception:
+            log.exception("%s could not be started", name)
+            self._reap(worker)
+            return None
+        return worker
+
+    def _adopt(self, worker: _Worker | None) -> None:
+        """On the loop: a worker started in the background is ready (None: it failed)."""
+        self._starting -= 1
+        if self._closed:
+            if worker is not None:
+                self._thread(lambda: self._reap(worker), f"stop {worker.name}")
+            return
+        if worker is None:
+            # Try again later, pausing longer each time starting keeps failing.
+            self._restart_delay_s = min(
+                MAX_RESTART_DELAY_S, max(self.heartbeat_interval_s, 2 * self._restart_delay_s)
+            )
+            self._restart_at = time.monotonic() + self._restart_delay_s
+            if not self._all and not self._starting:
+                self._wake_all()  # callers waiting for a worker learn there is none
+            return
+        self._restart_delay_s = 0.0
+        self._attach(worker)
+        log.info("%s started (pid %d)", worker.name, worker.pid)
+        self._all.append(worker)
+        self._check_health()
+        self._release(worker)
+
+    def _check_health(self) -> None:
+        healthy = self.healthy
+        if healthy == self._healthy or self._closed:
+            return
+        self._healthy = healthy
+        if healthy:
+            log.info("%s: a model worker is serving again", self.name)
+        else:
+            log.error("%s: no model worker is serving", self.name)
+        if self.on_health_change is not None:
+            try:
+                self.on_health_change(healthy)
+            except Exception:
+                log.exception("%s: on_health_change failed", self.name)
+
+    async def _watch(self) -> None:
+        """Every `heartbeat_interval_s`: check the idle workers, start missing ones."""
+        bound_s = max(1.0, 2 * self.heartbeat_interval_s)
+        while not self._closed:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            try:
+                self._check_workers(bound_s)
+            except Exception:
+                log.exception("%s: checking the model workers failed", self.name)
+
+    def _check_workers(self, bound_s: float) -> None:
+        quiet_since = time.monotonic() - self.heartbeat_interval_s
+        for worker in list(self._idle):
+            code = worker.exit_code()
+            if code is not None:
+                self._lost(worker, f"exited while idle (code {code})")
+            elif worker.answered_at <= quiet_since:
+                # A worker that answered lately is alive: no heartbeat needed.
+                self._ping(worker, bound_s)
+        missing = self.workers - len(self._all) - self._starting
+        if missing > 0 and time.monotonic() >= self._restart_at:
+            for _ in range(missing):
+                self._start_in_background(self._next_name())
+
+    def _next_name(self) -> str:
+        name = f"{self.name} worker {self._started}"
+        self._started += 1
+        return name
+
+    def _spawn(self, name: str) -> _Worker:
+        worker = _Worker(self.threads, self.niceness, name)
+        with self._lock:
+            self._living.add(worker)
+        return worker
+
+    def _reap(self, worker: _Worker, timeout_s: float = EXIT_TIMEOUT_S) -> None:
+        """Blocking: wait for `worker` to exit (killing it after `timeout_s`)."""
+        worker.close(timeout_s)
+        with self._lock:
+            self._living.discard(worker)
+
+    def _thread(self, target: Callable[[], None], name: str) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def close(self) -> None:
+        """Stop every worker (without blocking); later calls get errors.Unavailable.
+
+        A batch in flight fails with errors.Unavailable at once, even if its
+        worker is stuck: `wait_closed` then bounds how long exiting takes.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            with contextlib.suppress(RuntimeError):  # its loop may be gone already
+                watchdog.cancel()
+        workers, self._all = self._all, []
+        self._idle.clear()
+        for worker in workers:
+            worker.retired = True
+            worker.detach()
+        if workers:
+            exit_at = time.monotonic() + EXIT_TIMEOUT_S
+
+            def reap() -> None:
+                for worker in workers:
+                    self._reap(worker, exit_at - time.monotonic())
+
+            self._thread(reap, f"stop {self.name}")
+        self._wake_all()
+
     def wait_closed(self, timeout_s: float) -> bool:
-        """After `close`: wait until every worker has exited; False if time ran out."""
-        reaper = self._reaper
-        if reaper is not None:
-            reaper.join(timeout_s)
-            return not reaper.is_alive()
-        return self._closed
+        """After `close`: wait until every worker has exited; True if they all have.
+
+        Whatever still runs shortly before `timeout_s` ends (e.g. a stopped
+        worker, which never reads the end of its input) is SIGKILLed, so this
+        returns within about `timeout_s` and leaves no process behind. False
+        before `close`.
+        """
+        if not self._closed:
+            return False
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        self._join(deadline - min(1.0, timeout_s / 4))
+        with self._lock:
+            left = [w for w in self._living if w.exit_code() is None]
+        for worker in left:
+            log.warning("%s (pid %d) did not exit in time; killing it", worker.name, worker.pid)
+            worker.kill()
+        self._join(deadline)
+        with self._lock:
+            living = list(self._living)
+        for worker in living:  # e.g. started as the engine closed, with nobody left to reap it
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.process.wait(max(0.0, deadline - time.monotonic()))
+        exited = all(w.exit_code() is not None for w in living)
+        return exited and not any(t.is_alive() for t in self._threads)
+
+    def _join(self, until: float) -> None:
+        for thread in list(self._threads):
+            thread.join(max(0.0, until - time.monotonic()))
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _discard(answer: _Answer) -> None:
+    """Nobody will wait for `answer`: drop it without an unretrieved-exception warning."""
+    if not answer.done():
+        answer.cancel()
+    elif not answer.cancelled():
+        answer.exception()
 
 
 # --- the worker process --------------------------------------------------------------
@@ -421,6 +871,9 @@ def _serve(sock: socket.socket, threads: int) -> None:
             rows, code = REQUEST.unpack(_recv_exact(sock, REQUEST.size))
         except EOFError:
             return  # the server closed its end: time to go
+        if rows == 0:
+            answer(0, b"")  # a heartbeat
+            continue
         dtype = _FROM_CODE.get(code)
         if dtype is None:
             answer(1, f"unknown dtype code {code}".encode())
