@@ -182,12 +182,87 @@ def test_matches_numpy_reference(case: dict[str, Any]) -> None:
     # The rounding bound: the same sums over absolute values.
     bound = reference(np.abs(x4), np.abs(k4), flip=flip, **geometry) + 1
     tol = 1e-5 if dtype == np.float32 else 1e-12
+    plan = ops.validate_convolve(req)
     for route in ("direct", "fft"):
-        out = ops.convolve(req, route=route).output
-        assert out.dtype == dtype
-        got = out[None, :, :, None] if case["two_d"] else out
-        assert got.shape == ref.shape
-        assert np.all(np.abs(got - ref) <= tol * bound), route
+        # One call, and tiles of about a sixth of the estimate each (several tiles).
+        unit_s = ops.convolve_cost_s(plan, route) / 6
+        for unit in (1.0, unit_s):
+            out = ops.convolve(req, route=route, unit_s=unit).output
+            assert out.dtype == dtype
+            got = out[None, :, :, None] if case["two_d"] else out
+            assert got.shape == ref.shape
+            assert np.all(np.abs(got - ref) <= tol * bound), (route, unit)
+
+
+def test_explicit_padding_narrower_than_the_kernel_is_exact() -> None:
+    # tf.nn.conv2d's own explicit padding left the second output row unwritten here.
+    x = np.arange(1, 5, dtype=np.float32).reshape(2, 2, 1, 1)
+    k = np.array([[[[2.0]], [[3.0]]]], dtype=np.float32)
+    for _ in range(3):  # unwritten memory differs from call to call
+        out = conv(x, k, strides=(1, 2), padding="SAME")
+        np.testing.assert_array_equal(out, reference(x, k, strides=(1, 2), padding="SAME"))
+
+
+def test_tiles_cover_the_output_once() -> None:
+    x = np.ones((3, 40, 30, 2), np.float32)
+    k = np.ones((5, 4, 2, 6), np.float32)
+    options = types.ConvolutionOptions(strides=(2, 3), padding="SAME", dilations=(1, 2))
+    plan = ops.validate_convolve(types.ConvolveInput(x, k, None, options))
+    total = ops.convolve_cost_s(plan)
+    tiles = ops.plan_tiles(plan, fft=False, unit_s=total / 20)
+    assert len(tiles) >= 4
+    covered = np.zeros((plan.n, plan.out_h, plan.out_w, plan.filters), np.int32)
+    for tile in tiles:
+        covered[tile.items, tile.rows, tile.cols, tile.filters] += 1
+    assert np.all(covered == 1)
+    assert len(ops.plan_tiles(plan, fft=False, unit_s=total * 2)) == 1
+
+
+def test_check_stops_a_tiled_convolution_between_tiles() -> None:
+    x = np.ones((4, 64, 64, 1), np.float32)
+    k = np.ones((3, 3, 1, 1), np.float32)
+    req = types.ConvolveInput(x, k)
+    plan = ops.validate_convolve(req)
+    unit = ops.convolve_cost_s(plan) / 10
+    tiles = len(ops.plan_tiles(plan, fft=False, unit_s=unit))
+    assert tiles >= 4
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise errors.DeadlineExceeded("Convolve: the deadline passed")
+
+    with pytest.raises(errors.DeadlineExceeded):
+        ops.convolve(req, check=check, unit_s=unit)
+    assert len(calls) == 3  # stopped at the third tile, not after all of them
+    calls.clear()
+    assert ops.convolve(req, check=lambda: calls.append(1), unit_s=unit).output.shape == (
+        4,
+        62,
+        62,
+        1,
+    )
+    assert len(calls) == tiles
+
+
+def test_out_of_range_integers_never_reach_tensorflow() -> None:
+    x, k = np.ones((4, 4), np.float32), np.ones((2, 2), np.float32)
+    for field, options in [
+        ("options.strides", types.ConvolutionOptions(strides=(2**31, 1))),
+        ("options.dilations", types.ConvolutionOptions(dilations=(1, 2**40))),
+        ("options.strides", types.ConvolutionOptions(strides=(-(2**63), 1))),
+        (
+            "options.explicit_padding",
+            types.ConvolutionOptions(padding="EXPLICIT", explicit_padding=(0, 0, 0, 2**31)),
+        ),
+    ]:
+        with pytest.raises(errors.InvalidArgument) as info:
+            ops.convolve(types.ConvolveInput(x, k, None, options))
+        assert info.value.field == field
+    # The largest int32 stride is accepted: one output per axis.
+    big = types.ConvolutionOptions(strides=(2**31 - 1, 2**31 - 1))
+    assert ops.convolve(types.ConvolveInput(x, k, None, big)).output.shape == (1, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -345,9 +420,9 @@ def test_element_limits_name_the_setting() -> None:
         ops.convolve(many_filters, max_elements=100)
     assert info.value.field == "options.strides"
     assert ops.convolve(many_filters, max_elements=196).output.shape == (1, 3, 3, 4)
-    with pytest.raises(errors.InvalidArgument, match="multiply-adds") as info:
-        ops.convolve(types.ConvolveInput(X2, K2), max_work=10)
-    assert info.value.field == "kernel"
+    with pytest.raises(errors.InvalidArgument, match="s of CPU per request") as info:
+        ops.convolve(types.ConvolveInput(X2, K2), max_cpu_s=1e-9)
+    assert info.value.field == "input"
     # At the limits exactly: accepted.
     assert ops.convolve(types.ConvolveInput(X2, K2), max_elements=25, max_kernel_elements=4)
 

@@ -40,6 +40,8 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Measured / estimated seconds of an operation: under 1 where the cost model errs high.
+COST_RATIO_BUCKETS = (0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 10.0)
 
 
 class _Observer:
@@ -153,6 +155,27 @@ class Metrics:
             ["model"],
             registry=reg,
         )
+        self.admitted_work = Gauge(
+            "convserve_admitted_work_cpu_seconds",
+            "Estimated CPU seconds of operations admitted and not yet stopped (waiting or "
+            "computing, whether or not their callers still wait), by RPC.",
+            ["rpc"],
+            registry=reg,
+        )
+        self.work_stopped = Counter(
+            "convserve_work_stopped",
+            "Operations stopped before they finished, by RPC and reason (cancelled: the "
+            "caller went away; deadline; overrun: far past the estimate; shutdown).",
+            ["rpc", "reason"],
+            registry=reg,
+        )
+        self.work_cost_ratio = Histogram(
+            "convserve_work_cost_ratio",
+            "Seconds an operation computed divided by its estimate (the cost model's accuracy).",
+            ["rpc"],
+            buckets=COST_RATIO_BUCKETS,
+            registry=reg,
+        )
         self._request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._counts: dict[tuple[str, str, str], Any] = {}
 
@@ -182,6 +205,16 @@ class Metrics:
             )
             self._request_series[(protocol, rpc)] = series
         return series
+
+    def on_admitted_seconds(self, rpc: str, seconds: float) -> None:
+        self.admitted_work.labels(rpc=rpc).set(seconds)
+
+    def on_work_stopped(self, rpc: str, reason: str) -> None:
+        self.work_stopped.labels(rpc=rpc, reason=reason).inc()
+
+    def on_work_finished(self, rpc: str, estimate_s: float, ran_s: float) -> None:
+        if estimate_s > 0:
+            self.work_cost_ratio.labels(rpc=rpc).observe(ran_s / estimate_s)
 
     def batch_observer(self, rpc: str) -> BatchObserver:
         """An observer for `DynamicBatcher` (or any operation call) of `rpc`."""

@@ -13,12 +13,20 @@ merging same-shape requests along N gives each the result of a separate call.
 
 Two exact routes: TensorFlow's direct convolution, and for large kernels at
 stride 1 an FFT route (``tf.signal.rfft2d``), chosen by `FFT_MIN_KERNEL_ELEMENTS`.
+
+Cost: a request is admitted only when `costs.CALIBRATED` estimates it at no
+more than ``max_cpu_s`` CPU seconds. Work estimated above `costs.UNIT_S` is
+computed in tiles (ranges of items, output rows and columns, filters), each
+from its own slice of the padded input, and a `check` callback runs between
+tiles and between the steps of a fit, so a caller that has gone or whose
+deadline has passed stops costing CPU within about one unit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -28,13 +36,20 @@ from typing import Any, Literal
 import numpy as np
 import tensorflow as tf
 
-from convserve.server import errors, types
+from convserve.server import costs, errors, types
 
 DEFAULT_MAX_ELEMENTS = 1 << 24  # 16.7 M values per tensor (64 MiB at float32)
 DEFAULT_MAX_KERNEL_ELEMENTS = 1 << 20
-# Multiply-adds one request may cost (the cheaper route's estimate): a few
-# seconds on two CPU cores, so that one request cannot occupy the server.
-DEFAULT_MAX_WORK = 2 * 10**10
+# Estimated CPU seconds one request may cost (the server's max_request_cpu_s).
+DEFAULT_MAX_CPU_S = 2.0
+# Estimated CPU seconds one gradient step of a fit may cost: a fit checks for
+# cancellation between steps, so this bounds how long it runs on after its caller left.
+FIT_MAX_STEP_S = 0.1
+# TensorFlow takes strides, dilations and paddings as int32 attributes, and
+# aborts the process on larger values.
+INT32_MAX = 2**31 - 1
+# Called between units of work; raises (a ServeError) to stop the work.
+Check = Callable[[], None]
 # Spatial kernel size (kh*kw) from which the FFT route is used at stride 1.
 # The direct route's cost grows with kh*kw, the FFT route's does not. Measured
 # on 2 CPU cores (256x256 and 512x512 single-channel, 4x128x128x8 with 8
@@ -69,6 +84,8 @@ class ConvPlan:
     flip: bool
     out_h: int
     out_w: int
+    # Computed in float64 (else float32): the cost model charges it more.
+    float64: bool = False
 
     @property
     def dilated_kernel(self) -> tuple[int, int]:
@@ -117,19 +134,6 @@ class ConvPlan:
         out_h, out_w = self.stride_one_output() if self.subsampled else (self.out_h, self.out_w)
         return self.n * out_h * out_w * self.kernel_h * self.kernel_w * self.channels * self.filters
 
-    def fft_work(self) -> int:
-        hp, wp = self.padded
-        size = hp * wp
-        log = max(1, math.ceil(math.log2(size)))
-        return self.n * size * self.channels * self.filters + (
-            (self.n * self.channels + self.channels * self.filters + self.n * self.filters)
-            * size
-            * log
-        )
-
-    def work(self) -> int:
-        return self.fft_work() if self.use_fft else self.direct_work()
-
 
 # -- validation -------------------------------------------------------------
 
@@ -164,14 +168,16 @@ def _check_pair(field: str, value: object) -> tuple[int, int]:
         pair = tuple(int(v) for v in value)  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         raise errors.InvalidArgument(
-            field, f"two positive integers expected, got {value!r}"
+            field, f"two positive integers expected, got {errors.shown(value)}"
         ) from None
     if len(pair) != 2:
         raise errors.InvalidArgument(
             field, f"two positive integers [height, width] expected, got {len(pair)} values"
         )
-    if pair[0] < 1 or pair[1] < 1:
-        raise errors.InvalidArgument(field, f"positive integers expected, got {list(pair)}")
+    if not (1 <= pair[0] <= INT32_MAX and 1 <= pair[1] <= INT32_MAX):
+        raise errors.InvalidArgument(
+            field, f"positive integers up to {INT32_MAX} expected, got {list(pair)}"
+        )
     return pair[0], pair[1]
 
 
@@ -188,13 +194,15 @@ def plan_convolution(
     already rank-checked) and work out the geometry. Raises InvalidArgument."""
     if options.mode not in _MODES:
         raise errors.InvalidArgument(
-            "options.mode", f"CROSS_CORRELATION or CONVOLUTION expected, got {options.mode!r}"
+            "options.mode",
+            f"CROSS_CORRELATION or CONVOLUTION expected, got {errors.shown(options.mode)}",
         )
     strides = _check_pair("options.strides", options.strides)
     dilations = _check_pair("options.dilations", options.dilations)
     if options.padding not in _PADDINGS:
         raise errors.InvalidArgument(
-            "options.padding", f"VALID, SAME or EXPLICIT expected, got {options.padding!r}"
+            "options.padding",
+            f"VALID, SAME or EXPLICIT expected, got {errors.shown(options.padding)}",
         )
     explicit = options.explicit_padding
     if options.padding != "EXPLICIT" and explicit:
@@ -220,9 +228,10 @@ def plan_convolution(
                 f"four non-negative integers [top, bottom, left, right] expected, got {got}",
             )
         pads = tuple(int(p) for p in explicit)
-        if any(p < 0 for p in pads):
+        if any(not 0 <= p <= INT32_MAX for p in pads):
             raise errors.InvalidArgument(
-                "options.explicit_padding", f"non-negative integers expected, got {list(pads)}"
+                "options.explicit_padding",
+                f"non-negative integers up to {INT32_MAX} expected, got {list(pads)}",
             )
         top, bottom, left, right = pads
     elif options.padding == "SAME":
@@ -257,7 +266,7 @@ def plan_convolution(
     )
 
 
-def _check_geometry_limits(plan: ConvPlan, max_elements: int, max_work: int) -> None:
+def _check_geometry_limits(plan: ConvPlan, max_elements: int) -> None:
     padded_h, padded_w = plan.padded
     padded = plan.n * padded_h * padded_w * plan.channels
     if padded > max_elements:
@@ -283,12 +292,25 @@ def _check_geometry_limits(plan: ConvPlan, max_elements: int, max_work: int) -> 
                 f"in the stride-1 output computed for dilation with stride, got {full}; "
                 "use a smaller input, or a stride or a dilation of 1",
             )
-    if plan.work() > max_work:
+
+
+def _check_cost(field: str, what: str, estimate_s: float, max_cpu_s: float) -> None:
+    if estimate_s > max_cpu_s:
         raise errors.InvalidArgument(
-            "kernel",
-            f"at most {max_work:.3g} multiply-adds per request expected, this request "
-            f"needs about {plan.work():.3g}; use a smaller input or kernel",
+            field,
+            f"at most {max_cpu_s:g} s of CPU per request expected (the server's "
+            f"max_request_cpu_s), {what} needs about {estimate_s:.3g} s; "
+            "use a smaller input or kernel",
         )
+
+
+def convolve_cost_s(
+    plan: ConvPlan,
+    route: Literal["auto", "direct", "fft"] = "auto",
+    model: costs.CostModel = costs.CALIBRATED,
+) -> float:
+    """Estimated CPU seconds of computing `plan` by `route`."""
+    return model.convolve_s(plan, fft=plan.use_fft if route == "auto" else route == "fft")
 
 
 def validate_convolve(
@@ -296,11 +318,13 @@ def validate_convolve(
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_kernel_elements: int = DEFAULT_MAX_KERNEL_ELEMENTS,
-    max_work: int = DEFAULT_MAX_WORK,
+    max_cpu_s: float = DEFAULT_MAX_CPU_S,
+    route: Literal["auto", "direct", "fft"] = "auto",
 ) -> ConvPlan:
     """Run every check `convolve` runs, without computing; returns the plan.
 
-    Raises errors.InvalidArgument naming the offending field.
+    Raises errors.InvalidArgument naming the offending field, also when the
+    estimated cost (`convolve_cost_s`) is over `max_cpu_s`.
     """
     x = _check_array("input", req.input, "[H,W] or [N,H,W,C]")
     if x.ndim not in (2, 4):
@@ -341,7 +365,9 @@ def validate_convolve(
             raise errors.InvalidArgument("bias", f"shape {expected} expected, got {list(b.shape)}")
         _check_finite("bias", b)
     plan = plan_convolution(x.shape, k.shape, req.options)
-    _check_geometry_limits(plan, max_elements, max_work)
+    plan = dataclasses.replace(plan, float64=x.dtype == np.float64)
+    _check_geometry_limits(plan, max_elements)
+    _check_cost("input", "this convolution", convolve_cost_s(plan, route), max_cpu_s)
     _check_finite("input", x)
     _check_finite("kernel", k)
     return plan
@@ -354,16 +380,20 @@ def _direct(x4: tf.Tensor, k4: tf.Tensor, plan: ConvPlan) -> tf.Tensor:
     """TensorFlow's convolution; differentiable (fit_kernel uses it too)."""
     if plan.flip:
         k4 = tf.reverse(k4, axis=[0, 1])
-    top, bottom, left, right = plan.pads
-    pads = [[0, 0], [top, bottom], [left, right], [0, 0]]
+    if any(plan.pads):
+        # Padded explicitly, then VALID: tf.nn.conv2d's own explicit padding returns
+        # garbage on the CPU for some geometries (e.g. [2,2,1,1] input, [1,2] kernel,
+        # strides [1,2], padding right 1: the second output row is left unwritten).
+        top, bottom, left, right = plan.pads
+        x4 = tf.pad(x4, [[0, 0], [top, bottom], [left, right], [0, 0]])
     if plan.subsampled:
         # TensorFlow does not support dilation with stride > 1 everywhere (not on
         # CPU per its documentation): convolve at stride 1, then subsample, which
         # is exactly the strided result.
-        y = tf.nn.conv2d(x4, k4, strides=1, padding=pads, dilations=list(plan.dilations))
+        y = tf.nn.conv2d(x4, k4, strides=1, padding="VALID", dilations=list(plan.dilations))
         return y[:, :: plan.strides[0], :: plan.strides[1], :]
     return tf.nn.conv2d(
-        x4, k4, strides=list(plan.strides), padding=pads, dilations=list(plan.dilations)
+        x4, k4, strides=list(plan.strides), padding="VALID", dilations=list(plan.dilations)
     )
 
 
@@ -396,38 +426,141 @@ def _as_4d(x: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, k
 
 
+@dataclass(frozen=True)
+class _Tile:
+    """One unit of a tiled convolution: output ranges and the plan of its input slice."""
+
+    items: slice
+    rows: slice
+    cols: slice
+    filters: slice
+    in_rows: slice
+    in_cols: slice
+    plan: ConvPlan
+
+
+def _tile(
+    plan: ConvPlan, n0: int, n1: int, r0: int, r1: int, c0: int, c1: int, f0: int, f1: int
+) -> _Tile:
+    """Output [n0:n1, r0:r1, c0:c1, f0:f1] as a VALID convolution of a padded-input slice."""
+    sh, sw = plan.strides
+    dh, dw = plan.dilated_kernel
+    in_rows = slice(r0 * sh, (r1 - 1) * sh + dh)
+    in_cols = slice(c0 * sw, (c1 - 1) * sw + dw)
+    sub = dataclasses.replace(
+        plan,
+        two_d=False,
+        n=n1 - n0,
+        height=in_rows.stop - in_rows.start,
+        width=in_cols.stop - in_cols.start,
+        filters=f1 - f0,
+        pads=(0, 0, 0, 0),
+        out_h=r1 - r0,
+        out_w=c1 - c0,
+    )
+    return _Tile(slice(n0, n1), slice(r0, r1), slice(c0, c1), slice(f0, f1), in_rows, in_cols, sub)
+
+
+def plan_tiles(
+    plan: ConvPlan,
+    *,
+    fft: bool,
+    unit_s: float = costs.UNIT_S,
+    model: costs.CostModel = costs.CALIBRATED,
+) -> list[_Tile]:
+    """Split `plan` into tiles of at most about `unit_s` estimated seconds each.
+
+    Halves items, then output rows, columns and filters until a tile fits. A
+    tile's input slice overlaps its neighbours' by the kernel's extent, so
+    small tiles recompute more; when that would cost more than half again the
+    whole, the unit is doubled (up to 8 times) instead.
+    """
+    whole = (plan.n, plan.out_h, plan.out_w, plan.filters)
+    total_s = model.convolve_s(plan, fft=fft)
+    if total_s <= unit_s:
+        return [_tile(plan, 0, plan.n, 0, plan.out_h, 0, plan.out_w, 0, plan.filters)]
+    for unit in (unit_s * 2**k for k in range(4)):
+        size = list(whole)
+
+        def cost(size: list[int]) -> float:
+            t = _tile(plan, 0, size[0], 0, size[1], 0, size[2], 0, size[3])
+            return model.convolve_s(t.plan, fft=fft)
+
+        for axis in range(4):
+            while size[axis] > 1 and cost(size) > unit:
+                size[axis] = (size[axis] + 1) // 2
+        counts = [-(-w // s) for w, s in zip(whole, size, strict=True)]
+        if math.prod(counts) * cost(size) <= 1.5 * total_s:
+            break
+    tiles = []
+    for n0, r0, c0, f0 in itertools.product(
+        *(range(0, w, s) for w, s in zip(whole, size, strict=True))
+    ):
+        n1, r1 = min(n0 + size[0], whole[0]), min(r0 + size[1], whole[1])
+        c1, f1 = min(c0 + size[2], whole[2]), min(f0 + size[3], whole[3])
+        tiles.append(_tile(plan, n0, n1, r0, r1, c0, c1, f0, f1))
+    return tiles
+
+
+def _compute(x4: np.ndarray, k4: np.ndarray, plan: ConvPlan, fft: bool) -> tf.Tensor:
+    """`plan` by one route, on one call's input (already padded when plan.pads are 0)."""
+    if fft:
+        y = _fft(tf.constant(x4), k4, plan)
+        if plan.strides != (1, 1):
+            y = y[:, :: plan.strides[0], :: plan.strides[1], :]
+        return y
+    return _direct(tf.constant(x4), tf.constant(k4), plan)
+
+
 def convolve(
     req: types.ConvolveInput,
     *,
     device: str = "/CPU:0",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_kernel_elements: int = DEFAULT_MAX_KERNEL_ELEMENTS,
-    max_work: int = DEFAULT_MAX_WORK,
+    max_cpu_s: float = DEFAULT_MAX_CPU_S,
     route: Literal["auto", "direct", "fft"] = "auto",
+    check: Check | None = None,
+    unit_s: float = costs.UNIT_S,
 ) -> types.ConvolveOutput:
     """Convolve (or cross-correlate) `req.input` with `req.kernel` on `device`.
 
     Raises errors.InvalidArgument for any bad field (see `validate_convolve`).
     `route` forces the direct or FFT computation (for tests and measurement).
+    Work estimated above `unit_s` runs in tiles (`plan_tiles`); `check` is
+    called before each tile and stops the work by raising.
     """
     plan = validate_convolve(
         req,
         max_elements=max_elements,
         max_kernel_elements=max_kernel_elements,
-        max_work=max_work,
+        max_cpu_s=max_cpu_s,
+        route=route,
     )
     x4, k4 = _as_4d(req.input, req.kernel)
     use_fft = plan.use_fft if route == "auto" else route == "fft"
+    bias = None if req.bias is None else np.reshape(req.bias, (-1,))
+    tiles = plan_tiles(plan, fft=use_fft, unit_s=unit_s)
     with tf.device(device):
-        if use_fft:
-            y = _fft(tf.constant(x4), k4, plan)
-            if plan.strides != (1, 1):
-                y = y[:, :: plan.strides[0], :: plan.strides[1], :]
+        if len(tiles) == 1:
+            if check is not None:
+                check()
+            y = _compute(x4, k4, plan, use_fft)
+            if bias is not None:
+                y = y + tf.constant(bias)
+            out = y.numpy()
         else:
-            y = _direct(tf.constant(x4), tf.constant(k4), plan)
-        if req.bias is not None:
-            y = y + tf.constant(np.reshape(req.bias, (-1,)))
-        out = y.numpy()
+            top, bottom, left, right = plan.pads
+            padded = np.pad(x4, [(0, 0), (top, bottom), (left, right), (0, 0)])
+            out = np.empty((plan.n, plan.out_h, plan.out_w, plan.filters), dtype=x4.dtype)
+            for tile in tiles:
+                if check is not None:
+                    check()
+                piece = padded[tile.items, tile.in_rows, tile.in_cols, :]
+                y = _compute(piece, k4[:, :, :, tile.filters], tile.plan, use_fft)
+                if bias is not None:
+                    y = y + tf.constant(bias[tile.filters])
+                out[tile.items, tile.rows, tile.cols, tile.filters] = y.numpy()
     if plan.two_d:
         out = out[0, :, :, 0]
     return types.ConvolveOutput(output=out)
@@ -437,24 +570,37 @@ def convolve(
 
 
 @dataclass(frozen=True)
-class _FitPlan:
+class FitPlan:
+    """A checked FitKernel request: its geometry, data and limits."""
+
     plan: ConvPlan
     x4: np.ndarray
     y4: np.ndarray
     kernel_shape: tuple[int, ...]
     learning_rate: float
     max_steps: int
+    step_s: float  # estimated CPU seconds of one gradient step
+
+    def cost_s(self, time_budget_s: float) -> float:
+        """Estimated CPU seconds of the whole fit: it stops after max_steps steps, or at
+        the first check after `time_budget_s`, one step later at most."""
+        return min((self.max_steps + 1) * self.step_s, time_budget_s + self.step_s)
 
 
-def _validate_fit(
+def validate_fit(
     req: types.FitKernelInput,
     *,
-    default_learning_rate: float,
-    max_steps: int,
-    max_elements: int,
-    max_kernel_elements: int,
-    max_work: int,
-) -> _FitPlan:
+    default_learning_rate: float = 0.03,
+    max_steps: int = 1000,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_kernel_elements: int = DEFAULT_MAX_KERNEL_ELEMENTS,
+    max_step_s: float = FIT_MAX_STEP_S,
+) -> FitPlan:
+    """Run every check `fit_kernel` runs, without computing; returns the plan.
+
+    Raises errors.InvalidArgument naming the offending field, also when one
+    gradient step is estimated above `max_step_s`.
+    """
     x = _check_array("inputs", req.inputs, "[H,W], [N,H,W] or [N,H,W,C]")
     if x.ndim not in (2, 3, 4):
         raise errors.InvalidArgument(
@@ -502,9 +648,17 @@ def _validate_fit(
     )
     k_shape4 = shape if len(shape) == 4 else (shape[0], shape[1], 1, 1)
     plan = plan_convolution(x4.shape, k_shape4, req.options)
-    plan = dataclasses.replace(plan, two_d=False)
-    # Every step computes the output and its gradients: about three convolutions.
-    _check_geometry_limits(plan, max_elements, max_work // 3)
+    plan = dataclasses.replace(plan, two_d=False, float64=x.dtype == np.float64)
+    _check_geometry_limits(plan, max_elements)
+    step_s = costs.CALIBRATED.fit_step_s(plan)
+    if step_s > max_step_s:
+        # A fit checks for cancellation between steps: one step is its unit of work.
+        raise errors.InvalidArgument(
+            "inputs",
+            f"inputs, targets and kernel whose gradient step costs at most {max_step_s:g} s "
+            f"of CPU expected, one step needs about {step_s:.3g} s; use fewer or smaller "
+            "inputs or a smaller kernel",
+        )
     expected = {2: (plan.out_h, plan.out_w), 3: (plan.n, plan.out_h, plan.out_w)}.get(
         x.ndim, plan.output_shape
     )
@@ -535,7 +689,7 @@ def _validate_fit(
         raise errors.InvalidArgument("seed", f"a non-negative integer expected, got {req.seed}")
     _check_finite("inputs", x)
     _check_finite("targets", y)
-    return _FitPlan(plan, x4, y4, shape, lr, steps)
+    return FitPlan(plan, x4, y4, shape, lr, steps, step_s)
 
 
 def _mse_and_step(
@@ -564,8 +718,9 @@ def fit_kernel(
     time_budget_s: float = 10.0,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     max_kernel_elements: int = DEFAULT_MAX_KERNEL_ELEMENTS,
-    max_work: int = DEFAULT_MAX_WORK,
+    max_step_s: float = FIT_MAX_STEP_S,
     clock: Callable[[], float] = time.monotonic,
+    check: Check | None = None,
 ) -> types.FitKernelOutput:
     """Learn a kernel (and optionally a bias per filter) mapping inputs to targets.
 
@@ -576,15 +731,17 @@ def fit_kernel(
     by `max_steps` ("max_steps"), or when `time_budget_s` has passed on
     `clock` ("time_budget"). `loss` holds the loss before each step, then
     after the last. Computes in the inputs' dtype; returns float64.
-    Raises errors.InvalidArgument for bad fields or when the loss diverges.
+    Raises errors.InvalidArgument for bad fields, a step estimated above
+    `max_step_s`, or when the loss diverges; `check` runs before every step
+    and stops the fit by raising.
     """
-    fit = _validate_fit(
+    fit = validate_fit(
         req,
         default_learning_rate=default_learning_rate,
         max_steps=max_steps,
         max_elements=max_elements,
         max_kernel_elements=max_kernel_elements,
-        max_work=max_work,
+        max_step_s=max_step_s,
     )
     plan = fit.plan
     dtype = fit.x4.dtype
@@ -603,6 +760,8 @@ def fit_kernel(
         b = tf.zeros([plan.filters], dtype=dtype)
         lr = tf.constant(fit.learning_rate, dtype=dtype)
         while True:
+            if check is not None:
+                check()
             loss, new_k, new_b = _sgd_step(plan)(x, y, k, b, lr)
             value = float(loss.numpy())
             losses.append(value)
