@@ -174,6 +174,76 @@ async def test_metrics_endpoint_serves_the_registry(
     assert samples[key] == 1.0
 
 
+def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """Whether the server closes `sock` (recv returns b"") within `within_s`."""
+    sock.settimeout(within_s)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except OSError:  # reset: closed too
+        return True
+
+
+async def test_metrics_endpoint_bounds_its_connections_and_their_idle_time(
+    served: tuple[RunningServer, StubRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from convserve.server import app
+
+    port = served[0].metrics_port
+    limit = app.METRICS_MAX_CONNECTIONS
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(limit + 8)]
+    try:
+        # Past the limit, connections are closed at once instead of each getting a thread
+        # (the server accepts one at a time: generous bound); the others stay open.
+        closed = await asyncio.gather(
+            *(asyncio.to_thread(_closed_by_server, s, 5) for s in idle[limit:])
+        )
+        assert all(closed), closed
+        still_open = [not await asyncio.to_thread(_closed_by_server, s, 0.01) for s in idle[:2]]
+        assert all(still_open)
+        handlers = [t for t in threading.enumerate() if "process_request" in t.name]
+        assert len(handlers) <= limit
+    finally:
+        for sock in idle:
+            sock.close()
+    # An idle connection loses its thread after the timeout (10 s; 0.5 s here).
+    monkeypatch.setattr(app._QuietHandler, "timeout", 0.5)
+    with socket.create_connection(("127.0.0.1", port)) as lingering:
+        assert await asyncio.to_thread(_closed_by_server, lingering, 10)
+    # Scrapes are served again.
+    async with grpc.aio.insecure_channel(served[0].target) as channel:
+        await convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT)
+    samples = await asyncio.to_thread(scrape, port)
+    assert any(name == "convserve_requests_total" for name, _ in samples)
+
+
+async def test_health_follows_the_runtimes_readiness(
+    served: tuple[RunningServer, StubRuntime],
+) -> None:
+    running = served[0]
+
+    async def status() -> int:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+            return int(reply.status)
+
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    update = running.follow_readiness(False)  # e.g. every model worker hung
+    assert update is not None
+    await update
+    assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    update = running.follow_readiness(True)
+    assert update is not None
+    await update
+    assert await status() == health_pb2.HealthCheckResponse.SERVING
+    running.stopping = True  # a stop in progress: health is the stop's to set
+    assert running.follow_readiness(True) is None
+
+
 async def test_messages_over_the_limit_are_refused_by_grpc() -> None:
     running = await start_server(
         settings_for(max_message_bytes=100_000), runtime=StubRuntime(), metrics=StubMetrics()

@@ -22,6 +22,13 @@ def test_discovery_keeps_only_positive_integer_directories(tmp_path: Path) -> No
     assert models.discover_versions(tmp_path) == [1, 3, 12]
 
 
+def test_discovery_keeps_only_versions_that_fit_int64(tmp_path: Path) -> None:
+    largest = 2**63 - 1
+    for name in (str(largest), str(largest + 1), "9" * 20, "9" * 250, "0" * 30 + "5"):
+        (tmp_path / name).mkdir()
+    assert models.discover_versions(tmp_path) == [5, largest]
+
+
 def test_discovery_of_a_missing_base_path_is_empty(tmp_path: Path) -> None:
     assert models.discover_versions(tmp_path / "nowhere") == []
 
@@ -111,6 +118,27 @@ async def test_a_failed_version_is_not_retried_until_it_changes(tmp_path: Path) 
     (tmp_path / "2" / "ok").write_text("")
     (tmp_path / "2" / "saved_model.pb").write_bytes(b"a fixed export, larger than before")
     assert await manager.poll_once() == 2
+    assert recorder.loads[-1] == (2, True)
+
+
+async def test_a_version_refused_mid_copy_is_retried_when_any_file_changes(
+    tmp_path: Path,
+) -> None:
+    add_version(tmp_path, 1)
+    manager, loader, recorder = manager_for(tmp_path)
+    await manager.poll_once()
+    # saved_model.pb arrived first; the rest of the copy had not.
+    version = tmp_path / "2"
+    (version / "variables").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"complete")
+    assert await manager.poll_once() is None
+    assert await manager.poll_once() is None  # unchanged: not tried again
+    assert loader.calls == [1, 2]
+    # The copy completes; saved_model.pb itself is untouched.
+    (version / "variables" / "variables.index").write_bytes(b"index")
+    (version / "ok").write_text("")
+    assert await manager.poll_once() == 2
+    assert loader.calls == [1, 2, 2]
     assert recorder.loads[-1] == (2, True)
 
 

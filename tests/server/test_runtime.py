@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import shutil
@@ -219,6 +220,47 @@ async def test_worker_processes_that_fail_to_start_leave_the_server_process_serv
         out = await runtime.predict(types.PredictInput(runtime.check_images(images)), deadline=None)
         np.testing.assert_allclose(out.probabilities, expected, rtol=1e-5, atol=1e-6)
     finally:
+        await runtime.stop(5)
+
+
+async def test_readiness_follows_the_model_workers(
+    model_base_path: Path, sample_digits: Digits
+) -> None:
+    import signal
+
+    runtime, _ = await started_runtime(make_settings(model_base_path))
+    seen: list[bool] = []
+    back = asyncio.Event()
+
+    def listen(ready: bool) -> None:
+        seen.append(ready)
+        if seen[-2:] == [False, True]:
+            back.set()
+
+    runtime.add_ready_listener(listen)
+    stopped: list[int] = []
+    try:
+        workers = runtime.manager.resolve(types.ModelRef()).workers
+        assert workers is not None
+        assert runtime.ready
+        # Every worker hangs while idle: the heartbeats find them, readiness goes, and
+        # comes back once replacements answer.
+        for pid in workers.pids:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        await asyncio.wait_for(back.wait(), 60)
+        assert seen[-2:] == [False, True], seen
+        assert runtime.ready
+        assert not set(workers.pids) & set(stopped)
+        images = sample_digits[0][:3]
+        out = await runtime.predict(
+            types.PredictInput(runtime.check_images(images)), deadline=time.monotonic() + 30
+        )
+        assert out.probabilities.shape == (3, 10)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         await runtime.stop(5)
 
 
@@ -522,3 +564,71 @@ async def test_new_versions_swap_in_under_load_and_corrupt_ones_are_refused(
     )
     assert info == 1
     assert models.discover_versions(base) == [1, 2, 3, 4]
+
+
+async def test_expensive_work_is_admitted_by_its_estimate_and_stops_at_its_deadline(
+    model_base_path: Path,
+) -> None:
+    runtime, metrics = await started_runtime(
+        make_settings(model_base_path, max_request_cpu_s=30.0, max_concurrent_batches=1)
+    )
+    rng = np.random.default_rng(5)
+    # Seconds of work (float64, a large kernel with stride and dilation: the direct
+    # route at its slowest), computed in tiles of about 50 ms.
+    big = types.ConvolveInput(
+        rng.random((1, 1024, 1024, 1)),
+        rng.random((31, 31, 1, 1)),
+        None,
+        types.ConvolutionOptions(strides=(2, 2), dilations=(2, 2)),
+    )
+    plan = ops.validate_convolve(big, max_cpu_s=30.0)
+    assert ops.convolve_cost_s(plan) > 1.0
+    assert len(ops.plan_tiles(plan, fft=False)) > 10
+    try:
+        too_big = types.ConvolveInput(
+            rng.random((1, 2048, 2048, 1)),
+            rng.random((63, 63, 1, 1)),
+            None,
+            types.ConvolutionOptions(strides=(2, 2), dilations=(2, 2)),
+        )
+        with pytest.raises(errors.InvalidArgument, match="max_request_cpu_s") as refused:
+            await runtime.convolve(too_big, deadline=None)
+        assert refused.value.field == "input"
+        started = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            await runtime.convolve(big, deadline=started + 0.3)
+        # The thread stops at its next tile: within a few units, not after the whole.
+        assert await runtime._work.drain(30)
+        stopped_after = time.monotonic() - started
+        assert (
+            value(metrics, "convserve_work_stopped_total", rpc="Convolve", reason="deadline") == 1
+        )
+        assert value(metrics, "convserve_admitted_work_cpu_seconds", rpc="Convolve") == 0
+        # Generous: the 0.3 s deadline, then one tile of about 50 ms of CPU, on a
+        # shared 2-core machine (the whole would take several seconds).
+        assert stopped_after < 0.3 + 2.0, stopped_after
+        # The slot is free again: a small request is answered.
+        small = types.ConvolveInput(np.ones((3, 3), np.float32), np.array([[1, -1]], np.float32))
+        out = await runtime.convolve(small, deadline=time.monotonic() + 10)
+        np.testing.assert_array_equal(out.output, np.zeros((3, 2), np.float32))
+    finally:
+        await runtime.stop(5)
+
+
+async def test_a_fit_stops_at_max_request_cpu_s(model_base_path: Path) -> None:
+    runtime, _ = await started_runtime(
+        make_settings(model_base_path, max_request_cpu_s=0.5, fit_time_budget_s=30)
+    )
+    x = np.random.default_rng(6).random((64, 64), np.float32)
+    # A target no 3x3 kernel reaches, and steps too small to diverge: only time stops it.
+    y = np.ones((62, 62), np.float32) + x[1:-1, 1:-1] ** 2
+    try:
+        started = time.monotonic()
+        fit = await runtime.fit_kernel(
+            types.FitKernelInput(x, y, (3, 3), max_steps=10**6, learning_rate=1e-6),
+            deadline=None,
+        )
+        assert fit.stop_reason == "time_budget"
+        assert time.monotonic() - started < 0.5 + 5.0  # generous on a shared machine
+    finally:
+        await runtime.stop(5)

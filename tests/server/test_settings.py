@@ -16,6 +16,7 @@ COMMON_FIELDS = [
     "grace_period_s", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
     "log_format", "log_level", "cpu_engine", "engine_threads", "inline_max_images",
     "max_stream_in_flight", "switch_interval_us", "engine_workers", "engine_nice",
+    "max_request_cpu_s", "engine_batch_timeout_s", "max_typed_payload_bytes",
 ]  # fmt: skip
 
 

@@ -2,7 +2,13 @@
 
 Exit codes: 0 after a graceful stop; 2 for unusable settings, a port that
 cannot be bound or no loadable model (the reason is printed to stderr and
-logged); 1 for anything unexpected.
+logged); 1 for anything unexpected; 3 when the stop took longer than the
+grace period plus `STOP_MARGIN_S` (work that would not stop was abandoned,
+and the process exited anyway).
+
+Stopping never waits for stuck work beyond that bound: model workers that
+hang are killed, operations are stopped between their units of work, and
+threads still computing after the stop are abandoned.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,6 +30,9 @@ log = logging.getLogger("convserve.server")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_STUCK = 3
+# Seconds past the grace period a stop may take before the process exits regardless.
+STOP_MARGIN_S = 5.0
 
 
 def _fail(message: str) -> int:
@@ -60,8 +70,17 @@ async def serve(settings: Settings) -> int:
             print(running.listening_line, file=sys.stderr, flush=True)
         await stopping
         log.info("stop requested (signal); grace period %.1f s", settings.grace_period_s)
-        await running.stop(settings.grace_period_s)
-        return EXIT_OK
+        try:
+            await asyncio.wait_for(
+                running.stop(settings.grace_period_s), settings.grace_period_s + STOP_MARGIN_S
+            )
+        except TimeoutError:
+            log.error(
+                "the stop took over %.1f s; exiting anyway",
+                settings.grace_period_s + STOP_MARGIN_S,
+            )
+            return EXIT_STUCK
+        return EXIT_OK if running.stopped_cleanly else EXIT_STUCK
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
@@ -82,12 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Process-wide, so it is set here and not by servers started in-process (tests).
     sys.setswitchinterval(settings.switch_interval_us / 1e6)
     try:
-        return asyncio.run(serve(settings))
+        code = asyncio.run(serve(settings))
     except KeyboardInterrupt:
-        return EXIT_OK
+        code = EXIT_OK
     except Exception:
         log.exception("convserve-server failed")
-        return EXIT_FAILED
+        code = EXIT_FAILED
+    if code == EXIT_STUCK:
+        # Python joins every non-daemon thread at exit: one still inside a TensorFlow
+        # call would keep the stopped server alive. Abandon it with the process.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

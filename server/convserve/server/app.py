@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from convserve.server import auth, servicer
-from convserve.server.logs import RequestIdInterceptor
+from convserve.server.logs import REJECTIONS, RequestIdInterceptor
 from convserve.server.protocols import ADAPTERS
 from convserve.server.settings import Settings
 
@@ -66,8 +66,10 @@ class RunningServer:
         self.services = services
         self._metrics_http = metrics_http
         self.stopping = False  # set when a graceful stop begins
+        self.stopped_cleanly = True  # False: the stop abandoned work that would not stop
         self._stop_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
+        self._health_updates: set[asyncio.Task[None]] = set()
 
     @property
     def target(self) -> str:
@@ -94,6 +96,18 @@ class RunningServer:
         for name in ("", *self.services):
             await self.health.set(name, status)
 
+    def follow_readiness(self, ready: bool) -> asyncio.Task[None] | None:
+        """Health follows the runtime's readiness (called on the event loop), until stopping.
+
+        Returns the task that updates health (None while stopping).
+        """
+        if self.stopping or self._stopped.is_set():
+            return None
+        task = asyncio.get_running_loop().create_task(self.set_serving(ready))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+        return task
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop gracefully within `grace_s` (default: the grace_period_s setting).
 
@@ -111,9 +125,13 @@ class RunningServer:
             await self.health.enter_graceful_shutdown()
             try:
                 await self.server.stop(grace)
-                await self.runtime.stop(max(0.0, deadline - time.monotonic()))
+                stopped = await self.runtime.stop(max(0.0, deadline - time.monotonic()))
+                # Work the runtime had to abandon (a thread that would not stop).
+                self.stopped_cleanly = stopped is not False
             finally:
                 self._stop_metrics_http()
+                # Rejections not yet summarised in the log are, before the process ends.
+                REJECTIONS.flush()
                 self._stopped.set()
             log.info("convserve-server stopped")
 
@@ -171,9 +189,47 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
     return port
 
 
+# Connections the /metrics endpoint serves at once (each has a thread); more are closed.
+METRICS_MAX_CONNECTIONS = 16
+# Seconds a /metrics connection may stay idle or take to send its request.
+METRICS_TIMEOUT_S = 10.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    # Applied to the connection's socket: an idle or slow client loses its thread.
+    timeout = METRICS_TIMEOUT_S
+
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
+
+
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, at most METRICS_MAX_CONNECTIONS of them at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            # Every slot is taken (idle or slow clients): refuse rather than grow.
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away is worth a debug line, not a traceback."""
+        log.debug("/metrics connection from %s failed", client_address, exc_info=True)
 
 
 def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, threading.Thread]:
@@ -184,7 +240,7 @@ def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, 
     """
     host = _bind_host(settings.host)
 
-    class Server(ThreadingWSGIServer):
+    class Server(_BoundedServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     try:
@@ -230,7 +286,9 @@ async def start_server(
         server, runtime, metrics, max_stream_in_flight=settings.max_stream_in_flight
     )
     for adapter in ADAPTERS:
-        services += adapter.add_to_server(server, runtime, metrics)
+        services += adapter.add_to_server(
+            server, runtime, metrics, max_typed_payload_bytes=settings.max_typed_payload_bytes
+        )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -259,5 +317,8 @@ async def start_server(
         running._stop_metrics_http()
         raise
     await running.set_serving(True)
+    add_listener = getattr(runtime, "add_ready_listener", None)
+    if add_listener is not None:
+        add_listener(running.follow_readiness)
     log.info("%s", running.listening_line)
     return running

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +34,10 @@ WARMUP_REQUESTS = Path("assets.extra") / "tf_serving_warmup_requests"
 REQUIRED_SIGNATURES = ("serving_default", "feature_maps")
 IMAGE_SHAPE = (28, 28, 1)
 KEEP_VERSIONS = 2
+# The largest version number: versions are int64 everywhere they travel.
+MAX_VERSION = 2**63 - 1
+# Entries of a version directory its change marker looks at, at most.
+SIGNATURE_MAX_ENTRIES = 10_000
 # What may compute digit predictions on the CPU (see `LiteRtEngine`).
 ENGINES = ("litert", "tensorflow")
 # Largest |LiteRT - SavedModel| probability difference a converted model may show.
@@ -40,7 +45,12 @@ PARITY_TOLERANCE = 1e-5
 
 
 def discover_versions(base_path: Path) -> list[int]:
-    """The version numbers under `base_path`, ascending (positive integer dir names only)."""
+    """The version numbers under `base_path`, ascending.
+
+    Only directories named by a positive integer that fits int64 count (TF
+    Serving's version numbers are int64, and so are every protocol's version
+    fields); anything else is ignored, as TF Serving ignores it.
+    """
     try:
         entries = list(base_path.iterdir())
     except (FileNotFoundError, NotADirectoryError):
@@ -50,19 +60,35 @@ def discover_versions(base_path: Path) -> list[int]:
         name = entry.name
         if not name.isascii() or not name.isdigit() or not entry.is_dir():
             continue
+        # Compared as text first: int() of a name of thousands of digits is slow.
+        if len(name.lstrip("0")) > len(str(MAX_VERSION)):
+            continue
         number = int(name)
-        if number > 0:
+        if 0 < number <= MAX_VERSION:
             versions.append(number)
     return sorted(versions)
 
 
-def _signature(path: Path) -> tuple[int, int]:
-    """A cheap change marker for a version dir: a failed version is retried once it changes."""
-    try:
-        stat = (path / "saved_model.pb").stat()
-        return stat.st_mtime_ns, stat.st_size
-    except OSError:
-        return (0, 0)
+def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+    """A change marker for a version dir: a failed version is retried once it changes.
+
+    Every entry below it counts (path, mtime, size), not saved_model.pb
+    alone: a version refused because it was read while still being copied
+    in becomes eligible again once any of its files changes. At most
+    `SIGNATURE_MAX_ENTRIES` entries are read.
+    """
+    entries: list[tuple[str, int, int]] = []
+    for root, dirs, files in os.walk(path):
+        for name in (*dirs, *files):
+            full = os.path.join(root, name)
+            try:
+                stat = os.lstat(full)
+            except OSError:
+                continue
+            entries.append((os.path.relpath(full, path), stat.st_mtime_ns, stat.st_size))
+            if len(entries) >= SIGNATURE_MAX_ENTRIES:
+                return tuple(sorted(entries))
+    return tuple(sorted(entries))
 
 
 class ModelLoadError(Exception):
@@ -396,7 +422,7 @@ class ModelManager:
         self._loaded: dict[int, LoadedModel] = {}
         self._serving: LoadedModel | None = None
         # Versions that failed, with the marker of the files that failed.
-        self._failed: dict[int, tuple[int, int]] = {}
+        self._failed: dict[int, tuple[tuple[str, int, int], ...]] = {}
         self._poll_lock = asyncio.Lock()
         self._state_lock = threading.Lock()
 
@@ -407,6 +433,11 @@ class ModelManager:
     @property
     def loaded_versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._loaded))
+
+    @property
+    def loaded(self) -> tuple[LoadedModel, ...]:
+        """Every loaded version (serving or pinnable), oldest first."""
+        return tuple(self._loaded[v] for v in sorted(self._loaded))
 
     def _candidates(self) -> list[int]:
         """Versions newer than the serving one not known to fail, newest first."""
@@ -488,7 +519,8 @@ class ModelManager:
         """
         if ref.name not in (None, "", self.name):
             raise errors.NotFound(
-                f"model {ref.name!r} is not served here (this serves {self.name!r})"
+                f"model_spec.name: model {errors.shown(ref.name)} is not served here "
+                f"(this serves {self.name!r})"
             )
         if ref.version is None or ref.version == 0:
             model = self._serving

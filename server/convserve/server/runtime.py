@@ -12,11 +12,11 @@ Deadlines are absolute `time.monotonic()` values (None: no deadline); use
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from convserve.server import costs, errors, models, ops, types
 from convserve.server import device as device_mod
-from convserve.server import errors, models, ops, types
 from convserve.server.batcher import BatchObserver, DynamicBatcher, default_pad_sizes
 from convserve.server.engine_process import ProcessEngine, WorkerError
 from convserve.server.metrics import Metrics
 from convserve.server.settings import Settings
+from convserve.server.work import Work, WorkPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,10 +39,23 @@ T = TypeVar("T")
 PIXELS = 28 * 28
 # Convolve requests with kernels up to this size may be merged with same-kernel requests.
 MERGE_MAX_KERNEL_ELEMENTS = 4096
+# Only requests estimated at one unit of work or less are merged, into calls of at most
+# this many estimated seconds: a merged call runs on when its callers leave, so it is
+# kept short rather than made cancellable.
+MERGED_CALL_S = 4 * costs.UNIT_S
 # Convolve inputs up to this size are validated on the event loop, larger ones in a thread.
 SMALL_INPUT_ELEMENTS = 1 << 16
 # Operations (Convolve, FitKernel, GetFeatureMaps) that may wait for a worker at once.
 MAX_WAITING_OPERATIONS = 256
+# Estimated CPU seconds that may wait for a worker: this many maximal requests per worker.
+WAITING_MAXIMAL_REQUESTS = 4
+# Seconds the model worker processes get to exit at shutdown before they are killed.
+WORKER_EXIT_S = 2.0
+# Bytes of an answer besides its output tensor's values (names, shapes, framing).
+RESPONSE_OVERHEAD_BYTES = 64 * 1024
+# Estimated CPU seconds of one GetFeatureMaps call (one image through the model's
+# convolution layers: a few milliseconds on 2 cores).
+FEATURE_MAPS_S = 0.01
 _IMAGE_SHAPES = "[N,28,28], [N,28,28,1] or [N,784]"
 
 
@@ -129,16 +143,17 @@ class Runtime:
         self._batchers: dict[int, DynamicBatcher] = {}
         self._closing_batchers: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, settings.max_concurrent_batches), thread_name_prefix="convserve-ops"
-        )
-        # Operations (Convolve, FitKernel, GetFeatureMaps) running or waiting for a worker.
-        self._ops_slots = asyncio.Semaphore(max(1, settings.max_concurrent_batches))
-        self._ops_waiting = 0
-        self._op_futures: set[asyncio.Future[Any]] = set()
-        self._ops_waiting_elements = 0
+        slots = max(1, settings.max_concurrent_batches)
         # Inputs of waiting operations held in memory: a few maximal requests' worth.
         self._max_waiting_elements = 4 * settings.max_conv_elements
+        # Convolve, FitKernel and GetFeatureMaps compute in these threads.
+        self._work = WorkPool(
+            slots=slots,
+            max_waiting=MAX_WAITING_OPERATIONS,
+            max_waiting_elements=self._max_waiting_elements,
+            max_waiting_s=WAITING_MAXIMAL_REQUESTS * slots * settings.max_request_cpu_s,
+            observer=metrics,
+        )
         self._predict_observer = _SummingObserver(
             metrics.batch_observer("Predict"), self._predict_queued
         )
@@ -156,13 +171,33 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         # A version was released since the heap was last frozen (see settle_heap).
         self._retired_since_freeze = False
+        self._ready_listeners: list[Callable[[bool], None]] = []
 
     # -- lifecycle ------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        """A version is serving and the runtime is not shutting down."""
-        return not self._closing and self._manager is not None and self._manager.serving is not None
+        """A version is serving, has a usable engine, and the runtime is not shutting down."""
+        if self._closing or self._manager is None:
+            return False
+        serving = self._manager.serving
+        if serving is None:
+            return False
+        workers: ProcessEngine | None = serving.workers
+        return workers is None or workers.healthy
+
+    def add_ready_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(ready)` on the event loop whenever `ready` may have changed
+        after start-up (e.g. every model worker died or hung, or they are back)."""
+        self._ready_listeners.append(listener)
+
+    def _notify_ready(self) -> None:
+        ready = self.ready
+        for listener in self._ready_listeners:
+            try:
+                listener(ready)
+            except Exception:
+                log.exception("a readiness listener failed")
 
     @property
     def manager(self) -> models.ModelManager:
@@ -233,6 +268,8 @@ class Runtime:
                 name=f"{model.name} v{model.version}",
                 niceness=self.settings.engine_nice,
                 on_worker_exit=lambda: self.metrics.worker_exited(model.name),
+                batch_timeout_s=self.settings.engine_batch_timeout_s,
+                on_health_change=lambda healthy: self._on_workers_health(model, healthy),
             )
             for size in default_pad_sizes(self.settings.max_batch_size):
                 images = np.zeros((size, 28, 28, 1), np.float32)
@@ -262,8 +299,13 @@ class Runtime:
                 log.exception("polling %s failed", self.settings.model_base_path)
             self.metrics.update_device_memory(self.device)
 
-    async def stop(self, grace_s: float) -> None:
-        """Refuse new work, let accepted work finish within `grace_s`, release the models."""
+    async def stop(self, grace_s: float) -> bool:
+        """Refuse new work, let accepted work finish within `grace_s`, release the models.
+
+        Operations still computing then are stopped at their next unit of
+        work; returns False if any of them had not stopped a unit later
+        (their threads are abandoned).
+        """
         self._closing = True
         if self._poller is not None:
             self._poller.cancel()
@@ -277,17 +319,36 @@ class Runtime:
             asyncio.ensure_future(b.close(drain=True)) for b in batchers
         ]
         closing += list(self._closing_batchers)
-        closing += list(self._op_futures)
+        deadline = time.monotonic() + max(0.0, grace_s)
         if closing:
             _, pending = await asyncio.wait(closing, timeout=max(0.0, grace_s))
             if pending:
                 log.warning("%d batcher(s) did not drain within %.1f s", len(pending), grace_s)
-                await asyncio.gather(*(b.close(drain=False) for b in batchers))
+                # Batches still in model workers (e.g. a hung one) fail now: the workers go.
+                if self._manager is not None:
+                    for model in self._manager.loaded:
+                        if model.workers is not None:
+                            model.workers.close()
+                closing = [asyncio.ensure_future(b.close(drain=False)) for b in batchers]
+                await asyncio.wait(closing, timeout=costs.MIN_OVERRUN_S)
+        # Operations still computing after the grace period are stopped at their next unit.
+        stopped = await self._work.close(deadline - time.monotonic())
+        if not stopped:
+            log.warning("%d operation(s) did not stop in time; abandoned", self._work.running)
         # Batchers are closed above; releasing the models must not schedule more closes.
         self._batchers.clear()
+        engines: list[ProcessEngine] = []
         if self._manager is not None:
+            engines = [m.workers for m in self._manager.loaded if m.workers is not None]
             self._manager.release_all()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # No worker process outlives the server, stopped (SIGSTOP) or not: stragglers
+        # are killed by wait_closed.
+        for engine in engines:
+            engine.close()
+        for engine in engines:
+            if not await asyncio.to_thread(engine.wait_closed, WORKER_EXIT_S):
+                log.warning("%s: worker processes did not exit", engine.name)
+        return stopped
 
     def _on_serving(self, model: models.LoadedModel, loaded: int) -> None:
         model.on_release = self._release
@@ -309,6 +370,15 @@ class Runtime:
         )
         self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
         self.metrics.update_device_memory(model.device)
+        if self._started:
+            self._notify_ready()
+
+    def _on_workers_health(self, model: models.LoadedModel, healthy: bool) -> None:
+        state = "usable again" if healthy else "all unusable (dead or hung); being replaced"
+        level = logging.INFO if healthy else logging.WARNING
+        log.log(level, "%s version %d: model workers %s", model.name, model.version, state)
+        if self._manager is not None and self._manager.serving is model:
+            self._notify_ready()
 
     def _release(self, model: models.LoadedModel) -> None:
         """The version is retired and no request holds it: close its batcher, drop it."""
@@ -438,99 +508,106 @@ class Runtime:
         )
 
     async def _run_op(
-        self, rpc: str, deadline: float | None, rows: int, elements: int, fn: Callable[[], T]
+        self,
+        rpc: str,
+        deadline: float | None,
+        rows: int,
+        elements: int,
+        estimate_s: float,
+        fn: Callable[[Work], T],
+        *,
+        observe: bool = True,
     ) -> T:
-        """Run a blocking operation in the pool, at most max_concurrent_batches at once.
+        """Run a blocking operation in the work pool (see `work.WorkPool`).
 
-        Waiting operations are bounded in number and in input elements (memory),
-        so a flood of requests is refused (RESOURCE_EXHAUSTED) instead of queued.
+        `estimate_s` is the operation's estimated CPU seconds: it counts
+        against the waiting-work bound and sets when the work is stopped as
+        an overrun. `fn` gets the `Work` ticket and calls `work.check()`
+        between its units of work.
         """
         self._check_open()
         _check_deadline(deadline, rpc)
         # A request over the element limit is refused by ops with a clear message; count
         # it as the limit here so that it reaches that check.
         elements = min(elements, self.settings.max_conv_elements)
-        if (
-            self._ops_waiting >= MAX_WAITING_OPERATIONS
-            or self._ops_waiting_elements + elements > self._max_waiting_elements
-        ):
-            raise errors.ResourceExhausted(
-                f"{rpc}: {self._ops_waiting} operations are waiting for a worker; retry later"
-            )
         enqueued = time.monotonic()
-        self._ops_waiting += 1
-        self._ops_waiting_elements += elements
-        try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            await asyncio.wait_for(self._ops_slots.acquire(), timeout)
-        except TimeoutError:
-            raise errors.DeadlineExceeded(
-                f"{rpc}: the deadline passed while the request was queued"
-            ) from None
-        finally:
-            self._ops_waiting -= 1
-            self._ops_waiting_elements -= elements
-        try:
-            _check_deadline(deadline, rpc)
-            observer = self._observers[rpc]
-            started = time.monotonic()
-            future = asyncio.get_running_loop().run_in_executor(self._pool, fn)
-            self._op_futures.add(future)
-            future.add_done_callback(self._op_futures.discard)
-            result = await future
-            observer.on_batch(rows, rows, [started - enqueued], time.monotonic() - started)
-            return result
-        finally:
-            self._ops_slots.release()
+        started: list[float] = []
+
+        def run(work: Work) -> T:
+            started.append(time.monotonic())
+            return fn(work)
+
+        work = Work(rpc, estimate_s, deadline)
+        result = await self._work.run(work, elements, run)
+        if observe:
+            begun = started[0] if started else enqueued
+            self._observers[rpc].on_batch(rows, rows, [begun - enqueued], time.monotonic() - begun)
+        return result
+
+    async def _validated_plan(self, value: types.ConvolveInput) -> ops.ConvPlan:
+        """`ops.validate_convolve` against the server's limits; in a thread for large inputs
+        (its NaN/Inf scan is proportional to the input)."""
+        x = value.input
+        size = int(x.size) if isinstance(x, np.ndarray) else 0
+        if size > SMALL_INPUT_ELEMENTS:
+            return await asyncio.to_thread(self._validate_convolve, value)
+        return self._validate_convolve(value)
 
     async def convolve(
         self, value: types.ConvolveInput, *, deadline: float | None
     ) -> types.ConvolveOutput:
         """2-D convolution on the serving device (see `ops.convolve`).
 
-        Concurrent requests with the same kernel, bias, options and item shape
-        are merged along N into one call (each gets exactly its own result);
-        others run on their own. Either way at most max_concurrent_batches
-        operations compute at once.
+        Refused (INVALID_ARGUMENT) when estimated above max_request_cpu_s.
+        Concurrent cheap requests (at most one unit of work each) with the
+        same kernel, bias, options and item shape are merged along N into
+        one call (each gets exactly its own result); others run on their
+        own, in tiles that stop once the caller has gone. Either way at most
+        max_concurrent_batches operations compute at once.
         """
-        key = _merge_key(value)
+        self._check_open()
+        _check_deadline(deadline, "Convolve")
+        plan = await self._validated_plan(value)
+        estimate_s = ops.convolve_cost_s(plan)
+        key = _merge_key(value) if estimate_s <= costs.UNIT_S else None
         if key is None:
-            return await self._convolve_alone(value, deadline)
-        return await self._convolve_merged(key, value, deadline)
+            return await self._convolve_alone(value, deadline, plan, estimate_s)
+        return await self._convolve_merged(key, value, deadline, plan, estimate_s)
 
     async def _convolve_alone(
-        self, value: types.ConvolveInput, deadline: float | None
+        self,
+        value: types.ConvolveInput,
+        deadline: float | None,
+        plan: ops.ConvPlan,
+        estimate_s: float,
     ) -> types.ConvolveOutput:
         settings = self.settings
-        x = value.input
-        rows = int(x.shape[0]) if isinstance(x, np.ndarray) and x.ndim == 4 else 1
-        size = int(x.size) if isinstance(x, np.ndarray) else 0
-        # Validation runs in the worker too: its NaN/Inf scan of a large input
-        # would otherwise stall the event loop.
         return await self._run_op(
             "Convolve",
             deadline,
-            rows,
-            size,
-            lambda: ops.convolve(
+            plan.n,
+            int(value.input.size),
+            estimate_s,
+            lambda work: ops.convolve(
                 value,
                 device=self.device,
                 max_elements=settings.max_conv_elements,
                 max_kernel_elements=settings.max_kernel_elements,
+                max_cpu_s=settings.max_request_cpu_s,
+                check=work.check,
             ),
         )
 
     async def _convolve_merged(
-        self, key: tuple[Any, ...], value: types.ConvolveInput, deadline: float | None
+        self,
+        key: tuple[Any, ...],
+        value: types.ConvolveInput,
+        deadline: float | None,
+        plan: ops.ConvPlan,
+        estimate_s: float,
     ) -> types.ConvolveOutput:
-        self._check_open()
-        _check_deadline(deadline, "Convolve")
         x = value.input
         size = int(x.size)
-        if size > SMALL_INPUT_ELEMENTS:
-            await asyncio.to_thread(self._validate_convolve, value)
-        else:
-            self._validate_convolve(value)
         # Inputs held by queued or running merged calls: a few maximal requests' worth.
         pending = self._conv_pending_elements
         if pending > 0 and pending + size > self._max_waiting_elements:
@@ -541,7 +618,8 @@ class Runtime:
         items = x if x.ndim == 4 else x[None, :, :, None]
         entry = self._conv_batchers.get(key)
         if entry is None:
-            entry = (self._new_conv_batcher(value, items), [0])
+            item_s = estimate_s / max(1, plan.n)
+            entry = (self._new_conv_batcher(value, items, item_s), [0])
             self._conv_batchers[key] = entry
         batcher, users = entry
         users[0] += 1
@@ -558,22 +636,40 @@ class Runtime:
                 task.add_done_callback(self._closing_batchers.discard)
         return types.ConvolveOutput(output=out if x.ndim == 4 else out[0, :, :, 0])
 
-    def _validate_convolve(self, value: types.ConvolveInput) -> None:
-        ops.validate_convolve(
+    def _validate_convolve(self, value: types.ConvolveInput) -> ops.ConvPlan:
+        plan = ops.validate_convolve(
             value,
             max_elements=self.settings.max_conv_elements,
             max_kernel_elements=self.settings.max_kernel_elements,
+            max_cpu_s=self.settings.max_request_cpu_s,
         )
+        # An answer larger than a gRPC message could never be sent: refuse before computing.
+        out_bytes = math.prod(plan.output_shape) * value.input.dtype.itemsize
+        limit = self.settings.max_message_bytes - RESPONSE_OVERHEAD_BYTES
+        if out_bytes > limit:
+            raise errors.InvalidArgument(
+                "input",
+                f"an output of at most {limit} bytes expected (the server's max_message_bytes "
+                f"less {RESPONSE_OVERHEAD_BYTES} for the rest of the answer), this request "
+                f"would produce {out_bytes}",
+            )
+        return plan
 
-    def _new_conv_batcher(self, value: types.ConvolveInput, items: np.ndarray) -> DynamicBatcher:
-        """A batcher computing `value`'s kernel, bias and options on [B,H,W,C] batches."""
+    def _new_conv_batcher(
+        self, value: types.ConvolveInput, items: np.ndarray, item_s: float
+    ) -> DynamicBatcher:
+        """A batcher computing `value`'s kernel, bias and options on [B,H,W,C] batches.
+
+        Its calls go through the work pool like every other operation, so
+        they count against the same slots and waiting-work bounds.
+        """
         settings = self.settings
         kernel = value.kernel if value.kernel.ndim == 4 else value.kernel[:, :, None, None]
         bias = None if value.bias is None else np.reshape(value.bias, (-1,))
         options = value.options
         device = self.device
 
-        def run(batch: np.ndarray) -> np.ndarray:
+        def compute(batch: np.ndarray, work: Work | None = None) -> np.ndarray:
             n = int(batch.shape[0])
             # Each request was checked against the limits; the merged call holds n items.
             result = ops.convolve(
@@ -581,15 +677,36 @@ class Runtime:
                 device=device,
                 max_elements=settings.max_conv_elements * n,
                 max_kernel_elements=settings.max_kernel_elements,
-                max_work=ops.DEFAULT_MAX_WORK * n,
+                max_cpu_s=float("inf"),
+                check=None if work is None else work.check,
+                # One call, as each request alone would run: merged results stay exact.
+                unit_s=float("inf"),
             )
             return result.output
 
-        # One merged call holds at most max_conv_elements input values.
+        async def run(batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
+            n = int(batch.shape[0])
+            return await self._run_op(
+                "Convolve",
+                deadline,
+                n,
+                int(batch.size),
+                item_s * n,
+                lambda work: compute(batch, work),
+                observe=False,  # the batcher reports merged calls itself
+            )
+
+        # One merged call holds at most max_conv_elements input values and about
+        # MERGED_CALL_S estimated seconds.
         item_elements = max(1, int(np.prod(items.shape[1:])))
-        max_rows = max(1, min(settings.max_batch_size, settings.max_conv_elements // item_elements))
+        max_rows = min(
+            settings.max_batch_size,
+            settings.max_conv_elements // item_elements,
+            int(MERGED_CALL_S / max(item_s, 1e-9)),
+        )
+        max_rows = max(1, max_rows)
         return DynamicBatcher(
-            run,
+            compute,
             name="Convolve",
             max_batch_size=max_rows,
             batch_timeout_s=settings.batch_timeout_s,
@@ -597,34 +714,53 @@ class Runtime:
             max_concurrent_batches=settings.max_concurrent_batches,
             # No padding: eager convolutions do not retrace, padded rows would be wasted work.
             pad_sizes=range(1, max_rows + 1),
-            executor=self._pool,
             observer=self._convolve_observer,
+            run_batch_async=run,
         )
 
     async def fit_kernel(
         self, value: types.FitKernelInput, *, deadline: float | None
     ) -> types.FitKernelOutput:
-        """Fit a kernel by gradient descent within max_fit_steps and the time budget."""
+        """Fit a kernel by gradient descent within max_fit_steps and the time budget.
+
+        The budget is fit_time_budget_s, capped by max_request_cpu_s and by
+        the caller's deadline; the fit is admitted at its estimated cost
+        (`ops.FitPlan.cost_s`), each gradient step at most `ops.FIT_MAX_STEP_S`.
+        """
+        self._check_open()
+        _check_deadline(deadline, "FitKernel")
         settings = self.settings
-        budget = settings.fit_time_budget_s
+        budget = min(settings.fit_time_budget_s, settings.max_request_cpu_s)
         if deadline is not None:
             # Leave time to send the answer back before the caller gives up.
             budget = min(budget, max(0.0, (deadline - time.monotonic()) * 0.9))
         x = value.inputs
-        rows = int(x.shape[0]) if isinstance(x, np.ndarray) and x.ndim >= 3 else 1
         size = int(x.size) * 2 if isinstance(x, np.ndarray) else 0  # inputs and targets
+
+        def validate() -> ops.FitPlan:
+            return ops.validate_fit(
+                value,
+                max_steps=settings.max_fit_steps,
+                max_elements=settings.max_conv_elements,
+                max_kernel_elements=settings.max_kernel_elements,
+            )
+
+        # Its NaN/Inf scan is proportional to the input: large ones are checked in a thread.
+        fit = await asyncio.to_thread(validate) if size > SMALL_INPUT_ELEMENTS else validate()
         return await self._run_op(
             "FitKernel",
             deadline,
-            rows,
+            fit.plan.n,
             size,
-            lambda: ops.fit_kernel(
+            fit.cost_s(budget),
+            lambda work: ops.fit_kernel(
                 value,
                 device=self.device,
                 max_steps=settings.max_fit_steps,
                 time_budget_s=budget,
                 max_elements=settings.max_conv_elements,
                 max_kernel_elements=settings.max_kernel_elements,
+                check=work.check,
             ),
         )
 
@@ -643,10 +779,16 @@ class Runtime:
             if unknown:
                 raise errors.InvalidArgument(
                     "layers",
-                    f"layer names from {list(available)} expected, got unknown {unknown}",
+                    f"layer names from {list(available)} expected, "
+                    f"got unknown {errors.shown(unknown)}",
                 )
             maps = await self._run_op(
-                "GetFeatureMaps", deadline, 1, PIXELS, lambda: model.feature_maps(image)
+                "GetFeatureMaps",
+                deadline,
+                1,
+                PIXELS,
+                FEATURE_MAPS_S,
+                lambda work: model.feature_maps(image),
             )
         return types.FeatureMapsOutput(
             model_name=model.name,

@@ -91,6 +91,16 @@ class Settings(BaseSettings):
             "(0: scheduled like the server)"
         ),
     )
+    engine_batch_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description=(
+            "seconds a model worker process may spend on one batch before it is taken for "
+            "hung, killed and replaced (the batch fails); batches also end at their callers' "
+            "deadlines"
+        ),
+    )
     poll_interval_s: float = Field(
         2.0,
         gt=0,
@@ -115,6 +125,18 @@ class Settings(BaseSettings):
         ge=1024,
         le=2**31 - 1,
         description="largest gRPC message accepted or sent, in bytes",
+    )
+    max_typed_payload_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=0,
+        le=2**31 - 1,
+        description=(
+            "largest total size, in bytes, of the typed values (contents.*, *_val) in one OIP "
+            "ModelInfer / TF Serving Predict request; raw values (raw_input_contents, "
+            "tensor_content) do not count. Larger ones get INVALID_ARGUMENT before they are "
+            "parsed: protobuf parses typed values at tens of MiB/s, holding the event loop "
+            "meanwhile"
+        ),
     )
 
     # Batching
@@ -181,11 +203,25 @@ class Settings(BaseSettings):
     max_kernel_elements: int = Field(
         1 << 20, ge=1, description="most elements a convolution kernel may have"
     )
+    max_request_cpu_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description=(
+            "estimated CPU seconds one Convolve or FitKernel request may cost; larger requests "
+            "get INVALID_ARGUMENT before any work, and a fit stops (stop reason time_budget) "
+            "after this long. The estimates come from a cost model measured on 2 CPU cores"
+        ),
+    )
     max_fit_steps: int = Field(
         5000, ge=1, description="most gradient descent steps one FitKernel request may run"
     )
     fit_time_budget_s: float = Field(
-        10.0, gt=0, description="seconds one FitKernel request may compute before it stops"
+        10.0,
+        gt=0,
+        description=(
+            "seconds one FitKernel request may compute before it stops (at most max_request_cpu_s)"
+        ),
     )
 
     # Lifecycle
