@@ -18,6 +18,7 @@ from tritonclient.grpc import InferResult, service_pb2
 from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import oip_convert as oc
+from convserve.server.protocols import wire
 from tests.interop.wire_bytes import varint
 
 
@@ -488,7 +489,7 @@ def test_typed_contents_read_back_whatever_the_client_encoding(
 def test_typed_values_every_datatype_and_encoding(datatype: str, array: np.ndarray) -> None:
     for data in (
         unpacked(datatype, array),
-        oc.packed_field(
+        wire.packed_field(
             service_pb2.InferTensorContents.DESCRIPTOR.fields_by_name[
                 oc.CONTENTS_FIELD[datatype]
             ].number,
@@ -522,42 +523,42 @@ def test_uint8_values_out_of_range_name_the_largest(value: int) -> None:
 @given(values=st.lists(st.integers(0, 2**32 - 1), max_size=200))
 def test_varint_decoding_equals_protobuf(values: list[int]) -> None:
     contents = service_pb2.InferTensorContents(uint_contents=values)
-    payload = oc.packed_payload(contents.SerializeToString(), 4, "f")
-    small = oc.small_varints(payload)
+    payload = wire.packed_payload(contents.SerializeToString(), 4, "f")
+    small = wire.small_varints(payload)
     if all(v <= 255 for v in values):
         assert small is not None
         assert small.tolist() == values
     else:
         assert small is None
-    assert oc.varint_values(payload, np.dtype(np.uint32), "f").tolist() == values
-    assert oc.largest_varint(payload, "f") == max(values, default=0)
+    assert wire.varint_values(payload, np.dtype(np.uint32), "f").tolist() == values
+    assert wire.largest_varint(payload, "f") == max(values, default=0)
 
 
 def test_varints_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(oc, "_VARINT_CHUNK", 7)
+    monkeypatch.setattr(wire, "_VARINT_CHUNK", 7)
     values = [5, 300, 2**31, 1, 127, 128, 2**28, 0, 99] * 5
     payload = b"".join(varint(v) for v in values)
-    decoded = oc.varint_values(memoryview(payload), np.dtype(np.uint32), "f")
+    decoded = wire.varint_values(memoryview(payload), np.dtype(np.uint32), "f")
     assert decoded.tolist() == values
 
 
 def test_packed_payload_skips_other_fields_and_refuses_junk() -> None:
     number = 6
-    packed = oc.packed_field(number, np.arange(3, dtype="<f4").tobytes())
+    packed = wire.packed_field(number, np.arange(3, dtype="<f4").tobytes())
     other = varint(1 << 3) + varint(7) + varint(99 << 3 | 5) + b"abcd"
-    payload = oc.packed_payload(other + packed + other, number, "f")
+    payload = wire.packed_payload(other + packed + other, number, "f")
     assert np.frombuffer(payload, "<f4").tolist() == [0.0, 1.0, 2.0]
-    assert len(oc.packed_payload(other, number, "f")) == 0
+    assert len(wire.packed_payload(other, number, "f")) == 0
     # The field number with another wire type is an unknown field: protobuf did not take it.
-    assert len(oc.packed_payload(varint(number << 3) + varint(1), number, "f")) == 0
+    assert len(wire.packed_payload(varint(number << 3) + varint(1), number, "f")) == 0
     for junk, problem in [
-        (other * (oc.MAX_TENSOR_FIELDS // 2 + 1), "at most"),
+        (other * (wire.MAX_TENSOR_FIELDS // 2 + 1), "at most"),
         (varint(7 << 3 | 3), "groups"),
         (packed[:-1], "truncated"),
         (b"\xff" * 11, "varint"),
     ]:
         with pytest.raises(errors.InvalidArgument) as exc:
-            oc.packed_payload(junk, number, "inputs[x].contents")
+            wire.packed_payload(junk, number, "inputs[x].contents")
         invalid(exc, "inputs[x].contents")
         assert problem in str(exc.value)
 

@@ -24,7 +24,7 @@ from tensorflow_serving.apis import predict_pb2
 from tritonclient.grpc import service_pb2
 
 from convserve.server import errors
-from convserve.server.protocols import calls
+from convserve.server.protocols import calls, wire
 from convserve.server.protocols import oip_convert as oc
 from convserve.server.protocols import tfserving_convert as tc
 from tests.interop.loop_thread import serving
@@ -81,7 +81,7 @@ def uint_contents(count: int) -> bytes:
 
 
 def typed_total(walk: Any, data: bytes) -> list[tuple[str, int]]:
-    return list(walk(oc.WireReader(data)))
+    return list(walk(wire.WireReader(data)))
 
 
 def test_oip_walk_counts_each_inputs_contents_in_any_order() -> None:
@@ -141,7 +141,7 @@ def test_oip_walk_counts_repeated_contents_fields_and_unpacked_values() -> None:
     ],
 )
 def test_walk_reports_malformed_bytes(data: bytes) -> None:
-    with pytest.raises(oc.WireError):
+    with pytest.raises(wire.WireError):
         typed_total(oc.infer_typed_payloads, data)
     with pytest.raises(Exception, match="Error parsing"):  # protobuf refuses them too
         service_pb2.ModelInferRequest.FromString(data)
@@ -149,12 +149,12 @@ def test_walk_reports_malformed_bytes(data: bytes) -> None:
 
 def test_walk_work_is_bounded_by_fields_not_bytes() -> None:
     contents = uint_contents(8 * MIB)
-    reader = oc.WireReader(oip_input("images", contents))
+    reader = wire.WireReader(oip_input("images", contents))
     assert list(oc.infer_typed_payloads(reader)) == [("inputs[0].contents", len(contents))]
     assert reader.walked == 4  # inputs, then name, datatype, contents: no value is read
 
-    many = b"".join(vi(99, 1) for _ in range(oc.MAX_WALKED_FIELDS + 1))
-    with pytest.raises(oc.TooManyFields):
+    many = b"".join(vi(99, 1) for _ in range(wire.MAX_WALKED_FIELDS + 1))
+    with pytest.raises(wire.TooManyFields):
         typed_total(oc.infer_typed_payloads, many)
 
 
@@ -212,11 +212,11 @@ class _Unparsed:
 
 def test_deserializer_refuses_unparsed_naming_the_largest_input() -> None:
     data = oip_input("a", uint_contents(3000)) + oip_input("b", uint_contents(5000))
-    deserialize = oc.typed_limit_deserializer(
+    deserialize = wire.typed_limit_deserializer(
         _Unparsed, oc.infer_typed_payloads, 6000, "contents.*", "raw_input_contents"
     )
     refused = deserialize(data)
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert isinstance(refused.error, errors.InvalidArgument)
     assert str(refused.error) == (
         "inputs[1].contents: at most 6000 bytes of typed values (contents.*) per request "
@@ -233,7 +233,7 @@ def test_deserializer_parses_requests_within_the_limit() -> None:
     data = request.SerializeToString()
     assert oc.infer_request_deserializer(6)(data) == request
     refused = oc.infer_request_deserializer(5)(data)
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert "at most 5 bytes" in str(refused.error)
     assert "this request has 6." in str(refused.error)
     # Without typed values, a limit of 0 refuses nothing.
@@ -245,7 +245,7 @@ def test_deserializer_leaves_malformed_requests_to_protobuf() -> None:
     deserialize = oc.infer_request_deserializer(100)
     # Malformed before the limit is reached: protobuf's error, as INVALID_ARGUMENT.
     refused = deserialize(oip_input("images", uint_contents(50)) + b"\x2a\x7f")
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert str(refused.error) == (
         "request: a well-formed inference.ModelInferRequest expected "
         "(Error parsing message with type 'inference.ModelInferRequest')"
@@ -253,16 +253,16 @@ def test_deserializer_leaves_malformed_requests_to_protobuf() -> None:
     # Malformed after the typed values have passed the limit: refused for their size.
     contents = uint_contents(500)
     refused = deserialize(oip_input("images", contents) + b"\x2a\x7f")
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert f"this request has at least {len(contents)}. Send large" in str(refused.error)
 
 
 def test_deserializer_refuses_a_large_request_of_too_many_fields() -> None:
-    many = b"".join(vi(99, 1) for _ in range(oc.MAX_WALKED_FIELDS + 1))
+    many = b"".join(vi(99, 1) for _ in range(wire.MAX_WALKED_FIELDS + 1))
     refused = oc.infer_request_deserializer(100)(many)
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert str(refused.error) == (
-        f"request: at most {oc.MAX_WALKED_FIELDS} fields expected in a request larger than "
+        f"request: at most {wire.MAX_WALKED_FIELDS} fields expected in a request larger than "
         "the server's max_typed_payload_bytes (100)"
     )
     # Within the limit the walk does not happen: protobuf parses it as usual.
@@ -271,21 +271,21 @@ def test_deserializer_refuses_a_large_request_of_too_many_fields() -> None:
 
 
 def test_deserializer_never_raises() -> None:
-    def broken(reader: oc.WireReader) -> Iterator[tuple[str, int]]:
+    def broken(reader: wire.WireReader) -> Iterator[tuple[str, int]]:
         raise RuntimeError("a defect")
 
-    deserialize = oc.typed_limit_deserializer(
+    deserialize = wire.typed_limit_deserializer(
         service_pb2.ModelInferRequest, broken, 0, "contents.*", "raw_input_contents"
     )
     refused = deserialize(b"\x0a\x01a")
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert isinstance(refused.error, RuntimeError)  # Calls.run logs it and answers INTERNAL
 
 
 def test_tf_deserializer_message() -> None:
     data = tf_input("images", tf_header(), ld(TENSOR["float_val"].number, b"\x00" * 4000))
     refused = tc.predict_request_deserializer(1000)(data)
-    assert isinstance(refused, oc.RefusedRequest)
+    assert isinstance(refused, wire.RefusedRequest)
     assert str(refused.error) == (
         "inputs['images']: at most 1000 bytes of typed values (*_val) per request expected "
         "(the server's max_typed_payload_bytes); this request has 4000. "

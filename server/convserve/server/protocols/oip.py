@@ -27,6 +27,7 @@ from convserve.server.protocols.calls import (
     server_version,
     unimplemented_answered,
 )
+from convserve.server.protocols.wire import RefusedRequest
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PROTOCOL: types.Protocol = "oip"
@@ -91,7 +92,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # Converting a large payload runs in a thread (`off_loop`), so that it cannot
         # stall the other calls on the event loop.
         async def run() -> Any:
-            if isinstance(request, oip_convert.RefusedRequest):
+            if isinstance(request, RefusedRequest):
                 raise request.error
             deadline = self._calls.deadline(context)
             size = oip_convert.request_bytes(request)

@@ -33,7 +33,7 @@ from convserve.server.protocols.calls import (
     off_loop,
     unimplemented_answered,
 )
-from convserve.server.protocols.oip_convert import RefusedRequest
+from convserve.server.protocols.wire import RefusedRequest
 
 PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name[
     "PredictionService"

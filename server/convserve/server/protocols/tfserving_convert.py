@@ -18,7 +18,7 @@ Conventions (as TF Serving serves the exported SavedModel):
   field of their dtype (``float_val`` for DT_FLOAT, ``int_val`` for
   DT_UINT8); a typed field must hold exactly one value per element. Typed
   values are read as the packed bytes protobuf carries them (see
-  `oip_convert.packed_payload`), never element by element.
+  `wire.packed_payload`), never element by element.
 - Shapes have at most `oip_convert.MAX_RANK` dimensions and must match the
   data's length before anything is allocated; versions are positive int64s.
 """
@@ -42,12 +42,11 @@ from tensorflow_serving.apis import (
 
 from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
 from convserve.server import errors, types
-from convserve.server.protocols.oip_convert import (
-    MAX_RANK,
+from convserve.server.protocols.oip_convert import MAX_RANK, shown_names
+from convserve.server.protocols.wire import (
     WireReader,
     fixed_values,
     packed_payload,
-    shown_names,
     small_varints,
     typed_limit_deserializer,
     varint_values,
@@ -219,7 +218,7 @@ def predict_typed_payloads(reader: WireReader) -> Iterator[tuple[str, int]]:
 
 def predict_request_deserializer(limit: int) -> Callable[[bytes], Any]:
     """PredictRequest's deserializer: typed values of more than `limit` bytes in all are
-    refused unparsed (`oip_convert.typed_limit_deserializer`)."""
+    refused unparsed (`wire.typed_limit_deserializer`)."""
     return typed_limit_deserializer(
         predict_pb2.PredictRequest, predict_typed_payloads, limit, "*_val", "tensor_content"
     )
