@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convserve.server import errors, ops, types
+from convserve.server import costs, errors, ops, types
 from tests import reference as ref
 
 CC = types.ConvolutionOptions()
@@ -204,7 +205,7 @@ def test_explicit_padding_narrower_than_the_kernel_is_exact() -> None:
 
 
 def test_tiles_cover_the_output_once() -> None:
-    x = np.ones((3, 40, 30, 2), np.float32)
+    x = np.ones((4, 256, 256, 2), np.float32)
     k = np.ones((5, 4, 2, 6), np.float32)
     options = types.ConvolutionOptions(strides=(2, 3), padding="SAME", dilations=(1, 2))
     plan = ops.validate_convolve(types.ConvolveInput(x, k, None, options))
@@ -219,11 +220,11 @@ def test_tiles_cover_the_output_once() -> None:
 
 
 def test_check_stops_a_tiled_convolution_between_tiles() -> None:
-    x = np.ones((4, 64, 64, 1), np.float32)
+    x = np.ones((8, 256, 256, 1), np.float32)
     k = np.ones((3, 3, 1, 1), np.float32)
     req = types.ConvolveInput(x, k)
     plan = ops.validate_convolve(req)
-    unit = ops.convolve_cost_s(plan) / 10
+    unit = ops.convolve_cost_s(plan) / 20
     tiles = len(ops.plan_tiles(plan, fft=False, unit_s=unit))
     assert tiles >= 4
     calls = []
@@ -237,13 +238,33 @@ def test_check_stops_a_tiled_convolution_between_tiles() -> None:
         ops.convolve(req, check=check, unit_s=unit)
     assert len(calls) == 3  # stopped at the third tile, not after all of them
     calls.clear()
-    assert ops.convolve(req, check=lambda: calls.append(1), unit_s=unit).output.shape == (
-        4,
-        62,
-        62,
-        1,
-    )
+    out = ops.convolve(req, check=lambda: calls.append(1), unit_s=unit).output
+    assert out.shape == (8, 254, 254, 1)
     assert len(calls) == tiles
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "k_shape", "options"),
+    [
+        # Large dilated kernels and many filters: small tiles would recompute the kernel's
+        # extent (and, on the FFT route, its spectrum) many times over.
+        ((1, 256, 4096, 3), (31, 31, 3, 4), types.ConvolutionOptions(dilations=(8, 8))),
+        ((1, 28, 1024, 1), (31, 31, 1, 256), types.ConvolutionOptions(padding="SAME")),
+        ((1, 1024, 1024, 1), (31, 31, 1, 1), types.ConvolutionOptions((2, 2), dilations=(2, 2))),
+    ],
+)
+def test_tiling_costs_little_more_than_one_call(
+    x_shape: tuple[int, ...], k_shape: tuple[int, ...], options: types.ConvolutionOptions
+) -> None:
+    req = types.ConvolveInput(np.ones(x_shape, np.float32), np.ones(k_shape, np.float32))
+    plan = ops.validate_convolve(dataclasses.replace(req, options=options), max_cpu_s=100)
+    whole = costs.CALIBRATED.convolve_s(plan, fft=plan.use_fft)
+    tiles = ops.plan_tiles(plan, fft=plan.use_fft)
+    assert len(tiles) > 1
+    tiled = sum(costs.CALIBRATED.convolve_s(t.plan, fft=plan.use_fft) for t in tiles)
+    assert tiled <= ops.MAX_TILING_OVERHEAD * whole
+    # What admission charges covers the tiles.
+    assert ops.convolve_cost_s(plan) >= tiled * (1 - 1e-9)
 
 
 def test_out_of_range_integers_never_reach_tensorflow() -> None:
@@ -354,7 +375,7 @@ BAD_CONVOLVE = [
     ("kernel", "padded input", types.ConvolveInput(X2, np.ones((6, 1), F32))),
     ("kernel", "padded input", types.ConvolveInput(X2, K2, None, opts(dilations=(5, 1)))),
     ("bias", "[3]", types.ConvolveInput(X4, K4, np.ones(2, F32))),
-    ("bias", "[1] or a scalar", types.ConvolveInput(X2, K2, np.ones(2, F32))),
+    ("bias", "shape [1] expected", types.ConvolveInput(X2, K2, np.ones(2, F32))),
     ("bias", "dtype float32", types.ConvolveInput(X2, K2, np.ones(1))),
     ("bias", "finite", types.ConvolveInput(X2, K2, np.array([np.inf], F32))),
     ("options.strides", "positive", types.ConvolveInput(X2, K2, None, opts(strides=(0, 1)))),

@@ -307,7 +307,7 @@ class ConvolveRequest(_message.Message):
 
     @_builtins.property
     def bias(self) -> _tensor_pb2.Tensor:
-        """Optional [F] (or [1] / scalar with a [kh,kw] kernel), same dtype."""
+        """Optional [F] (or [1] with a [kh,kw] kernel), same dtype."""
 
     @_builtins.property
     def options(self) -> Global___ConvolutionOptions: ...

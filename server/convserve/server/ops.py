@@ -308,9 +308,12 @@ def convolve_cost_s(
     plan: ConvPlan,
     route: Literal["auto", "direct", "fft"] = "auto",
     model: costs.CostModel = costs.CALIBRATED,
+    unit_s: float = costs.UNIT_S,
 ) -> float:
-    """Estimated CPU seconds of computing `plan` by `route`."""
-    return model.convolve_s(plan, fft=plan.use_fft if route == "auto" else route == "fft")
+    """Estimated CPU seconds of computing `plan` by `route`, in the tiles `convolve`
+    splits it into (at most MAX_TILING_OVERHEAD times the untiled call)."""
+    fft = plan.use_fft if route == "auto" else route == "fft"
+    return _tile_size(plan, fft, unit_s, model)[1]
 
 
 def validate_convolve(
@@ -361,7 +364,7 @@ def validate_convolve(
             )
         allowed: tuple[tuple[int, ...], ...] = ((filters,),) if k.ndim == 4 else ((1,), ())
         if b.shape not in allowed:
-            expected = f"[{filters}] (one per filter)" if k.ndim == 4 else "[1] or a scalar"
+            expected = f"[{filters}] (one per filter)" if k.ndim == 4 else "[1]"
             raise errors.InvalidArgument("bias", f"shape {expected} expected, got {list(b.shape)}")
         _check_finite("bias", b)
     plan = plan_convolution(x.shape, k.shape, req.options)
@@ -461,6 +464,44 @@ def _tile(
     return _Tile(slice(n0, n1), slice(r0, r1), slice(c0, c1), slice(f0, f1), in_rows, in_cols, sub)
 
 
+# Tiles may cost this much more than the untiled call, in all (their input slices
+# overlap by the kernel's extent; on the FFT route each also transforms the kernel).
+MAX_TILING_OVERHEAD = 1.5
+
+
+def _tile_size(
+    plan: ConvPlan, fft: bool, unit_s: float, model: costs.CostModel
+) -> tuple[list[int], float]:
+    """The tile size (items, output rows, columns, filters) and what all tiles of that
+    size cost together (an upper bound: edge tiles are smaller).
+
+    Halves items, then rows, columns and filters while a tile costs more than
+    `unit_s`, but never so far that the tiles together would cost more than
+    MAX_TILING_OVERHEAD times the untiled call: a tile may then stay larger
+    than a unit, and the work stays within its estimate.
+    """
+    whole = [plan.n, plan.out_h, plan.out_w, plan.filters]
+
+    def cost(size: list[int]) -> float:
+        tile = _tile(plan, 0, size[0], 0, size[1], 0, size[2], 0, size[3])
+        return model.convolve_s(tile.plan, fft=fft)
+
+    def total(size: list[int], tile_s: float) -> float:
+        return math.prod(-(-w // s) for w, s in zip(whole, size, strict=True)) * tile_s
+
+    size = list(whole)
+    tile_s = whole_s = cost(size)
+    for axis in range(4):
+        while size[axis] > 1 and tile_s > unit_s:
+            candidate = list(size)
+            candidate[axis] = (size[axis] + 1) // 2
+            candidate_s = cost(candidate)
+            if total(candidate, candidate_s) > MAX_TILING_OVERHEAD * whole_s:
+                break
+            size, tile_s = candidate, candidate_s
+    return size, total(size, tile_s)
+
+
 def plan_tiles(
     plan: ConvPlan,
     *,
@@ -468,30 +509,9 @@ def plan_tiles(
     unit_s: float = costs.UNIT_S,
     model: costs.CostModel = costs.CALIBRATED,
 ) -> list[_Tile]:
-    """Split `plan` into tiles of at most about `unit_s` estimated seconds each.
-
-    Halves items, then output rows, columns and filters until a tile fits. A
-    tile's input slice overlaps its neighbours' by the kernel's extent, so
-    small tiles recompute more; when that would cost more than half again the
-    whole, the unit is doubled (up to 8 times) instead.
-    """
+    """Split `plan` into tiles of about `unit_s` estimated seconds each (see `_tile_size`)."""
     whole = (plan.n, plan.out_h, plan.out_w, plan.filters)
-    total_s = model.convolve_s(plan, fft=fft)
-    if total_s <= unit_s:
-        return [_tile(plan, 0, plan.n, 0, plan.out_h, 0, plan.out_w, 0, plan.filters)]
-    for unit in (unit_s * 2**k for k in range(4)):
-        size = list(whole)
-
-        def cost(size: list[int]) -> float:
-            t = _tile(plan, 0, size[0], 0, size[1], 0, size[2], 0, size[3])
-            return model.convolve_s(t.plan, fft=fft)
-
-        for axis in range(4):
-            while size[axis] > 1 and cost(size) > unit:
-                size[axis] = (size[axis] + 1) // 2
-        counts = [-(-w // s) for w, s in zip(whole, size, strict=True)]
-        if math.prod(counts) * cost(size) <= 1.5 * total_s:
-            break
+    size, _ = _tile_size(plan, fft, unit_s, model)
     tiles = []
     for n0, r0, c0, f0 in itertools.product(
         *(range(0, w, s) for w, s in zip(whole, size, strict=True))
