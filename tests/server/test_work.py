@@ -193,3 +193,30 @@ async def test_close_stops_running_work_and_reports_threads_that_would_not_stop(
         await pool.run(Work("Convolve", 0.1, None), 1, lambda w: 1)
     unstick.set()
     assert await ignoring == "late"
+
+
+async def test_a_caller_cancelled_at_its_deadline_counts_as_a_deadline_stop() -> None:
+    # gRPC cancels a handler whose deadline passed before the thread's next check.
+    now = [100.0]
+    recorder = Recorder()
+    pool = pool_for(recorder, clock=lambda: now[0])
+    entered, release = threading.Event(), threading.Event()
+
+    def compute(work: Work) -> int:
+        entered.set()
+        release.wait(30)
+        work.check()  # the first check after the cancellation
+        return 1
+
+    work = Work("Convolve", 1.0, 101.0, clock=lambda: now[0])
+    task = asyncio.create_task(pool.run(work, 1, compute))
+    await asyncio.to_thread(entered.wait, 10)
+    now[0] = 101.5
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert work.stop_reason == "deadline"
+    release.set()
+    assert await pool.drain(10)
+    assert recorder.stopped == [("Convolve", "deadline")]
+    assert await pool.close(0)

@@ -460,9 +460,10 @@ class ModelManager:
         counted; the serving version is untouched by them.
         """
         async with self._poll_lock:
-            for version in self._candidates():
+            # Listing and change markers read the file system: not on the event loop.
+            for version in await asyncio.to_thread(self._candidates):
                 path = self.base_path / str(version)
-                marker = _signature(path)
+                marker = await asyncio.to_thread(_signature, path)
                 try:
                     model = await asyncio.to_thread(
                         self._loader, self.name, version, path, self.device

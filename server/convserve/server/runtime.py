@@ -345,8 +345,11 @@ class Runtime:
         # are killed by wait_closed.
         for engine in engines:
             engine.close()
-        for engine in engines:
-            if not await asyncio.to_thread(engine.wait_closed, WORKER_EXIT_S):
+        exited = await asyncio.gather(
+            *(asyncio.to_thread(engine.wait_closed, WORKER_EXIT_S) for engine in engines)
+        )
+        for engine, done in zip(engines, exited, strict=True):
+            if not done:
                 log.warning("%s: worker processes did not exit", engine.name)
         return stopped
 

@@ -61,7 +61,7 @@ class Work:
         return max(costs.OVERRUN_FACTOR * self.estimate_s, self.estimate_s + costs.MIN_OVERRUN_S)
 
     def cancel(self, reason: str) -> None:
-        """Ask the work to stop at its next `check` ("cancelled" or "shutdown")."""
+        """Ask the work to stop at its next `check` ("cancelled", "deadline" or "shutdown")."""
         if self._stop is None:
             self._stop = reason
 
@@ -70,6 +70,8 @@ class Work:
         reason = self._stop
         if reason == "cancelled":
             raise errors.Cancelled(f"{self.rpc}: the caller went away; the work was stopped")
+        if reason == "deadline":
+            raise errors.DeadlineExceeded(f"{self.rpc}: the deadline passed during the work")
         if reason == "shutdown":
             raise errors.Unavailable(f"{self.rpc}: the server is shutting down")
         now = self.clock()
@@ -178,15 +180,22 @@ class WorkPool:
             if self._closed:
                 self._free.release()
                 raise errors.Unavailable(f"{work.rpc}: the server is shutting down")
+            try:
+                thread = self._start(work, fn)
+            except BaseException:
+                self._free.release()
+                raise
             admitted = False  # from here on the thread's end settles the accounts
-            thread = self._start(work, fn)
         finally:
             if admitted:
                 self._add_admitted(work.rpc, -work.estimate_s)
         try:
             return await asyncio.shield(thread)
         except asyncio.CancelledError:
-            work.cancel("cancelled")
+            # gRPC cancels the handler when the deadline passes, before the thread's
+            # next check would notice it: tell the two apart for the stop metric.
+            expired = work.deadline is not None and self._clock() >= work.deadline
+            work.cancel("deadline" if expired else "cancelled")
             raise
 
     def _start(self, work: Work, fn: Callable[[Work], T]) -> asyncio.Future[T]:
