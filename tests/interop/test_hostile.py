@@ -3,7 +3,8 @@
 Hand-written cases for the known hazards (out-of-range integers in every
 numeric field, tensors whose shape claims far more than their bytes, huge
 names), then hypothesis-built requests for every RPC of convserve.v1, the Open
-Inference Protocol and TF Serving, then a storm: hostile requests from eight
+Inference Protocol and TF Serving (a third to a half of them built valid and
+checked for their exact answer), then a storm: hostile requests from eight
 threads with valid Predict and Convolve requests among them. Throughout, every
 answer must be OK or a client error with a short message, the process must
 never exit, every valid request must get exactly its own answer, and the
@@ -18,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +43,16 @@ from tests.interop.hostile import (
     RPCS,
     Call,
     Code,
+    Reference,
     Target,
     any_calls,
-    calls,
     check_answer,
+    check_call,
     convolution_of,
     corr2d,
     cs_tensor,
     probabilities_of,
+    rpc_calls,
     tf_shape,
     valid_convolve,
     valid_predict,
@@ -91,14 +94,25 @@ NOT_FOUND = Code.NOT_FOUND
 FUZZ = settings(derandomize=True, deadline=None, database=None, max_examples=HYPOTHESIS_EXAMPLES)
 
 
+# Reference digits whose idle feature maps are recorded (one request each).
+FEATURE_MAP_DIGITS = 3
+
+
 @dataclass
 class Baseline:
-    """What the idle server answered for each held-out digit alone, and its memory then."""
+    """What the idle server answered for the held-out digits, and its memory then."""
 
-    images: np.ndarray = field(repr=False)
-    probabilities: np.ndarray = field(repr=False)
+    reference: Reference
     rss: int
     children_rss: int
+
+    @property
+    def images(self) -> np.ndarray:
+        return self.reference.images
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.reference.probabilities
 
 
 def _rss(pid: int) -> tuple[int, int]:
@@ -138,6 +152,18 @@ def baseline(target: Target, sample_digits: tuple[np.ndarray, np.ndarray]) -> Ba
         outcome = target.send(call, timeout=60)
         assert outcome.code == OK, outcome.details
         rows.append(probabilities_of(call, outcome.response)[0])
+    feature_maps = []
+    for image in images[:FEATURE_MAP_DIGITS]:
+        outcome = target.send(feature_maps_call(image), timeout=60)
+        assert outcome.code == OK, outcome.details
+        feature_maps.append(
+            {
+                m.layer: np.frombuffer(m.activations.content, "<f4").reshape(
+                    tuple(m.activations.shape)
+                )
+                for m in outcome.response.feature_maps
+            }
+        )
     x = np.arange(36.0).reshape(MATE_SHAPE)
     warm_up = [
         valid_predict(p, images[:n]) for p in ("convserve", "oip", "tfserving") for n in (1, 8)
@@ -148,7 +174,8 @@ def baseline(target: Target, sample_digits: tuple[np.ndarray, np.ndarray]) -> Ba
         outcome = target.send(call, timeout=60)
         assert outcome.code == OK, f"warm-up {call.label}: {outcome.code} {outcome.details}"
     rss, children = _rss(target.server.process.pid)
-    return Baseline(images, np.array(rows), rss, children)
+    reference = Reference(images, np.array(rows), tuple(feature_maps))
+    return Baseline(reference, rss, children)
 
 
 # -- hand-written cases ----------------------------------------------------------
@@ -639,23 +666,18 @@ def test_hand_written_case(target: Target, baseline: Baseline, case: Case) -> No
 # -- generated requests, one RPC at a time -----------------------------------------
 
 
-def _rpc_id(entry: tuple[str, str, Any]) -> str:
-    protocol, rpc, strategy = entry
-    suffix = "-conv2d" if strategy.__name__ == "oip_conv_infer_requests" else ""
-    return f"{protocol}-{rpc}{suffix}"
-
-
-@pytest.mark.parametrize("entry", RPCS, ids=[_rpc_id(e) for e in RPCS])
+@pytest.mark.parametrize("entry", RPCS, ids=[entry[0] for entry in RPCS])
 def test_generated_requests(
-    target: Target, baseline: Baseline, entry: tuple[str, str, Any]
+    target: Target, baseline: Baseline, entry: tuple[str, str, str, Any]
 ) -> None:
-    protocol, rpc, strategy = entry
-    examples = SLOW_RPCS.get(rpc, HYPOTHESIS_EXAMPLES)
+    examples = SLOW_RPCS.get(entry[2], HYPOTHESIS_EXAMPLES)
 
     @settings(FUZZ, max_examples=examples)
-    @given(call=calls(protocol, rpc, strategy))
+    @given(call=rpc_calls(entry, baseline.reference))
     def run(call: Call) -> None:
-        check_answer(call, target.send(call))
+        outcome = target.send(call)
+        target.count_generated("the per-RPC tests", call, outcome)
+        check_call(call, outcome)
 
     target.require_alive()
     run()
@@ -708,7 +730,9 @@ def test_valid_requests_get_their_own_answers_among_hostile_ones(
 ) -> None:
     @settings(FUZZ, max_examples=STORM_ROUNDS)
     @given(
-        hostile=st.lists(any_calls(), min_size=STORM_HOSTILE, max_size=STORM_HOSTILE),
+        hostile=st.lists(
+            any_calls(baseline.reference), min_size=STORM_HOSTILE, max_size=STORM_HOSTILE
+        ),
         seed=st.integers(0, 2**32 - 1),
     )
     def storm(hostile: list[Call], seed: int) -> None:
@@ -718,7 +742,8 @@ def test_valid_requests_get_their_own_answers_among_hostile_ones(
         outcomes = list(pool.map(lambda job: target.send(job.call), jobs))
         for job, outcome in zip(jobs, outcomes, strict=True):
             if job.check is None:
-                check_answer(job.call, outcome)
+                target.count_generated("the storm", job.call, outcome)
+                check_call(job.call, outcome)
                 continue
             assert outcome.code == OK, (
                 f"valid {job.call.label} among hostile requests: {outcome.code.name} "
@@ -743,6 +768,6 @@ def test_the_server_survived_with_bounded_memory(target: Target, baseline: Basel
         f"{baseline.children_rss / 2**20:.0f} -> {children / 2**20:.0f} MiB"
     )
     tally = "\n".join(f"  {key}: {n}" for key, n in sorted(target.tally.items()))
-    print(f"{report}\nanswers:\n{tally}", file=sys.stderr)
+    print(f"{report}\nanswers:\n{tally}\n{target.generated_table()}", file=sys.stderr)
     assert grown < RSS_GROWTH_BOUND, report
     assert target.server.process.poll() is None, target.death
