@@ -56,19 +56,26 @@ def sample_digits(trained_model_dir: Path) -> tuple:
         return data["images"], data["labels"]
 
 
-def require_tool(name: str) -> str:
-    """The path of an external program a test drives, e.g. ``promtool``.
+def require_installed(present: bool, what: str) -> None:
+    """Skip the test when `what` (a tool or data set .ci/run installs) is absent.
 
-    Locally a missing tool skips the test with the reason; in CI (CI=true),
-    where .ci/run installs every such tool, it fails the test instead, so a
+    In CI (CI=true), where .ci/run installs all of them, fail instead, so a
     broken install step cannot hide behind a skip.
     """
+    if present:
+        return
+    message = f"{what} is not installed (.ci/run installs it)"
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program a test drives, e.g. ``promtool`` (see
+    `require_installed`)."""
     import shutil
 
     path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (.ci/run installs it)"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_installed(path is not None, name)
+    assert path is not None
     return path

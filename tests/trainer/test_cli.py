@@ -40,6 +40,8 @@ RECORD_KEYS = {
     "layers",
     "feature_map_layers",
     "confusion_matrix",
+    "class_names",
+    "model_card",
 }
 
 
@@ -116,6 +118,18 @@ def test_training_record(trained_model_dir: Path) -> None:
     assert record["training_time_s"] > 0
     matrix = np.array(record["confusion_matrix"])
     assert matrix.shape == (10, 10)
+    # MNIST's classes are the digits, named by themselves.
+    assert record["class_names"] == [str(d) for d in range(10)]
+    assert record["model_card"] == {
+        "dataset": "sample",
+        "source": record["model_card"]["source"],
+        "image_shape": [28, 28, 1],
+        "train_examples": 2000,
+        "test_examples": 1000,
+        "test_accuracy": record["test_accuracy"],
+        "confusion_matrix": record["confusion_matrix"],
+    }
+    assert record["model_card"]["source"].endswith("mnist_5k.csv.gz")
     assert matrix.sum() == 1000
     assert np.trace(matrix) / 1000 == pytest.approx(record["test_accuracy"])
     assert record["test_accuracy"] > 0.8

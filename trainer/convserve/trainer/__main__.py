@@ -1,4 +1,4 @@
-"""convserve-train: train the MNIST CNN and export it as a versioned SavedModel."""
+"""convserve-train: train a CNN (MNIST by default) and export it as a versioned SavedModel."""
 
 from __future__ import annotations
 
@@ -48,12 +48,26 @@ SAMPLE_DEFAULTS: dict[str, dict[str, object]] = {
     },
     "tutorial": {"batch_size": 16, "epochs": 12, "lr_schedule": "cosine", "augment": True},
 }
+# scikit-learn's 1,438 training digits are as few as the sample's; a shift of 2 of their
+# 8 pixels would cut off a quarter of the digit, so they train without augmentation.
+# Full Fashion-MNIST: 12 epochs with a cosine schedule reach 0.917 test accuracy in
+# about 100 s on 2 CPU cores (5 constant-rate epochs: 0.890), within the published
+# CNN baselines (about 0.91-0.93).
+FASHION_DEFAULTS: dict[str, dict[str, object]] = {
+    "keras": {"epochs": 12, "lr_schedule": "cosine"},
+    "tutorial": {"epochs": 12, "lr_schedule": "cosine"},
+}
+DIGITS8_DEFAULTS: dict[str, dict[str, object]] = {
+    "keras": {"learning_rate": 2e-3, "batch_size": 16, "epochs": 20, "lr_schedule": "cosine"},
+    "tutorial": {"batch_size": 16, "epochs": 20, "lr_schedule": "cosine"},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convserve-train",
-        description="Train an MNIST CNN and export it as <model-base-path>/<version>/ SavedModel.",
+        description="Train a CNN (MNIST by default) and export it as "
+        "<model-base-path>/<version>/ SavedModel.",
     )
     parser.add_argument(
         "--model-base-path", default="models/mnist", help="export root (default: %(default)s)"
@@ -61,19 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default="mnist", help="model name (default: %(default)s)")
     parser.add_argument(
         "--dataset",
-        choices=("auto", "mnist", "sample"),
+        choices=("auto", "mnist", "sample", "fashion-mnist", "digits8"),
         default="auto",
-        help="auto: full MNIST if cached or downloadable, else the sample (default: %(default)s)",
+        help="auto: full MNIST if cached or downloadable, else the sample; fashion-mnist: "
+        "Debian's dataset-fashion-mnist package; digits8: scikit-learn's 8x8 digits "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--data", metavar="PATH", help="Keras' mnist.npz or a directory with the four IDX files"
     )
     parser.add_argument("--arch", choices=("keras", "tutorial"), default="keras")
     parser.add_argument(
-        "--epochs", type=int, help="default: 5 (keras), 2 (tutorial); 12 on the sample"
+        "--epochs",
+        type=int,
+        help="default: 5 (keras), 2 (tutorial); 12 on the sample, 20 on digits8",
     )
     parser.add_argument(
-        "--batch-size", type=int, help="default: 64 (keras), 50 (tutorial); 16 on the sample"
+        "--batch-size",
+        type=int,
+        help="default: 64 (keras), 50 (tutorial); 16 on the sample and digits8",
     )
     parser.add_argument(
         "--optimizer",
@@ -83,12 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--learning-rate",
         type=float,
-        help="initial learning rate; default 0.001 (keras; 0.002 on the sample), 0.0001 (tutorial)",
+        help="initial learning rate; default 0.001 (keras; 0.002 on the sample and digits8), "
+        "0.0001 (tutorial)",
     )
     parser.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
-        help="learning-rate schedule (default: constant; cosine on the sample)",
+        help="learning-rate schedule (default: constant; cosine on the sample and digits8)",
     )
     parser.add_argument(
         "--augment",
@@ -109,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-samples",
         metavar="PATH.npz",
-        help="write some held-out digits (images uint8 [k,28,28], labels) to this file",
+        help="write some held-out images (uint8 [k,height,width], labels) to this file",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
     return parser
@@ -121,12 +142,17 @@ def _positive(parser: argparse.ArgumentParser, name: str, value: int | float | N
 
 
 def make_config(args: argparse.Namespace, dataset: str) -> TrainConfig:
-    """Hyperparameters: explicit flags, else the sample's defaults, else the architecture's."""
+    """Hyperparameters: explicit flags, else the small data set's defaults, else the
+    architecture's."""
     from convserve.trainer.train import TrainConfig
 
     defaults = dict(ARCH_DEFAULTS[args.arch])
     if dataset == "sample":
         defaults.update(SAMPLE_DEFAULTS[args.arch])
+    elif dataset == "digits8":
+        defaults.update(DIGITS8_DEFAULTS[args.arch])
+    elif dataset == "fashion-mnist":
+        defaults.update(FASHION_DEFAULTS[args.arch])
 
     def pick(name: str) -> Any:
         value = getattr(args, name)
@@ -187,14 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     with deterministic(config.seed):
-        model = build_model(config.arch, kernel)
+        try:
+            model = build_model(config.arch, kernel, data.image_shape, data.num_classes)
+        except (KernelError, ValueError) as exc:
+            print(f"convserve-train: error: {exc}", file=sys.stderr)
+            return 2
         if not args.quiet:
             model.summary()
         result = train(model, data, config, say)
-        say(f"held-out accuracy: {result.test_accuracy:.4f} on {len(data.x_test)} digits")
+        say(f"held-out accuracy: {result.test_accuracy:.4f} on {len(data.x_test)} images")
         say(f"training time: {result.training_time_s:.1f} s")
-        say("confusion matrix (rows: true digit, columns: predicted digit):")
-        say(format_confusion(result.confusion))
+        say("confusion matrix (rows: true class, columns: predicted class):")
+        say(format_confusion(result.confusion, data.class_names))
         record = training_record(
             model_name=args.model_name,
             data=data,
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = Path(args.save_samples)
         samples.parent.mkdir(parents=True, exist_ok=True)
         np.savez(samples, images=images.astype(np.uint8), labels=labels.astype(np.int64))
-        say(f"saved {len(images)} held-out digits to {samples}")
+        say(f"saved {len(images)} held-out images to {samples}")
     return 0
 
 

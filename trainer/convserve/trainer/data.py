@@ -1,7 +1,9 @@
-"""MNIST loaders: Keras' mnist.npz, the four IDX files, the Keras cache/download and the sample.
+"""Data sets: MNIST (Keras' mnist.npz, the four IDX files, the Keras cache/download, the
+sample), Fashion-MNIST (Debian's dataset-fashion-mnist package) and scikit-learn's 8x8 digits.
 
-Every loader returns a :class:`Dataset` of uint8 images ``[n, 28, 28]`` and int64 labels ``[n]``.
-Anything malformed raises :class:`DataError` with a message naming the file and what was expected.
+Every loader returns a :class:`Dataset` of uint8 images ``[n, height, width]`` (28x28 for the
+MNIST formats, 8x8 for digits8), int64 labels ``[n]`` and the names of its classes. Anything
+malformed raises :class:`DataError` with a message naming the file and what was expected.
 """
 
 from __future__ import annotations
@@ -29,8 +31,29 @@ SAMPLE_TEST_FRACTION = 0.2
 # The held-out split of the sample must not move when the training seed changes,
 # so accuracies of differently seeded runs stay comparable.
 SAMPLE_SPLIT_SEED = 20_150_301
-IMAGE_SHAPE = (28, 28)
+# The shape of MNIST and Fashion-MNIST images, which their file formats are checked against.
+# Nothing downstream assumes it: the model, export and samples follow the data's own shape.
+MNIST_IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
+DIGIT_CLASS_NAMES = tuple(str(digit) for digit in range(NUM_CLASSES))
+# Label order as published with Fashion-MNIST (label 0 is T-shirt/top, ..., 9 Ankle boot).
+FASHION_MNIST_CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+DIGITS8_TEST_FRACTION = 0.2
+# scikit-learn's digits count ink in 4x4 blocks of a 32x32 bitmap: 0..16.
+DIGITS8_MAX_VALUE = 16
 
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
@@ -42,13 +65,19 @@ IDX_FILES = {
 }
 
 
+DATASETS = ("auto", "mnist", "sample", "fashion-mnist", "digits8")
+
+
 class DataError(Exception):
     """A data set could not be found, read or validated."""
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test digits: images uint8 [n,28,28], labels int64 [n] in 0..9."""
+    """Train and test images uint8 [n,height,width], labels int64 [n] in 0..len(class_names)-1.
+
+    Both splits have the same image shape; ``class_names[label]`` names a label.
+    """
 
     name: str
     source: str
@@ -56,6 +85,17 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    class_names: tuple[str, ...] = DIGIT_CLASS_NAMES
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(height, width) of every image."""
+        height, width = self.x_train.shape[1:]
+        return int(height), int(width)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def limit_train(self, n: int | None) -> Dataset:
         """The same data set with only the first ``n`` training examples."""
@@ -66,10 +106,17 @@ class Dataset:
         return dataclasses.replace(self, x_train=self.x_train[:n], y_train=self.y_train[:n])
 
 
-def _check_pair(images: np.ndarray, labels: np.ndarray, what: str, file: str) -> None:
-    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+def _check_pair(
+    images: np.ndarray,
+    labels: np.ndarray,
+    what: str,
+    file: str,
+    image_shape: tuple[int, int] = MNIST_IMAGE_SHAPE,
+) -> None:
+    if images.ndim != 3 or images.shape[1:] != image_shape:
         raise DataError(
-            f"{file}: {what} images have shape {list(images.shape)}, expected [n, 28, 28]"
+            f"{file}: {what} images have shape {list(images.shape)}, "
+            f"expected [n, {image_shape[0]}, {image_shape[1]}]"
         )
     if labels.ndim != 1:
         raise DataError(f"{file}: {what} labels have shape {list(labels.shape)}, expected [n]")
@@ -185,8 +232,12 @@ def _find_idx(directory: Path, stem: str) -> Path:
     )
 
 
-def load_idx_dir(path: str | os.PathLike[str], name: str = "idx") -> Dataset:
-    """The four MNIST IDX files (gzipped or raw) in one directory."""
+def load_idx_dir(
+    path: str | os.PathLike[str],
+    name: str = "idx",
+    class_names: tuple[str, ...] = DIGIT_CLASS_NAMES,
+) -> Dataset:
+    """The four MNIST-format IDX files (gzipped or raw, 28x28 images) in one directory."""
     directory = Path(path)
     files = {key: _find_idx(directory, stem) for key, stem in IDX_FILES.items()}
     parts: dict[str, np.ndarray] = {}
@@ -196,7 +247,7 @@ def load_idx_dir(path: str | os.PathLike[str], name: str = "idx") -> Dataset:
     for split, what in (("train", "training"), ("test", "test")):
         images, labels = parts[f"{split}_images"], parts[f"{split}_labels"]
         image_file, label_file = files[f"{split}_images"], files[f"{split}_labels"]
-        if images.shape[1:] != IMAGE_SHAPE:
+        if images.shape[1:] != MNIST_IMAGE_SHAPE:
             raise DataError(
                 f"{image_file}: images have shape {list(images.shape)}, expected [n, 28, 28]"
             )
@@ -213,6 +264,7 @@ def load_idx_dir(path: str | os.PathLike[str], name: str = "idx") -> Dataset:
         parts["train_labels"].astype(np.int64),
         parts["test_images"],
         parts["test_labels"].astype(np.int64),
+        class_names,
     )
 
 
@@ -261,19 +313,80 @@ def load_sample(path: str | os.PathLike[str] | None = None) -> Dataset:
         raise DataError(f"{file}: cannot read the sample CSV: {exc}") from exc
     if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
         raise DataError(f"{file}: expected rows of 784 pixels and a label, got {list(table.shape)}")
-    images = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
+    images = table[:, :-1].reshape(-1, *MNIST_IMAGE_SHAPE).astype(np.uint8)
     labels = table[:, -1]
+    train, test = stratified_split(labels, NUM_CLASSES, SAMPLE_TEST_FRACTION)
+    return Dataset("sample", str(file), images[train], labels[train], images[test], labels[test])
+
+
+def stratified_split(
+    labels: np.ndarray, num_classes: int, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test) holding out ``test_fraction`` of every class, both shuffled.
+
+    The generator is seeded with SAMPLE_SPLIT_SEED, so the split never changes.
+    """
     rng = np.random.default_rng(SAMPLE_SPLIT_SEED)
     train_idx: list[np.ndarray] = []
     test_idx: list[np.ndarray] = []
-    for digit in range(NUM_CLASSES):
-        members = rng.permutation(np.flatnonzero(labels == digit))
-        n_test = round(len(members) * SAMPLE_TEST_FRACTION)
+    for label in range(num_classes):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        n_test = round(len(members) * test_fraction)
         test_idx.append(members[:n_test])
         train_idx.append(members[n_test:])
-    train = rng.permutation(np.concatenate(train_idx))
-    test = rng.permutation(np.concatenate(test_idx))
-    return Dataset("sample", str(file), images[train], labels[train], images[test], labels[test])
+    return rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
+
+
+def load_fashion_mnist(directory: str | os.PathLike[str] | None = None) -> Dataset:
+    """Fashion-MNIST (60,000 training and 10,000 test 28x28 images of ten kinds of clothing).
+
+    Read from the four gzipped IDX files in ``directory``, by default where Debian's
+    dataset-fashion-mnist package installs them (FASHION_MNIST_DIR).
+    """
+    path = Path(directory) if directory is not None else FASHION_MNIST_DIR
+    install = (
+        f"install Debian's {FASHION_MNIST_PACKAGE} package "
+        f"(apt-get install {FASHION_MNIST_PACKAGE})"
+    )
+    if not path.is_dir():
+        raise DataError(f"{path}: no such directory; Fashion-MNIST needs its files: {install}")
+    try:
+        loaded = load_idx_dir(path, name="fashion-mnist", class_names=FASHION_MNIST_CLASS_NAMES)
+    except DataError as exc:
+        raise DataError(f"{exc} (Fashion-MNIST: {install})") from exc
+    return loaded
+
+
+def load_digits8() -> Dataset:
+    """scikit-learn's 1,797 bundled 8x8 digits, a stratified 20% held out for testing.
+
+    Pixel values 0..16 are scaled to 0..255, like the other data sets' pixels.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError(
+            "the digits8 data set needs the package scikit-learn (pip install scikit-learn)"
+        ) from exc
+    bunch = load_digits()
+    values = np.asarray(bunch.images, dtype=np.float64)
+    if values.ndim != 3 or values.min() < 0 or values.max() > DIGITS8_MAX_VALUE:
+        raise DataError(
+            f"scikit-learn's digits: expected images [n, 8, 8] of 0..{DIGITS8_MAX_VALUE}, got "
+            f"shape {list(values.shape)}"
+        )
+    images = np.rint(values * (255.0 / DIGITS8_MAX_VALUE)).astype(np.uint8)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    _check_pair(images, labels, "all", "scikit-learn's digits", image_shape=(8, 8))
+    train, test = stratified_split(labels, NUM_CLASSES, DIGITS8_TEST_FRACTION)
+    source = f"scikit-learn {_sklearn_version()} load_digits()"
+    return Dataset("digits8", source, images[train], labels[train], images[test], labels[test])
+
+
+def _sklearn_version() -> str:
+    import sklearn
+
+    return str(sklearn.__version__)
 
 
 def keras_cache_path() -> Path:
@@ -357,6 +470,14 @@ def resolve(
         loaded = load_mnist(cache, url, timeout_s=timeout_s)
         say(f"data: full MNIST from {loaded.source}")
         return loaded
+    if dataset == "fashion-mnist":
+        loaded = load_fashion_mnist()
+        say(f"data: Fashion-MNIST from {loaded.source}")
+        return loaded
+    if dataset == "digits8":
+        loaded = load_digits8()
+        say(f"data: 8x8 digits from {loaded.source}")
+        return loaded
     if dataset == "auto":
         try:
             loaded = load_mnist(cache, url, timeout_s=timeout_s)
@@ -367,4 +488,4 @@ def resolve(
             return loaded
         say(f"data: full MNIST from {loaded.source}")
         return loaded
-    raise DataError(f"--dataset must be auto, mnist or sample, got {dataset!r}")
+    raise DataError(f"--dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")

@@ -62,6 +62,16 @@ def _check_free(base: Path, version: int) -> None:
         raise ExportError(f"{target} already exists; choose another --version or omit it")
 
 
+def model_image_shape(model: keras.Model) -> tuple[int, int]:
+    """(height, width) of the single-channel images ``model`` takes."""
+    _, height, width, channels = model.input.shape
+    if height is None or width is None or channels != 1:
+        raise ExportError(
+            f"the model must take images [None, height, width, 1], got {list(model.input.shape)}"
+        )
+    return int(height), int(width)
+
+
 def write_signatures(model: keras.Model, directory: Path) -> None:
     """Write the SavedModel with serving_default, predict_uint8 and feature_maps."""
     features = feature_model(model)
@@ -69,8 +79,10 @@ def write_signatures(model: keras.Model, directory: Path) -> None:
     archive.track(model)
     archive.track(features)
 
-    float_spec = tf.TensorSpec([None, 28, 28, 1], tf.float32, name="images")
-    uint8_spec = tf.TensorSpec([None, 28, 28, 1], tf.uint8, name="images")
+    # The signatures take whatever image shape the model was built for (e.g. [None, 8, 8, 1]).
+    shape = [None, *model_image_shape(model), 1]
+    float_spec = tf.TensorSpec(shape, tf.float32, name="images")
+    uint8_spec = tf.TensorSpec(shape, tf.uint8, name="images")
 
     def predict_float(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"probabilities": model(images, training=False)}
@@ -89,10 +101,15 @@ def write_signatures(model: keras.Model, directory: Path) -> None:
 
 
 def write_warmup(path: Path, model_name: str, images: np.ndarray) -> int:
-    """TF Serving warm-up records (PredictionLog) of held-out digits; returns the count."""
+    """TF Serving warm-up records (PredictionLog) of held-out uint8 images [n,height,width].
+
+    Returns the number of records written.
+    """
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-    scaled = images.reshape(-1, 28, 28, 1).astype(np.float32) / 255.0
+    if images.ndim != 3:
+        raise ExportError(f"warm-up images must be [n, height, width], got {list(images.shape)}")
+    scaled = images[..., None].astype(np.float32) / 255.0
     count = 0
     with tf.io.TFRecordWriter(str(path)) as writer:
         start = 0

@@ -1,9 +1,9 @@
 """The two CNN architectures and the frozen fixed-kernel first layer.
 
-Models take float32 images [None, 28, 28, 1] in [0, 1] and output softmax
-probabilities [None, 10]. Convolution layers are named ``conv1``, ``conv2``, ...
-(and ``fixed_kernel`` for a frozen first layer) because the server exposes their
-activations under these names.
+Models take float32 images [None, height, width, 1] in [0, 1] (28x28 for MNIST, any
+size the architecture fits) and output softmax probabilities [None, classes].
+Convolution layers are named ``conv1``, ``conv2``, ... (and ``fixed_kernel`` for a
+frozen first layer) because the server exposes their activations under these names.
 """
 
 from __future__ import annotations
@@ -62,23 +62,47 @@ def load_kernel(spec: str) -> np.ndarray:
             f"--fixed-kernel: kernel shape {list(kernel.shape)} is not [kh, kw], "
             "[kh, kw, filters] or [kh, kw, 1, filters]"
         )
-    if kernel.shape[0] > 28 or kernel.shape[1] > 28:
-        raise KernelError(f"--fixed-kernel: kernel {list(kernel.shape)} is larger than 28x28")
     if not np.all(np.isfinite(kernel)):
         raise KernelError("--fixed-kernel: kernel values must be finite")
     return kernel
 
 
-def build_model(arch: str = "keras", fixed_kernel: np.ndarray | None = None) -> keras.Model:
+def _valid_padding_fits(size: int) -> bool:
+    # The keras architecture's unpadded 3x3 convolutions and 2x2 poolings:
+    # 28 -> 26 -> 13 -> 11 -> 5 -> 3.
+    size = (size - 2) // 2
+    size = (size - 2) // 2
+    return size - 2 >= 1
+
+
+def build_model(
+    arch: str = "keras",
+    fixed_kernel: np.ndarray | None = None,
+    image_shape: tuple[int, int] = (28, 28),
+    num_classes: int = 10,
+) -> keras.Model:
     """A compiled-free Keras model of the given architecture.
 
-    ``keras`` (93,322 parameters): the small convnet of the Keras MNIST reference.
-    ``tutorial`` (3,274,634 parameters): the two-conv + dense-1024 TensorFlow tutorial net.
-    ``fixed_kernel`` [kh, kw, 1, F] puts a frozen ``same``-padded convolution in front.
+    ``keras`` (93,322 parameters on 28x28 digits): the small convnet of the Keras MNIST
+    reference; on images too small for its unpadded convolutions (e.g. 8x8) they are
+    ``same``-padded instead. ``tutorial`` (3,274,634 parameters on 28x28): the two-conv +
+    dense-1024 TensorFlow tutorial net. ``fixed_kernel`` [kh, kw, 1, F] puts a frozen
+    ``same``-padded convolution in front. ``image_shape`` is (height, width).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"--arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    inputs = keras.Input(shape=(28, 28, 1), dtype="float32", name="images")
+    height, width = image_shape
+    # Below 4 pixels the second 2x2 pooling would leave nothing.
+    if min(height, width) < 4:
+        raise ValueError(f"images must be at least 4x4 pixels, got {height}x{width}")
+    if fixed_kernel is not None and (
+        fixed_kernel.shape[0] > height or fixed_kernel.shape[1] > width
+    ):
+        raise KernelError(
+            f"--fixed-kernel: kernel {list(fixed_kernel.shape)} is larger than the "
+            f"{height}x{width} images"
+        )
+    inputs = keras.Input(shape=(height, width, 1), dtype="float32", name="images")
     x = inputs
     if fixed_kernel is not None:
         layer = keras.layers.Conv2D(
@@ -92,11 +116,12 @@ def build_model(arch: str = "keras", fixed_kernel: np.ndarray | None = None) -> 
         x = layer(x)
         layer.set_weights([fixed_kernel])
     if arch == "keras":
-        x = keras.layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
+        padding = "valid" if _valid_padding_fits(min(height, width)) else "same"
+        x = keras.layers.Conv2D(32, 3, padding=padding, activation="relu", name="conv1")(x)
         x = keras.layers.MaxPooling2D(2, name="pool1")(x)
-        x = keras.layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+        x = keras.layers.Conv2D(64, 3, padding=padding, activation="relu", name="conv2")(x)
         x = keras.layers.MaxPooling2D(2, name="pool2")(x)
-        x = keras.layers.Conv2D(64, 3, activation="relu", name="conv3")(x)
+        x = keras.layers.Conv2D(64, 3, padding=padding, activation="relu", name="conv3")(x)
         x = keras.layers.Flatten(name="flatten")(x)
         x = keras.layers.Dense(64, activation="relu", name="dense")(x)
     else:
@@ -106,7 +131,7 @@ def build_model(arch: str = "keras", fixed_kernel: np.ndarray | None = None) -> 
         x = keras.layers.MaxPooling2D(2, name="pool2")(x)
         x = keras.layers.Flatten(name="flatten")(x)
         x = keras.layers.Dense(1024, activation="relu", name="dense")(x)
-    outputs = keras.layers.Dense(10, activation="softmax", name="probabilities")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"mnist_{arch}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,28 +84,37 @@ def make_optimizer(
 
 
 def as_model_input(images: np.ndarray) -> np.ndarray:
-    """uint8 [n,28,28] -> float32 [n,28,28,1] in [0, 1]."""
-    return (images.astype(np.float32) / 255.0).reshape(-1, 28, 28, 1)
+    """uint8 [n,height,width] -> float32 [n,height,width,1] in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[..., None]
 
 
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-    """10x10 counts: row = true digit, column = predicted digit."""
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+def confusion_matrix(
+    labels: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES
+) -> np.ndarray:
+    """num_classes x num_classes counts: row = true class, column = predicted class."""
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (labels.astype(np.int64), predicted.astype(np.int64)), 1)
     return matrix
 
 
-def format_confusion(matrix: np.ndarray) -> str:
-    """The confusion matrix as a text table (rows true, columns predicted)."""
+def format_confusion(matrix: np.ndarray, class_names: Sequence[str] = ()) -> str:
+    """The confusion matrix as a text table (rows true, columns predicted, by class index).
+
+    With ``class_names``, each row ends with its class's name.
+    """
+    classes = len(matrix)
     width = max(5, len(str(int(matrix.max()))) + 1)
-    header = "true\\pred" + "".join(f"{d:>{width}}" for d in range(NUM_CLASSES)) + "   recall"
+    header = "true\\pred" + "".join(f"{d:>{width}}" for d in range(classes)) + "   recall"
     lines = [header, "-" * len(header)]
-    for digit in range(NUM_CLASSES):
-        row = matrix[digit]
+    for label in range(classes):
+        row = matrix[label]
         total = int(row.sum())
-        recall = f"{row[digit] / total:8.3f}" if total else "       -"
+        recall = f"{row[label] / total:8.3f}" if total else "       -"
         cells = "".join(f"{int(v):>{width}}" for v in row)
-        lines.append(f"{digit:>9}{cells} {recall}")
+        # Digits are their own names; other names are worth a column.
+        name = class_names[label] if label < len(class_names) else ""
+        suffix = f"  {name}" if name and name != str(label) else ""
+        lines.append(f"{label:>9}{cells} {recall}{suffix}")
     return "\n".join(lines)
 
 
@@ -115,8 +124,9 @@ def shift_images(images: np.ndarray, rng: np.random.Generator, max_shift: int) -
     padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift)))
     dy = rng.integers(0, 2 * max_shift + 1, n)
     dx = rng.integers(0, 2 * max_shift + 1, n)
-    rows = dy[:, None] + np.arange(28)[None, :]
-    cols = dx[:, None] + np.arange(28)[None, :]
+    height, width = images.shape[1:]
+    rows = dy[:, None] + np.arange(height)[None, :]
+    cols = dx[:, None] + np.arange(width)[None, :]
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
@@ -169,7 +179,8 @@ def train(
     )
     x_test = as_model_input(data.x_test)
     say(
-        f"training {config.arch} on {len(data.x_train)} digits: {config.epochs} epoch(s), "
+        f"training {config.arch} on {len(data.x_train)} images of {data.name}: "
+        f"{config.epochs} epoch(s), "
         f"batch {config.batch_size}, {config.optimizer} lr={config.learning_rate:g} "
         f"({config.lr_schedule}), {'shift augmentation, ' if config.augment else ''}"
         f"seed {config.seed}"
@@ -192,7 +203,8 @@ def train(
     probabilities = model.predict(x_test, batch_size=256, verbose=0)
     predicted = np.argmax(probabilities, axis=1)
     accuracy = float(np.mean(predicted == data.y_test))
-    return TrainResult(model, accuracy, confusion_matrix(data.y_test, predicted), elapsed)
+    confusion = confusion_matrix(data.y_test, predicted, data.num_classes)
+    return TrainResult(model, accuracy, confusion, elapsed)
 
 
 def layer_table(model: keras.Model) -> list[dict[str, Any]]:
@@ -237,6 +249,7 @@ def training_record(
         "fixed_kernel": fixed_kernel,
     }
     exported_at = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    confusion = result.confusion.astype(int).tolist()
     return {
         "model_name": model_name,
         "dataset": data.name,
@@ -253,16 +266,26 @@ def training_record(
         "seed": config.seed,
         "layers": layer_table(model),
         "feature_map_layers": conv_layer_names(model),
-        "confusion_matrix": result.confusion.astype(int).tolist(),
+        "confusion_matrix": confusion,
+        "class_names": list(data.class_names),
+        "model_card": {
+            "dataset": data.name,
+            "source": data.source,
+            "image_shape": [*data.image_shape, 1],
+            "train_examples": len(data.x_train),
+            "test_examples": len(data.x_test),
+            "test_accuracy": result.test_accuracy,
+            "confusion_matrix": confusion,
+        },
     }
 
 
 def held_out_samples(data: Dataset, per_class: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """A few held-out digits, ``per_class`` of each digit, interleaved 0..9, 0..9, ..."""
+    """A few held-out images, ``per_class`` of each class, interleaved 0..9, 0..9, ..."""
     picks: list[int] = []
     for round_ in range(per_class):
-        for digit in range(NUM_CLASSES):
-            members = np.flatnonzero(data.y_test == digit)
+        for label in range(data.num_classes):
+            members = np.flatnonzero(data.y_test == label)
             if round_ < len(members):
                 picks.append(int(members[round_]))
     index = np.asarray(picks, dtype=np.int64)
