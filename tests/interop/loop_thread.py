@@ -59,3 +59,21 @@ def serving(settings: Any) -> Iterator[Any]:
 
     with running(lambda: start_server(settings), stop) as server:
         yield server
+
+
+def large_message_settings(model_base_path: Any, images: int, **overrides: Any) -> Any:
+    """Settings of a local test server on free ports taking 96 MiB messages and requests
+    of up to `images` images."""
+    from convserve.server.settings import Settings
+
+    values: dict[str, Any] = {
+        "model_base_path": model_base_path,
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "max_message_bytes": 96 << 20,
+        "max_images_per_request": images,
+        "max_queued_images": images,
+    }
+    values.update(overrides)
+    return Settings(**values)

@@ -31,7 +31,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import predict_pb2
 from tritonclient.grpc import service_pb2
 
-from tests.interop.loop_thread import serving
+from tests.interop.loop_thread import large_message_settings, serving
 from tests.interop.wire_bytes import varint
 
 pytestmark = pytest.mark.slow
@@ -47,16 +47,9 @@ N_IMAGES = 8192  # 24.5 MiB of float32 pixels
 
 @pytest.fixture(scope="module")
 def target(model_base_path: Path) -> Iterator[str]:
-    from convserve.server.settings import Settings
-
-    settings = Settings(
-        model_base_path=model_base_path,
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        max_message_bytes=96 * MIB,
-        max_images_per_request=N_IMAGES,
-        max_queued_images=N_IMAGES,
+    settings = large_message_settings(
+        model_base_path,
+        N_IMAGES,
         # Parsing these typed payloads holds the loop too (about 0.1 s for 60 MiB of
         # floats), but the conversions are what these tests measure.
         max_typed_payload_bytes=96 * MIB,

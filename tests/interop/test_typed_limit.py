@@ -27,7 +27,7 @@ from convserve.server import errors
 from convserve.server.protocols import calls, wire
 from convserve.server.protocols import oip_convert as oc
 from convserve.server.protocols import tfserving_convert as tc
-from tests.interop.loop_thread import serving
+from tests.interop.loop_thread import large_message_settings, serving
 from tests.interop.test_loop_stalls import MODEL_INFER, PREDICT, HealthProbe
 from tests.interop.test_server import requests_total, scrape
 from tests.interop.wire_bytes import varint
@@ -293,18 +293,6 @@ def test_tf_deserializer_message() -> None:
     )
 
 
-class _RecordingServer:
-    def __init__(self) -> None:
-        self.generic: list[Any] = []
-        self.registered: list[tuple[str, dict[str, Any]]] = []
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        self.generic.extend(handlers)
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.registered.append((service, handlers))
-
-
 class _Details(grpc.HandlerCallDetails):
     def __init__(self, method: str) -> None:
         self.method = method
@@ -317,7 +305,7 @@ def test_add_servicer_swaps_only_the_named_deserializer() -> None:
     def deserialize(data: bytes) -> Any:
         return data
 
-    plain, swapped = _RecordingServer(), _RecordingServer()
+    plain, swapped = calls.HandlerRecorder(), calls.HandlerRecorder()
     servicer = service_pb2_grpc.GRPCInferenceServiceServicer()
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, plain)
     calls.add_servicer(
@@ -348,7 +336,7 @@ def test_add_servicer_swaps_only_the_named_deserializer() -> None:
         calls.add_servicer(
             service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             servicer,
-            _RecordingServer(),
+            calls.HandlerRecorder(),
             {"Nothing": deserialize},
         )
 
@@ -368,17 +356,7 @@ OPTIONS = [
 
 @pytest.fixture(scope="module")
 def server(model_base_path: Path) -> Iterator[Any]:
-    from convserve.server.settings import Settings
-
-    settings = Settings(
-        model_base_path=model_base_path,
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        max_message_bytes=96 * MIB,
-        max_images_per_request=N_RAW,
-        max_queued_images=N_RAW,
-    )
+    settings = large_message_settings(model_base_path, N_RAW)
     assert settings.max_typed_payload_bytes == LIMIT
     with serving(settings) as running_server:
         yield running_server

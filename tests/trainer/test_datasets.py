@@ -27,6 +27,7 @@ from convserve.trainer.train import format_confusion
 from tests.conftest import require_installed
 from tests.trainer.idx_files import write_idx_dir
 
+# Spelled out, not imported: the tests pin the published label order.
 FASHION_NAMES = [
     "T-shirt/top",
     "Trouser",

@@ -91,8 +91,9 @@ def unimplemented_answered(service: Any) -> Callable[[S], S]:
     return fill
 
 
-class _Recorder:
-    """Stands in for the server while generated code adds a servicer: keeps what it adds."""
+class HandlerRecorder:
+    """Stands in for a gRPC server while generated code adds a servicer: keeps the handlers
+    it adds (`add_servicer` uses it; so can tests)."""
 
     def __init__(self) -> None:
         self.generic: list[Any] = []
@@ -159,7 +160,7 @@ def add_servicer(
     method name, e.g. ``ModelInfer``) replaced: the server gets exactly what the generated
     code adds (its handlers, registered the same ways), those deserializers aside.
     Unary-unary methods answered by `unimplemented_answered` never parse their request."""
-    recorder = _Recorder()
+    recorder = HandlerRecorder()
     add(servicer, recorder)
     deserializers = dict(deserializers)
     for _, methods in recorder.registered:
