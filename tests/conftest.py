@@ -56,6 +56,43 @@ def sample_digits(trained_model_dir: Path) -> tuple:
         return data["images"], data["labels"]
 
 
+def _train(base: Path, *args: str) -> Path:
+    from convserve.trainer.__main__ import main
+
+    code = main([*args, "--seed", "0", "--quiet", "--model-base-path", str(base),
+                 "--save-samples", str(base.parent / "samples.npz")])  # fmt: skip
+    assert code == 0, f"training {base.name} failed"
+    assert (base / "1" / "saved_model.pb").is_file()
+    return base
+
+
+@pytest.fixture(scope="session")
+def fashion_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Fashion-MNIST model (28x28x1, ten named classes), trained briefly on 3,000 of
+    the Debian package's images; `samples.npz` beside it."""
+    from convserve.trainer.data import FASHION_MNIST_DIR
+
+    require_installed(FASHION_MNIST_DIR.is_dir(), "dataset-fashion-mnist")
+    base = tmp_path_factory.mktemp("fashion") / "fashion"
+    return _train(base, "--dataset", "fashion-mnist", "--model-name", "fashion",
+                  "--limit-train", "3000", "--epochs", "1")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def digits8_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8x8x1 digits model (scikit-learn's bundled digits); `samples.npz` beside it."""
+    base = tmp_path_factory.mktemp("digits8") / "digits8"
+    return _train(base, "--dataset", "digits8", "--model-name", "digits8", "--epochs", "4")
+
+
+def samples_of(model_dir: Path) -> tuple:
+    """(images uint8 [k,H,W], labels) the trainer saved beside a model's base path."""
+    import numpy as np
+
+    with np.load(model_dir.parent / "samples.npz") as data:
+        return data["images"], data["labels"]
+
+
 def require_installed(present: bool, what: str) -> None:
     """Skip the test when `what` (a tool or data set .ci/run installs) is absent.
 

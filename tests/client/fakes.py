@@ -1,9 +1,11 @@
 """Small stand-in servers for client tests: convserve.v1 and the Open Inference Protocol.
 
 They behave predictably on purpose: a fixed delay, a number of UNAVAILABLE
-answers before succeeding, a one-second stall, a required token. The
-predicted digit is the first pixel's value modulo 10, so tests can tell
-which image an answer belongs to.
+answers before succeeding, a one-second stall, a required token. The fake
+convserve server holds the models in `MODELS` (different input shapes and
+class counts; "fake" is the default); each predicts class (first pixel's
+value as 0-255) modulo its class count, so tests can tell which image an
+answer belongs to.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -33,8 +35,9 @@ class Behaviour:
     """How a fake server misbehaves; shared by its servicers."""
 
     delay_s: float = 0.0
-    first_call_delay_s: float = 0.0  # extra delay for the first call only
+    first_call_delay_s: float = 0.0  # extra delay for the first Predict call only
     fail_first: int = 0  # answer this many calls (per method) with `fail_code` first
+    fail_methods: frozenset[str] | None = None  # the methods fail_first applies to (None: all)
     fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     stall_after_s: float | None = None  # the first call this long after start stalls
     stall_s: float = 1.0  # ... the whole server for this long
@@ -43,19 +46,20 @@ class Behaviour:
     calls: Counter[str] = field(default_factory=Counter)
     images: list[int] = field(default_factory=list)  # images per Predict request, in order
     dtypes: list[str] = field(default_factory=list)  # element type of each Predict request
+    shapes: list[tuple[int, ...]] = field(default_factory=list)  # of each Predict request
+    # (method, model name as sent) of every call that names a model, in order.
+    models: list[tuple[str, str]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stall_until: float = 0.0
     _stalled: bool = False
-    _total_calls: int = 0
     _created: float = field(default_factory=time.monotonic)
 
     def enter(self, method: str, context: grpc.ServicerContext) -> None:
         """Count the call, check the token, fail or wait as configured."""
         with self._lock:
             self.calls[method] += 1
-            self._total_calls += 1
             attempt = self.calls[method]
-            first_call = self._total_calls == 1
+            first_call = method == "Predict" and attempt == 1
             now = time.monotonic()
             if (
                 self.stall_after_s is not None
@@ -69,7 +73,9 @@ class Behaviour:
             sent = dict(context.invocation_metadata()).get("authorization")
             if sent != f"Bearer {self.token}":
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        if attempt <= self.fail_first:
+        if attempt <= self.fail_first and (
+            self.fail_methods is None or method in self.fail_methods
+        ):
             context.abort(self.fail_code, f"failing on purpose ({attempt}/{self.fail_first})")
         wait = stall_until - time.monotonic()
         if wait > 0:
@@ -80,17 +86,87 @@ class Behaviour:
             time.sleep(self.first_call_delay_s)
 
 
-def probabilities_for(digits: np.ndarray) -> np.ndarray:
-    probs = np.full((digits.shape[0], 10), 0.01, dtype=np.float32)
-    probs[np.arange(digits.shape[0]), digits] = 0.91
+def probabilities_for(digits: np.ndarray, classes: int = 10) -> np.ndarray:
+    """0.01 for every class but the chosen one, which gets the rest (0.91 of ten)."""
+    probs = np.full((digits.shape[0], classes), 0.01, dtype=np.float32)
+    probs[np.arange(digits.shape[0]), digits] = 1.0 - 0.01 * (classes - 1)
     return probs
 
 
-def digits_of(images: np.ndarray) -> np.ndarray:
-    """The fake's "model": the first pixel (as 0-255) modulo 10."""
+def digits_of(images: np.ndarray, classes: int = 10) -> np.ndarray:
+    """The fake's "model": the first pixel (as 0-255) modulo the number of classes."""
     flat = images.reshape(images.shape[0], -1)
     first = flat[:, 0] if flat.dtype == np.uint8 else np.rint(flat[:, 0] * 255.0)
-    return (first.astype(np.int64) % 10).astype(np.int32)
+    return (first.astype(np.int64) % classes).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class FakeVersion:
+    version: int
+    state: str
+    serving: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class FakeModel:
+    name: str
+    shape: tuple[int, int, int]  # (H, W, C)
+    classes: int
+    class_names: tuple[str, ...]  # empty: the model names none
+    versions: tuple[FakeVersion, ...]
+    ready: bool = True
+    confusion_matrix: tuple[int, ...] = ()  # row-major [K,K]; empty: none recorded
+
+    @property
+    def serving_version(self) -> int | None:
+        return next((v.version for v in self.versions if v.serving), None)
+
+    def label(self, index: int) -> str:
+        return self.class_names[index] if self.class_names else str(index)
+
+
+FASHION = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+DEFAULT_MODEL = "fake"
+MODELS = {
+    m.name: m
+    for m in (
+        FakeModel(
+            "fake",
+            (28, 28, 1),
+            10,
+            (),
+            (FakeVersion(6, "AVAILABLE"), FakeVersion(7, "AVAILABLE", serving=True)),
+        ),
+        FakeModel("fashion", (28, 28, 1), 10, FASHION, (FakeVersion(1, "AVAILABLE", True),)),
+        FakeModel(
+            "digits8",
+            (8, 8, 1),
+            10,
+            tuple("0123456789"),
+            (FakeVersion(1, "AVAILABLE", serving=True), FakeVersion(2, "LOADING")),
+        ),
+        FakeModel(
+            "rgb",
+            (4, 4, 3),
+            3,
+            ("red", "green", "blue"),
+            (FakeVersion(3, "AVAILABLE", serving=True),),
+            confusion_matrix=(5, 1, 0, 0, 6, 0, 1, 0, 4),
+        ),
+        FakeModel(
+            "broken",
+            (28, 28, 1),
+            10,
+            (),
+            (FakeVersion(1, "END", error="no serving_default signature"),),
+            ready=False,
+        ),
+    )
+}
 
 
 def correlate(x: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -127,9 +203,33 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
 
+    def _model(self, method: str, spec: pb.ModelSpec, context: Any) -> tuple[FakeModel, int]:
+        """The model and version a request asks for, or abort as the real server would."""
+        with self.behaviour._lock:
+            self.behaviour.models.append((method, spec.name))
+        model = MODELS.get(spec.name or DEFAULT_MODEL)
+        if model is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {spec.name!r} not found")
+        assert model is not None
+        if not model.ready:
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} has no usable version"
+            )
+        available = [v.version for v in model.versions if v.state == "AVAILABLE"]
+        if spec.HasField("version"):
+            if spec.version not in available:
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"version {spec.version} of model {model.name!r} is not loaded",
+                )
+            return model, spec.version
+        serving = model.serving_version
+        assert serving is not None
+        return model, serving
+
     def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         self.behaviour.enter("Predict", context)
-        return self._predict(request, context)
+        return self._predict(request, context, "Predict")
 
     def PredictStream(self, request_iterator: Any, context: Any) -> Any:
         """Answers each message in turn, as Predict would (errors as error answers)."""
@@ -137,20 +237,26 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
             one = _MessageContext(context)
             try:
                 self.behaviour.enter("PredictStream", one)
-                response = self._predict(message.request, one)
+                response = self._predict(message.request, one, "PredictStream")
             except _Aborted as aborted:
                 error = pb.StreamError(code=aborted.code.value[0], message=aborted.details)
                 yield pb.PredictStreamResponse(id=message.id, error=error)
             else:
                 yield pb.PredictStreamResponse(id=message.id, response=response)
 
-    def _predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+    def _predict(self, request: pb.PredictRequest, context: Any, method: str) -> pb.PredictResponse:
+        model, version = self._model(method, request.model_spec, context)
         try:
             images = from_tensor(request.images, "images")
         except TensorError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if images.ndim not in (2, 3, 4) or images[0].size != 784:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"images: bad shape {images.shape}")
+        h, w, c = model.shape
+        accepted = [(h, w, c), (h * w * c,)] + ([(h, w)] if c == 1 else [])
+        if images.ndim < 2 or images.shape[1:] not in accepted:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"images: [N,{h},{w},{c}] expected, got {list(images.shape)}",
+            )
         if images.shape[0] > self.behaviour.max_images:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -159,16 +265,16 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
         with self.behaviour._lock:
             self.behaviour.images.append(int(images.shape[0]))
             self.behaviour.dtypes.append(images.dtype.name)
-        digits = digits_of(images)
-        probs = probabilities_for(digits)
+            self.behaviour.shapes.append(tuple(images.shape))
+        digits = digits_of(images, model.classes)
+        probs = probabilities_for(digits, model.classes)
         return pb.PredictResponse(
-            model_name=request.model_spec.name or "fake",
-            model_version=request.model_spec.version
-            if request.model_spec.HasField("version")
-            else 7,
+            model_name=model.name,
+            model_version=version,
             digits=digits.tolist(),
             confidences=probs.max(axis=1).tolist(),
             probabilities=to_tensor(probs),
+            labels=[model.label(int(d)) for d in digits],
         )
 
     def Convolve(self, request: pb.ConvolveRequest, context: Any) -> pb.ConvolveResponse:
@@ -202,14 +308,30 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
             response.bias.CopyFrom(to_tensor(np.array([0.5])))
         return response
 
+    @staticmethod
+    def layer_shapes(model: FakeModel) -> dict[str, tuple[int, int, int]]:
+        """conv1 (3x3 valid, 4 filters), conv2 (after 2x2 pooling, 3x3 valid, 2 filters)."""
+        h, w, _ = model.shape
+        return {
+            "conv1": (h - 2, w - 2, 4),
+            "conv2": (max(1, (h - 2) // 2 - 2), max(1, (w - 2) // 2 - 2), 2),
+        }
+
     def GetFeatureMaps(
         self, request: pb.GetFeatureMapsRequest, context: Any
     ) -> pb.GetFeatureMapsResponse:
         self.behaviour.enter("GetFeatureMaps", context)
+        model, version = self._model("GetFeatureMaps", request.model_spec, context)
         image = from_tensor(request.image, "image")
-        if image.size != 784:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "image: expected one 28x28 image")
-        shapes = {"conv1": (26, 26, 4), "conv2": (11, 11, 2)}
+        h, w, c = model.shape
+        if image.size != h * w * c:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"image: expected one {h}x{w}x{c} image, got {list(image.shape)}",
+            )
+        with self.behaviour._lock:
+            self.behaviour.shapes.append(tuple(image.shape))
+        shapes = self.layer_shapes(model)
         wanted = list(request.layers) or list(shapes)
         maps = []
         for name in wanted:
@@ -217,44 +339,52 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"layers: unknown layer {name!r}")
             values = np.arange(np.prod(shapes[name]), dtype=np.float32).reshape(shapes[name])
             maps.append(pb.FeatureMap(layer=name, activations=to_tensor(values)))
-        return pb.GetFeatureMapsResponse(model_name="fake", model_version=7, feature_maps=maps)
+        return pb.GetFeatureMapsResponse(
+            model_name=model.name, model_version=version, feature_maps=maps
+        )
 
     def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: Any
     ) -> pb.GetModelMetadataResponse:
         self.behaviour.enter("GetModelMetadata", context)
-        if request.model_spec.name not in ("", "fake"):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model_spec.name!r} not found")
+        model, version = self._model("GetModelMetadata", request.model_spec, context)
+        shapes = self.layer_shapes(model)
         return pb.GetModelMetadataResponse(
-            model_name="fake",
-            loaded_versions=[6, 7],
-            serving_version=7,
+            model_name=model.name,
+            loaded_versions=[v.version for v in model.versions if v.state == "AVAILABLE"],
+            serving_version=version,
             inputs=[
                 pb.TensorSpec(
                     name="images",
                     dtypes=[tensor_pb2.DATA_TYPE_UINT8, tensor_pb2.DATA_TYPE_FLOAT32],
-                    shape=[-1, 28, 28, 1],
+                    shape=[-1, *model.shape],
                 )
             ],
             outputs=[
                 pb.TensorSpec(
-                    name="probabilities", dtypes=[tensor_pb2.DATA_TYPE_FLOAT32], shape=[-1, 10]
+                    name="probabilities",
+                    dtypes=[tensor_pb2.DATA_TYPE_FLOAT32],
+                    shape=[-1, model.classes],
                 )
             ],
             layers=[
                 pb.LayerInfo(
                     name="conv1",
                     type="Conv2D",
-                    output_shape=[26, 26, 4],
+                    output_shape=shapes["conv1"],
                     parameters=40,
                     trainable=True,
                 ),
                 pb.LayerInfo(
-                    name="dense", type="Dense", output_shape=[10], parameters=1210, trainable=True
+                    name="dense",
+                    type="Dense",
+                    output_shape=[model.classes],
+                    parameters=1210,
+                    trainable=True,
                 ),
             ],
             training=pb.TrainingRecord(
-                dataset="sample",
+                dataset="sample" if model.name == DEFAULT_MODEL else model.name,
                 architecture="keras",
                 hyperparameters={"epochs": "1", "batch_size": "32"},
                 test_accuracy=0.9,
@@ -264,19 +394,45 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
                 exported_at="2025-01-01T00:00:00Z",
                 tensorflow_version="2.21.0",
                 total_parameters=1250,
+                confusion_matrix=model.confusion_matrix,
             ),
             device="/CPU:0",
+            class_names=model.class_names,
+        )
+
+    def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        self.behaviour.enter("ListModels", context)
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelStatus(
+                    name=model.name,
+                    ready=model.ready,
+                    versions=[
+                        pb.ModelVersionStatus(
+                            version=v.version, state=v.state, serving=v.serving, error=v.error
+                        )
+                        for v in model.versions
+                    ],
+                )
+                for model in sorted(MODELS.values(), key=lambda m: m.name)
+            ],
+            default_model=DEFAULT_MODEL,
         )
 
 
 class FakeOip:
     """A tiny KServe v2 / Open Inference Protocol server (tritonclient's generated stubs)."""
 
-    def __init__(self, behaviour: Behaviour, model: str = "mnist") -> None:
+    # Model name -> its input's image shape (H, W, C); UINT8 input, ten classes.
+    MODELS: ClassVar[dict[str, tuple[int, int, int]]] = {
+        "mnist": (28, 28, 1),
+        "digits8": (8, 8, 1),
+    }
+
+    def __init__(self, behaviour: Behaviour) -> None:
         from tritonclient.grpc import service_pb2, service_pb2_grpc
 
         self.pb = service_pb2
-        self.model = model
         self.behaviour = behaviour
         outer = self
 
@@ -291,27 +447,34 @@ class FakeOip:
         self.add = service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
 
     def metadata(self, request: Any, context: Any) -> Any:
-        if request.name != self.model:
+        if request.name not in self.MODELS:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
-        response = self.pb.ModelMetadataResponse(name=self.model, versions=["1"], platform="fake")
-        response.inputs.add(name="images", datatype="UINT8", shape=[-1, 28, 28, 1])
+        response = self.pb.ModelMetadataResponse(name=request.name, versions=["1"], platform="fake")
+        response.inputs.add(name="images", datatype="UINT8", shape=[-1, *self.MODELS[request.name]])
         response.outputs.add(name="probabilities", datatype="FP32", shape=[-1, 10])
         return response
 
     def infer(self, request: Any, context: Any) -> Any:
         self.behaviour.enter("ModelInfer", context)
-        if request.model_name != self.model or len(request.inputs) != 1:
+        if request.model_name not in self.MODELS or len(request.inputs) != 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected one input for the model")
+        with self.behaviour._lock:
+            self.behaviour.models.append(("ModelInfer", request.model_name))
         tensor = request.inputs[0]
         shape = list(tensor.shape)
         raw = request.raw_input_contents[0]
-        if tensor.datatype != "UINT8" or len(raw) != int(np.prod(shape)):
+        if (
+            tensor.datatype != "UINT8"
+            or len(raw) != int(np.prod(shape))
+            or tuple(shape[1:]) != self.MODELS[request.model_name]
+        ):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "raw input does not match the shape")
         images = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
         with self.behaviour._lock:
             self.behaviour.images.append(shape[0])
+            self.behaviour.shapes.append(tuple(shape))
         probs = probabilities_for(digits_of(images))
-        response = self.pb.ModelInferResponse(model_name=self.model, model_version="1")
+        response = self.pb.ModelInferResponse(model_name=request.model_name, model_version="1")
         response.outputs.add(name="probabilities", datatype="FP32", shape=list(probs.shape))
         response.raw_output_contents.append(probs.astype("<f4").tobytes())
         return response

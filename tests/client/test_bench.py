@@ -10,7 +10,13 @@ import pytest
 
 from convserve.client import bench, bench_requests
 from convserve.client.bench import BenchConfig, Phase, WorkerResult
-from convserve.client.errors import InputError, NotFoundError, UnavailableError
+from convserve.client.errors import (
+    InputError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from convserve.client.images import resize_batch
 from convserve.v1 import convserve_pb2 as pb
 
 from .fakes import Behaviour, serve_fake
@@ -130,10 +136,58 @@ def test_oip_request_follows_the_model_metadata() -> None:
     for bad, message in [
         (bench_requests.OipInput("x", "BYTES", (-1, 784)), "datatype BYTES"),
         (bench_requests.OipInput("x", "UINT8", (28, 28)), "leading batch dimension"),
-        (bench_requests.OipInput("x", "UINT8", (-1, 28, 27)), "does not hold 28x28"),
+        (bench_requests.OipInput("x", "UINT8", (-1, 500)), "does not hold images of 28x28x1"),
+        (bench_requests.OipInput("x", "UINT8", (-1, 8, -1)), "variable dimension"),
     ]:
         with pytest.raises(InputError, match=message):
             bench_requests.oip_requests("m", bad, IMAGES, 1)
+
+
+def test_oip_request_resizes_the_pool_to_a_declared_image_shape() -> None:
+    spec = bench_requests.OipInput("x", "UINT8", (-1, 8, 8, 3))
+    _, requests = bench_requests.oip_requests("m", spec, np.full((2, 28, 28), 200, np.uint8), 2)
+    service_pb2, _ = bench_requests.import_oip()
+    request = service_pb2.ModelInferRequest.FromString(requests[0])
+    assert list(request.inputs[0].shape) == [2, 8, 8, 3]
+    values = np.frombuffer(request.raw_input_contents[0], np.uint8)
+    assert values.size == 2 * 8 * 8 * 3
+    assert set(values.tolist()) == {200}  # area averaging keeps a flat image flat
+
+
+def test_predict_requests_follow_the_model_input_shape() -> None:
+    with serve_fake() as fake:
+        cfg = config(fake.target, model_name="digits8", images_per_request=2, duration_s=0.3)
+        (result,) = bench.run(cfg, [Phase(rate=10)])
+        assert result.errors == {}
+        assert set(fake.behaviour.shapes) == {(2, 8, 8, 1)}
+        assert fake.behaviour.models[0] == ("GetModelMetadata", "digits8")
+        assert {name for _, name in fake.behaviour.models} == {"digits8"}
+        with pytest.raises(NotFoundError, match="GetModelMetadata for model 'nope' failed"):
+            bench.run(config(fake.target, model_name="nope"), [Phase(rate=1)])
+
+
+def test_oip_model_name_selects_the_model_and_its_shape() -> None:
+    with serve_fake(oip=True) as fake:
+        cfg = config(
+            fake.target, protocol="oip", model_name="digits8", images_per_request=3,
+            duration_s=0.3,
+        )  # fmt: skip
+        (result,) = bench.run(cfg, [Phase(rate=10)])
+    assert result.errors == {}
+    assert set(fake.behaviour.shapes) == {(3, 8, 8, 1)}
+    assert {name for _, name in fake.behaviour.models} == {"digits8"}
+
+
+def test_resize_batch() -> None:
+    images = np.zeros((1, 4, 4), np.uint8)
+    images[0, :2, :2] = 255  # the top-left quarter is ink
+    np.testing.assert_array_equal(resize_batch(images, (2, 2, 1))[0, :, :, 0], [[255, 0], [0, 0]])
+    # Three pixels onto two: each output pixel averages one and a half input pixels.
+    row = np.array([[[0, 90, 180]]], np.uint8)
+    np.testing.assert_array_equal(resize_batch(row, (1, 2, 1)).reshape(-1), [30, 150])
+    colour = resize_batch(np.full((1, 2, 2, 3), (30, 60, 90), np.uint8), (2, 2, 1))
+    assert colour.reshape(-1).tolist() == [60, 60, 60, 60]
+    np.testing.assert_array_equal(resize_batch(IMAGES[:3], (28, 28, 1))[..., 0], IMAGES[:3])
 
 
 def test_streams_carry_the_requests_with_the_same_timing() -> None:
@@ -154,7 +208,9 @@ def test_streams_carry_the_requests_with_the_same_timing() -> None:
 def test_stream_error_answers_are_counted_by_code() -> None:
     behaviour = Behaviour(fail_first=5, fail_code=grpc.StatusCode.RESOURCE_EXHAUSTED)
     with serve_fake(behaviour) as fake:
-        # fail_first counts per method: the unary first request fails too, so skip it.
+        # fail_first counts per method: the model's metadata and the unary first
+        # request would fail too, so skip them.
+        behaviour.calls["GetModelMetadata"] = 5
         behaviour.calls["Predict"] = 5
         cfg = config(fake.target, streams=1, warmup_s=0.0, duration_s=0.5)
         (result,) = bench.run(cfg, [Phase(rate=40)])
@@ -183,8 +239,18 @@ def test_convolve_rpc() -> None:
 
 
 def test_a_server_that_cannot_be_reached_fails_the_run_at_once() -> None:
-    with pytest.raises(UnavailableError, match="the first request failed"):
+    with pytest.raises(UnavailableError, match="GetModelMetadata for model '' failed"):
         bench.run(config(f"127.0.0.1:{closed_port()}"), [Phase(concurrency=1)])
+    with pytest.raises(UnavailableError, match="the first request failed"):
+        bench.run(config(f"127.0.0.1:{closed_port()}", rpc="convolve"), [Phase(concurrency=1)])
+
+
+def test_a_first_request_the_server_refuses_fails_the_run() -> None:
+    behaviour = Behaviour(fail_first=1, fail_code=grpc.StatusCode.INVALID_ARGUMENT)
+    with serve_fake(behaviour) as fake:
+        behaviour.calls["GetModelMetadata"] = 1
+        with pytest.raises(InvalidArgumentError, match="the first request failed"):
+            bench.run(config(fake.target), [Phase(concurrency=1)])
 
 
 def test_config_and_phase_validation() -> None:
@@ -206,10 +272,16 @@ def test_input_images(tmp_path: Path) -> None:
     assert (IMAGES > 0).sum(axis=(1, 2)).min() > 20
     path = tmp_path / "digits.npz"
     np.savez(path, images=IMAGES[:5] / 255.0, labels=labels[:5])
-    np.testing.assert_array_equal(bench_requests.load_images(path), IMAGES[:5])
+    np.testing.assert_array_equal(bench_requests.load_images(path), IMAGES[:5, :, :, np.newaxis])
+    colour = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    np.save(tmp_path / "colour.npy", colour)
+    np.testing.assert_array_equal(bench_requests.load_images(tmp_path / "colour.npy"), colour)
     np.savez(tmp_path / "other.npz", pixels=IMAGES)
     with pytest.raises(InputError, match="no 'images' array"):
         bench_requests.load_images(tmp_path / "other.npz")
+    np.save(tmp_path / "flat.npy", IMAGES.reshape(32, 784))
+    with pytest.raises(InputError, match=r"flat.npy: images must be \[N,H,W\] or \[N,H,W,C\]"):
+        bench_requests.load_images(tmp_path / "flat.npy")
 
 
 def test_progress_line(capsys: pytest.CaptureFixture[str]) -> None:

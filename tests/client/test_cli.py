@@ -55,15 +55,17 @@ def test_predict_table_with_labels(
     np.save(npy, numbered_images(8)[7])
     code, out, _ = run(capsys, "predict", str(digits_npz), str(npy), "--target", fake.target)
     assert code == 0
-    lines = out.splitlines()
-    assert lines[0].split() == ["file", "index", "digit", "confidence", "top-3", "label", "match"]
-    assert lines[2].split()[:3] == ["digits.npz", "0", "0"]
-    assert lines[4].split()[-2:] == ["5", "NO"]  # predicted 2, labelled 5
-    assert lines[5].split()[:3] == ["one.npy", "0", "7"]
-    assert "0.9100" in lines[5]
-    assert "7:0.910" in lines[5]
-    assert "2/3 correct (66.7%)" in out
-    assert "model fake version 7" in out
+    top3 = "{}:0.910  {}:0.010  {}:0.010"
+    assert out.splitlines() == [
+        "file        index  class  label  confidence  top-3                      expected  match",
+        "----------  -----  -----  -----  ----------  -------------------------  --------  -----",
+        "digits.npz      0      0  0          0.9100  " + top3.format(0, 1, 2) + "         0  yes",
+        "digits.npz      1      1  1          0.9100  " + top3.format(1, 0, 2) + "         1  yes",
+        "digits.npz      2      2  2          0.9100  " + top3.format(2, 0, 1) + "         5  NO",
+        "one.npy         0      7  7          0.9100  " + top3.format(7, 0, 1) + "         -  -",
+        "model fake version 7; 2/3 correct (66.7%)",
+    ]
+    assert fake.behaviour.models == [("GetModelMetadata", ""), ("Predict", "")]
 
 
 def test_predict_json(
@@ -72,10 +74,75 @@ def test_predict_json(
     code, out, _ = run(capsys, "predict", str(digits_npz), "--target", fake.target, "--json")
     assert code == 0
     data = json.loads(out)
+    assert [p["class_index"] for p in data["predictions"]] == [0, 1, 2]
     assert [p["digit"] for p in data["predictions"]] == [0, 1, 2]
+    assert [p["label"] for p in data["predictions"]] == ["0", "1", "2"]
+    assert [p["expected"] for p in data["predictions"]] == [0, 1, 5]
     assert [p["match"] for p in data["predictions"]] == [True, True, False]
     assert data["accuracy"] == pytest.approx(2 / 3)
-    assert data["predictions"][0]["top3"][0] == {"digit": 0, "probability": pytest.approx(0.91)}
+    assert data["predictions"][0]["top3"][0] == {
+        "class_index": 0,
+        "label": "0",
+        "probability": pytest.approx(0.91),
+    }
+
+
+def test_predict_with_a_model_prints_its_class_names(
+    capsys: pytest.CaptureFixture[str], fake: RunningFake, tmp_path: Path
+) -> None:
+    npy = tmp_path / "clothes.npy"
+    np.save(npy, numbered_images(10)[8:])
+    argv = ["predict", str(npy), "--model", "fashion", "--target", fake.target]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert out.splitlines() == [
+        "file         index  class  label       confidence  top-3",
+        "-" * 11 + "  -----  -----  " + "-" * 10 + "  " + "-" * 10 + "  " + "-" * 50,
+        "clothes.npy      0      8  Bag             0.9100  Bag:0.910  T-shirt/top:0.010  "
+        "Trouser:0.010",
+        "clothes.npy      1      9  Ankle boot      0.9100  Ankle boot:0.910  T-shirt/top:0.010  "
+        "Trouser:0.010",
+        "model fashion version 1",
+    ]
+    code, out, _ = run(capsys, *argv, "--json")
+    (first, second) = json.loads(out)["predictions"]
+    assert (first["class_index"], first["label"]) == (8, "Bag")
+    assert second["top3"][0] == {
+        "class_index": 9,
+        "label": "Ankle boot",
+        "probability": pytest.approx(0.91),
+    }
+    assert {name for _, name in fake.behaviour.models} == {"fashion"}
+
+
+def test_predict_reads_files_in_the_model_input_shape(
+    capsys: pytest.CaptureFixture[str], fake: RunningFake, tmp_path: Path
+) -> None:
+    small = np.zeros((2, 8, 8), np.uint8)
+    small[:, 0, 0] = [3, 14]
+    np.save(tmp_path / "small.npy", small)
+    stroke = np.full((90, 60), 255, np.uint8)
+    stroke[20:70, 25:35] = 0
+    Image.fromarray(stroke).save(tmp_path / "one.png")
+    code, out, _ = run(
+        capsys, "predict", str(tmp_path / "small.npy"), str(tmp_path / "one.png"),
+        "--model", "digits8", "--target", fake.target,
+    )  # fmt: skip
+    assert code == 0
+    assert [line.split()[:4] for line in out.splitlines()[2:4]] == [
+        ["small.npy", "0", "3", "3"],
+        ["small.npy", "1", "4", "4"],
+    ]
+    assert out.splitlines()[4].split()[:2] == ["one.png", "-"]
+    assert fake.behaviour.shapes == [(3, 8, 8, 1)]
+    # 28x28 arrays do not fit the 8x8 model: refused before predicting.
+    np.save(tmp_path / "big.npy", numbered_images(2))
+    code, _, err = run(
+        capsys, "predict", str(tmp_path / "big.npy"), "--model", "digits8", "--target", fake.target
+    )
+    assert code == 2
+    assert "big.npy: images: shape must be [N,8,8,1], [N,8,8], [N,64]" in err
+    assert fake.behaviour.calls["Predict"] == 1
 
 
 def test_predict_image_files_are_sent_as_mnist_digits(
@@ -136,7 +203,9 @@ def test_predict_bad_input_files_exit_2(
     assert err.startswith("convserve predict: error: ")
     assert message.split(":")[0] in err
     assert _search(message, err)
-    assert fake.behaviour.calls.total() == 0
+    # Unreadable files fail before any call; the others once the input shape is known.
+    read_against_the_model = content in ("shape", "labels")
+    assert fake.behaviour.calls == ({"GetModelMetadata": 1} if read_against_the_model else {})
 
 
 def _search(pattern: str, text: str) -> bool:
@@ -155,6 +224,14 @@ def test_exit_codes_for_server_errors(capsys: pytest.CaptureFixture[str], digits
             "exit_code": 3,
         }
         assert run(capsys, "metadata", "--target", fake.target, "--model", "nope")[0] == 3
+        code, _, err = run(
+            capsys, "predict", str(digits_npz), "--target", fake.target, "--model", "nope"
+        )
+        assert code == 3
+        assert "NOT_FOUND: model 'nope' not found" in err
+        code, _, err = run(capsys, "metadata", "--target", fake.target, "--model", "broken")
+        assert code == 4
+        assert "UNAVAILABLE: model 'broken' has no usable version" in err
     unreachable = f"127.0.0.1:{closed_port()}"
     code, _, err = run(capsys, "health", "--target", unreachable, "--retries", "0")
     assert code == 4
@@ -318,6 +395,24 @@ def test_feature_maps(
     ]
 
 
+def test_feature_maps_of_another_model(
+    capsys: pytest.CaptureFixture[str], fake: RunningFake, tmp_path: Path
+) -> None:
+    stroke = np.full((40, 40), 255, np.uint8)
+    stroke[5:35, 18:22] = 0
+    Image.fromarray(stroke).save(tmp_path / "one.png")
+    code, out, _ = run(
+        capsys, "feature-maps", str(tmp_path / "one.png"), "--output", str(tmp_path / "maps"),
+        "--model", "digits8", "--json", "--target", fake.target,
+    )  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert (data["model_name"], data["model_version"]) == ("digits8", 1)
+    assert [m["shape"] for m in data["feature_maps"]] == [[6, 6, 4], [1, 1, 2]]
+    assert fake.behaviour.shapes == [(1, 8, 8, 1)]
+    assert fake.behaviour.models == [("GetModelMetadata", "digits8"), ("GetFeatureMaps", "digits8")]
+
+
 def test_metadata(capsys: pytest.CaptureFixture[str], fake: RunningFake) -> None:
     code, out, _ = run(capsys, "metadata", "--target", fake.target)
     assert code == 0
@@ -329,10 +424,85 @@ def test_metadata(capsys: pytest.CaptureFixture[str], fake: RunningFake) -> None
     )
     assert "Total params: 1,250" in out
     assert "test accuracy 0.9000" in out
+    assert "classes:" not in out
+    assert "confusion matrix" not in out
     code, out, _ = run(capsys, "metadata", "--target", fake.target, "--json")
     data = json.loads(out)
     assert data["layers"][1]["parameters"] == 1210
     assert data["training"]["dataset"] == "sample"
+    assert data["training"]["confusion_matrix"] is None
+    assert data["class_names"] == []
+
+
+def test_metadata_of_a_model_with_class_names_and_confusion_matrix(
+    capsys: pytest.CaptureFixture[str], fake: RunningFake
+) -> None:
+    code, out, _ = run(capsys, "metadata", "--model", "rgb", "--target", fake.target)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "model rgb, serving version 3 (loaded: 3) on /CPU:0"
+    assert "input images: uint8|float32 (None, 4, 4, 3)" in lines
+    assert "classes: 0 red, 1 green, 2 blue" in lines
+    start = lines.index("confusion matrix (rows: true class, columns: predicted class):")
+    assert lines[start + 1 :] == [
+        "   0  1  2",
+        "-  -  -  -",
+        "0  5  1  0",
+        "1  0  6  0",
+        "2  1  0  4",
+    ]
+    code, out, _ = run(capsys, "metadata", "--model", "rgb", "--target", fake.target, "--json")
+    data = json.loads(out)
+    assert data["class_names"] == ["red", "green", "blue"]
+    assert data["training"]["confusion_matrix"] == [[5, 1, 0], [0, 6, 0], [1, 0, 4]]
+    assert data["inputs"][0]["shape"] == [-1, 4, 4, 3]
+    assert fake.behaviour.models == [("GetModelMetadata", "rgb"), ("GetModelMetadata", "rgb")]
+
+
+def test_models_table_and_json(capsys: pytest.CaptureFixture[str], fake: RunningFake) -> None:
+    code, out, _ = run(capsys, "models", "--target", fake.target)
+    assert code == 0
+    assert out.splitlines() == [
+        "model    ready  serving  versions                  errors",
+        "-------  -----  -------  " + "-" * 24 + "  " + "-" * 31,
+        "broken   no           -  1 END                     1: no serving_default signature",
+        "digits8  yes          1  1 AVAILABLE, 2 LOADING    -",
+        "fake     yes          7  6 AVAILABLE, 7 AVAILABLE  -",
+        "fashion  yes          1  1 AVAILABLE               -",
+        "rgb      yes          3  3 AVAILABLE               -",
+        "default model: fake",
+    ]
+    code, out, _ = run(capsys, "--json", "models", "--target", fake.target)
+    assert code == 0
+    data = json.loads(out)
+    assert data["default_model"] == "fake"
+    assert [m["name"] for m in data["models"]] == ["broken", "digits8", "fake", "fashion", "rgb"]
+    assert data["models"][0] == {
+        "name": "broken",
+        "ready": False,
+        "serving_version": None,
+        "versions": [
+            {
+                "version": 1,
+                "state": "END",
+                "serving": False,
+                "error": "no serving_default signature",
+            }
+        ],
+    }
+    assert data["models"][1]["versions"] == [
+        {"version": 1, "state": "AVAILABLE", "serving": True, "error": ""},
+        {"version": 2, "state": "LOADING", "serving": False, "error": ""},
+    ]
+    assert data["models"][1]["serving_version"] == 1
+    assert fake.behaviour.calls == {"ListModels": 2}
+
+
+def test_model_flag_is_accepted_by_every_model_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("predict", "feature-maps", "metadata", "bench"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0
+        assert "--model NAME" in out, command
 
 
 def test_health(capsys: pytest.CaptureFixture[str], fake: RunningFake) -> None:
@@ -388,3 +558,27 @@ def test_bench_table_and_json(
     code, _, err = run(capsys, *base, "--protocol", "oip")
     assert code == 2
     assert "needs --model" in err
+
+
+def test_bench_model_selects_the_model_for_both_protocols(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with serve_fake(oip=True) as fake:
+        base = [
+            "bench", "--target", fake.target, "--duration-s", "0.3", "--warmup-s", "0.1",
+            "--rate", "10", "--images-per-request", "2", "--model", "digits8", "--json",
+        ]  # fmt: skip
+        code, out, _ = run(capsys, *base)
+        assert code == 0
+        assert json.loads(out)["model"] == "digits8"
+        code, out, _ = run(capsys, *base, "--protocol", "oip")
+        assert code == 0
+        assert json.loads(out)["model"] == "digits8"
+        assert {name for _, name in fake.behaviour.models} == {"digits8"}
+        assert {method for method, _ in fake.behaviour.models} == {
+            "GetModelMetadata",
+            "Predict",
+            "ModelInfer",
+        }
+        # Synthetic 28x28 digits resized to the model's 8x8 on both protocols.
+        assert set(fake.behaviour.shapes) == {(2, 8, 8, 1)}

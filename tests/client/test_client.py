@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import socket
 import threading
 import time
@@ -12,20 +14,27 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
+from PIL import Image
 
 from convserve.client import (
     AsyncConvServeClient,
     ConvServeClient,
     DeadlineExceededError,
     InputError,
+    InternalError,
     InvalidArgumentError,
+    ModelStatus,
     NotFoundError,
     RetryPolicy,
     TlsConfig,
     UnauthenticatedError,
     UnavailableError,
+    VersionStatus,
+    convert,
 )
 from convserve.client.channel import channel_options
+from convserve.client.tensor import to_tensor
+from convserve.v1 import convserve_pb2 as pb
 
 from .conftest import Certs
 from .fakes import Behaviour, RunningFake, serve_fake
@@ -53,6 +62,9 @@ def test_sync_client_every_method(fake: RunningFake) -> None:
     with ConvServeClient(fake.target) as client:
         result = client.predict(numbered_images(3))
         assert result.digits.tolist() == [0, 1, 2]
+        assert result.class_indices.tolist() == [0, 1, 2]
+        assert result.labels == ["0", "1", "2"]  # the default model names no classes
+        assert (result[2].class_index, result[2].digit, result[2].label) == (2, 2, "2")
         assert (result.model_name, result.model_version) == ("fake", 7)
         assert result[1].top(2) == [(1, pytest.approx(0.91)), (0, pytest.approx(0.01))]
         assert result.probabilities.shape == (3, 10)
@@ -78,8 +90,14 @@ def test_sync_client_every_method(fake: RunningFake) -> None:
         assert meta.layers[0].name == "conv1"
         assert meta.training.total_parameters == 1250
         assert meta.training.hyperparameters == {"batch_size": "32", "epochs": "1"}
+        assert meta.training.confusion_matrix is None
+        assert meta.class_names == ()
+        assert meta.input_shape == (28, 28, 1)
 
         assert client.health() == "SERVING"
+    # The input shape came from the metadata once; every call went to the default model.
+    assert fake.behaviour.calls["GetModelMetadata"] == 2
+    assert {name for _, name in fake.behaviour.models} == {""}
 
 
 async def test_async_client_every_method(fake: RunningFake) -> None:
@@ -138,7 +156,8 @@ def test_bad_input_is_refused_before_sending(fake: RunningFake) -> None:
             client.predict(np.full((1, 28, 28), 255.0))
         with pytest.raises(InputError, match=r"mode: expected"):
             client.convolve(np.zeros((3, 3)), np.ones((2, 2)), mode="sideways")
-    assert fake.behaviour.calls.total() == 0
+    # Only the model's input shape was asked for, once.
+    assert fake.behaviour.calls == {"GetModelMetadata": 1}
 
 
 def test_large_batches_are_split_and_reassembled_in_order() -> None:
@@ -182,7 +201,8 @@ def test_retryable_codes_are_retried(code: grpc.StatusCode) -> None:
         ConvServeClient(fake.target, retries=FAST_RETRIES) as client,
     ):
         assert client.predict(numbered_images(1)).digits.tolist() == [0]
-    assert fake.behaviour.calls["Predict"] == 3
+    # The model's metadata (for its input shape) was retried the same way.
+    assert fake.behaviour.calls == {"GetModelMetadata": 3, "Predict": 3}
 
 
 def test_invalid_argument_is_never_retried() -> None:
@@ -200,7 +220,7 @@ def test_invalid_argument_is_never_retried() -> None:
 
 def test_retries_stop_after_max_attempts() -> None:
     with (
-        serve_fake(Behaviour(fail_first=100)) as fake,
+        serve_fake(Behaviour(fail_first=100, fail_methods=frozenset({"Predict"}))) as fake,
         ConvServeClient(fake.target, retries=FAST_RETRIES) as client,
         pytest.raises(UnavailableError) as caught,
     ):
@@ -214,8 +234,9 @@ def test_retrying_never_exceeds_the_deadline() -> None:
     # deadline would overshoot it by far more than the scheduling slack allowed.
     policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.02, max_backoff_s=0.5)
     timeout_s = 0.6
+    behaviour = Behaviour(fail_first=10**6, fail_methods=frozenset({"Predict"}))
     with (
-        serve_fake(Behaviour(fail_first=10**6)) as fake,
+        serve_fake(behaviour) as fake,
         ConvServeClient(fake.target, retries=policy, timeout_s=timeout_s) as client,
     ):
         start = time.monotonic()
@@ -230,7 +251,8 @@ async def test_async_retrying_never_exceeds_the_deadline() -> None:
     # Backoffs grow to half a second, so a retry loop that slept past the
     # deadline would overshoot it by far more than the scheduling slack allowed.
     policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.02, max_backoff_s=0.5)
-    with serve_fake(Behaviour(fail_first=10**6)) as fake:
+    behaviour = Behaviour(fail_first=10**6, fail_methods=frozenset({"Predict"}))
+    with serve_fake(behaviour) as fake:
         async with AsyncConvServeClient(fake.target, retries=policy, timeout_s=0.6) as client:
             start = time.monotonic()
             with pytest.raises(UnavailableError):
@@ -279,6 +301,193 @@ def test_unreachable_server_is_unavailable() -> None:
 def test_unknown_model_is_not_found(fake: RunningFake) -> None:
     with ConvServeClient(fake.target, model_name="nope") as client, pytest.raises(NotFoundError):
         client.metadata()
+    with ConvServeClient(fake.target) as client:
+        with pytest.raises(NotFoundError, match="model 'nope' not found"):
+            client.predict(numbered_images(1), model="nope")
+        with pytest.raises(NotFoundError, match="model 'nope' not found"):
+            client.feature_maps(numbered_images(1), model="nope")
+        with pytest.raises(UnavailableError, match="model 'broken' has no usable version"):
+            client.predict(numbered_images(1), model="broken")
+    assert fake.behaviour.calls["Predict"] == 0
+
+
+# --- Several models ------------------------------------------------------------------------
+
+
+def test_each_call_names_its_model_and_reads_images_in_its_shape(fake: RunningFake) -> None:
+    digits8 = np.zeros((3, 8, 8), np.uint8)
+    digits8[:, 0, 0] = [3, 4, 15]
+    with ConvServeClient(fake.target) as client:
+        small = client.predict(digits8, model="digits8")
+        again = client.predict(digits8[0], model="digits8", model_version=1)
+        fashion = client.predict(numbered_images(3), model="fashion")
+        default = client.predict(numbered_images(2))
+        with pytest.raises(InputError, match=r"shape must be \[N,8,8,1\], .*got \[1, 28, 28\]"):
+            client.predict(numbered_images(1), model="digits8")
+    assert (small.model_name, small.model_version) == ("digits8", 1)
+    assert small.class_indices.tolist() == [3, 4, 5]
+    assert small.labels == ["3", "4", "5"]
+    assert again.labels == ["3"]
+    assert fashion.labels == ["T-shirt/top", "Trouser", "Pullover"]
+    assert fashion.model_name == "fashion"
+    assert default.model_name == "fake"
+    assert fake.behaviour.shapes == [(3, 8, 8, 1), (1, 8, 8, 1), (3, 28, 28, 1), (2, 28, 28, 1)]
+    # Each model's input shape is asked for once, before its first prediction.
+    assert fake.behaviour.models == [
+        ("GetModelMetadata", "digits8"),
+        ("Predict", "digits8"),
+        ("Predict", "digits8"),
+        ("GetModelMetadata", "fashion"),
+        ("Predict", "fashion"),
+        ("GetModelMetadata", ""),
+        ("Predict", ""),
+    ]
+
+
+def test_client_model_name_is_the_default_for_every_call(fake: RunningFake) -> None:
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[0, 0, 0] = 5  # class 5 % 3 = 2
+    with ConvServeClient(fake.target, model_name="rgb") as client:
+        result = client.predict(image)
+        maps = client.feature_maps(image, layers=["conv1"])
+        meta = client.metadata()
+        other = client.predict(numbered_images(2), model="fake")
+    assert (result.class_indices.tolist(), result.labels) == ([2], ["blue"])
+    assert result.probabilities.shape == (1, 3)
+    np.testing.assert_allclose(result.probabilities[0], [0.01, 0.01, 0.98])
+    assert maps.maps["conv1"].shape == (2, 2, 4)
+    assert (maps.model_name, maps.model_version) == ("rgb", 3)
+    assert meta.class_names == ("red", "green", "blue")
+    assert meta.input_shape == (4, 4, 3)
+    assert meta.training.confusion_matrix is not None
+    assert meta.training.confusion_matrix.tolist() == [[5, 1, 0], [0, 6, 0], [1, 0, 4]]
+    assert meta.training.confusion_matrix.dtype == np.int64
+    assert other.model_name == "fake"
+    assert fake.behaviour.models == [
+        ("GetModelMetadata", "rgb"),
+        ("Predict", "rgb"),
+        ("GetFeatureMaps", "rgb"),
+        ("GetModelMetadata", "rgb"),
+        ("GetModelMetadata", "fake"),
+        ("Predict", "fake"),
+    ]
+
+
+def test_image_files_are_prepared_at_the_model_size(fake: RunningFake) -> None:
+    stroke = np.full((60, 40), 255, np.uint8)
+    stroke[10:50, 15:25] = 0
+    buffer = io.BytesIO()
+    Image.fromarray(stroke).save(buffer, format="PNG")
+    with ConvServeClient(fake.target) as client:
+        client.predict(buffer.getvalue(), model="digits8")
+        client.predict([buffer.getvalue(), buffer.getvalue()], model="rgb")
+    assert fake.behaviour.shapes == [(1, 8, 8, 1), (2, 4, 4, 3)]
+    assert fake.behaviour.dtypes == ["uint8", "uint8"]
+
+
+def test_list_models(fake: RunningFake) -> None:
+    with ConvServeClient(fake.target) as client:
+        listing = client.list_models()
+    assert listing.default_model == "fake"
+    assert [m.name for m in listing] == ["broken", "digits8", "fake", "fashion", "rgb"]
+    assert len(listing) == 5
+    broken, digits8, default = listing.models[:3]
+    assert broken == ModelStatus(
+        "broken", False, (VersionStatus(1, "END", False, "no serving_default signature"),)
+    )
+    assert broken.serving_version is None
+    assert digits8.versions == (
+        VersionStatus(1, "AVAILABLE", True, ""),
+        VersionStatus(2, "LOADING", False, ""),
+    )
+    assert (digits8.ready, digits8.serving_version) == (True, 1)
+    assert default.serving_version == 7
+    assert fake.behaviour.calls == {"ListModels": 1}
+
+
+async def test_async_list_models_and_models_per_call(fake: RunningFake) -> None:
+    digits8 = np.zeros((5, 8, 8), np.uint8)
+    digits8[:, 0, 0] = np.arange(5)
+    async with AsyncConvServeClient(fake.target) as client:
+        listing = await client.list_models()
+        # Concurrent calls for a model share one metadata call.
+        results = await asyncio.gather(
+            *(client.predict(digits8[i], model="digits8") for i in range(5))
+        )
+        meta = await client.metadata(model="fashion")
+        maps = await client.feature_maps(numbered_images(1), model="fashion")
+        with pytest.raises(NotFoundError, match="model 'nope' not found"):
+            await client.predict(digits8, model="nope")
+    assert listing.default_model == "fake"
+    assert listing.models[2] == ModelStatus(
+        "fake",
+        True,
+        (VersionStatus(6, "AVAILABLE", False, ""), VersionStatus(7, "AVAILABLE", True, "")),
+    )
+    assert [r.labels for r in results] == [["0"], ["1"], ["2"], ["3"], ["4"]]
+    assert meta.class_names[9] == "Ankle boot"
+    assert maps.model_name == "fashion"
+    assert fake.behaviour.calls["GetModelMetadata"] == 3  # digits8, fashion, nope
+    assert fake.behaviour.models.count(("Predict", "digits8")) == 5
+    assert ("GetFeatureMaps", "fashion") in fake.behaviour.models
+
+
+async def test_stream_calls_name_their_model(fake: RunningFake) -> None:
+    colour = np.zeros((2, 4, 4, 3), np.uint8)
+    colour[:, 0, 0, 0] = [1, 2]
+    async with (
+        AsyncConvServeClient(fake.target) as client,
+        client.predict_stream(model="digits8") as stream,
+    ):
+        small = await stream.predict(np.zeros((8, 8), np.uint8))
+        rgb = await stream.predict(colour, model="rgb")
+        with pytest.raises(NotFoundError, match="version 2 of model 'digits8' is not loaded"):
+            await stream.predict(np.zeros((8, 8), np.uint8), model_version=2)
+    assert (small.model_name, small.labels) == ("digits8", ["0"])
+    assert (rgb.model_name, rgb.labels) == ("rgb", ["green", "blue"])
+    assert fake.behaviour.models == [
+        ("GetModelMetadata", "digits8"),
+        ("PredictStream", "digits8"),
+        ("GetModelMetadata", "rgb"),
+        ("PredictStream", "rgb"),
+        ("PredictStream", "digits8"),
+    ]
+
+
+def test_responses_without_labels_or_with_bad_fields() -> None:
+    request = convert.predict_requests(
+        np.zeros((2, 2, 2), np.uint8),
+        max_batch_images=8,
+        spec=convert.model_spec(),
+        shape=(2, 2, 1),
+    )
+    probabilities = np.array([[0.2, 0.8], [0.6, 0.4]], np.float32)
+    old = pb.PredictResponse(
+        model_name="m", model_version=1, digits=[1, 0], confidences=[0.8, 0.6],
+        probabilities=to_tensor(probabilities),
+    )  # fmt: skip
+    result = convert.predict_result(request, [old])
+    assert result.labels == ["1", "0"]  # a server that names no classes: the index as text
+    np.testing.assert_array_equal(result.probabilities, probabilities)
+    wrong = pb.PredictResponse()
+    wrong.CopyFrom(old)
+    wrong.labels.append("only one")
+    with pytest.raises(InternalError, match="1 labels for 2 images"):
+        convert.predict_result(request, [wrong])
+    meta = pb.GetModelMetadataResponse(
+        model_name="m",
+        inputs=[pb.TensorSpec(name="x", shape=[-1, 784])],
+        class_names=["a", "b"],
+        training=pb.TrainingRecord(confusion_matrix=[1, 2, 3, 4]),
+    )
+    parsed = convert.metadata_result(meta)
+    assert parsed.training.confusion_matrix is not None
+    assert parsed.training.confusion_matrix.tolist() == [[1, 2], [3, 4]]
+    with pytest.raises(InternalError, match=r"declares input shape \[-1, 784\], expected"):
+        _ = parsed.input_shape
+    meta.training.confusion_matrix.append(5)
+    with pytest.raises(InternalError, match="confusion_matrix has 5 values, expected 2x2"):
+        convert.metadata_result(meta)
 
 
 # --- Health ------------------------------------------------------------------------------

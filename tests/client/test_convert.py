@@ -23,21 +23,24 @@ from convserve.client.retry import Attempts, Deadline, RetryPolicy, as_retry_pol
 from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2 as pb
 
+MNIST = (28, 28, 1)
+
 
 def test_predict_requests_split_in_order_with_the_model_spec() -> None:
     images = np.arange(7 * 784, dtype=np.int64).reshape(7, 784) % 256
     requests = convert.predict_requests(
-        images, max_batch_images=3, spec=convert.model_spec("mnist", 2)
+        images, max_batch_images=3, spec=convert.model_spec("mnist", 2), shape=MNIST
     )
     assert [convert.request_image_count(r) for r in requests] == [3, 3, 1]
     assert all(r.model_spec.name == "mnist" and r.model_spec.version == 2 for r in requests)
+    assert [list(r.images.shape) for r in requests] == [[3, 28, 28, 1]] * 2 + [[1, 28, 28, 1]]
     sent = np.concatenate([from_tensor(r.images, "images") for r in requests])
     np.testing.assert_array_equal(sent.reshape(7, 784), images)
     assert not convert.model_spec().HasField("version")
 
 
-def _response(digits: list[int], version: int = 3) -> pb.PredictResponse:
-    probs = np.full((len(digits), 10), 0.05, np.float32)
+def _response(digits: list[int], version: int = 3, classes: int = 10) -> pb.PredictResponse:
+    probs = np.full((len(digits), classes), 0.05, np.float32)
     probs[np.arange(len(digits)), digits] = 0.55
     return pb.PredictResponse(
         model_name="m",
@@ -45,15 +48,18 @@ def _response(digits: list[int], version: int = 3) -> pb.PredictResponse:
         digits=digits,
         confidences=[0.55] * len(digits),
         probabilities=to_tensor(probs),
+        labels=[f"class {d}" for d in digits],
     )
 
 
 def test_predict_result_joins_parts_and_keeps_versions() -> None:
     requests = convert.predict_requests(
-        np.zeros((3, 28, 28), np.uint8), max_batch_images=2, spec=convert.model_spec()
+        np.zeros((3, 28, 28), np.uint8), max_batch_images=2, spec=convert.model_spec(), shape=MNIST
     )
     result = convert.predict_result(requests, [_response([4, 1], 3), _response([9], 4)])
     assert result.digits.tolist() == [4, 1, 9]
+    assert result.class_indices.tolist() == [4, 1, 9]
+    assert result.labels == ["class 4", "class 1", "class 9"]
     assert [p.model_version for p in result] == [3, 3, 4]
     assert (result.model_name, result.model_version) == ("m", 3)
     assert result[2].top(1) == [(9, pytest.approx(0.55))]
@@ -62,10 +68,13 @@ def test_predict_result_joins_parts_and_keeps_versions() -> None:
 
 def test_predict_result_rejects_inconsistent_responses() -> None:
     requests = convert.predict_requests(
-        np.zeros((2, 28, 28), np.uint8), max_batch_images=2, spec=convert.model_spec()
+        np.zeros((2, 28, 28), np.uint8), max_batch_images=2, spec=convert.model_spec(), shape=MNIST
     )
-    with pytest.raises(InternalError, match=r"probabilities has shape \[1, 10\]"):
+    with pytest.raises(InternalError, match=r"probabilities has shape \[1, 10\], expected \[2,K\]"):
         convert.predict_result(requests, [_response([1])])
+    # Any number of classes is fine.
+    three = convert.predict_result(requests, [_response([2, 0], classes=3)])
+    assert three.probabilities.shape == (2, 3)
     broken = _response([1, 2])
     broken.probabilities.content = b"\x00"
     with pytest.raises(InternalError, match="malformed response: probabilities: content"):
@@ -178,12 +187,18 @@ def test_fit_kernel_request_and_result() -> None:
 
 def test_feature_maps_request_and_result() -> None:
     request = convert.feature_maps_request(
-        np.zeros((28, 28), np.uint8), ["conv1"], convert.model_spec("m")
+        np.zeros((28, 28), np.uint8), ["conv1"], convert.model_spec("m"), MNIST
     )
-    assert list(request.image.shape) == [1, 28, 28]
+    assert list(request.image.shape) == [1, 28, 28, 1]
     assert list(request.layers) == ["conv1"]
+    small = convert.feature_maps_request(
+        np.zeros(64, np.uint8), [], convert.model_spec("d"), (8, 8, 1)
+    )
+    assert list(small.image.shape) == [1, 8, 8, 1]
     with pytest.raises(InputError, match="layers: expected a list"):
-        convert.feature_maps_request(np.zeros((28, 28), np.uint8), "conv1", convert.model_spec())
+        convert.feature_maps_request(
+            np.zeros((28, 28), np.uint8), "conv1", convert.model_spec(), MNIST
+        )
     response = pb.GetFeatureMapsResponse(
         model_name="m",
         model_version=2,

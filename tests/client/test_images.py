@@ -1,4 +1,4 @@
-"""Input normalization and MNIST-style preparation of image files."""
+"""Input normalization against a model's input shape and MNIST-style preparation of files."""
 
 from __future__ import annotations
 
@@ -11,75 +11,114 @@ from PIL import Image
 
 from convserve.client.errors import InputError
 from convserve.client.images import (
+    accepted_shapes,
     image_batch,
     load_grayscale,
     mnist_preprocess,
+    prepare_image,
     single_image,
 )
 
+MNIST = (28, 28, 1)
+
 
 @pytest.mark.parametrize(
-    ("shape", "count"),
+    ("model", "shape", "count"),
     [
-        ((5, 28, 28), 5),
-        ((5, 28, 28, 1), 5),
-        ((5, 784), 5),
-        ((28, 28), 1),
-        ((28, 28, 1), 1),
-        ((784,), 1),
-        ((1, 28, 28), 1),
+        (MNIST, (5, 28, 28), 5),
+        (MNIST, (5, 28, 28, 1), 5),
+        (MNIST, (5, 784), 5),
+        (MNIST, (28, 28), 1),
+        (MNIST, (28, 28, 1), 1),
+        (MNIST, (784,), 1),
+        (MNIST, (1, 28, 28), 1),
+        ((8, 8, 1), (3, 8, 8), 3),
+        ((8, 8, 1), (8, 8), 1),
+        ((8, 8, 1), (2, 64), 2),
+        ((4, 4, 3), (2, 4, 4, 3), 2),
+        ((4, 4, 3), (4, 4, 3), 1),
+        ((4, 4, 3), (2, 48), 2),
+        ((4, 4, 3), (48,), 1),
     ],
 )
-def test_accepted_shapes_become_n_28_28(shape: tuple[int, ...], count: int) -> None:
+def test_accepted_shapes_become_n_h_w_c(
+    model: tuple[int, int, int], shape: tuple[int, ...], count: int
+) -> None:
     pixels = np.arange(np.prod(shape)).reshape(shape) % 256
-    batch = image_batch(pixels.astype(np.uint8))
-    assert batch.shape == (count, 28, 28)
+    batch = image_batch(pixels.astype(np.uint8), model)
+    assert batch.shape == (count, *model)
     # Reshaping only: the pixel order is kept.
     np.testing.assert_array_equal(batch.reshape(-1), pixels.reshape(-1))
 
 
-@pytest.mark.parametrize("shape", [(28, 27), (2, 28, 28, 3), (3, 785), (0, 28, 28), (2, 2, 28, 28)])
-def test_other_shapes_are_refused(shape: tuple[int, ...]) -> None:
-    with pytest.raises(InputError, match=r"images: shape must be|no images"):
-        image_batch(np.zeros(shape, np.uint8))
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (MNIST, (28, 27)),
+        (MNIST, (2, 28, 28, 3)),
+        (MNIST, (3, 785)),
+        (MNIST, (2, 2, 28, 28)),
+        (MNIST, (2, 8, 8)),  # another model's images are not resized
+        ((8, 8, 1), (2, 28, 28)),
+        ((4, 4, 3), (2, 4, 4)),  # [N,H,W] only for one-channel models
+        ((4, 4, 3), (4, 4)),
+    ],
+)
+def test_other_shapes_are_refused(model: tuple[int, int, int], shape: tuple[int, ...]) -> None:
+    with pytest.raises(InputError, match=r"images: shape must be .* \(the model's input\), got"):
+        image_batch(np.zeros(shape, np.uint8), model)
+
+
+def test_the_error_lists_the_shapes_the_model_takes() -> None:
+    assert accepted_shapes(MNIST) == (
+        "[N,28,28,1], [N,28,28], [N,784], [28,28,1], [28,28] or [784]"
+    )
+    assert accepted_shapes((4, 4, 3)) == "[N,4,4,3], [N,48], [4,4,3] or [48]"
+    with pytest.raises(InputError, match=r"got \[2, 27, 27\]"):
+        image_batch(np.zeros((2, 27, 27), np.uint8), MNIST)
+    with pytest.raises(InputError, match="no images"):
+        image_batch(np.zeros((0, 28, 28), np.uint8), MNIST)
+    with pytest.raises(InputError, match=r"input shape: expected \(height, width, channels\)"):
+        image_batch(np.zeros((1, 28, 28), np.uint8), (28, 28))  # type: ignore[arg-type]
 
 
 def test_dtype_rules() -> None:
     ints = np.full((1, 28, 28), 200, dtype=np.int64)
-    assert image_batch(ints).dtype == np.uint8
-    assert image_batch(ints.astype(np.float64) / 255.0).dtype == np.float32
-    assert image_batch(np.ones((1, 28, 28), bool)).max() == 255
+    assert image_batch(ints, MNIST).dtype == np.uint8
+    assert image_batch(ints.astype(np.float64) / 255.0, MNIST).dtype == np.float32
+    assert image_batch(np.ones((1, 28, 28), bool), MNIST).max() == 255
     with pytest.raises(InputError, match=r"integer pixels must be in \[0, 255\].*-1 to 200"):
-        image_batch(np.concatenate([ints, -np.ones_like(ints)]))
+        image_batch(np.concatenate([ints, -np.ones_like(ints)]), MNIST)
     with pytest.raises(InputError, match=r"divide by 255"):
-        image_batch(ints.astype(np.float32))
+        image_batch(ints.astype(np.float32), MNIST)
     with pytest.raises(InputError, match="finite"):
-        image_batch(np.full((1, 28, 28), np.nan))
+        image_batch(np.full((1, 28, 28), np.nan), MNIST)
     with pytest.raises(InputError, match="must be numbers"):
-        image_batch(np.full((1, 28, 28), "x"))
+        image_batch(np.full((1, 28, 28), "x"), MNIST)
 
 
 def test_lists_are_joined_and_mixed_types_become_float() -> None:
     a = np.full((28, 28), 255, np.uint8)
     b = np.zeros((2, 28, 28), np.float32)
     parts: list[np.ndarray] = [a, b]
-    batch = image_batch(parts)
-    assert batch.shape == (3, 28, 28)
+    batch = image_batch(parts, MNIST)
+    assert batch.shape == (3, 28, 28, 1)
     assert batch.dtype == np.float32
     assert batch[0].max() == 1.0
-    nested = image_batch(np.zeros((28, 28), np.uint8).tolist())
-    assert nested.shape == (1, 28, 28)
+    nested = image_batch(np.zeros((28, 28), np.uint8).tolist(), MNIST)
+    assert nested.shape == (1, 28, 28, 1)
     assert nested.dtype == np.uint8
     with pytest.raises(InputError, match=r"images\[1\]: shape"):
-        image_batch([a, np.zeros((3, 3), np.uint8)])
+        image_batch([a, np.zeros((3, 3), np.uint8)], MNIST)
     with pytest.raises(InputError, match="no images"):
-        image_batch([])
+        image_batch([], MNIST)
 
 
 def test_single_image_refuses_batches() -> None:
-    assert single_image(np.zeros((1, 784), np.uint8)).shape == (1, 28, 28)
+    assert single_image(np.zeros((1, 784), np.uint8), MNIST).shape == (1, 28, 28, 1)
+    assert single_image(np.zeros((8, 8), np.uint8), (8, 8, 1)).shape == (1, 8, 8, 1)
     with pytest.raises(InputError, match="expected one image, got 2"):
-        single_image(np.zeros((2, 28, 28), np.uint8))
+        single_image(np.zeros((2, 28, 28), np.uint8), MNIST)
 
 
 def _bar_digit(height: int, width: int, *, dark_on_light: bool) -> np.ndarray:
@@ -119,6 +158,24 @@ def test_mnist_preprocess_ignores_paper_texture() -> None:
 
 def test_blank_image_gives_a_blank_digit() -> None:
     assert mnist_preprocess(np.full((50, 50), 255.0)).max() == 0
+    blank = prepare_image(np.full((50, 50), 255.0), (8, 8, 1))
+    assert (blank.shape, int(blank.max())) == ((8, 8, 1), 0)
+
+
+def test_files_are_prepared_at_the_model_size() -> None:
+    bar = _bar_digit(200, 120, dark_on_light=True)
+    small = prepare_image(bar, (8, 8, 1))
+    assert small.shape == (8, 8, 1)
+    assert small.dtype == np.uint8
+    ink = small[:, :, 0] > 127
+    rows = np.flatnonzero(ink.any(axis=1))
+    # The long side fills the box of 20/28 of the field: 6 of 8 pixels.
+    assert rows[-1] - rows[0] + 1 == 6
+    colour = prepare_image(bar, (12, 10, 3))
+    assert colour.shape == (12, 10, 3)
+    # Gray is copied into every channel.
+    np.testing.assert_array_equal(colour[:, :, 0], colour[:, :, 2])
+    np.testing.assert_array_equal(prepare_image(bar, MNIST)[:, :, 0], mnist_preprocess(bar))
 
 
 def _png_bytes(array: np.ndarray, mode: str = "L") -> bytes:
@@ -141,9 +198,9 @@ def test_transparent_background_counts_as_paper() -> None:
     gray = load_grayscale(_png_bytes(rgba))
     assert gray[0, 0] == 255
     assert gray[20, 20] == 0
-    digit = image_batch(_png_bytes(rgba))
+    digit = image_batch(_png_bytes(rgba), MNIST)
     assert digit.dtype == np.uint8
-    assert digit[0, 14, 14] > 200
+    assert digit[0, 14, 14, 0] > 200
 
 
 def test_unreadable_files_name_the_file(tmp_path: Path) -> None:

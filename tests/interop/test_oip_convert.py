@@ -93,6 +93,15 @@ def test_requested_outputs_select_and_order() -> None:
         inputs=[("images", UINT8_IMAGES, "UINT8")], outputs=("digits", "probabilities")
     )
     assert oc.predict_request(request)[2] == ["digits", "probabilities"]
+    request = infer_request(
+        inputs=[("images", UINT8_IMAGES, "UINT8")], outputs=("labels", "probabilities")
+    )
+    assert oc.predict_request(request)[2] == ["labels", "probabilities"]
+
+
+def test_labels_only_when_requested() -> None:
+    request = infer_request(inputs=[("images", UINT8_IMAGES, "UINT8")])
+    assert "labels" not in oc.predict_request(request)[2]
 
 
 def test_ignored_scheduling_parameters_are_accepted() -> None:
@@ -232,6 +241,37 @@ def test_predict_response_typed_uses_contents() -> None:
     np.testing.assert_array_equal(
         np.array(probs.contents.fp32_contents, dtype=np.float32).reshape(2, 10), PROBS
     )
+
+
+NAMED = types.PredictOutput(
+    model_name="fashion", model_version=1, probabilities=PROBS, class_names=tuple("ABCDEFGHIJ")
+)
+
+
+def test_labels_output_raw_reads_back_with_tritonclient() -> None:
+    response = oc.predict_response(infer_request(), NAMED, ["digits", "labels"], raw=True)
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("digits", "INT32", [2]),
+        ("labels", "BYTES", [2]),
+    ]
+    labels = InferResult(response).as_numpy("labels")
+    assert labels is not None
+    assert labels.tolist() == [b"A", b"D"]
+
+
+def test_labels_output_typed_and_unnamed_classes() -> None:
+    response = oc.predict_response(infer_request(), NAMED, ["labels"], raw=False)
+    assert list(response.outputs[0].contents.bytes_contents) == [b"A", b"D"]
+    # Without class names, a class is named by its index.
+    unnamed = oc.predict_response(infer_request(), RESULT, ["labels"], raw=False)
+    assert list(unnamed.outputs[0].contents.bytes_contents) == [b"0", b"3"]
+
+
+def test_labels_output_encodes_utf8_with_lengths() -> None:
+    result = types.PredictOutput("m", 1, PROBS[:1], class_names=("été",))
+    response = oc.predict_response(infer_request(), result, ["labels"], raw=True)
+    # The length counts bytes, not characters.
+    assert response.raw_output_contents[0] == (5).to_bytes(4, "little") + "été".encode()
 
 
 def test_predict_response_only_the_requested_outputs() -> None:
@@ -381,8 +421,84 @@ def test_model_metadata_lists_versions_and_tensors() -> None:
     assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [
         ("probabilities", "FP32", [-1, 10]),
         ("digits", "INT32", [-1]),
+        ("labels", "BYTES", [-1]),
     ]
     assert list(oc.model_metadata_response(META, 1).versions) == ["1"]
+
+
+def test_model_metadata_takes_the_model_shapes_and_dtypes() -> None:
+    small = types.ModelMetadata(
+        model_name="digits8",
+        loaded_versions=(7,),
+        serving_version=7,
+        inputs=(types.TensorSpecInfo("images", ("float32", "uint8"), (-1, 8, 8, 3)),),
+        outputs=(types.TensorSpecInfo("probabilities", ("float32",), (-1, 4)),),
+        layers=(),
+    )
+    response = oc.model_metadata_response(small, None)
+    assert (response.name, list(response.versions)) == ("digits8", ["7"])
+    assert [(t.name, t.datatype, list(t.shape)) for t in response.inputs] == [
+        ("images", "FP32", [-1, 8, 8, 3])
+    ]
+    assert list(response.outputs[0].shape) == [-1, 4]
+
+
+def test_model_metadata_without_an_input_is_internal() -> None:
+    bare = types.ModelMetadata("m", (1,), 1, inputs=(), outputs=META.outputs, layers=())
+    with pytest.raises(errors.Internal):
+        oc.model_metadata_response(bare, None)
+
+
+def _status(
+    name: str, ready: bool, *versions: tuple[int, types.VersionState, bool, str]
+) -> types.ModelStatus:
+    return types.ModelStatus(
+        name,
+        ready,
+        tuple(types.VersionStatus(v, state, serving, e) for v, state, serving, e in versions),
+    )
+
+
+MODELS = [
+    _status("fashion", False, (1, "END", False, "no saved_model.pb")),
+    _status("mnist", True, (1, "AVAILABLE", False, ""), (2, "AVAILABLE", True, "")),
+    _status("small", False, (3, "LOADING", False, "")),
+    _status("stuck", False, (4, "AVAILABLE", True, "")),
+    _status("empty", False),
+]
+
+
+def _index(response: Any) -> list[tuple[str, str, str, str]]:
+    return [(m.name, m.version, m.state, m.reason) for m in response.models]
+
+
+def test_repository_index_lists_every_model_and_conv2d() -> None:
+    response = oc.repository_index_response(MODELS, conv_ready=True, ready_only=False)
+    assert _index(response) == [
+        ("fashion", "1", "UNAVAILABLE", "version 1: no saved_model.pb"),
+        ("mnist", "2", "READY", ""),
+        ("small", "3", "UNAVAILABLE", "no version serves yet (versions: 3 LOADING)"),
+        ("stuck", "4", "UNAVAILABLE", "version 4 is AVAILABLE but cannot serve"),
+        ("empty", "", "UNAVAILABLE", "no version found"),
+        ("conv2d", "1", "READY", ""),
+    ]
+
+
+def test_repository_index_ready_only() -> None:
+    response = oc.repository_index_response(MODELS, conv_ready=True, ready_only=True)
+    assert _index(response) == [("mnist", "2", "READY", ""), ("conv2d", "1", "READY", "")]
+    response = oc.repository_index_response(MODELS, conv_ready=False, ready_only=True)
+    assert _index(response) == [("mnist", "2", "READY", "")]
+    response = oc.repository_index_response([], conv_ready=False, ready_only=False)
+    assert _index(response) == [("conv2d", "1", "UNAVAILABLE", "the server is not ready")]
+
+
+def test_one_repository_only() -> None:
+    oc.check_repository_name("")
+    with pytest.raises(errors.InvalidArgument) as exc:
+        oc.check_repository_name("x" * 9000)
+    invalid(exc, "repository_name")
+    assert len(str(exc.value)) < 300
 
 
 def test_conv_metadata_names_the_tensors() -> None:
@@ -448,7 +564,7 @@ def typed_request(datatype: str, array: np.ndarray, contents: bytes) -> Any:
     return request
 
 
-TYPED = {
+TYPED: dict[str, np.ndarray] = {
     "UINT8": np.array([0, 1, 127, 128, 129, 200, 254, 255] * 98, np.uint8).reshape(1, 28, 28),
     "FP32": np.array([0.0, 1.0, 0.5, 1e-30, 0.25, 0.999, 2.0**-20, 0.125] * 98, np.float32),
 }

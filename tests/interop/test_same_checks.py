@@ -19,10 +19,8 @@ from hypothesis import strategies as st
 
 from convserve.client.tensor import TensorError
 from convserve.server import converters, errors
-from convserve.server.metrics import Metrics
 from convserve.server.protocols import oip_convert, tfserving_convert
-from convserve.server.runtime import Runtime
-from convserve.server.settings import Settings
+from tests.fake_runtime import FakeRuntime
 from tests.interop.three_protocols import (
     Images,
     convserve_predict_request,
@@ -34,13 +32,10 @@ MAX_IMAGES = 4
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
-    # check_images needs only the settings; no model is loaded.
-    values: dict[str, Any] = {
-        "model_base_path": tmp_path_factory.mktemp("models"),
-        "max_images_per_request": MAX_IMAGES,
-    }
-    return Runtime(Settings(**values), Metrics())
+def runtime() -> FakeRuntime:
+    # The fake checks images with the runtime's own check (`inputs.check_images`)
+    # against an MNIST model's input; no model is loaded.
+    return FakeRuntime(max_images=MAX_IMAGES)
 
 
 Outcome = tuple[grpc.StatusCode, bytes | None]
@@ -58,18 +53,18 @@ def _outcome(convert: Any) -> Outcome:
     return grpc.StatusCode.OK, (images.astype(np.float32) / np.float32(scale)).tobytes()
 
 
-def outcomes(runtime: Runtime, images: Images) -> dict[str, Outcome]:
+def outcomes(runtime: FakeRuntime, images: Images) -> dict[str, Outcome]:
     def convserve() -> np.ndarray:
         request = convserve_predict_request(images)
         return converters.predict_request_from_proto(request, runtime.check_images).images
 
     def oip() -> np.ndarray:
-        array, _, _, _ = oip_convert.predict_request(oip_predict_request(images))
-        return runtime.check_images(array, field="inputs[images]")
+        array, ref, _, _ = oip_convert.predict_request(oip_predict_request(images))
+        return runtime.check_images(array, field="inputs[images]", model=ref)
 
     def tfserving() -> np.ndarray:
-        array, _, _, _ = tfserving_convert.predict_request(tfserving_predict_request(images))
-        return runtime.check_images(array, field="inputs[images]")
+        array, ref, _, _ = tfserving_convert.predict_request(tfserving_predict_request(images))
+        return runtime.check_images(array, field="inputs[images]", model=ref)
 
     return {
         "convserve": _outcome(convserve),
@@ -142,14 +137,14 @@ def images_strategy(draw: st.DrawFn) -> Images:
 )
 @given(images=images_strategy())
 def test_every_protocol_accepts_and_refuses_the_same_images(
-    runtime: Runtime, images: Images
+    runtime: FakeRuntime, images: Images
 ) -> None:
     results = outcomes(runtime, images)
     assert results["oip"] == results["convserve"], images
     assert results["tfserving"] == results["convserve"], images
 
 
-def test_a_good_request_is_accepted_alike(runtime: Runtime) -> None:
+def test_a_good_request_is_accepted_alike(runtime: FakeRuntime) -> None:
     pixels = np.arange(2 * 784, dtype=np.uint8).reshape(2, 28, 28) % 251
     results = outcomes(runtime, Images.of(pixels))
     expected = (pixels.astype(np.float32) / np.float32(255.0)).tobytes()

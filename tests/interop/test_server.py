@@ -136,7 +136,7 @@ def test_triton_client_health_and_metadata(target: str) -> None:
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
         ("images", "UINT8", [-1, 28, 28, 1])
     ]
-    assert [t.name for t in metadata.outputs] == ["probabilities", "digits"]
+    assert [t.name for t in metadata.outputs] == ["probabilities", "digits", "labels"]
     assert client.get_server_metadata().name == "convserve"
 
 
@@ -476,9 +476,19 @@ def scrape(metrics_port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
-def requests_total(samples: dict[Any, float], protocol: str, rpc: str, code: str) -> float:
-    labels = (("code", code), ("protocol", protocol), ("rpc", rpc))
-    return samples.get(("convserve_requests_total", labels), 0.0)
+def requests_total(
+    samples: dict[Any, float], protocol: str, rpc: str, code: str, model: str | None = None
+) -> float:
+    """convserve_requests_total for these labels, summed over models unless `model` is given."""
+    wanted = {"code": code, "protocol": protocol, "rpc": rpc}
+    if model is not None:
+        wanted["model"] = model
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "convserve_requests_total"
+        and all(dict(labels).get(k) == v for k, v in wanted.items())
+    )
 
 
 def test_every_protocol_is_counted_in_the_same_metrics(server: Any, channel: grpc.Channel) -> None:

@@ -213,6 +213,22 @@ def test_model_metadata_packs_the_signature_def_map() -> None:
     assert tc.model_metadata_response(META, 1).model_spec.version.value == 1
 
 
+def test_signatures_take_the_model_shapes() -> None:
+    small = types.ModelMetadata(
+        model_name="digits8",
+        loaded_versions=(1,),
+        serving_version=1,
+        inputs=(types.TensorSpecInfo("images", ("uint8", "float32"), (-1, 8, 8, 3)),),
+        outputs=(types.TensorSpecInfo("probabilities", ("float32",), (-1, 4)),),
+        layers=(),
+    )
+    sigs = tc.signature_def_map(small)
+    for name in ("serving_default", "predict_uint8"):
+        signature = sigs.signature_def[name]
+        assert [d.size for d in signature.inputs["images"].tensor_shape.dim] == [-1, 8, 8, 3]
+        assert [d.size for d in signature.outputs["probabilities"].tensor_shape.dim] == [-1, 4]
+
+
 @pytest.mark.parametrize(("fields", "ok"), [([], False), (["signature_def"], True), (["x"], False)])
 def test_metadata_fields(fields: list[str], ok: bool) -> None:
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)
@@ -224,14 +240,44 @@ def test_metadata_fields(fields: list[str], ok: bool) -> None:
         invalid(exc, "metadata_field")
 
 
-def test_model_status_lists_available_versions() -> None:
-    response = tc.model_status_response(META, None)
-    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-    assert [(s.version, s.state, s.status.error_code) for s in response.model_version_status] == [
-        (1, available, 0),
-        (3, available, 0),
+STATUS = types.ModelStatus(
+    "mnist",
+    True,
+    (
+        types.VersionStatus(1, "END", error="version 1: no saved_model.pb"),
+        types.VersionStatus(2, "AVAILABLE"),
+        types.VersionStatus(3, "AVAILABLE", serving=True),
+        types.VersionStatus(4, "LOADING"),
+        types.VersionStatus(5, "UNLOADING"),
+    ),
+)
+
+
+def _states(response: Any) -> list[tuple[int, str, int, str]]:
+    state = get_model_status_pb2.ModelVersionStatus.State.Name
+    return [
+        (s.version, state(s.state), s.status.error_code, s.status.error_message)
+        for s in response.model_version_status
     ]
-    assert [s.version for s in tc.model_status_response(META, 3).model_version_status] == [3]
+
+
+def test_model_status_lists_every_version_with_its_state() -> None:
+    assert _states(tc.model_status_response(STATUS, None)) == [
+        (1, "END", 2, "version 1: no saved_model.pb"),  # 2: error code UNKNOWN
+        (2, "AVAILABLE", 0, ""),
+        (3, "AVAILABLE", 0, ""),
+        (4, "LOADING", 0, ""),
+        (5, "UNLOADING", 0, ""),
+    ]
+
+
+def test_model_status_of_one_version() -> None:
+    assert _states(tc.model_status_response(STATUS, 4)) == [(4, "LOADING", 0, "")]
+    with pytest.raises(errors.NotFound) as exc:
+        tc.model_status_response(STATUS, 9)
+    code, message = errors.status_of(exc.value)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert message == "model_spec.version: model 'mnist' has no version 9 (versions: 1, 2, 3, 4, 5)"
 
 
 def test_model_ref_from_a_bare_spec() -> None:

@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from convserve.server.app import RunningServer, start_server
-from tests.server.wire_helpers import StubMetrics, StubRuntime, settings_for
+from tests.fake_runtime import FakeRuntime
+from tests.server.wire_helpers import StubMetrics, settings_for
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[tuple[RunningServer, StubRuntime, StubMetrics]]:
+async def stub() -> AsyncIterator[tuple[RunningServer, FakeRuntime, StubMetrics]]:
     """A real server on port 0 in front of a stand-in runtime, and its stand-in metrics."""
-    runtime, metrics = StubRuntime(), StubMetrics()
+    runtime, metrics = FakeRuntime(), StubMetrics()
     running = await start_server(settings_for(), runtime=runtime, metrics=metrics)
     try:
         yield running, runtime, metrics

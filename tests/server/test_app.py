@@ -36,10 +36,10 @@ from convserve.server.logs import (
     configure_logging,
 )
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from tests.fake_runtime import FakeRuntime
 from tests.reference import IMAGE7, W7, Y7, edge_image
 from tests.server.wire_helpers import (
     StubMetrics,
-    StubRuntime,
     kill_process,
     scrape,
     settings_for,
@@ -88,8 +88,8 @@ async def until(check: object, timeout_s: float = 20.0) -> None:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[RunningServer, StubRuntime]]:
-    runtime = StubRuntime()
+async def served() -> AsyncIterator[tuple[RunningServer, FakeRuntime]]:
+    runtime = FakeRuntime()
     running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
     try:
         yield running, runtime
@@ -98,7 +98,7 @@ async def served() -> AsyncIterator[tuple[RunningServer, StubRuntime]]:
 
 
 async def test_health_is_not_serving_until_the_model_is_warm() -> None:
-    runtime = StubRuntime(start_gate=asyncio.Event())
+    runtime = FakeRuntime(start_gate=asyncio.Event())
     port = free_port()
     starting = asyncio.create_task(
         start_server(settings_for(port=port), runtime=runtime, metrics=StubMetrics())
@@ -125,7 +125,7 @@ async def test_health_is_not_serving_until_the_model_is_warm() -> None:
 
 async def test_listening_line_reports_the_chosen_ports(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="convserve")
-    running = await start_server(settings_for(), runtime=StubRuntime(), metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=FakeRuntime(), metrics=StubMetrics())
     try:
         assert running.port > 0
         assert running.metrics_port > 0
@@ -139,7 +139,7 @@ async def test_listening_line_reports_the_chosen_ports(caplog: pytest.LogCapture
         await running.stop(0)
 
 
-async def test_reflection_lists_every_service(served: tuple[RunningServer, StubRuntime]) -> None:
+async def test_reflection_lists_every_service(served: tuple[RunningServer, FakeRuntime]) -> None:
     def listed() -> tuple[set[str], list[str], list[str]]:
         with grpc.insecure_channel(served[0].target) as channel:
             database = ProtoReflectionDescriptorDatabase(channel)
@@ -157,12 +157,13 @@ async def test_reflection_lists_every_service(served: tuple[RunningServer, StubR
     assert services == ALL_SERVICES
     assert methods == [
         "Predict", "PredictStream", "Convolve", "FitKernel", "GetFeatureMaps", "GetModelMetadata",
+        "ListModels",
     ]  # fmt: skip
     assert streaming == ["PredictStream"]
 
 
 async def test_metrics_endpoint_serves_the_registry(
-    served: tuple[RunningServer, StubRuntime],
+    served: tuple[RunningServer, FakeRuntime],
 ) -> None:
     async with grpc.aio.insecure_channel(served[0].target) as channel:
         await convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT)
@@ -186,7 +187,7 @@ def _closed_by_server(sock: socket.socket, within_s: float) -> bool:
 
 
 async def test_metrics_endpoint_bounds_its_connections_and_their_idle_time(
-    served: tuple[RunningServer, StubRuntime], monkeypatch: pytest.MonkeyPatch
+    served: tuple[RunningServer, FakeRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
 
@@ -221,7 +222,7 @@ async def test_metrics_endpoint_bounds_its_connections_and_their_idle_time(
 
 
 async def test_health_follows_the_runtimes_readiness(
-    served: tuple[RunningServer, StubRuntime],
+    served: tuple[RunningServer, FakeRuntime],
 ) -> None:
     running = served[0]
 
@@ -246,7 +247,7 @@ async def test_health_follows_the_runtimes_readiness(
 
 async def test_messages_over_the_limit_are_refused_by_grpc() -> None:
     running = await start_server(
-        settings_for(max_message_bytes=100_000), runtime=StubRuntime(), metrics=StubMetrics()
+        settings_for(max_message_bytes=100_000), runtime=FakeRuntime(), metrics=StubMetrics()
     )
     try:
         big = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((200, 784), np.uint8)))
@@ -261,7 +262,7 @@ async def test_messages_over_the_limit_are_refused_by_grpc() -> None:
 
 
 async def test_graceful_stop_turns_health_off_first_and_finishes_accepted_calls() -> None:
-    runtime = StubRuntime(gate=asyncio.Event())
+    runtime = FakeRuntime(gate=asyncio.Event())
     running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
     async with grpc.aio.insecure_channel(running.target) as channel:
         stub = convserve_pb2_grpc.ConvServeStub(channel)
@@ -294,7 +295,7 @@ async def test_graceful_stop_turns_health_off_first_and_finishes_accepted_calls(
 
 
 async def test_calls_still_running_when_the_grace_period_ends_are_cancelled() -> None:
-    runtime = StubRuntime(gate=asyncio.Event())
+    runtime = FakeRuntime(gate=asyncio.Event())
     running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
     async with grpc.aio.insecure_channel(running.target) as channel:
         call = asyncio.ensure_future(convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT))
@@ -315,9 +316,9 @@ async def test_failed_model_load_releases_the_ports() -> None:
     port, metrics_port = free_port(), free_port()
     settings = settings_for(port=port, metrics_port=metrics_port)
     with pytest.raises(errors.Unavailable, match="no loadable model"):
-        await start_server(settings, runtime=StubRuntime(fail_start=True), metrics=StubMetrics())
+        await start_server(settings, runtime=FakeRuntime(fail_start=True), metrics=StubMetrics())
     # Both ports are free again: a new server can take them.
-    running = await start_server(settings, runtime=StubRuntime(), metrics=StubMetrics())
+    running = await start_server(settings, runtime=FakeRuntime(), metrics=StubMetrics())
     try:
         assert (running.port, running.metrics_port) == (port, metrics_port)
     finally:
@@ -325,16 +326,16 @@ async def test_failed_model_load_releases_the_ports() -> None:
 
 
 async def test_a_taken_port_is_a_clear_startup_error(
-    served: tuple[RunningServer, StubRuntime],
+    served: tuple[RunningServer, FakeRuntime],
 ) -> None:
     with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{served[0].port}"):
         await start_server(
-            settings_for(port=served[0].port), runtime=StubRuntime(), metrics=StubMetrics()
+            settings_for(port=served[0].port), runtime=FakeRuntime(), metrics=StubMetrics()
         )
     with pytest.raises(StartupError, match="cannot serve metrics"):
         await start_server(
             settings_for(metrics_port=served[0].metrics_port),
-            runtime=StubRuntime(),
+            runtime=FakeRuntime(),
             metrics=StubMetrics(),
         )
 
@@ -390,7 +391,7 @@ def test_request_ids_come_from_the_caller_or_are_made_up() -> None:
 
 
 async def test_every_log_line_of_a_call_carries_its_request_id(
-    served: tuple[RunningServer, StubRuntime],
+    served: tuple[RunningServer, FakeRuntime],
 ) -> None:
     seen: list[str] = []
 
@@ -638,7 +639,7 @@ async def test_serve_stops_gracefully_on_sigterm(monkeypatch: pytest.MonkeyPatch
     from convserve.server import __main__ as command
     from convserve.server import app
 
-    runtime = StubRuntime(gate=asyncio.Event())
+    runtime = FakeRuntime(gate=asyncio.Event())
     started: list[RunningServer] = []
     real_start = app.start_server
 
@@ -683,7 +684,7 @@ async def test_serve_exits_cleanly_when_stopped_during_start_up(
     from convserve.server import __main__ as command
     from convserve.server import app
 
-    runtime = StubRuntime(start_gate=asyncio.Event())
+    runtime = FakeRuntime(start_gate=asyncio.Event())
     real_start = app.start_server
 
     async def start_with_stub(settings: Any) -> RunningServer:
@@ -710,7 +711,7 @@ async def test_serve_reports_a_failed_start(
 
     async def start_with_stub(settings: Any) -> RunningServer:
         return await real_start(
-            settings, runtime=StubRuntime(fail_start=True), metrics=StubMetrics()
+            settings, runtime=FakeRuntime(fail_start=True), metrics=StubMetrics()
         )
 
     monkeypatch.setattr(app, "start_server", start_with_stub)

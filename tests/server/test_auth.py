@@ -19,7 +19,8 @@ from convserve.server.app import RunningServer, start_server
 from convserve.server.auth import BearerTokenInterceptor, service_of
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from tests.conftest import require_tool
-from tests.server.wire_helpers import StubMetrics, StubRuntime, settings_for
+from tests.fake_runtime import FakeRuntime
+from tests.server.wire_helpers import StubMetrics, settings_for
 
 TOKEN = "t0ken-for-tests-5d1e"
 REJECTIONS_LOGGER = "convserve.server.rejections"
@@ -59,7 +60,7 @@ def test_empty_token_is_refused() -> None:
 @pytest.fixture
 async def authed() -> AsyncIterator[RunningServer]:
     running = await start_server(
-        settings_for(auth_token=TOKEN), runtime=StubRuntime(), metrics=StubMetrics()
+        settings_for(auth_token=TOKEN), runtime=FakeRuntime(), metrics=StubMetrics()
     )
     try:
         yield running
@@ -178,7 +179,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_tls(pki: Path) -> None:
     settings = settings_for(tls_cert=pki / "server.pem", tls_key=pki / "server.key")
-    running = await start_server(settings, runtime=StubRuntime(), metrics=StubMetrics())
+    running = await start_server(settings, runtime=FakeRuntime(), metrics=StubMetrics())
     try:
         credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
         async with grpc.aio.secure_channel(running.target, credentials) as channel:
@@ -197,7 +198,7 @@ async def test_mutual_tls_needs_a_client_certificate(pki: Path) -> None:
     settings = settings_for(
         tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem"
     )
-    running = await start_server(settings, runtime=StubRuntime(), metrics=StubMetrics())
+    running = await start_server(settings, runtime=FakeRuntime(), metrics=StubMetrics())
     try:
         ca = (pki / "ca.pem").read_bytes()
         anonymous = grpc.ssl_channel_credentials(ca)

@@ -32,7 +32,13 @@ def engine(litert: models.LiteRtEngine) -> Iterator[ProcessEngine]:
     # No heartbeats: a test that stops a worker wants its batch, not a heartbeat, to find it
     # (tests/server/test_worker_supervision.py covers the heartbeats).
     engine = ProcessEngine(
-        litert.flatbuffer, threads=1, workers=2, name="test", heartbeat_interval_s=3600.0
+        litert.flatbuffer,
+        image_shape=(28, 28, 1),
+        classes=10,
+        threads=1,
+        workers=2,
+        name="test",
+        heartbeat_interval_s=3600.0,
     )
     try:
         yield engine
@@ -126,7 +132,9 @@ async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
 async def test_closing_stops_the_workers_and_refuses_calls(
     litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
-    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=1, name="closing")
+    engine = ProcessEngine(
+        litert.flatbuffer, image_shape=(28, 28, 1), classes=10, threads=1, workers=1, name="closing"
+    )
     engine.serve()
     pids = engine.pids
     assert (await engine.run(sample_digits[0][:1])).shape == (1, 10)
@@ -142,7 +150,15 @@ async def test_closing_stops_the_workers_and_refuses_calls(
 @pytest.mark.slow
 @pytest.mark.parametrize("niceness", [0, 7])
 def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, niceness: int) -> None:
-    engine = ProcessEngine(litert.flatbuffer, threads=1, workers=1, name="nice", niceness=niceness)
+    engine = ProcessEngine(
+        litert.flatbuffer,
+        image_shape=(28, 28, 1),
+        classes=10,
+        threads=1,
+        workers=1,
+        name="nice",
+        niceness=niceness,
+    )
     try:
         (pid,) = engine.pids
         policy = os.SCHED_BATCH if niceness else os.sched_getscheduler(0)
@@ -156,9 +172,16 @@ def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, nicen
 
 def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
     with pytest.raises(WorkerError, match=r"broken worker 0: cannot load the model"):
-        ProcessEngine(b"not a flatbuffer", threads=1, workers=2, name="broken")
+        ProcessEngine(
+            b"not a flatbuffer",
+            image_shape=(28, 28, 1),
+            classes=10,
+            threads=1,
+            workers=2,
+            name="broken",
+        )
     with pytest.raises(ValueError, match="workers must be at least 1"):
-        ProcessEngine(b"", threads=1, workers=0, name="none")
+        ProcessEngine(b"", image_shape=(28, 28, 1), classes=10, threads=1, workers=0, name="none")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,13 @@ def samples(metrics: Metrics) -> list[Sample]:
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float:
-    found = [s.value for s in samples(metrics) if s.name == name and s.labels == labels]
+    """The one sample of `name` whose labels include `labels` (a label left out, such
+    as `model` with one model served, may take any value; exactly one must match)."""
+    found = [
+        s.value
+        for s in samples(metrics)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(found) == 1, f"{name}{labels}: {len(found)} samples"
     return found[0]
 

@@ -6,9 +6,11 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from convserve.server import errors, models, types
 
@@ -47,7 +49,13 @@ class FakeLoader:
         if not (path / "ok").is_file():
             raise models.ModelLoadError(f"version {version} is broken")
         return models.LoadedModel(
-            name=name, version=version, path=path, device=device, record={}, module=None
+            name=name,
+            version=version,
+            path=path,
+            device=device,
+            record={},
+            module=None,
+            signature=models.ModelSignature("images", (8, 8, 1), "probabilities", 3),
         )
 
 
@@ -318,8 +326,81 @@ def test_corrupt_exports_are_refused(model_base_path: Path, tmp_path: Path) -> N
     with pytest.raises(models.ModelLoadError, match="tf_serving_warmup_requests"):
         models.load_model("mnist", 3, bad_warmup, "/CPU:0")
 
-    no_record = tmp_path / "4"
-    shutil.copytree(model_base_path / "1", no_record)
-    (no_record / models.TRAINING_RECORD).unlink()
-    with pytest.raises(models.ModelLoadError, match=r"training_record\.json"):
-        models.load_model("mnist", 4, no_record, "/CPU:0")
+    bad_record = tmp_path / "4"
+    shutil.copytree(model_base_path / "1", bad_record)
+    (bad_record / models.TRAINING_RECORD).write_text("[1, 2]")
+    with pytest.raises(models.ModelLoadError, match=r"training_record\.json must hold"):
+        models.load_model("mnist", 4, bad_record, "/CPU:0")
+
+
+def _export(path: Path, fn: Any) -> Path:
+    module = tf.Module()
+    module.fn = fn
+    tf.saved_model.save(module, str(path), signatures={"serving_default": fn})
+    return path
+
+
+@pytest.mark.slow
+def test_any_image_classifier_loads_by_its_signature(tmp_path: Path) -> None:
+    """A SavedModel from elsewhere: 6x5x3 input, 4 classes, no training record or
+    feature maps. Its shape and class count come from its signature."""
+    weights = tf.constant(np.random.default_rng(0).normal(size=(90, 4)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 5, 3], tf.float32, name="pixels")])
+    def classify(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"scores": tf.nn.softmax(tf.reshape(pixels, [-1, 90]) @ weights)}
+
+    path = _export(tmp_path / "1", classify)
+    model = models.load_model("rgb", 1, path, "/CPU:0", warm_batch_sizes=(1, 4))
+    assert model.signature == models.ModelSignature("pixels", (6, 5, 3), "scores", 4)
+    assert model.class_names == ()
+    assert not model.has_feature_maps
+    assert model.feature_map_layers == ()
+    images = np.random.default_rng(1).random((3, 6, 5, 3), dtype=np.float32)
+    expected = classify(tf.constant(images))["scores"].numpy()
+    np.testing.assert_allclose(model.predict(images), expected, rtol=1e-5, atol=1e-6)
+    meta = model.metadata((1,))
+    assert meta.inputs[0].shape == (-1, 6, 5, 3)
+    assert meta.outputs[0].shape == (-1, 4)
+    assert meta.training == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signature", "message"),
+    [
+        (
+            tf.TensorSpec([None, 28, 28], tf.float32),
+            r"input 'x' must be float32 \[N,H,W,C\].*float32 \[None, 28, 28\]",
+        ),
+        (
+            tf.TensorSpec([None, None, 28, 1], tf.float32),
+            r"with H, W and C known, it is float32 \[None, None, 28, 1\]",
+        ),
+        (tf.TensorSpec([None, 4, 4, 1], tf.uint8), r"it is uint8 \[None, 4, 4, 1\]"),
+    ],
+)
+def test_signatures_that_are_not_image_classifiers_are_refused(
+    tmp_path: Path, signature: tf.TensorSpec, message: str
+) -> None:
+    @tf.function(input_signature=[signature])
+    def fn(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        flat = tf.reshape(tf.cast(x, tf.float32), [tf.shape(x)[0], -1])
+        return {"p": tf.nn.softmax(flat[:, :3])}
+
+    path = _export(tmp_path / "1", fn)
+    with pytest.raises(models.ModelLoadError, match=message):
+        models.load_model("bad", 1, path, "/CPU:0")
+
+
+@pytest.mark.slow
+def test_an_output_that_is_not_n_by_k_is_refused(tmp_path: Path) -> None:
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 1], tf.float32)])
+    def fn(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"maps": x, "p": tf.reshape(x, [-1, 16])}
+
+    path = _export(tmp_path / "1", fn)
+    with pytest.raises(
+        models.ModelLoadError, match=r"must return one tensor, it returns \['maps', 'p'\]"
+    ):
+        models.load_model("bad", 1, path, "/CPU:0")

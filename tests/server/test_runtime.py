@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from convserve.server import errors, models, ops, types
-from convserve.server import runtime as runtime_mod
+from convserve.server import served as served_mod
 from convserve.server.metrics import Metrics
 from convserve.server.runtime import Runtime, deadline_of
 from tests.server.runtime_helpers import (
@@ -36,51 +36,6 @@ Digits = tuple[np.ndarray, np.ndarray]
 @pytest.fixture
 def unstarted(tmp_path: Path) -> Runtime:
     return Runtime(make_settings(tmp_path, max_images_per_request=8), Metrics())
-
-
-@pytest.mark.parametrize(
-    "shape", [(3, 28, 28), (3, 28, 28, 1), (3, 784)], ids=["NHW", "NHWC", "flat"]
-)
-@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_check_images_accepts_every_allowed_layout(
-    unstarted: Runtime, shape: tuple[int, ...], dtype: type
-) -> None:
-    rng = np.random.default_rng(0)
-    flat = rng.integers(0, 256, size=(3, 784)).astype(np.uint8)
-    images = flat if dtype == np.uint8 else (flat / 255).astype(np.float32)
-    checked = unstarted.check_images(images.reshape(shape))
-    assert checked.shape == (3, 28, 28, 1)
-    assert checked.dtype == dtype
-    np.testing.assert_array_equal(checked.reshape(3, 784), images)
-
-
-@pytest.mark.parametrize(
-    ("images", "message"),
-    [
-        (
-            np.zeros((1, 28, 28), np.float64),
-            r"dtype uint8 \(0\.\.255\) or float32 \(0\.\.1\) expected",
-        ),
-        (np.zeros((1, 28, 28), np.int32), "got int32"),
-        (np.zeros((28, 28), np.uint8), r"shape \[N,28,28\], \[N,28,28,1\] or \[N,784\]"),
-        (np.zeros((1, 28, 27), np.uint8), r"got \[1, 28, 27\]"),
-        (np.zeros((1, 28, 28, 3), np.uint8), r"got \[1, 28, 28, 3\]"),
-        (np.zeros((1, 783), np.uint8), r"got \[1, 783\]"),
-        (np.zeros((0, 28, 28), np.uint8), "at least one image expected, got N=0"),
-        (np.zeros((9, 784), np.uint8), "at most 8 images per request expected"),
-        (np.full((1, 784), np.nan, np.float32), "NaN or Inf"),
-        (np.full((1, 784), np.inf, np.float32), "NaN or Inf"),
-        (np.full((1, 784), 1.5, np.float32), r"in \[0, 1\] expected, got values in \[1.5, 1.5\]"),
-        (np.full((1, 784), -0.1, np.float32), r"in \[0, 1\] expected"),
-    ],
-)
-def test_check_images_names_the_field_and_the_expectation(
-    unstarted: Runtime, images: np.ndarray, message: str
-) -> None:
-    with pytest.raises(errors.InvalidArgument, match=message) as caught:
-        unstarted.check_images(images, field="inputs[images]")
-    assert caught.value.field == "inputs[images]"
-    assert str(caught.value).startswith("inputs[images]: ")
 
 
 async def test_work_before_start_is_unavailable(unstarted: Runtime) -> None:
@@ -205,9 +160,9 @@ async def test_worker_processes_that_fail_to_start_leave_the_server_process_serv
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
-        raise runtime_mod.WorkerError("no processes here")
+        raise served_mod.WorkerError("no processes here")
 
-    monkeypatch.setattr(runtime_mod, "ProcessEngine", refuse)
+    monkeypatch.setattr(served_mod, "ProcessEngine", refuse)
     runtime, _ = await started_runtime(make_settings(model_base_path))
     try:
         model = runtime.manager.resolve(types.ModelRef())
@@ -397,7 +352,7 @@ async def test_queue_limits_and_deadlines(model_base_path: Path, sample_digits: 
     eight = types.PredictInput(runtime.check_images(np.concatenate([images[:8]])))
     try:
         # More images than the queue can ever hold: refused at once.
-        with pytest.raises(errors.ResourceExhausted, match="queue is full"):
+        with pytest.raises(errors.ResourceExhausted, match="is full"):
             await runtime.predict(
                 types.PredictInput(runtime.check_images(images[:17])), deadline=None
             )
@@ -605,7 +560,7 @@ async def test_expensive_work_is_admitted_by_its_estimate_and_stops_at_its_deadl
         with pytest.raises(errors.DeadlineExceeded):
             await runtime.convolve(big, deadline=started + 0.3)
         # The thread stops at its next tile: within a few units, not after the whole.
-        assert await runtime._work.drain(30)
+        assert await runtime.operations._work.drain(30)
         stopped_after = time.monotonic() - started
         assert (
             value(metrics, "convserve_work_stopped_total", rpc="Convolve", reason="deadline") == 1

@@ -10,24 +10,29 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
+import prometheus_client
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from convserve.client.tensor import from_tensor, to_tensor
 from convserve.server import converters, errors, types
-from convserve.server.app import RunningServer
+from convserve.server.app import RunningServer, start_server
+from convserve.server.metrics import Metrics
 from convserve.server.protocols.calls import OFFLOAD_MIN_BYTES, cancelled_code
 from convserve.server.servicer import ConvServeServicer
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
-from tests.server.wire_helpers import StubMetrics, StubRuntime, stub_probabilities
+from tests.fake_runtime import FakeModel, FakeRuntime, fake_probabilities
+from tests.server.wire_helpers import StubMetrics, settings_for
 
 
 @pytest.fixture
 async def stub_client(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
 ) -> AsyncIterator[convserve_pb2_grpc.ConvServeStub]:
     async with grpc.aio.insecure_channel(stub[0].target) as channel:
         yield convserve_pb2_grpc.ConvServeStub(channel)
@@ -40,18 +45,21 @@ async def failure(call: Any) -> grpc.aio.AioRpcError:
 
 
 async def test_predict_translates_both_ways(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     reply = await stub_client.Predict(convserve_pb2.PredictRequest(images=to_tensor(images)))
-    expected = stub_probabilities(images)
+    expected = fake_probabilities(images)
     np.testing.assert_array_equal(from_tensor(reply.probabilities, "probabilities"), expected)
     assert list(reply.digits) == list(expected.argmax(axis=1))
     assert list(reply.confidences) == [1.0] * 5
+    assert list(reply.labels) == [str(d) for d in expected.argmax(axis=1)]
     assert (reply.model_name, reply.model_version) == ("mnist", 2)
     assert stub[2].finished[-1] == ("convserve", "Predict", "OK")
     assert stub[2].started[-1] == ("convserve", "Predict")
+    # A request naming no model is counted under the default model.
+    assert stub[2].labelled[-1] == ("convserve", "Predict", "mnist", "OK")
 
 
 async def test_predict_pins_a_version(stub_client: convserve_pb2_grpc.ConvServeStub) -> None:
@@ -66,7 +74,7 @@ async def test_predict_pins_a_version(stub_client: convserve_pb2_grpc.ConvServeS
 
 
 async def test_predict_errors_are_counted_with_their_code(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     error = await failure(stub_client.Predict(convserve_pb2.PredictRequest()))
@@ -143,6 +151,8 @@ async def test_metadata_delegates(stub_client: convserve_pb2_grpc.ConvServeStub)
     assert list(reply.inputs[0].shape) == [-1, 28, 28, 1]
     assert reply.layers[0].name == "conv1"
     assert reply.training.dataset == "sample"
+    assert list(reply.training.confusion_matrix) == (np.eye(10, dtype=int) * 3).ravel().tolist()
+    assert list(reply.class_names) == [str(d) for d in range(10)]
     assert reply.device == "/CPU:0"
     error = await failure(
         stub_client.GetModelMetadata(
@@ -150,11 +160,11 @@ async def test_metadata_delegates(stub_client: convserve_pb2_grpc.ConvServeStub)
         )
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
-    assert "cifar" in (error.details() or "")
+    assert error.details() == "model_spec.name: unknown model 'cifar' (served: 'mnist')"
 
 
 async def test_unexpected_errors_become_internal_without_details(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -173,7 +183,7 @@ async def test_unexpected_errors_become_internal_without_details(
 
 
 async def test_deadline_is_passed_as_absolute_monotonic_time(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     import time
@@ -213,7 +223,7 @@ async def finished_record(metrics: StubMetrics, rpc: str) -> tuple[str, str, str
 
 
 async def test_a_call_that_outlives_its_deadline_is_counted_as_deadline_exceeded(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     _, runtime, metrics = stub
@@ -229,7 +239,7 @@ async def test_a_call_that_outlives_its_deadline_is_counted_as_deadline_exceeded
 
 
 async def test_a_call_the_client_cancels_is_counted_as_cancelled(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     _, runtime, metrics = stub
@@ -341,3 +351,230 @@ async def test_large_payloads_are_converted_off_the_event_loop(
         np.testing.assert_array_equal(from_tensor(reply.output, "output"), x)
     assert threads["request"][0] == loop_thread == threads["response"][0]
     assert threads["request"][1] != loop_thread != threads["response"][1]
+
+
+# -- several models --------------------------------------------------------------
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS8 = FakeModel("digits8", versions=(3,), shape=(8, 8, 1), class_names=WORDS)
+SERVED = "(served: 'digits8', 'mnist')"
+
+
+@dataclass
+class TwoModels:
+    client: convserve_pb2_grpc.ConvServeStub
+    runtime: FakeRuntime
+    metrics: Metrics
+
+
+@pytest.fixture
+async def two_models() -> AsyncIterator[TwoModels]:
+    """A server for "mnist" (28x28x1, the default) and "digits8" (8x8x1), with real metrics."""
+    runtime = FakeRuntime([FakeModel("mnist"), DIGITS8], default_model="mnist")
+    metrics = Metrics()
+    running = await start_server(settings_for(), runtime=runtime, metrics=metrics)
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            yield TwoModels(convserve_pb2_grpc.ConvServeStub(channel), runtime, metrics)
+    finally:
+        await running.stop(0)
+
+
+def predict_request(
+    images: np.ndarray, model: str = "", version: int | None = None
+) -> convserve_pb2.PredictRequest:
+    spec = convserve_pb2.ModelSpec(name=model)
+    if version is not None:
+        spec.version = version
+    return convserve_pb2.PredictRequest(model_spec=spec, images=to_tensor(images))
+
+
+def requests_total(metrics: Metrics) -> dict[tuple[str, str, str, str], float]:
+    """convserve_requests_total as {(protocol, rpc, model, code): count}, from a scrape."""
+    text = prometheus_client.generate_latest(metrics.registry).decode()
+    counts: dict[tuple[str, str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "convserve_requests_total":
+                labels = sample.labels
+                key = (labels["protocol"], labels["rpc"], labels["model"], labels["code"])
+                counts[key] = sample.value
+    return counts
+
+
+async def test_predict_routes_by_model_name(two_models: TwoModels) -> None:
+    small = np.random.default_rng(2).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    reply = await two_models.client.Predict(predict_request(small, "digits8"))
+    expected = fake_probabilities(small)
+    assert (reply.model_name, reply.model_version) == ("digits8", 3)
+    np.testing.assert_array_equal(from_tensor(reply.probabilities, "probabilities"), expected)
+    assert list(reply.digits) == expected.argmax(axis=1).tolist()
+    assert list(reply.labels) == [WORDS[d] for d in expected.argmax(axis=1)]
+
+    large = np.random.default_rng(3).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    reply = await two_models.client.Predict(predict_request(large))
+    assert (reply.model_name, reply.model_version) == ("mnist", 2)
+    assert list(reply.labels) == [str(d) for d in fake_probabilities(large).argmax(axis=1)]
+    pinned = await two_models.client.Predict(predict_request(large, "mnist", 1))
+    assert (pinned.model_name, pinned.model_version) == ("mnist", 1)
+
+    error = await failure(two_models.client.Predict(predict_request(small, "digits8", 2)))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == (
+        "model_spec.version: model 'digits8' version 2 is not loaded (loaded versions: [3])"
+    )
+    shapes = [call[1][2] for call in two_models.runtime.calls if call[0] == "predict"]
+    assert shapes == [(3, 8, 8, 1), (2, 28, 28, 1), (2, 28, 28, 1)]
+
+
+async def test_images_are_checked_against_the_named_models_shape(two_models: TwoModels) -> None:
+    cases: list[tuple[np.ndarray, str, str, list[int]]] = [
+        (np.zeros((1, 28, 28), np.uint8), "digits8", "[N,8,8,1], [N,8,8] or [N,64]", [1, 28, 28]),
+        (np.zeros((2, 8, 8, 1), np.uint8), "", "[N,28,28,1], [N,28,28] or [N,784]", [2, 8, 8, 1]),
+        (np.zeros((1, 784), np.float32), "digits8", "[N,8,8,1], [N,8,8] or [N,64]", [1, 784]),
+    ]
+    for images, model, accepted, got in cases:
+        error = await failure(two_models.client.Predict(predict_request(images, model)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.details() == f"images: shape {accepted} expected, got {got}"
+    assert two_models.runtime.started_predictions == 0
+
+
+async def test_feature_maps_and_metadata_route_by_model_name(two_models: TwoModels) -> None:
+    image = np.arange(64, dtype=np.uint8).reshape(1, 8, 8)
+    reply = await two_models.client.GetFeatureMaps(
+        convserve_pb2.GetFeatureMapsRequest(
+            model_spec=convserve_pb2.ModelSpec(name="digits8"), image=to_tensor(image)
+        )
+    )
+    assert (reply.model_name, reply.model_version) == ("digits8", 3)
+    maps = {fm.layer: from_tensor(fm.activations, fm.layer) for fm in reply.feature_maps}
+    assert list(maps) == ["conv1", "conv2"]
+    np.testing.assert_array_equal(maps["conv1"], image.reshape(8, 8, 1).astype(np.float32))
+    np.testing.assert_array_equal(
+        maps["conv2"], image.reshape(8, 8, 1)[::2, ::2].astype(np.float32) * 2
+    )
+    # The default model takes 28x28: the runtime refuses the 8x8 image for it.
+    error = await failure(
+        two_models.client.GetFeatureMaps(
+            convserve_pb2.GetFeatureMapsRequest(image=to_tensor(image))
+        )
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("image: shape [N,28,28,1]")
+
+    meta = await two_models.client.GetModelMetadata(
+        convserve_pb2.GetModelMetadataRequest(model_spec=convserve_pb2.ModelSpec(name="digits8"))
+    )
+    assert (meta.model_name, list(meta.loaded_versions), meta.serving_version) == (
+        "digits8",
+        [3],
+        3,
+    )
+    assert list(meta.inputs[0].shape) == [-1, 8, 8, 1]
+    assert list(meta.outputs[0].shape) == [-1, 10]
+    assert list(meta.class_names) == list(WORDS)
+
+
+async def test_an_unknown_model_is_not_found_naming_it_and_the_served_ones(
+    two_models: TwoModels,
+) -> None:
+    spec = convserve_pb2.ModelSpec(name="fashion")
+    image = to_tensor(np.zeros((1, 28, 28), np.uint8))
+    calls = [
+        two_models.client.Predict(convserve_pb2.PredictRequest(model_spec=spec, images=image)),
+        two_models.client.GetFeatureMaps(
+            convserve_pb2.GetFeatureMapsRequest(model_spec=spec, image=image)
+        ),
+        two_models.client.GetModelMetadata(convserve_pb2.GetModelMetadataRequest(model_spec=spec)),
+    ]
+    for call in calls:
+        error = await failure(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert error.details() == f"model_spec.name: unknown model 'fashion' {SERVED}"
+
+    messages = [
+        convserve_pb2.PredictStreamRequest(
+            id=1, request=predict_request(np.zeros((1, 28, 28), np.uint8), "fashion")
+        ),
+        convserve_pb2.PredictStreamRequest(
+            id=2, request=predict_request(np.ones((1, 8, 8), np.uint8), "digits8")
+        ),
+    ]
+    answers = {a.id: a async for a in two_models.client.PredictStream(iter(messages))}
+    assert answers[1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert answers[1].error.message == f"model_spec.name: unknown model 'fashion' {SERVED}"
+    assert answers[2].response.model_name == "digits8"
+    assert list(answers[2].response.labels) == [WORDS[64 % 10]]
+
+
+async def test_list_models(two_models: TwoModels) -> None:
+    reply = await two_models.client.ListModels(convserve_pb2.ListModelsRequest())
+    assert reply.default_model == "mnist"
+    listed = [
+        (m.name, m.ready, [(v.version, v.state, v.serving, v.error) for v in m.versions])
+        for m in reply.models
+    ]
+    assert listed == [
+        ("digits8", True, [(3, "AVAILABLE", True, "")]),
+        ("mnist", True, [(1, "AVAILABLE", False, ""), (2, "AVAILABLE", True, "")]),
+    ]
+
+
+async def test_a_model_that_is_not_ready_is_listed_so_and_unavailable() -> None:
+    runtime = FakeRuntime(
+        [FakeModel("mnist"), FakeModel("fashion", versions=(1,), ready=False)],
+        default_model="fashion",
+    )
+    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            client = convserve_pb2_grpc.ConvServeStub(channel)
+            reply = await client.ListModels(convserve_pb2.ListModelsRequest())
+            images = np.zeros((1, 28, 28), np.uint8)
+            error = await failure(client.Predict(predict_request(images)))
+            served = await client.Predict(predict_request(images, "mnist"))
+    finally:
+        await running.stop(0)
+    assert reply.default_model == "fashion"
+    assert [(m.name, m.ready) for m in reply.models] == [("fashion", False), ("mnist", True)]
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.details() == "model 'fashion' is not ready"
+    assert served.model_name == "mnist"
+
+
+async def test_requests_are_counted_by_the_model_they_name(two_models: TwoModels) -> None:
+    client = two_models.client
+    small, large = np.zeros((1, 8, 8), np.uint8), np.zeros((1, 28, 28), np.uint8)
+    await client.Predict(predict_request(small, "digits8"))
+    await client.Predict(predict_request(small, "digits8", 3))
+    await client.Predict(predict_request(large))
+    await failure(client.Predict(predict_request(large, "fashion")))
+    await failure(client.Predict(predict_request(large, "digits8")))
+    await client.GetModelMetadata(
+        convserve_pb2.GetModelMetadataRequest(model_spec=convserve_pb2.ModelSpec(name="digits8"))
+    )
+    await client.Convolve(
+        convserve_pb2.ConvolveRequest(
+            input=to_tensor(np.ones((3, 3))), kernel=to_tensor(np.ones((2, 2)))
+        )
+    )
+    await client.ListModels(convserve_pb2.ListModelsRequest())
+    messages = [
+        convserve_pb2.PredictStreamRequest(id=1, request=predict_request(small, "digits8")),
+        convserve_pb2.PredictStreamRequest(id=2, request=predict_request(small, "a" * 300)),
+    ]
+    answers = [a async for a in client.PredictStream(iter(messages))]
+    assert sorted(a.WhichOneof("result") for a in answers) == ["error", "response"]
+    # Every call is counted before its answer is sent, so the scrape sees them all.
+    assert requests_total(two_models.metrics) == {
+        ("convserve", "Predict", "digits8", "OK"): 2,
+        ("convserve", "Predict", "mnist", "OK"): 1,
+        ("convserve", "Predict", "_unknown", "NOT_FOUND"): 1,
+        ("convserve", "Predict", "digits8", "INVALID_ARGUMENT"): 1,
+        ("convserve", "GetModelMetadata", "digits8", "OK"): 1,
+        ("convserve", "Convolve", "", "OK"): 1,
+        ("convserve", "ListModels", "", "OK"): 1,
+        ("convserve", "PredictStream", "digits8", "OK"): 1,
+        ("convserve", "PredictStream", "_unknown", "NOT_FOUND"): 1,
+    }

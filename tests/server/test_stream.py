@@ -16,7 +16,8 @@ from convserve.server import errors
 from convserve.server.app import RunningServer, start_server
 from convserve.server.protocols.calls import Calls
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
-from tests.server.wire_helpers import StubMetrics, StubRuntime, settings_for, stub_probabilities
+from tests.fake_runtime import FakeRuntime, fake_probabilities
+from tests.server.wire_helpers import StubMetrics, settings_for
 
 # -- Calls.stream, without gRPC -------------------------------------------------
 
@@ -172,7 +173,7 @@ def numbered(count: int) -> np.ndarray:
 
 
 async def test_sdk_stream_gives_each_caller_its_own_result(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
 ) -> None:
     running, _, metrics = stub
     images = numbered(40)
@@ -184,7 +185,7 @@ async def test_sdk_stream_gives_each_caller_its_own_result(
             await stream.predict(images[:2], model_version=9)
         # The stream goes on after a failed request.
         pinned = await stream.predict(images[:3], model_version=1)
-    expected = stub_probabilities(images.reshape(40, 28, 28, 1))
+    expected = fake_probabilities(images.reshape(40, 28, 28, 1))
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result.predictions[0].probabilities, expected[i])
         assert result.predictions[0].digit == unary.predictions[i].digit
@@ -196,7 +197,7 @@ async def test_sdk_stream_gives_each_caller_its_own_result(
 
 
 async def test_stream_messages_are_handled_concurrently(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
 ) -> None:
     running, runtime, _ = stub
     runtime.gate = asyncio.Event()
@@ -215,10 +216,10 @@ async def test_stream_messages_are_handled_concurrently(
 
 
 async def test_bad_stream_messages_get_error_answers_naming_the_field(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
 ) -> None:
     async with grpc.aio.insecure_channel(stub[0].target) as channel:
-        stub = convserve_pb2_grpc.ConvServeStub(channel)
+        client = convserve_pb2_grpc.ConvServeStub(channel)
         good = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((1, 784), np.float32)))
         wrong = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((1, 5), np.float32)))
         messages = [
@@ -226,19 +227,19 @@ async def test_bad_stream_messages_get_error_answers_naming_the_field(
             convserve_pb2.PredictStreamRequest(id=2, request=wrong),
             convserve_pb2.PredictStreamRequest(id=3, request=good),
         ]
-        answers = {a.id: a async for a in stub.PredictStream(iter(messages))}
+        answers = {a.id: a async for a in client.PredictStream(iter(messages))}
     assert answers[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert answers[1].error.message == "images: a tensor is required, got none"
     assert answers[2].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert answers[2].error.message == (
-        "images: [N,28,28], [N,28,28,1] or [N,784] expected, got [1, 5]"
+        "images: shape [N,28,28,1], [N,28,28] or [N,784] expected, got [1, 5]"
     )
     assert answers[3].WhichOneof("result") == "response"
     assert list(answers[3].response.digits) == [0]
 
 
 async def test_a_stream_needs_the_token_like_any_call() -> None:
-    runtime, metrics = StubRuntime(), StubMetrics()
+    runtime, metrics = FakeRuntime(), StubMetrics()
     running = await start_server(
         settings_for(auth_token="s3cret-token"), runtime=runtime, metrics=metrics
     )
@@ -269,7 +270,7 @@ SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024
 
 async def test_a_client_that_never_reads_holds_the_server_at_max_in_flight() -> None:
     max_in_flight, count = 8, 10_000
-    runtime, metrics = StubRuntime(), StubMetrics()
+    runtime, metrics = FakeRuntime(), StubMetrics()
     running = await start_server(
         settings_for(max_stream_in_flight=max_in_flight), runtime=runtime, metrics=metrics
     )
@@ -319,7 +320,7 @@ async def test_a_client_that_never_reads_holds_the_server_at_max_in_flight() -> 
 
 
 async def test_stream_messages_cut_off_by_the_deadline_count_as_deadline_exceeded(
-    stub: tuple[RunningServer, StubRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
 ) -> None:
     running, runtime, metrics = stub
     runtime.gate = asyncio.Event()  # never set: the predictions wait until cancelled

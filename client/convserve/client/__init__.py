@@ -1,4 +1,4 @@
-"""Client SDK for convserve: digit prediction and 2-D convolution over gRPC.
+"""Client SDK for convserve: image classification and 2-D convolution over gRPC.
 
 Needs only grpcio, protobuf and numpy; image files need pillow (the
 ``images`` extra) and the load generator's ``--protocol oip`` needs
@@ -7,8 +7,10 @@ tritonclient (the ``oip`` extra).
     from convserve.client import ConvServeClient
 
     with ConvServeClient("localhost:8500") as client:
-        result = client.predict(images)  # uint8 [N,28,28] or float32 in [0, 1]
-        print(result.digits, result.confidences)
+        result = client.predict(images)  # uint8 [N,H,W,C] or float32 in [0, 1]
+        print(result.class_indices, result.labels, result.confidences)
+        fashion = client.predict(clothes, model="fashion")
+        print([(m.name, m.ready) for m in client.list_models()])
 """
 
 from convserve.client.async_client import AsyncConvServeClient
@@ -26,16 +28,19 @@ from convserve.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from convserve.client.images import mnist_preprocess
+from convserve.client.images import mnist_preprocess, prepare_image
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
     LayerInfo,
+    ModelList,
     ModelMetadata,
+    ModelStatus,
     Prediction,
     PredictResult,
     TensorSpec,
     TrainingRecord,
+    VersionStatus,
 )
 from convserve.client.retry import RetryPolicy
 from convserve.client.stream import PredictStream
@@ -53,7 +58,9 @@ __all__ = [
     "InternalError",
     "InvalidArgumentError",
     "LayerInfo",
+    "ModelList",
     "ModelMetadata",
+    "ModelStatus",
     "NotFoundError",
     "PermissionDeniedError",
     "PredictResult",
@@ -66,5 +73,7 @@ __all__ = [
     "TrainingRecord",
     "UnauthenticatedError",
     "UnavailableError",
+    "VersionStatus",
     "mnist_preprocess",
+    "prepare_image",
 ]

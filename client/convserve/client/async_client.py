@@ -22,10 +22,11 @@ from convserve.client.config import (
 )
 from convserve.client.convert import PaddingArg, Pair
 from convserve.client.errors import ConvServeError
-from convserve.client.images import ImagesInput, ImageSource
+from convserve.client.images import ImageShape, ImagesInput, ImageSource
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
+    ModelList,
     ModelMetadata,
     PredictResult,
 )
@@ -41,7 +42,8 @@ class AsyncConvServeClient(AsyncClosing):
 
     The arguments are those of `ConvServeClient`. A batch larger than
     `max_batch_images` is sent as several requests, a few at a time.
-
+    Concurrent calls for a model whose input shape is not known yet share one
+    GetModelMetadata call.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class AsyncConvServeClient(AsyncClosing):
             model_name=model_name,
         )
         self._rng = new_rng()
+        self._input_shapes: dict[str, asyncio.Future[ImageShape]] = {}
         self._channel = aio_channel(target, self._config.tls, self._config.options)
         self._stub = convserve_pb2_grpc.ConvServeStub(self._channel)
         self._health = self._channel.unary_unary(
@@ -88,23 +91,62 @@ class AsyncConvServeClient(AsyncClosing):
             except grpc.RpcError as error:
                 await asyncio.sleep(attempts.after_failure(error))
 
+    def _model(self, model: str) -> str:
+        return model or self._config.model_name
+
+    async def _input_shape(
+        self, model: str, version: int | None, deadline: Deadline | None = None
+    ) -> ImageShape:
+        """The model's (H, W, C), asked for once per model name (again after a failure)."""
+        known = self._input_shapes.get(model)
+        if known is None or (known.done() and (known.cancelled() or known.exception())):
+            request = convert.metadata_request(convert.model_spec(model, version))
+            call_deadline = deadline or self._config.deadline(None)
+
+            async def fetch() -> ImageShape:
+                response = await self._call(self._stub.GetModelMetadata, request, call_deadline)
+                return convert.metadata_result(response).input_shape
+
+            known = asyncio.ensure_future(fetch())
+            # Marks a failure as seen even when every caller waiting for it gave up.
+            known.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._input_shapes[model] = known
+        # Shielded: one caller giving up must not fail the others waiting for it.
+        return await asyncio.shield(known)
+
+    def _remember(self, model: str, meta: ModelMetadata) -> ModelMetadata:
+        if meta.inputs and model not in self._input_shapes:
+            try:
+                shape = meta.input_shape
+            except ConvServeError:
+                return meta  # reported when an image has to be read against it
+            known: asyncio.Future[ImageShape] = asyncio.get_running_loop().create_future()
+            known.set_result(shape)
+            self._input_shapes[model] = known
+        return meta
+
     async def predict(
         self,
         images: ImagesInput,
         *,
+        model: str = "",
         model_version: int | None = None,
         timeout_s: float | None = None,
     ) -> PredictResult:
-        """Classify digits: an array, a list of arrays, or image files / PNG or JPEG bytes.
+        """Classify images: an array, a list of arrays, or image files / PNG or JPEG bytes.
 
-        See `convserve.client.images` for the accepted shapes and what is sent.
+        `model`: empty for the client's `model_name` (by default the server's
+        default model). See `convserve.client.images` for the accepted shapes
+        and what is sent.
         """
+        model = self._model(model)
+        deadline = self._config.deadline(timeout_s)
         requests = convert.predict_requests(
             images,
             max_batch_images=self._config.max_batch_images,
-            spec=convert.model_spec(self._config.model_name, model_version),
+            spec=convert.model_spec(model, model_version),
+            shape=await self._input_shape(model, model_version, deadline),
         )
-        deadline = self._config.deadline(timeout_s)
         limit = asyncio.Semaphore(ASYNC_SPLIT_CONCURRENCY)
 
         async def one(request: Any) -> Any:
@@ -114,18 +156,20 @@ class AsyncConvServeClient(AsyncClosing):
         responses = await gather_or_cancel([one(r) for r in requests])
         return convert.predict_result(requests, responses)
 
-    def predict_stream(self, *, timeout_s: float | None = None) -> PredictStream:
+    def predict_stream(self, *, model: str = "", timeout_s: float | None = None) -> PredictStream:
         """Open a PredictStream: many concurrent `predict` calls over one gRPC call.
 
         Cheaper per request than `predict` when many small requests are in
-        flight at once. `timeout_s` bounds the whole stream (default: none).
-        Use ``async with client.predict_stream() as stream: await
-        stream.predict(images)``.
+        flight at once. `model`: the model the stream's calls with an empty
+        `model` get (empty: the client's `model_name`). `timeout_s` bounds the
+        whole stream (default: none). Use ``async with client.predict_stream()
+        as stream: await stream.predict(images)``.
         """
         return PredictStream(
             self._stub,
             metadata=self._config.metadata,
-            model_name=self._config.model_name,
+            model_name=self._model(model),
+            input_shape=self._input_shape,
             max_batch_images=self._config.max_batch_images,
             timeout_s=timeout_s,
         )
@@ -193,28 +237,39 @@ class AsyncConvServeClient(AsyncClosing):
         image: ImageSource,
         *,
         layers: Sequence[str] = (),
+        model: str = "",
         model_version: int | None = None,
         timeout_s: float | None = None,
     ) -> FeatureMapsResult:
         """The convolution layers' activations for one image (all layers when `layers` is empty)."""
+        model = self._model(model)
+        deadline = self._config.deadline(timeout_s)
         request = convert.feature_maps_request(
-            image, layers, convert.model_spec(self._config.model_name, model_version)
+            image,
+            layers,
+            convert.model_spec(model, model_version),
+            await self._input_shape(model, model_version, deadline),
         )
-        response = await self._call(
-            self._stub.GetFeatureMaps, request, self._config.deadline(timeout_s)
-        )
+        response = await self._call(self._stub.GetFeatureMaps, request, deadline)
         return convert.feature_maps_result(response)
 
     async def metadata(
-        self, *, model_version: int | None = None, timeout_s: float | None = None
+        self, *, model: str = "", model_version: int | None = None, timeout_s: float | None = None
     ) -> ModelMetadata:
-        request = convert.metadata_request(
-            convert.model_spec(self._config.model_name, model_version)
-        )
+        """What the model is: versions, input shape, layers, class names, training record."""
+        model = self._model(model)
+        request = convert.metadata_request(convert.model_spec(model, model_version))
         response = await self._call(
             self._stub.GetModelMetadata, request, self._config.deadline(timeout_s)
         )
-        return convert.metadata_result(response)
+        return self._remember(model, convert.metadata_result(response))
+
+    async def list_models(self, *, timeout_s: float | None = None) -> ModelList:
+        """Every model the server is configured with, its versions and their states."""
+        response = await self._call(
+            self._stub.ListModels, convert.list_models_request(), self._config.deadline(timeout_s)
+        )
+        return convert.list_models_result(response)
 
     async def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""

@@ -44,10 +44,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from convserve.client import bench_requests
+from convserve.client import bench_requests, convert
 from convserve.client.channel import TlsConfig, aio_channel, auth_metadata, channel_options
-from convserve.client.errors import InputError, error_for
+from convserve.client.errors import ConvServeError, InputError, error_for
 from convserve.client.table import format_table
+from convserve.v1 import convserve_pb2
 
 PROGRESS_INTERVAL_S = 0.25
 SETUP_TIMEOUT_S = 60.0
@@ -55,7 +56,13 @@ SETUP_TIMEOUT_S = 60.0
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to load and how; `images` is the uint8 [k,28,28] pool requests are made from."""
+    """What to load and how.
+
+    `images` is the uint8 [k,H,W] or [k,H,W,C] pool requests are made from;
+    predict requests resize it to the model's declared input shape.
+    `model_name` is the convserve model (empty: the server's default) or,
+    with oip, the OIP model_name (required).
+    """
 
     target: str
     images: np.ndarray
@@ -236,12 +243,39 @@ class SetupError(Exception):
         self.code = code
 
 
+async def _convserve_input_shape(
+    channel: grpc.aio.Channel, config: BenchConfig, metadata: tuple[tuple[str, str], ...]
+) -> tuple[int, int, int]:
+    """The model's (H, W, C) from GetModelMetadata."""
+    call = channel.unary_unary(
+        bench_requests.METADATA_METHOD,
+        request_serializer=convserve_pb2.GetModelMetadataRequest.SerializeToString,
+        response_deserializer=convserve_pb2.GetModelMetadataResponse.FromString,
+    )
+    request = convert.metadata_request(convert.model_spec(config.model_name))
+    try:
+        response = await call(request, timeout=config.timeout_s, metadata=metadata)
+    except grpc.aio.AioRpcError as exc:
+        raise SetupError(
+            f"GetModelMetadata for model {config.model_name!r} failed: {exc.code().name}: "
+            f"{exc.details()}",
+            exc.code(),
+        ) from exc
+    try:
+        return convert.metadata_result(response).input_shape
+    except ConvServeError as exc:
+        raise SetupError(exc.details, exc.code) from exc
+
+
 async def _prepare(
     channel: grpc.aio.Channel, config: BenchConfig, metadata: tuple[tuple[str, str], ...]
 ) -> tuple[str, list[bytes]]:
     if config.protocol == "convserve":
+        shape = None
+        if config.rpc == "predict":
+            shape = await _convserve_input_shape(channel, config, metadata)
         return bench_requests.convserve_requests(
-            config.rpc, config.images, config.images_per_request, config.model_name
+            config.rpc, config.images, config.images_per_request, config.model_name, shape
         )
     service_pb2, service_pb2_grpc = bench_requests.import_oip()
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)

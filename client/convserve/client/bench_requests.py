@@ -1,7 +1,9 @@
-"""The load generator's inputs: digit images and pre-serialized requests.
+"""The load generator's inputs: image pools and pre-serialized requests.
 
 Requests are serialized once, before the run, and sent as raw bytes, so the
-generator spends its CPU on gRPC and not on protobuf or numpy.
+generator spends its CPU on gRPC and not on protobuf or numpy. The pool's
+images are resized to the model's declared input shape when it differs
+(the synthetic pool is MNIST-sized, 28x28).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from convserve.client.errors import InputError
-from convserve.client.images import image_batch
+from convserve.client.images import ImageShape, image_batch, resize_batch
 from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2 as pb
 
 PREDICT_METHOD = "/convserve.v1.ConvServe/Predict"
 PREDICT_STREAM_METHOD = "/convserve.v1.ConvServe/PredictStream"
+METADATA_METHOD = "/convserve.v1.ConvServe/GetModelMetadata"
 CONVOLVE_METHOD = "/convserve.v1.ConvServe/Convolve"
 OIP_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 # Distinct requests cycled through, so that no layer can serve a repeat from a cache.
@@ -77,7 +80,10 @@ def synthetic_digits(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 
 def load_images(path: str | Path) -> np.ndarray:
-    """Digits from an .npz file's ``images`` array (or an .npy file) as uint8 [N,28,28]."""
+    """Images from an .npz file's ``images`` array (or an .npy file) as uint8 [N,H,W,C].
+
+    [N,H,W] arrays are one-channel images; float pixels in [0, 1] are scaled to 0-255.
+    """
     path = Path(path)
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -93,7 +99,13 @@ def load_images(path: str | Path) -> np.ndarray:
             array = loaded["images"]
     else:
         array = np.asarray(loaded)
-    batch = image_batch(array)
+    if array.ndim not in (3, 4) or 0 in array.shape:
+        raise InputError(f"{path}: images must be [N,H,W] or [N,H,W,C], got {list(array.shape)}")
+    shape = (array.shape[1], array.shape[2], array.shape[3] if array.ndim == 4 else 1)
+    try:
+        batch = image_batch(array, shape)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     if batch.dtype != np.uint8:
         batch = np.rint(batch * 255.0).astype(np.uint8)
     return batch
@@ -106,26 +118,39 @@ def _batches(images: np.ndarray, per_request: int) -> list[np.ndarray]:
 
 
 def convserve_requests(
-    rpc: str, images: np.ndarray, per_request: int, model_name: str
+    rpc: str,
+    images: np.ndarray,
+    per_request: int,
+    model_name: str,
+    shape: ImageShape | None = None,
 ) -> tuple[str, list[bytes]]:
-    """(method path, serialized requests) for convserve.v1 Predict or Convolve."""
+    """(method path, serialized requests) for convserve.v1 Predict or Convolve.
+
+    `images`: the uint8 [k,H,W] or [k,H,W,C] pool. Predict needs `shape`, the
+    model's (H, W, C): the pool is resized to it and sent as [n,H,W,C].
+    """
     if rpc == "predict":
+        if shape is None:
+            raise InputError("predict requests need the model's input shape")
+        pool = resize_batch(images, shape)
         spec = pb.ModelSpec(name=model_name)
         return PREDICT_METHOD, [
             pb.PredictRequest(model_spec=spec, images=to_tensor(b)).SerializeToString()
-            for b in _batches(images, per_request)
+            for b in _batches(pool, per_request)
         ]
     if rpc == "convolve":
-        # A 3x3 edge detector over the images as one [N,28,28,1] float32 batch.
-        kernel = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32).reshape(3, 3, 1, 1)
+        # A 3x3 edge detector over the images as one [N,H,W,C] float32 batch.
+        pool = images if images.ndim == 4 else images[..., np.newaxis]
+        edges = np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], np.float32)
+        kernel = np.repeat(edges[:, :, np.newaxis, np.newaxis], pool.shape[3], axis=2)
         options = pb.ConvolutionOptions(padding=pb.PADDING_SAME)
         return CONVOLVE_METHOD, [
             pb.ConvolveRequest(
-                input=to_tensor((b.astype(np.float32) / 255.0)[..., np.newaxis]),
+                input=to_tensor(b.astype(np.float32) / 255.0),
                 kernel=to_tensor(kernel),
                 options=options,
             ).SerializeToString()
-            for b in _batches(images, per_request)
+            for b in _batches(pool, per_request)
         ]
     raise InputError(f"rpc: expected predict or convolve, got {rpc!r}")
 
@@ -178,9 +203,11 @@ def oip_requests(
 ) -> tuple[str, list[bytes]]:
     """(method path, serialized ModelInferRequests) with the images as raw input contents.
 
-    The batch dimension (the leading -1) becomes `per_request`; the other
-    dimensions must hold one 28x28 image; UINT8 inputs get 0-255 pixels, FP32
-    and FP64 inputs get values in [0, 1].
+    The batch dimension (the leading -1) becomes `per_request`. The other
+    dimensions are [H,W] or [H,W,C] (the pool is resized to them when they
+    differ), or any shape holding exactly one of the pool's images (e.g. a
+    flat [H*W]). UINT8 inputs get 0-255 pixels, FP32 and FP64 inputs get
+    values in [0, 1].
     """
     service_pb2, _ = import_oip()
     if spec.datatype not in _OIP_DTYPES:
@@ -194,13 +221,23 @@ def oip_requests(
             f"got shape {list(spec.shape)}"
         )
     image_shape = spec.shape[1:]
-    if any(d < 0 for d in image_shape) or math.prod(image_shape) != 28 * 28:
+    if any(d < 1 for d in image_shape):
         raise InputError(
-            f"model input {spec.name!r}: shape {list(spec.shape)} does not hold 28x28 images"
+            f"model input {spec.name!r}: shape {list(spec.shape)} has a variable dimension "
+            "after the batch"
         )
+    pool = images if images.ndim == 4 else images[..., np.newaxis]
+    if math.prod(image_shape) != math.prod(pool.shape[1:]):
+        if len(image_shape) not in (2, 3):
+            raise InputError(
+                f"model input {spec.name!r}: shape {list(spec.shape)} does not hold images of "
+                f"{'x'.join(map(str, pool.shape[1:]))} pixels, and is not [-1,H,W] or [-1,H,W,C]"
+            )
+        h, w, *c = image_shape
+        pool = resize_batch(pool, (h, w, c[0] if c else 1))
     dtype = _OIP_DTYPES[spec.datatype]
     requests = []
-    for batch in _batches(images, per_request):
+    for batch in _batches(pool, per_request):
         values = batch if dtype == np.uint8 else batch.astype(dtype) / 255.0
         shape = [per_request, *image_shape]
         request = service_pb2.ModelInferRequest(model_name=model_name)

@@ -20,7 +20,14 @@ from convserve.client.bench import BenchConfig, Phase, SetupError, report_dict, 
 from convserve.client.channel import TlsConfig
 from convserve.client.config import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_TARGET
 from convserve.client.errors import ConvServeError, InputError
-from convserve.client.images import image_batch, load_grayscale, mnist_preprocess, require_pillow
+from convserve.client.images import (
+    ImageShape,
+    image_batch,
+    load_grayscale,
+    prepare_image,
+    require_pillow,
+)
+from convserve.client.results import ModelMetadata
 from convserve.client.sync_client import ConvServeClient
 from convserve.client.table import format_table
 
@@ -176,14 +183,25 @@ def _matrix_text(array: np.ndarray) -> str:
 
 
 @dataclass
+class _RawSource:
+    """A file as read, before it is checked against the model's input shape."""
+
+    name: str
+    pixels: np.ndarray | None  # an array from .npy / .npz
+    gray: np.ndarray | None  # a decoded image file, gray levels in [0, 255]
+    labels: np.ndarray | None
+
+
+@dataclass
 class _Source:
     name: str
-    images: np.ndarray  # [n,28,28] uint8 or float32
-    labels: np.ndarray | None
+    images: np.ndarray  # [n,H,W,C] uint8 or float32
+    labels: np.ndarray | None  # expected class indices, from an .npz
     single: bool  # one image file: no index to show
 
 
-def _predict_source(path: Path) -> _Source:
+def _read_source(path: Path) -> _RawSource:
+    """Read a file; needs no server, so unreadable files fail before any call."""
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
@@ -196,24 +214,40 @@ def _predict_source(path: Path) -> _Source:
             raise InputError(f"{path}: no such file") from None
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: not a numpy .npz file ({exc})") from exc
-    elif suffix == ".npy":
-        raw, labels = _load_npy(path), None
-    else:
-        return _Source(path.name, mnist_preprocess(load_grayscale(path))[np.newaxis], None, True)
+        return _RawSource(path.name, raw, None, labels)
+    if suffix == ".npy":
+        return _RawSource(path.name, _load_npy(path), None, None)
+    return _RawSource(path.name, None, load_grayscale(path), None)
+
+
+def _source(raw: _RawSource, shape: ImageShape) -> _Source:
+    """The file's images as the model takes them (`shape` is its (H, W, C))."""
+    if raw.pixels is None:
+        assert raw.gray is not None
+        return _Source(raw.name, prepare_image(raw.gray, shape)[np.newaxis], None, True)
     try:
-        images = image_batch(raw)
+        images = image_batch(raw.pixels, shape)
     except InputError as exc:
-        raise InputError(f"{path}: {exc}") from None
+        raise InputError(f"{raw.name}: {exc}") from None
+    labels = raw.labels
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if labels.shape[0] != images.shape[0]:
-            raise InputError(f"{path}: {labels.shape[0]} labels for {images.shape[0]} images")
-    return _Source(path.name, images, labels, False)
+            raise InputError(f"{raw.name}: {labels.shape[0]} labels for {images.shape[0]} images")
+    return _Source(raw.name, images, labels, False)
+
+
+def _class_name(meta: ModelMetadata, index: int) -> str:
+    names = meta.class_names
+    return names[index] if 0 <= index < len(names) else str(index)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    sources = [_predict_source(Path(f)) for f in args.files]
+    raws = [_read_source(Path(f)) for f in args.files]
     with _client(args, max_batch_images=args.batch_size) as client:
+        # The input shape says how to read the files; the class names label the top 3.
+        meta = client.metadata(model_version=args.model_version)
+        sources = [_source(raw, meta.input_shape) for raw in raws]
         result = client.predict([s.images for s in sources], model_version=args.model_version)
     with_labels = any(s.labels is not None for s in sources)
     rows: list[list[object]] = []
@@ -224,36 +258,42 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for i in range(source.images.shape[0]):
             prediction = result[position]
             position += 1
-            top = prediction.top(3)
+            top = [(c, _class_name(meta, c), p) for c, p in prediction.top(3)]
             record: dict[str, Any] = {
                 "file": source.name,
                 "index": i,
-                "digit": prediction.digit,
+                "class_index": prediction.class_index,
+                "digit": prediction.class_index,
+                "label": prediction.label,
                 "confidence": round(prediction.confidence, 6),
-                "top3": [{"digit": d, "probability": round(p, 6)} for d, p in top],
+                "top3": [
+                    {"class_index": c, "label": name, "probability": round(p, 6)}
+                    for c, name, p in top
+                ],
             }
             row: list[object] = [
                 source.name,
                 "-" if source.single else i,
-                prediction.digit,
+                prediction.class_index,
+                prediction.label,
                 f"{prediction.confidence:.4f}",
-                "  ".join(f"{d}:{p:.3f}" for d, p in top),
+                "  ".join(f"{name}:{p:.3f}" for _, name, p in top),
             ]
             if source.labels is not None:
-                label = int(source.labels[i])
-                match = label == prediction.digit
+                expected = int(source.labels[i])
+                match = expected == prediction.class_index
                 correct += match
                 labelled += 1
-                record.update(label=label, match=match)
-                row += [label, "yes" if match else "NO"]
+                record.update(expected=expected, match=match)
+                row += [expected, "yes" if match else "NO"]
             elif with_labels:
                 row += ["-", "-"]
             records.append(record)
             rows.append(row)
-    headers = ["file", "index", "digit", "confidence", "top-3"]
+    headers = ["file", "index", "class", "label", "confidence", "top-3"]
     if with_labels:
-        headers += ["label", "match"]
-    text = format_table(headers, rows, right=(1, 2, 3, 5))
+        headers += ["expected", "match"]
+    text = format_table(headers, rows, right=(1, 2, 4, 6))
     text += f"\nmodel {result.model_name} version {result.model_version}"
     if labelled:
         text += f"; {correct}/{labelled} correct ({100.0 * correct / labelled:.1f}%)"
@@ -400,17 +440,11 @@ def _grid(maps: np.ndarray, scale: int) -> np.ndarray:
     return np.kron(canvas, np.ones((scale, scale), dtype=np.uint8))
 
 
-def _single_image(text: str) -> np.ndarray:
-    path = Path(text)
-    if path.suffix.lower() == ".npy":
-        try:
-            batch = image_batch(_load_npy(path))
-        except InputError as exc:
-            raise InputError(f"{path}: {exc}") from None
-        if batch.shape[0] != 1:
-            raise InputError(f"{path}: expected one image, got {batch.shape[0]}")
-        return batch
-    return mnist_preprocess(load_grayscale(path))[np.newaxis]
+def _single_image(raw: _RawSource, shape: ImageShape) -> np.ndarray:
+    images = _source(raw, shape).images
+    if images.shape[0] != 1:
+        raise InputError(f"{raw.name}: expected one image, got {images.shape[0]}")
+    return images
 
 
 def _cmd_feature_maps(args: argparse.Namespace) -> int:
@@ -418,9 +452,11 @@ def _cmd_feature_maps(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: not a directory")
-    image = _single_image(args.image)
+    raw = _read_source(Path(args.image))
     layers = [name for name in args.layers.split(",") if name] if args.layers else []
     with _client(args) as client:
+        meta = client.metadata(model_version=args.model_version)
+        image = _single_image(raw, meta.input_shape)
         result = client.feature_maps(image, layers=layers, model_version=args.model_version)
     output.mkdir(parents=True, exist_ok=True)
     rows, records = [], []
@@ -482,7 +518,61 @@ def _cmd_metadata(args: argparse.Namespace) -> int:
         lines.append(
             "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in t.hyperparameters.items())
         )
-    _emit(args, asdict(meta), "\n".join(lines))
+    if meta.class_names:
+        lines.append(
+            "classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(meta.class_names))
+        )
+    if t.confusion_matrix is not None:
+        matrix = t.confusion_matrix
+        size = matrix.shape[0]
+        lines += [
+            "",
+            "confusion matrix (rows: true class, columns: predicted class):",
+            format_table(
+                ["", *range(size)],
+                [[i, *matrix[i].tolist()] for i in range(size)],
+                right=range(size + 1),
+            ),
+        ]
+    data = asdict(meta)
+    matrix_or_none = t.confusion_matrix
+    data["training"]["confusion_matrix"] = (
+        matrix_or_none.tolist() if matrix_or_none is not None else None
+    )
+    _emit(args, data, "\n".join(lines))
+    return EXIT_OK
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        listing = client.list_models()
+    rows = []
+    for model in listing:
+        serving = model.serving_version
+        rows.append(
+            [
+                model.name,
+                "yes" if model.ready else "no",
+                "-" if serving is None else serving,
+                ", ".join(f"{v.version} {v.state}" for v in model.versions) or "-",
+                "; ".join(f"{v.version}: {v.error}" for v in model.versions if v.error) or "-",
+            ]
+        )
+    text = format_table(["model", "ready", "serving", "versions", "errors"], rows, right=(2,))
+    text += f"\ndefault model: {listing.default_model or '-'}"
+    data = {
+        "default_model": listing.default_model,
+        "models": [
+            {
+                "name": model.name,
+                "ready": model.ready,
+                "serving_version": model.serving_version,
+                "versions": [asdict(v) for v in model.versions],
+            }
+            for model in listing
+        ],
+    }
+    _emit(args, data, text)
     return EXIT_OK
 
 
@@ -609,7 +699,13 @@ def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
         default=default(3),
         help="retries on UNAVAILABLE and RESOURCE_EXHAUSTED (default 3)",
     )
-    group.add_argument("--model", default=default(""), help="model name (default: the server's)")
+    group.add_argument(
+        "--model",
+        metavar="NAME",
+        default=default(""),
+        help="the model to call (default: the server's default model; see 'convserve models'); "
+        "with bench --protocol oip, the OIP model_name",
+    )
     common.add_argument(
         "--json", action="store_true", default=default(False), help="print JSON instead of a table"
     )
@@ -632,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convserve",
         parents=[_common_options(with_defaults=True)],
-        description="Digit prediction and 2-D convolution on a convserve server, and load tests.",
+        description="Image classification and 2-D convolution on a convserve server, "
+        "and load tests.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -650,13 +747,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("predict", _cmd_predict, "classify digits in PNG/JPEG images or .npy/.npz arrays")
+    p = command(
+        "predict", _cmd_predict, "classify PNG/JPEG images or .npy/.npz arrays with a model"
+    )
     p.add_argument(
         "files",
         nargs="+",
         metavar="FILE",
-        help="image files (prepared the MNIST way), .npy arrays of digits, or .npz files "
-        "with 'images' (and optional 'labels', then the match is shown)",
+        help="image files (prepared the MNIST way at the model's input size), .npy arrays "
+        "shaped as the model's input, or .npz files with 'images' (and optional 'labels', "
+        "the expected class indices, then the match is shown)",
     )
     p.add_argument(
         "--batch-size",
@@ -685,14 +785,20 @@ def build_parser() -> argparse.ArgumentParser:
     _conv_options(p)
 
     p = command("feature-maps", _cmd_feature_maps, "save the convolution layers' activations")
-    p.add_argument("image", metavar="IMG", help="PNG/JPEG image or .npy array of one digit")
+    p.add_argument(
+        "image", metavar="IMG", help="PNG/JPEG image or .npy array of one image for the model"
+    )
     p.add_argument("--output", required=True, help="directory for one PNG grid per layer")
     p.add_argument("--layers", help="comma-separated layer names (default: all)")
     p.add_argument("--scale", type=int, default=4, help="pixel size of the grids (default 4)")
     p.add_argument("--model-version", type=int, help="pin a loaded model version")
 
-    p = command("metadata", _cmd_metadata, "show the model's layers and training record")
+    p = command("metadata", _cmd_metadata, "show the model's layers, classes and training record")
     p.add_argument("--model-version", type=int, help="a loaded version other than the serving one")
+
+    p = command(
+        "models", _cmd_models, "list the server's models, their versions and which one serves"
+    )
 
     p = command("health", _cmd_health, "check the server's health (exit 0 when SERVING)")
     p.add_argument(

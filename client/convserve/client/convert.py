@@ -12,16 +12,25 @@ from collections.abc import Sequence
 import numpy as np
 
 from convserve.client.errors import InputError, bad_response
-from convserve.client.images import ImagesInput, ImageSource, image_batch, single_image
+from convserve.client.images import (
+    ImageShape,
+    ImagesInput,
+    ImageSource,
+    image_batch,
+    single_image,
+)
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
     LayerInfo,
+    ModelList,
     ModelMetadata,
+    ModelStatus,
     Prediction,
     PredictResult,
     TensorSpec,
     TrainingRecord,
+    VersionStatus,
 )
 from convserve.client.tensor import TensorError, dtype_name, from_tensor, to_tensor
 from convserve.v1 import convserve_pb2 as pb
@@ -35,7 +44,6 @@ MODES = {
     "convolution": pb.CONVOLUTION_MODE_CONVOLUTION,
 }
 PADDINGS = {"valid": pb.PADDING_VALID, "same": pb.PADDING_SAME}
-NUM_CLASSES = 10
 
 
 def model_spec(name: str = "", version: int | None = None) -> pb.ModelSpec:
@@ -49,12 +57,15 @@ def model_spec(name: str = "", version: int | None = None) -> pb.ModelSpec:
 
 
 def predict_requests(
-    images: ImagesInput, *, max_batch_images: int, spec: pb.ModelSpec
+    images: ImagesInput, *, max_batch_images: int, spec: pb.ModelSpec, shape: ImageShape
 ) -> list[pb.PredictRequest]:
-    """One request per slice of at most `max_batch_images` images, in order."""
+    """One request per slice of at most `max_batch_images` images, in order.
+
+    `shape` is the model's (H, W, C); the images go as [n,H,W,C].
+    """
     if max_batch_images < 1:
         raise ValueError(f"max_batch_images must be >= 1, got {max_batch_images}")
-    batch = image_batch(images)
+    batch = image_batch(images, shape)
     return [
         pb.PredictRequest(model_spec=spec, images=to_tensor(batch[i : i + max_batch_images]))
         for i in range(0, batch.shape[0], max_batch_images)
@@ -76,21 +87,25 @@ def predict_result(
             probabilities = from_tensor(response.probabilities, "probabilities")
         except TensorError as exc:
             raise bad_response(str(exc)) from exc
-        if probabilities.shape != (count, NUM_CLASSES):
+        if probabilities.ndim != 2 or probabilities.shape[0] != count or probabilities.shape[1] < 1:
             raise bad_response(
-                f"probabilities has shape {list(probabilities.shape)}, "
-                f"expected {[count, NUM_CLASSES]}"
+                f"probabilities has shape {list(probabilities.shape)}, expected [{count},K]"
             )
         if len(response.digits) != count or len(response.confidences) != count:
             raise bad_response(
                 f"{len(response.digits)} digits and {len(response.confidences)} confidences "
                 f"for {count} images"
             )
+        # A server from before class names answers without labels: the index is the name.
+        labels = list(response.labels) or [str(d) for d in response.digits]
+        if len(labels) != count:
+            raise bad_response(f"{len(labels)} labels for {count} images")
         probabilities = probabilities.astype(np.float32)
         for i in range(count):
             predictions.append(
                 Prediction(
-                    digit=int(response.digits[i]),
+                    class_index=int(response.digits[i]),
+                    label=labels[i],
                     confidence=float(response.confidences[i]),
                     probabilities=probabilities[i],
                     model_name=response.model_name,
@@ -241,12 +256,13 @@ def fit_kernel_result(response: pb.FitKernelResponse) -> FitKernelResult:
 
 
 def feature_maps_request(
-    image: ImageSource, layers: Sequence[str], spec: pb.ModelSpec
+    image: ImageSource, layers: Sequence[str], spec: pb.ModelSpec, shape: ImageShape
 ) -> pb.GetFeatureMapsRequest:
+    """`shape` is the model's (H, W, C); the image goes as [1,H,W,C]."""
     if isinstance(layers, str):
         raise InputError("layers: expected a list of layer names, got a single string")
     return pb.GetFeatureMapsRequest(
-        model_spec=spec, image=to_tensor(single_image(image)), layers=list(layers)
+        model_spec=spec, image=to_tensor(single_image(image, shape)), layers=list(layers)
     )
 
 
@@ -269,6 +285,20 @@ def _spec(spec: pb.TensorSpec) -> TensorSpec:
         dtypes=tuple(dtype_name(d) for d in spec.dtypes),
         shape=tuple(int(d) for d in spec.shape),
     )
+
+
+def _confusion_matrix(values: Sequence[int], classes: int) -> np.ndarray | None:
+    """The row-major [K,K] counts as an int64 matrix; None when none were recorded."""
+    if not values:
+        return None
+    side = round(len(values) ** 0.5)
+    if side * side != len(values) or (classes and side != classes):
+        expected = f"{classes}x{classes}" if classes else "a square number of"
+        raise bad_response(
+            f"training.confusion_matrix has {len(values)} values, expected {expected} "
+            "(row-major [K,K])"
+        )
+    return np.array(values, dtype=np.int64).reshape(side, side)
 
 
 def metadata_result(response: pb.GetModelMetadataResponse) -> ModelMetadata:
@@ -301,8 +331,33 @@ def metadata_result(response: pb.GetModelMetadataResponse) -> ModelMetadata:
             tensorflow_version=t.tensorflow_version,
             fixed_kernel=t.fixed_kernel,
             total_parameters=int(t.total_parameters),
+            confusion_matrix=_confusion_matrix(t.confusion_matrix, len(response.class_names)),
         ),
         device=response.device,
+        class_names=tuple(response.class_names),
+    )
+
+
+def list_models_request() -> pb.ListModelsRequest:
+    return pb.ListModelsRequest()
+
+
+def list_models_result(response: pb.ListModelsResponse) -> ModelList:
+    return ModelList(
+        models=tuple(
+            ModelStatus(
+                name=model.name,
+                ready=model.ready,
+                versions=tuple(
+                    VersionStatus(
+                        version=int(v.version), state=v.state, serving=v.serving, error=v.error
+                    )
+                    for v in model.versions
+                ),
+            )
+            for model in response.models
+        ),
+        default_model=response.default_model,
     )
 
 

@@ -7,19 +7,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from convserve.client.errors import bad_response
+
 
 @dataclass(frozen=True)
 class Prediction:
     """One image's classification and the model version that made it."""
 
-    digit: int
+    class_index: int  # the most likely class (for MNIST, the digit)
+    label: str  # its name, or the index as text when the model names no classes
     confidence: float
-    probabilities: np.ndarray  # float32 [10]
+    probabilities: np.ndarray  # float32 [K], one per class
     model_name: str
     model_version: int
 
+    @property
+    def digit(self) -> int:
+        """The class index under its MNIST name."""
+        return self.class_index
+
     def top(self, k: int = 3) -> list[tuple[int, float]]:
-        """The `k` most likely digits with their probabilities, most likely first."""
+        """The `k` most likely class indices with their probabilities, most likely first."""
         order = np.argsort(-self.probabilities, kind="stable")[:k]
         return [(int(d), float(self.probabilities[d])) for d in order]
 
@@ -47,9 +55,19 @@ class PredictResult:
         return self.predictions[index]
 
     @property
+    def class_indices(self) -> np.ndarray:
+        """int32 [N]: each image's most likely class."""
+        return np.array([p.class_index for p in self.predictions], dtype=np.int32)
+
+    @property
     def digits(self) -> np.ndarray:
-        """int32 [N]."""
-        return np.array([p.digit for p in self.predictions], dtype=np.int32)
+        """int32 [N]: `class_indices` under its MNIST name."""
+        return self.class_indices
+
+    @property
+    def labels(self) -> list[str]:
+        """Each image's most likely class name (the index as text when the model names none)."""
+        return [p.label for p in self.predictions]
 
     @property
     def confidences(self) -> np.ndarray:
@@ -58,9 +76,9 @@ class PredictResult:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """float32 [N,10]."""
+        """float32 [N,K]."""
         if not self.predictions:
-            return np.zeros((0, 10), dtype=np.float32)
+            return np.zeros((0, 0), dtype=np.float32)
         return np.stack([p.probabilities for p in self.predictions])
 
 
@@ -109,6 +127,9 @@ class TrainingRecord:
     tensorflow_version: str
     fixed_kernel: str
     total_parameters: int
+    # int64 [K,K]: test images by true class (rows) and predicted class
+    # (columns); None when the export recorded none.
+    confusion_matrix: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -121,3 +142,57 @@ class ModelMetadata:
     layers: tuple[LayerInfo, ...]
     training: TrainingRecord
     device: str
+    class_names: tuple[str, ...] = ()  # per class index; empty when the model names none
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image, from the first input's [-1,H,W,C]."""
+        if not self.inputs:
+            raise bad_response(f"model {self.model_name!r} declares no inputs")
+        return image_shape_of(self.inputs[0].shape, self.model_name)
+
+
+def image_shape_of(shape: tuple[int, ...], model_name: str) -> tuple[int, int, int]:
+    """A declared [-1,H,W,C] (or [-1,H,W], one channel) as (H, W, C)."""
+    if len(shape) in (3, 4) and shape[0] == -1 and all(d > 0 for d in shape[1:]):
+        h, w, *c = shape[1:]
+        return (h, w, c[0] if c else 1)
+    raise bad_response(
+        f"model {model_name!r} declares input shape {list(shape)}, expected [-1,H,W,C]"
+    )
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of a model and where it is in its life."""
+
+    version: int
+    state: str  # "LOADING", "AVAILABLE", "UNLOADING" or "END" (refused: see error)
+    serving: bool  # requests without a pinned version get this one
+    error: str  # why the version was refused; empty otherwise
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    ready: bool  # a version is serving and its engine is usable
+    versions: tuple[VersionStatus, ...]  # ascending by version
+
+    @property
+    def serving_version(self) -> int | None:
+        """The version requests without a pinned version get, if any."""
+        return next((v.version for v in self.versions if v.serving), None)
+
+
+@dataclass(frozen=True)
+class ModelList:
+    """Every model a server is configured with, ascending by name."""
+
+    models: tuple[ModelStatus, ...]
+    default_model: str  # the model requests with an empty model name get
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __iter__(self) -> Iterator[ModelStatus]:
+        return iter(self.models)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
 from convserve.client import convert
 from convserve.client.aio import AsyncClosing, gather_or_cancel
 from convserve.client.errors import ConvServeError, error_for, from_rpc_error
-from convserve.client.images import ImagesInput
+from convserve.client.images import ImageShape, ImagesInput
 from convserve.client.results import PredictResult
 from convserve.v1 import convserve_pb2 as pb
 from convserve.v1 import convserve_pb2_grpc
@@ -41,10 +41,13 @@ class PredictStream(AsyncClosing):
         *,
         metadata: tuple[tuple[str, str], ...],
         model_name: str,
+        input_shape: Callable[[str, int | None], Awaitable[ImageShape]],
         max_batch_images: int,
         timeout_s: float | None,
     ) -> None:
+        """`input_shape(model, version)` gives a model's (H, W, C) (the client's cache)."""
         self._model_name = model_name
+        self._input_shape = input_shape
         self._max_batch_images = max_batch_images
         self._outbox: asyncio.Queue[pb.PredictStreamRequest | None] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[pb.PredictResponse]] = {}
@@ -54,17 +57,22 @@ class PredictStream(AsyncClosing):
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def predict(
-        self, images: ImagesInput, *, model_version: int | None = None
+        self, images: ImagesInput, *, model: str = "", model_version: int | None = None
     ) -> PredictResult:
-        """Classify digits like `AsyncConvServeClient.predict`, over this stream.
+        """Classify images like `AsyncConvServeClient.predict`, over this stream.
 
-        A batch larger than the client's `max_batch_images` goes as several
-        messages whose answers are joined in order.
+        `model`: empty for the stream's model. A batch larger than the
+        client's `max_batch_images` goes as several messages whose answers are
+        joined in order. The model's input shape, when the client does not
+        know it yet, is asked for with one unary GetModelMetadata call.
         """
+        model = model or self._model_name
+        shape = await self._input_shape(model, model_version)
         requests = convert.predict_requests(
             images,
             max_batch_images=self._max_batch_images,
-            spec=convert.model_spec(self._model_name, model_version),
+            spec=convert.model_spec(model, model_version),
+            shape=shape,
         )
         responses = await gather_or_cancel([self._send(request) for request in requests])
         return convert.predict_result(requests, responses)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -21,10 +22,11 @@ from convserve.client.config import (
 )
 from convserve.client.convert import PaddingArg, Pair
 from convserve.client.errors import ConvServeError
-from convserve.client.images import ImagesInput, ImageSource
+from convserve.client.images import ImageShape, ImagesInput, ImageSource
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
+    ModelList,
     ModelMetadata,
     PredictResult,
 )
@@ -47,7 +49,12 @@ class ConvServeClient:
     `max_batch_images`: `predict` sends at most this many images per request
     and splits larger batches; keep it at or below the server's
     --max-images-per-request.
-    `model_name`: empty for the server's default model.
+    `model_name`: the model that calls with an empty `model` get; empty for
+    the server's default model.
+
+    Arrays and image files are read against the model's input shape, which
+    the client asks for (GetModelMetadata) once per model name and keeps;
+    the versions of one model are expected to take the same input.
     """
 
     def __init__(
@@ -71,6 +78,8 @@ class ConvServeClient:
             model_name=model_name,
         )
         self._rng = new_rng()
+        self._input_shapes: dict[str, ImageShape] = {}
+        self._shapes_lock = threading.Lock()
         self._channel = sync_channel(target, self._config.tls, self._config.options)
         self._stub = convserve_pb2_grpc.ConvServeStub(self._channel)
         self._health = self._channel.unary_unary(
@@ -101,23 +110,51 @@ class ConvServeClient:
             except grpc.RpcError as error:
                 time.sleep(attempts.after_failure(error))
 
+    def _model(self, model: str) -> str:
+        return model or self._config.model_name
+
+    def _input_shape(self, model: str, version: int | None, deadline: Deadline) -> ImageShape:
+        """The model's (H, W, C), asked for once per model name."""
+        with self._shapes_lock:
+            shape = self._input_shapes.get(model)
+        if shape is None:
+            request = convert.metadata_request(convert.model_spec(model, version))
+            response = self._call(self._stub.GetModelMetadata, request, deadline)
+            shape = self._remember(model, convert.metadata_result(response)).input_shape
+        return shape
+
+    def _remember(self, model: str, meta: ModelMetadata) -> ModelMetadata:
+        if meta.inputs:
+            try:
+                shape = meta.input_shape
+            except ConvServeError:
+                return meta  # reported when an image has to be read against it
+            with self._shapes_lock:
+                self._input_shapes[model] = shape
+        return meta
+
     def predict(
         self,
         images: ImagesInput,
         *,
+        model: str = "",
         model_version: int | None = None,
         timeout_s: float | None = None,
     ) -> PredictResult:
-        """Classify digits: an array, a list of arrays, or image files / PNG or JPEG bytes.
+        """Classify images: an array, a list of arrays, or image files / PNG or JPEG bytes.
 
-        See `convserve.client.images` for the accepted shapes and what is sent.
+        `model`: empty for the client's `model_name` (by default the server's
+        default model). See `convserve.client.images` for the accepted shapes
+        and what is sent.
         """
+        model = self._model(model)
+        deadline = self._config.deadline(timeout_s)
         requests = convert.predict_requests(
             images,
             max_batch_images=self._config.max_batch_images,
-            spec=convert.model_spec(self._config.model_name, model_version),
+            spec=convert.model_spec(model, model_version),
+            shape=self._input_shape(model, model_version, deadline),
         )
-        deadline = self._config.deadline(timeout_s)
         responses = [self._call(self._stub.Predict, r, deadline) for r in requests]
         return convert.predict_result(requests, responses)
 
@@ -184,26 +221,39 @@ class ConvServeClient:
         image: ImageSource,
         *,
         layers: Sequence[str] = (),
+        model: str = "",
         model_version: int | None = None,
         timeout_s: float | None = None,
     ) -> FeatureMapsResult:
         """The convolution layers' activations for one image (all layers when `layers` is empty)."""
+        model = self._model(model)
+        deadline = self._config.deadline(timeout_s)
         request = convert.feature_maps_request(
-            image, layers, convert.model_spec(self._config.model_name, model_version)
+            image,
+            layers,
+            convert.model_spec(model, model_version),
+            self._input_shape(model, model_version, deadline),
         )
-        response = self._call(self._stub.GetFeatureMaps, request, self._config.deadline(timeout_s))
+        response = self._call(self._stub.GetFeatureMaps, request, deadline)
         return convert.feature_maps_result(response)
 
     def metadata(
-        self, *, model_version: int | None = None, timeout_s: float | None = None
+        self, *, model: str = "", model_version: int | None = None, timeout_s: float | None = None
     ) -> ModelMetadata:
-        request = convert.metadata_request(
-            convert.model_spec(self._config.model_name, model_version)
-        )
+        """What the model is: versions, input shape, layers, class names, training record."""
+        model = self._model(model)
+        request = convert.metadata_request(convert.model_spec(model, model_version))
         response = self._call(
             self._stub.GetModelMetadata, request, self._config.deadline(timeout_s)
         )
-        return convert.metadata_result(response)
+        return self._remember(model, convert.metadata_result(response))
+
+    def list_models(self, *, timeout_s: float | None = None) -> ModelList:
+        """Every model the server is configured with, its versions and their states."""
+        response = self._call(
+            self._stub.ListModels, convert.list_models_request(), self._config.deadline(timeout_s)
+        )
+        return convert.list_models_result(response)
 
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """The gRPC health status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""

@@ -106,8 +106,9 @@ class PredictRequest(_message.Message):
     def model_spec(self) -> Global___ModelSpec: ...
     @_builtins.property
     def images(self) -> _tensor_pb2.Tensor:
-        """uint8 in [0, 255] or float32 in [0, 1]; shape [N,28,28], [N,28,28,1] or
-        [N,784].
+        """uint8 in [0, 255] or float32 in [0, 1]; shape [N,H,W,C], or [N,H,W] and
+        [N,H*W] when C is 1, where [H,W,C] is the model's input shape
+        (GetModelMetadata; [28,28,1] for MNIST).
         """
 
     def __init__(
@@ -133,18 +134,27 @@ class PredictResponse(_message.Message):
     DIGITS_FIELD_NUMBER: _builtins.int
     CONFIDENCES_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The model and version that served the request."""
     model_version: _builtins.int
     @_builtins.property
     def digits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Per image: the most likely digit and its probability."""
+        """Per image: the index of the most likely class (for MNIST, the digit) and
+        its probability.
+        """
 
     @_builtins.property
     def confidences(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def probabilities(self) -> _tensor_pb2.Tensor:
-        """float32 [N,10]: all ten class probabilities per image."""
+        """float32 [N,K]: all K class probabilities per image."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Per image: the most likely class's name (the model's class_names; the
+        class index as text when the model names none).
+        """
 
     def __init__(
         self,
@@ -154,10 +164,11 @@ class PredictResponse(_message.Message):
         digits: _abc.Iterable[_builtins.int] | None = ...,
         confidences: _abc.Iterable[_builtins.float] | None = ...,
         probabilities: _tensor_pb2.Tensor | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["probabilities", b"probabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidences", b"confidences", "digits", b"digits", "model_name", b"model_name", "model_version", b"model_version", "probabilities", b"probabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confidences", b"confidences", "digits", b"digits", "labels", b"labels", "model_name", b"model_name", "model_version", b"model_version", "probabilities", b"probabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,8 +473,8 @@ class GetFeatureMapsRequest(_message.Message):
     def model_spec(self) -> Global___ModelSpec: ...
     @_builtins.property
     def image(self) -> _tensor_pb2.Tensor:
-        """One image: uint8 or float32, [28,28], [28,28,1], [1,28,28], [1,28,28,1],
-        [784] or [1,784].
+        """One image: uint8 or float32, shaped as one image of PredictRequest.images
+        with or without its leading 1 ([28,28], [1,28,28,1], [784], ... for MNIST).
         """
 
     @_builtins.property
@@ -660,6 +671,7 @@ class TrainingRecord(_message.Message):
     TENSORFLOW_VERSION_FIELD_NUMBER: _builtins.int
     FIXED_KERNEL_FIELD_NUMBER: _builtins.int
     TOTAL_PARAMETERS_FIELD_NUMBER: _builtins.int
+    CONFUSION_MATRIX_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     architecture: _builtins.str
     test_accuracy: _builtins.float
@@ -674,6 +686,12 @@ class TrainingRecord(_message.Message):
     total_parameters: _builtins.int
     @_builtins.property
     def hyperparameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def confusion_matrix(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Test images counted by true class (rows) and predicted class (columns),
+        row-major [K,K]; empty if not recorded.
+        """
+
     def __init__(
         self,
         *,
@@ -688,10 +706,11 @@ class TrainingRecord(_message.Message):
         tensorflow_version: _builtins.str = ...,
         fixed_kernel: _builtins.str = ...,
         total_parameters: _builtins.int = ...,
+        confusion_matrix: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "dataset", b"dataset", "exported_at", b"exported_at", "fixed_kernel", b"fixed_kernel", "hyperparameters", b"hyperparameters", "tensorflow_version", b"tensorflow_version", "test_accuracy", b"test_accuracy", "test_examples", b"test_examples", "total_parameters", b"total_parameters", "train_examples", b"train_examples", "training_time_s", b"training_time_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "confusion_matrix", b"confusion_matrix", "dataset", b"dataset", "exported_at", b"exported_at", "fixed_kernel", b"fixed_kernel", "hyperparameters", b"hyperparameters", "tensorflow_version", b"tensorflow_version", "test_accuracy", b"test_accuracy", "test_examples", b"test_examples", "total_parameters", b"total_parameters", "train_examples", b"train_examples", "training_time_s", b"training_time_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -709,6 +728,7 @@ class GetModelMetadataResponse(_message.Message):
     LAYERS_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    CLASS_NAMES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     serving_version: _builtins.int
     """The version that requests without a pinned version get."""
@@ -726,6 +746,10 @@ class GetModelMetadataResponse(_message.Message):
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerInfo]: ...
     @_builtins.property
     def training(self) -> Global___TrainingRecord: ...
+    @_builtins.property
+    def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The name of each class index, from the training record; empty if none."""
+
     def __init__(
         self,
         *,
@@ -737,11 +761,117 @@ class GetModelMetadataResponse(_message.Message):
         layers: _abc.Iterable[Global___LayerInfo] | None = ...,
         training: Global___TrainingRecord | None = ...,
         device: _builtins.str = ...,
+        class_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["training", b"training"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "inputs", b"inputs", "layers", b"layers", "loaded_versions", b"loaded_versions", "model_name", b"model_name", "outputs", b"outputs", "serving_version", b"serving_version", "training", b"training"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "device", b"device", "inputs", b"inputs", "layers", b"layers", "loaded_versions", b"loaded_versions", "model_name", b"model_name", "outputs", b"outputs", "serving_version", b"serving_version", "training", b"training"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelMetadataResponse: _TypeAlias = GetModelMetadataResponse  # noqa: Y015
+
+@_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ModelVersionStatus(_message.Message):
+    """One version of a model and where it is in its life."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    state: _builtins.str
+    """TensorFlow Serving's states: "LOADING", "AVAILABLE", "UNLOADING" or "END"
+    (refused: see error).
+    """
+    serving: _builtins.bool
+    """Requests without a pinned version get this one."""
+    error: _builtins.str
+    """Why the version was refused; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        state: _builtins.str = ...,
+        serving: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "serving", b"serving", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
+
+@_typing.final
+class ModelStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    ready: _builtins.bool
+    """A version is serving and its engine is usable."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]:
+        """Ascending by version."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ready: _builtins.bool = ...,
+        versions: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ready", b"ready", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    DEFAULT_MODEL_FIELD_NUMBER: _builtins.int
+    default_model: _builtins.str
+    """The model that requests with an empty model name get."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]:
+        """Ascending by name."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelStatus] | None = ...,
+        default_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_model", b"default_model", "models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015

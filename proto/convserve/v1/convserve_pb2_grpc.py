@@ -65,6 +65,11 @@ class ConvServeStub:
                 request_serializer=convserve_dot_v1_dot_convserve__pb2.GetModelMetadataRequest.SerializeToString,
                 response_deserializer=convserve_dot_v1_dot_convserve__pb2.GetModelMetadataResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/convserve.v1.ConvServe/ListModels',
+                request_serializer=convserve_dot_v1_dot_convserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=convserve_dot_v1_dot_convserve__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ConvServeServicer:
@@ -72,7 +77,8 @@ class ConvServeServicer:
     """
 
     def Predict(self, request, context):
-        """Classifies a batch of 28x28 digit images.
+        """Classifies a batch of images with the chosen model (its input shape is in
+        GetModelMetadata; the MNIST models take 28x28 digits).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +124,13 @@ class ConvServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists every configured model with its versions and their states.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConvServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +163,11 @@ def add_ConvServeServicer_to_server(servicer, server):
                     servicer.GetModelMetadata,
                     request_deserializer=convserve_dot_v1_dot_convserve__pb2.GetModelMetadataRequest.FromString,
                     response_serializer=convserve_dot_v1_dot_convserve__pb2.GetModelMetadataResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=convserve_dot_v1_dot_convserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=convserve_dot_v1_dot_convserve__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +333,33 @@ class ConvServe:
             '/convserve.v1.ConvServe/GetModelMetadata',
             convserve_dot_v1_dot_convserve__pb2.GetModelMetadataRequest.SerializeToString,
             convserve_dot_v1_dot_convserve__pb2.GetModelMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.ConvServe/ListModels',
+            convserve_dot_v1_dot_convserve__pb2.ListModelsRequest.SerializeToString,
+            convserve_dot_v1_dot_convserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

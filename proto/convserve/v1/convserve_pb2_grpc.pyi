@@ -34,7 +34,9 @@ class ConvServeStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ConvServeAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_convserve_pb2.PredictRequest, _convserve_pb2.PredictResponse]
-    """Classifies a batch of 28x28 digit images."""
+    """Classifies a batch of images with the chosen model (its input shape is in
+    GetModelMetadata; the MNIST models take 28x28 digits).
+    """
     PredictStream: _grpc.StreamStreamMultiCallable[_convserve_pb2.PredictStreamRequest, _convserve_pb2.PredictStreamResponse]
     """Many Predict requests over one stream. Each request is answered when it
     finishes (not necessarily in the order sent), with its id. A request that
@@ -53,6 +55,8 @@ class ConvServeStub:
     """Returns the activations of the model's convolution layers for one image."""
     GetModelMetadata: _grpc.UnaryUnaryMultiCallable[_convserve_pb2.GetModelMetadataRequest, _convserve_pb2.GetModelMetadataResponse]
     """Describes the model: versions, input and output specs, layers, training."""
+    ListModels: _grpc.UnaryUnaryMultiCallable[_convserve_pb2.ListModelsRequest, _convserve_pb2.ListModelsResponse]
+    """Lists every configured model with its versions and their states."""
 
 @_typing.type_check_only
 class ConvServeAsyncStub(ConvServeStub):
@@ -60,7 +64,9 @@ class ConvServeAsyncStub(ConvServeStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_convserve_pb2.PredictRequest, _convserve_pb2.PredictResponse]  # type: ignore[assignment]
-    """Classifies a batch of 28x28 digit images."""
+    """Classifies a batch of images with the chosen model (its input shape is in
+    GetModelMetadata; the MNIST models take 28x28 digits).
+    """
     PredictStream: _aio.StreamStreamMultiCallable[_convserve_pb2.PredictStreamRequest, _convserve_pb2.PredictStreamResponse]  # type: ignore[assignment]
     """Many Predict requests over one stream. Each request is answered when it
     finishes (not necessarily in the order sent), with its id. A request that
@@ -79,6 +85,8 @@ class ConvServeAsyncStub(ConvServeStub):
     """Returns the activations of the model's convolution layers for one image."""
     GetModelMetadata: _aio.UnaryUnaryMultiCallable[_convserve_pb2.GetModelMetadataRequest, _convserve_pb2.GetModelMetadataResponse]  # type: ignore[assignment]
     """Describes the model: versions, input and output specs, layers, training."""
+    ListModels: _aio.UnaryUnaryMultiCallable[_convserve_pb2.ListModelsRequest, _convserve_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Lists every configured model with its versions and their states."""
 
 class ConvServeServicer(metaclass=_abc_1.ABCMeta):
     """Digit prediction and 2-D convolution served from a versioned model directory."""
@@ -89,7 +97,9 @@ class ConvServeServicer(metaclass=_abc_1.ABCMeta):
         request: _convserve_pb2.PredictRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_convserve_pb2.PredictResponse, _abc.Awaitable[_convserve_pb2.PredictResponse]]:
-        """Classifies a batch of 28x28 digit images."""
+        """Classifies a batch of images with the chosen model (its input shape is in
+        GetModelMetadata; the MNIST models take 28x28 digits).
+        """
 
     @_abc_1.abstractmethod
     def PredictStream(
@@ -138,5 +148,13 @@ class ConvServeServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_convserve_pb2.GetModelMetadataResponse, _abc.Awaitable[_convserve_pb2.GetModelMetadataResponse]]:
         """Describes the model: versions, input and output specs, layers, training."""
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _convserve_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_convserve_pb2.ListModelsResponse, _abc.Awaitable[_convserve_pb2.ListModelsResponse]]:
+        """Lists every configured model with its versions and their states."""
 
 def add_ConvServeServicer_to_server(servicer: ConvServeServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -70,6 +70,8 @@ class RunningServer:
         self._stop_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._health_updates: set[asyncio.Task[None]] = set()
+        # Model names that have had a health status (removed models turn NOT_SERVING).
+        self._model_services: set[str] = set()
 
     @property
     def target(self) -> str:
@@ -92,9 +94,17 @@ class RunningServer:
         return self._stopped.is_set()
 
     async def set_serving(self, serving: bool) -> None:
+        """The overall status and every service's; each model's own status under its name
+        (SERVING while it is ready; NOT_SERVING once it is removed or while stopping)."""
         status = SERVING if serving else NOT_SERVING
         for name in ("", *self.services):
             await self.health.set(name, status)
+        statuses = getattr(self.runtime, "models", None)
+        models = statuses() if statuses is not None and not self.stopping else []
+        ready = {m.name: m.ready for m in models}
+        for name in sorted(set(ready) | self._model_services):
+            await self.health.set(name, SERVING if ready.get(name, False) else NOT_SERVING)
+        self._model_services |= set(ready)
 
     def follow_readiness(self, ready: bool) -> asyncio.Task[None] | None:
         """Health follows the runtime's readiness (called on the event loop), until stopping.

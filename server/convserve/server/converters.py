@@ -1,63 +1,53 @@
-"""convserve.v1 messages <-> the typed values of `convserve.server.types`.
+"""convserve.v1 requests -> the typed values of `convserve.server.types`, results -> responses.
 
-One pair of functions per message: ``<message>_from_proto`` and
-``<message>_to_proto``. The servicer uses the request ``from`` and response
-``to`` directions; the other directions serve tests and in-process callers.
+The server only reads requests and writes responses: one function per
+direction it needs, ``<request>_from_proto`` and ``<response>_to_proto``. The
+other directions (building requests, reading responses) are the client's
+(`convserve.client.convert`); the tests put every message through both.
 
 Converters check the wire structure (tensors decode, enums are known, repeated
 fields have the right arity) and raise `errors.InvalidArgument` (or the codec's
 `TensorError`) naming the request field, e.g. ``images`` or
-``options.strides``. Semantic checks of values (ranges, shapes that must fit
-together, limits) belong to the runtime and `ops`, which every protocol shares.
+``options.strides``. Images are checked against the model the request names
+by the runtime (`api.RuntimeApi.check_images`, which knows every model's
+input shape); GetFeatureMaps' one image is checked by the runtime when it
+computes the maps. Semantic checks of other values (ranges, shapes that must
+fit together, limits) belong to the runtime and `ops`, which every protocol
+shares.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
-from convserve.client.tensor import DTYPE_TO_PROTO, PROTO_TO_DTYPE, from_tensor, to_tensor
+from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor, to_tensor
 from convserve.server import errors, types
 from convserve.v1 import convserve_pb2
 
-CheckImages = Callable[..., np.ndarray]
-"""The runtime's shared image check: ``check_images(array, field=...) -> [N,28,28,1]``."""
 
-IMAGE_SIZE = 28
-# The shapes one GetFeatureMaps image may arrive in.
-FEATURE_MAP_IMAGE_SHAPES: tuple[tuple[int, ...], ...] = (
-    (28, 28),
-    (28, 28, 1),
-    (1, 28, 28),
-    (1, 28, 28, 1),
-    (784,),
-    (1, 784),
-)
+class CheckImages(Protocol):
+    """The runtime's image check (`api.RuntimeApi.check_images`): returns [N,H,W,C]."""
 
-_PADDING_TO_PROTO: dict[str, convserve_pb2.Padding.ValueType] = {
-    "VALID": convserve_pb2.PADDING_VALID,
-    "SAME": convserve_pb2.PADDING_SAME,
-    "EXPLICIT": convserve_pb2.PADDING_EXPLICIT,
-}
+    def __call__(
+        self, images: np.ndarray, field: str, model: types.ModelRef = ...
+    ) -> np.ndarray: ...
+
+
 _PADDING_FROM_PROTO: dict[int, types.Padding] = {
     convserve_pb2.PADDING_UNSPECIFIED: "VALID",
     convserve_pb2.PADDING_VALID: "VALID",
     convserve_pb2.PADDING_SAME: "SAME",
     convserve_pb2.PADDING_EXPLICIT: "EXPLICIT",
 }
-_MODE_TO_PROTO: dict[str, convserve_pb2.ConvolutionMode.ValueType] = {
-    "CROSS_CORRELATION": convserve_pb2.CONVOLUTION_MODE_CROSS_CORRELATION,
-    "CONVOLUTION": convserve_pb2.CONVOLUTION_MODE_CONVOLUTION,
-}
 _MODE_FROM_PROTO: dict[int, types.Mode] = {
     convserve_pb2.CONVOLUTION_MODE_UNSPECIFIED: "CROSS_CORRELATION",
     convserve_pb2.CONVOLUTION_MODE_CROSS_CORRELATION: "CROSS_CORRELATION",
     convserve_pb2.CONVOLUTION_MODE_CONVOLUTION: "CONVOLUTION",
 }
-_STOP_REASONS = frozenset({"converged", "max_steps", "time_budget"})
 # TrainingRecord fields and the Python type each is read as from training_record.json.
 _TRAINING_FIELDS: dict[str, type] = {
     "dataset": str,
@@ -74,8 +64,6 @@ _TRAINING_FIELDS: dict[str, type] = {
 
 
 # -- shared pieces ------------------------------------------------------------
-
-_DEFAULT_MODEL = types.ModelRef()
 
 
 def tensor_field(message: Any, name: str, field: str | None = None) -> np.ndarray:
@@ -96,9 +84,9 @@ def optional_tensor_field(message: Any, name: str, field: str | None = None) -> 
 def model_ref_from_proto(
     spec: convserve_pb2.ModelSpec, field: str = "model_spec"
 ) -> types.ModelRef:
-    """ModelSpec -> ModelRef: an empty name is the default model, no version the newest."""
+    """ModelSpec -> ModelRef: an empty name is the default model, no version the serving one."""
     if not spec.name and not spec.HasField("version"):
-        return _DEFAULT_MODEL
+        return types.DEFAULT_MODEL
     version: int | None = None
     if spec.HasField("version"):
         version = int(spec.version)
@@ -107,13 +95,6 @@ def model_ref_from_proto(
                 f"{field}.version", f"a positive version number expected, got {version}"
             )
     return types.ModelRef(name=spec.name or None, version=version)
-
-
-def model_ref_to_proto(ref: types.ModelRef) -> convserve_pb2.ModelSpec:
-    spec = convserve_pb2.ModelSpec(name=ref.name or "")
-    if ref.version is not None:
-        spec.version = ref.version
-    return spec
 
 
 def _pair(values: Any, field: str, meaning: str) -> tuple[int, int]:
@@ -160,52 +141,31 @@ def options_from_proto(
     )
 
 
-def options_to_proto(options: types.ConvolutionOptions) -> convserve_pb2.ConvolutionOptions:
-    return convserve_pb2.ConvolutionOptions(
-        strides=list(options.strides),
-        padding=_PADDING_TO_PROTO[options.padding],
-        explicit_padding=list(options.explicit_padding or ()),
-        dilations=list(options.dilations),
-        mode=_MODE_TO_PROTO[options.mode],
-    )
-
-
 # -- Predict -----------------------------------------------------------------
 
 
 def predict_request_from_proto(
     request: convserve_pb2.PredictRequest, check_images: CheckImages
 ) -> types.PredictInput:
-    """PredictRequest -> PredictInput; `check_images` (the runtime's) validates and reshapes."""
+    """PredictRequest -> PredictInput; `check_images` (the runtime's) checks the images
+    against the model the request names and reshapes them to its [N,H,W,C]."""
     images = tensor_field(request, "images")
-    return types.PredictInput(
-        images=check_images(images, field="images"),
-        model=model_ref_from_proto(request.model_spec),
-    )
-
-
-def predict_request_to_proto(value: types.PredictInput) -> convserve_pb2.PredictRequest:
-    return convserve_pb2.PredictRequest(
-        model_spec=model_ref_to_proto(value.model), images=to_tensor(value.images)
-    )
+    ref = model_ref_from_proto(request.model_spec)
+    return types.PredictInput(images=check_images(images, field="images", model=ref), model=ref)
 
 
 def predict_response_to_proto(value: types.PredictOutput) -> convserve_pb2.PredictResponse:
+    """PredictOutput -> PredictResponse: per image the most likely class, its probability
+    and its name (`labels`), and all K probabilities."""
     probabilities = np.asarray(value.probabilities, np.float32)
+    classes = probabilities.argmax(axis=1)
     return convserve_pb2.PredictResponse(
         model_name=value.model_name,
         model_version=value.model_version,
-        digits=probabilities.argmax(axis=1).tolist(),
+        digits=classes.tolist(),
         confidences=probabilities.max(axis=1).tolist(),
         probabilities=to_tensor(probabilities),
-    )
-
-
-def predict_response_from_proto(response: convserve_pb2.PredictResponse) -> types.PredictOutput:
-    return types.PredictOutput(
-        model_name=response.model_name,
-        model_version=int(response.model_version),
-        probabilities=tensor_field(response, "probabilities"),
+        labels=types.class_labels(classes, value.class_names),
     )
 
 
@@ -219,14 +179,6 @@ def predict_stream_request_from_proto(
     return int(message.id), predict_request_from_proto(message.request, check_images)
 
 
-def predict_stream_request_to_proto(
-    request_id: int, value: types.PredictInput
-) -> convserve_pb2.PredictStreamRequest:
-    return convserve_pb2.PredictStreamRequest(
-        id=request_id, request=predict_request_to_proto(value)
-    )
-
-
 def predict_stream_response_to_proto(
     request_id: int, value: types.PredictOutput | types.StreamFailure
 ) -> convserve_pb2.PredictStreamResponse:
@@ -237,17 +189,6 @@ def predict_stream_response_to_proto(
     return convserve_pb2.PredictStreamResponse(
         id=request_id, response=predict_response_to_proto(value)
     )
-
-
-def predict_stream_response_from_proto(
-    message: convserve_pb2.PredictStreamResponse,
-) -> tuple[int, types.PredictOutput | types.StreamFailure]:
-    result = message.WhichOneof("result")
-    if result == "error":
-        return int(message.id), types.StreamFailure(message.error.code, message.error.message)
-    if result != "response":
-        raise errors.InvalidArgument("result", "a response or an error expected, got neither")
-    return int(message.id), predict_response_from_proto(message.response)
 
 
 # -- Convolve ----------------------------------------------------------------
@@ -263,23 +204,8 @@ def convolve_request_from_proto(request: convserve_pb2.ConvolveRequest) -> types
     )
 
 
-def convolve_request_to_proto(value: types.ConvolveInput) -> convserve_pb2.ConvolveRequest:
-    request = convserve_pb2.ConvolveRequest(
-        input=to_tensor(value.input),
-        kernel=to_tensor(value.kernel),
-        options=options_to_proto(value.options),
-    )
-    if value.bias is not None:
-        request.bias.CopyFrom(to_tensor(value.bias))
-    return request
-
-
 def convolve_response_to_proto(value: types.ConvolveOutput) -> convserve_pb2.ConvolveResponse:
     return convserve_pb2.ConvolveResponse(output=to_tensor(value.output))
-
-
-def convolve_response_from_proto(response: convserve_pb2.ConvolveResponse) -> types.ConvolveOutput:
-    return types.ConvolveOutput(output=tensor_field(response, "output"))
 
 
 # -- FitKernel ---------------------------------------------------------------
@@ -305,20 +231,6 @@ def fit_kernel_request_from_proto(
     )
 
 
-def fit_kernel_request_to_proto(value: types.FitKernelInput) -> convserve_pb2.FitKernelRequest:
-    return convserve_pb2.FitKernelRequest(
-        inputs=to_tensor(value.inputs),
-        targets=to_tensor(value.targets),
-        kernel_shape=list(value.kernel_shape),
-        fit_bias=value.fit_bias,
-        options=options_to_proto(value.options),
-        learning_rate=value.learning_rate or 0.0,
-        max_steps=value.max_steps or 0,
-        tolerance=value.tolerance,
-        seed=value.seed,
-    )
-
-
 def fit_kernel_response_to_proto(value: types.FitKernelOutput) -> convserve_pb2.FitKernelResponse:
     response = convserve_pb2.FitKernelResponse(
         kernel=to_tensor(value.kernel, np.float64),
@@ -331,56 +243,25 @@ def fit_kernel_response_to_proto(value: types.FitKernelOutput) -> convserve_pb2.
     return response
 
 
-def fit_kernel_response_from_proto(
-    response: convserve_pb2.FitKernelResponse,
-) -> types.FitKernelOutput:
-    if response.stop_reason not in _STOP_REASONS:
-        raise errors.InvalidArgument(
-            "stop_reason",
-            f"one of {', '.join(sorted(_STOP_REASONS))} expected, "
-            f"got {errors.shown(response.stop_reason)}",
-        )
-    return types.FitKernelOutput(
-        kernel=tensor_field(response, "kernel"),
-        bias=optional_tensor_field(response, "bias"),
-        loss=list(response.loss),
-        steps=int(response.steps),
-        stop_reason=cast(Any, response.stop_reason),
-    )
-
-
 # -- GetFeatureMaps ----------------------------------------------------------
 
 
 def feature_maps_request_from_proto(
-    request: convserve_pb2.GetFeatureMapsRequest, check_images: CheckImages
+    request: convserve_pb2.GetFeatureMapsRequest,
 ) -> types.FeatureMapsInput:
-    """GetFeatureMapsRequest -> FeatureMapsInput with the image as [1,28,28,1]."""
+    """GetFeatureMapsRequest -> FeatureMapsInput with the image as decoded.
+
+    Whether it is one image of the model's input shape (with or without its
+    leading 1) only the runtime knows: it checks the image with
+    `inputs.check_image` and makes it [1,H,W,C].
+    """
     image = tensor_field(request, "image")
-    if image.shape not in FEATURE_MAP_IMAGE_SHAPES:
-        allowed = ", ".join(str(list(s)) for s in FEATURE_MAP_IMAGE_SHAPES)
-        raise errors.InvalidArgument(
-            "image", f"one image of shape {allowed} expected, got {list(image.shape)}"
-        )
-    one = image.reshape(1, IMAGE_SIZE, IMAGE_SIZE, 1)
     layers = tuple(str(name) for name in request.layers)
     for index, name in enumerate(layers):
         if not name:
             raise errors.InvalidArgument(f"layers[{index}]", "a layer name expected, got ''")
     return types.FeatureMapsInput(
-        image=check_images(one, field="image"),
-        layers=layers,
-        model=model_ref_from_proto(request.model_spec),
-    )
-
-
-def feature_maps_request_to_proto(
-    value: types.FeatureMapsInput,
-) -> convserve_pb2.GetFeatureMapsRequest:
-    return convserve_pb2.GetFeatureMapsRequest(
-        model_spec=model_ref_to_proto(value.model),
-        image=to_tensor(value.image),
-        layers=list(value.layers),
+        image=image, layers=layers, model=model_ref_from_proto(request.model_spec)
     )
 
 
@@ -397,19 +278,6 @@ def feature_maps_response_to_proto(
     )
 
 
-def feature_maps_response_from_proto(
-    response: convserve_pb2.GetFeatureMapsResponse,
-) -> types.FeatureMapsOutput:
-    return types.FeatureMapsOutput(
-        model_name=response.model_name,
-        model_version=int(response.model_version),
-        maps=[
-            (fm.layer, tensor_field(fm, "activations", f"feature_maps[{i}].activations"))
-            for i, fm in enumerate(response.feature_maps)
-        ],
-    )
-
-
 # -- GetModelMetadata --------------------------------------------------------
 
 
@@ -417,28 +285,11 @@ def metadata_request_from_proto(request: convserve_pb2.GetModelMetadataRequest) 
     return model_ref_from_proto(request.model_spec)
 
 
-def metadata_request_to_proto(ref: types.ModelRef) -> convserve_pb2.GetModelMetadataRequest:
-    return convserve_pb2.GetModelMetadataRequest(model_spec=model_ref_to_proto(ref))
-
-
 def tensor_spec_to_proto(spec: types.TensorSpecInfo) -> convserve_pb2.TensorSpec:
     return convserve_pb2.TensorSpec(
         name=spec.name,
         dtypes=[DTYPE_TO_PROTO[np.dtype(name)] for name in spec.dtypes],
         shape=list(spec.shape),
-    )
-
-
-def tensor_spec_from_proto(spec: convserve_pb2.TensorSpec) -> types.TensorSpecInfo:
-    unknown = [d for d in spec.dtypes if d not in PROTO_TO_DTYPE]
-    if unknown:
-        raise errors.InvalidArgument(
-            f"{spec.name}.dtypes", f"known dtypes expected, got {errors.shown(unknown)}"
-        )
-    return types.TensorSpecInfo(
-        name=spec.name,
-        dtypes=tuple(PROTO_TO_DTYPE[d].name for d in spec.dtypes),
-        shape=tuple(int(d) for d in spec.shape),
     )
 
 
@@ -452,21 +303,30 @@ def layer_to_proto(layer: types.LayerRow) -> convserve_pb2.LayerInfo:
     )
 
 
-def layer_from_proto(layer: convserve_pb2.LayerInfo) -> types.LayerRow:
-    return types.LayerRow(
-        name=layer.name,
-        type=layer.type,
-        output_shape=tuple(int(d) for d in layer.output_shape),
-        parameters=int(layer.parameters),
-        trainable=bool(layer.trainable),
-    )
+def confusion_matrix_values(raw: object) -> list[int]:
+    """The training record's ``confusion_matrix`` (K lists of K counts) flattened row-major;
+    empty when it is missing or not such a square of non-negative integers."""
+    if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
+        return []
+    size = len(raw)
+    values: list[int] = []
+    for row in raw:
+        if not isinstance(row, Sequence) or isinstance(row, str) or len(row) != size:
+            return []
+        for count in row:
+            # bool is an int to Python, but a flag in a confusion matrix is a broken record.
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                return []
+            values.append(count)
+    return values
 
 
 def training_to_proto(record: Mapping[str, object]) -> convserve_pb2.TrainingRecord:
     """The trainer's training_record.json (a dict) -> TrainingRecord.
 
-    Keys the message has no field for (layers, confusion matrix, ...) are left
-    out; missing keys and null values keep the field's default.
+    Keys the message has no field for (layers, model card, ...) are left
+    out; missing keys and null values keep the field's default. The
+    confusion matrix goes flattened row-major (`confusion_matrix_values`).
     """
     values: dict[str, Any] = {}
     for name, kind in _TRAINING_FIELDS.items():
@@ -476,13 +336,8 @@ def training_to_proto(record: Mapping[str, object]) -> convserve_pb2.TrainingRec
     hyperparameters = record.get("hyperparameters")
     if isinstance(hyperparameters, Mapping):
         values["hyperparameters"] = {str(k): str(v) for k, v in hyperparameters.items()}
+    values["confusion_matrix"] = confusion_matrix_values(record.get("confusion_matrix"))
     return convserve_pb2.TrainingRecord(**values)
-
-
-def training_from_proto(record: convserve_pb2.TrainingRecord) -> dict[str, object]:
-    values: dict[str, object] = {name: getattr(record, name) for name in _TRAINING_FIELDS}
-    values["hyperparameters"] = dict(record.hyperparameters)
-    return values
 
 
 def metadata_response_to_proto(
@@ -497,19 +352,32 @@ def metadata_response_to_proto(
         layers=[layer_to_proto(layer) for layer in value.layers],
         training=training_to_proto(value.training),
         device=value.device,
+        class_names=list(value.class_names),
     )
 
 
-def metadata_response_from_proto(
-    response: convserve_pb2.GetModelMetadataResponse,
-) -> types.ModelMetadata:
-    return types.ModelMetadata(
-        model_name=response.model_name,
-        loaded_versions=tuple(int(v) for v in response.loaded_versions),
-        serving_version=int(response.serving_version),
-        inputs=tuple(tensor_spec_from_proto(s) for s in response.inputs),
-        outputs=tuple(tensor_spec_from_proto(s) for s in response.outputs),
-        layers=tuple(layer_from_proto(layer) for layer in response.layers),
-        training=training_from_proto(response.training),
-        device=response.device,
+# -- ListModels --------------------------------------------------------------
+
+
+def model_status_to_proto(status: types.ModelStatus) -> convserve_pb2.ModelStatus:
+    """ModelStatus -> ModelStatus, its versions ascending."""
+    return convserve_pb2.ModelStatus(
+        name=status.name,
+        ready=status.ready,
+        versions=[
+            convserve_pb2.ModelVersionStatus(
+                version=v.version, state=v.state, serving=v.serving, error=v.error
+            )
+            for v in sorted(status.versions, key=lambda v: v.version)
+        ],
+    )
+
+
+def list_models_response_to_proto(
+    models: Sequence[types.ModelStatus], default_model: str
+) -> convserve_pb2.ListModelsResponse:
+    """The runtime's models (`RuntimeApi.models`) -> ListModelsResponse, ascending by name."""
+    return convserve_pb2.ListModelsResponse(
+        models=[model_status_to_proto(m) for m in sorted(models, key=lambda m: m.name)],
+        default_model=default_model,
     )

@@ -13,12 +13,13 @@ The wire between the server and a worker, all little-endian:
 
 * start-up: the server sends ``<Q length>`` and the flatbuffer; the worker
   answers with a response frame (status 0 once the interpreter is ready).
-* request: ``<I rows><B dtype><3x>`` and ``rows * 784`` pixels, uint8 (dtype
-  0, 0..255) or float32 (dtype 1, 0..1);
+* request: ``<I rows><B dtype><3x>`` and ``rows * H * W * C`` pixels (the
+  model's input shape, which the worker reads from the flatbuffer), uint8
+  (dtype 0, 0..255) or float32 (dtype 1, 0..1);
 * heartbeat: a request of 0 rows (dtype 0, no pixels), answered at once with
   an empty status-0 response;
 * response: ``<B status><3x><I length>`` and `length` bytes: float32
-  ``[rows, 10]`` probabilities (status 0) or a UTF-8 error message (status 1).
+  ``[rows, K]`` probabilities (status 0) or a UTF-8 error message (status 1).
 
 Supervision. A worker that dies fails the batch it held (`errors.Internal`)
 and is replaced in the background; the others keep serving meanwhile. A
@@ -57,8 +58,6 @@ from convserve.server import errors
 
 log = logging.getLogger(__name__)
 
-PIXELS = 28 * 28
-CLASSES = 10
 REQUEST = struct.Struct("<IB3x")
 RESPONSE = struct.Struct("<B3xI")
 MODEL_LENGTH = struct.Struct("<Q")
@@ -102,27 +101,27 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray:
     return buffer
 
 
-def _request_frame(images: np.ndarray) -> tuple[bytes, np.ndarray]:
+def _request_frame(images: np.ndarray, pixels: int) -> tuple[bytes, np.ndarray]:
     code = _DTYPES.get(images.dtype)
-    if code is None or images.ndim < 1 or images.shape[0] < 1 or images[0].size != PIXELS:
+    if code is None or images.ndim < 1 or images.shape[0] < 1 or images[0].size != pixels:
         raise ValueError(
-            f"uint8 or float32 images of {PIXELS} pixels expected (at least one), got "
+            f"uint8 or float32 images of {pixels} pixels expected (at least one), got "
             f"{images.dtype} {list(images.shape)}"
         )
     return REQUEST.pack(images.shape[0], code), np.ascontiguousarray(images)
 
 
-def _probabilities(status: int, payload: bytes | bytearray, rows: int) -> np.ndarray:
+def _probabilities(status: int, payload: bytes | bytearray, rows: int, classes: int) -> np.ndarray:
     if status != 0:
         log.error("a model worker failed on %d images: %s", rows, payload.decode(errors="replace"))
         raise errors.Internal(f"the model failed on a batch of {rows} images; see the server log")
     output = np.frombuffer(payload, dtype="<f4")
-    if output.size != rows * CLASSES:
+    if output.size != rows * classes:
         raise errors.Internal(
             f"the model worker answered {output.size} values for {rows} images; "
-            f"{rows * CLASSES} expected"
+            f"{rows * classes} expected"
         )
-    return output.reshape(rows, CLASSES)
+    return output.reshape(rows, classes)
 
 
 class _Worker:
@@ -184,12 +183,12 @@ class _Worker:
         if status != 0:
             raise WorkerError(f"{self.name}: {message.decode(errors='replace')}")
 
-    def call(self, images: np.ndarray) -> np.ndarray:
+    def call(self, images: np.ndarray, pixels: int, classes: int) -> np.ndarray:
         """Blocking call (before `attach`, e.g. a warm-up)."""
-        header, pixels = _request_frame(images)
-        self.sock.sendall(header + pixels.tobytes())
+        header, values = _request_frame(images, pixels)
+        self.sock.sendall(header + values.tobytes())
         status, length = RESPONSE.unpack(_recv_exact(self.sock, RESPONSE.size))
-        return _probabilities(status, _recv_exact(self.sock, length), images.shape[0])
+        return _probabilities(status, _recv_exact(self.sock, length), images.shape[0], classes)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve `request` on `loop` (call on its thread)."""
@@ -329,6 +328,9 @@ class _Worker:
 class ProcessEngine:
     """LiteRT predictions in `workers` child processes of `threads` CPU threads each.
 
+    The model takes images of `image_shape` ([H,W,C]) and answers `classes`
+    probabilities per image.
+
     Call `__call__` (blocking) only before `serve()`, e.g. to warm up; after
     it, `run` (on the event loop) hands each batch to an idle worker. At most
     `workers` batches run at once; a caller finding none idle waits for one.
@@ -349,6 +351,8 @@ class ProcessEngine:
         self,
         flatbuffer: bytes,
         *,
+        image_shape: tuple[int, ...],
+        classes: int,
         threads: int,
         workers: int,
         name: str,
@@ -365,6 +369,9 @@ class ProcessEngine:
         if not heartbeat_interval_s > 0:
             raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
         self.name = name
+        self.image_shape = tuple(image_shape)
+        self.pixels = int(np.prod(self.image_shape))
+        self.classes = classes
         self.threads = threads
         self.workers = workers
         self.niceness = niceness
@@ -413,7 +420,7 @@ class ProcessEngine:
         return not self._closed and bool(self._all)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """float32 (0..1) or uint8 (0..255) [N,28,28(,1)] -> float32 [N,10]; blocking."""
+        """float32 (0..1) or uint8 (0..255) [N,H,W,C] -> float32 [N,K]; blocking."""
         if self._loop is not None:
             raise RuntimeError(f"{self.name}: serving on an event loop; use run()")
         with self._lock:
@@ -423,7 +430,7 @@ class ProcessEngine:
                 raise RuntimeError(f"{self.name}: every worker is busy with a blocking call")
             worker = self._idle.popleft()
         try:
-            result = worker.call(images)
+            result = worker.call(images, self.pixels, self.classes)
         except (OSError, EOFError) as exc:
             # Dead, or stuck past START_TIMEOUT_S: it cannot serve (nor be trusted) again.
             with self._lock:
@@ -457,7 +464,7 @@ class ProcessEngine:
         replaced), errors.Unavailable once the engine is closed or while no
         worker runs.
         """
-        header, pixels = _request_frame(images)
+        header, pixels = _request_frame(images, self.pixels)
         rows = images.shape[0]
         worker = await self._take(deadline)
         loop = asyncio.get_running_loop()
@@ -497,7 +504,7 @@ class ProcessEngine:
         finally:
             timer.cancel()
         self._release(worker)
-        return _probabilities(status, payload, rows)
+        return _probabilities(status, payload, rows, self.classes)
 
     async def _take(self, deadline: float | None) -> _Worker:
         """An idle worker, waiting for one if need be (but not past `deadline`)."""
@@ -850,10 +857,15 @@ def _serve(sock: socket.socket, threads: int) -> None:
     try:
         from ai_edge_litert.interpreter import Interpreter
 
+        # The model's own input shape: [1 or -1, H, W, C].
+        probe = Interpreter(model_content=flatbuffer, num_threads=threads)
+        item_shape = tuple(int(d) for d in probe.get_input_details()[0]["shape"][1:])
+        pixels = int(np.prod(item_shape))
+
         def interpreter_for(rows: int) -> tuple[Any, int, int]:
             interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
             input_index = interpreter.get_input_details()[0]["index"]
-            interpreter.resize_tensor_input(input_index, (rows, 28, 28, 1), strict=True)
+            interpreter.resize_tensor_input(input_index, (rows, *item_shape), strict=True)
             interpreter.allocate_tensors()
             return interpreter, input_index, interpreter.get_output_details()[0]["index"]
 
@@ -878,13 +890,13 @@ def _serve(sock: socket.socket, threads: int) -> None:
         if dtype is None:
             answer(1, f"unknown dtype code {code}".encode())
             return
-        pixels = np.frombuffer(_recv_exact(sock, rows * PIXELS * dtype.itemsize), dtype=dtype)
-        images = to_unit.take(pixels) if dtype == np.uint8 else pixels
+        values = np.frombuffer(_recv_exact(sock, rows * pixels * dtype.itemsize), dtype=dtype)
+        images = to_unit.take(values) if dtype == np.uint8 else values
         try:
             if rows not in interpreters:
                 interpreters[rows] = interpreter_for(rows)
             interpreter, input_index, output_index = interpreters[rows]
-            interpreter.set_tensor(input_index, images.reshape(rows, 28, 28, 1))
+            interpreter.set_tensor(input_index, images.reshape(rows, *item_shape))
             interpreter.invoke()
             output = np.ascontiguousarray(interpreter.get_tensor(output_index), dtype="<f4")
         except Exception as exc:

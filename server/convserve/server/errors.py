@@ -34,6 +34,12 @@ class NotFound(ServeError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class FailedPrecondition(ServeError):
+    """The model cannot do what was asked (e.g. it has no feature_maps signature)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class ResourceExhausted(ServeError):
     """The queue is full or a request is over a size limit the server enforces."""
 

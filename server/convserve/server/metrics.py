@@ -2,12 +2,17 @@
 
 Every metric has a fixed label set and base units (seconds, bytes). The
 batching metrics are labelled by the runtime operation (``rpc``: Predict,
-Convolve, FitKernel, GetFeatureMaps), whichever protocol sent the request, so
-batches merged across protocols show up in one histogram.
+Convolve, FitKernel, GetFeatureMaps) and the model (``model``: a configured
+model's name; empty for Convolve and FitKernel, which use no model), whichever
+protocol sent the request, so batches merged across protocols show up in one
+histogram. Request metrics carry the model the request named too: a
+configured name, or ``_unknown`` for any other (so that clients cannot grow
+the label set).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -47,12 +52,13 @@ COST_RATIO_BUCKETS = (0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 10.0)
 class _Observer:
     """Feeds one operation's batching figures into the metrics."""
 
-    def __init__(self, metrics: Metrics, rpc: str) -> None:
-        self._queued = metrics.queued_images.labels(rpc=rpc)
-        self._wait = metrics.queue_wait.labels(rpc=rpc)
-        self._execution = metrics.model_execution.labels(rpc=rpc)
-        self._batch_size = metrics.batch_size.labels(rpc=rpc)
-        self._images = metrics.images_processed.labels(rpc=rpc)
+    def __init__(self, metrics: Metrics, rpc: str, model: str) -> None:
+        labels = {"rpc": rpc, "model": model}
+        self._queued = metrics.queued_images.labels(**labels)
+        self._wait = metrics.queue_wait.labels(**labels)
+        self._execution = metrics.model_execution.labels(**labels)
+        self._batch_size = metrics.batch_size.labels(**labels)
+        self._images = metrics.images_processed.labels(**labels)
 
     def on_queue_depth(self, items: int) -> None:
         self._queued.set(items)
@@ -75,54 +81,54 @@ class Metrics:
         reg = self.registry
         self.requests = Counter(
             "convserve_requests",
-            "Finished requests by protocol, RPC and gRPC status code.",
-            ["protocol", "rpc", "code"],
+            "Finished requests by protocol, RPC, model and gRPC status code.",
+            ["protocol", "rpc", "model", "code"],
             registry=reg,
         )
         self.request_duration = Histogram(
             "convserve_request_duration_seconds",
-            "Time from receiving a request to its response, by protocol and RPC.",
-            ["protocol", "rpc"],
+            "Time from receiving a request to its response, by protocol, RPC and model.",
+            ["protocol", "rpc", "model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.queue_wait = Histogram(
             "convserve_queue_wait_seconds",
             "Time a request part waited from enqueue to the start of its batch.",
-            ["rpc"],
+            ["rpc", "model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.model_execution = Histogram(
             "convserve_model_execution_seconds",
             "Duration of one model or operation call.",
-            ["rpc"],
+            ["rpc", "model"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
         self.batch_size = Histogram(
             "convserve_batch_size",
             "Images per model call, before padding.",
-            ["rpc"],
+            ["rpc", "model"],
             buckets=BATCH_SIZE_BUCKETS,
             registry=reg,
         )
         self.images_processed = Counter(
             "convserve_images_processed",
             "Images (or convolution inputs) run through a model or operation.",
-            ["rpc"],
+            ["rpc", "model"],
             registry=reg,
         )
         self.queued_images = Gauge(
             "convserve_queued_images",
             "Images queued for batching, not yet in a batch.",
-            ["rpc"],
+            ["rpc", "model"],
             registry=reg,
         )
         self.inflight = Gauge(
             "convserve_inflight_requests",
             "Requests being handled now.",
-            ["protocol", "rpc"],
+            ["protocol", "rpc", "model"],
             registry=reg,
         )
         self.model_loads = Counter(
@@ -176,34 +182,38 @@ class Metrics:
             buckets=COST_RATIO_BUCKETS,
             registry=reg,
         )
-        self._request_series: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._counts: dict[tuple[str, str, str], Any] = {}
+        self._request_series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._counts: dict[tuple[str, str, str, str], Any] = {}
 
-    def request_started(self, protocol: str, rpc: str) -> None:
-        self._series(protocol, rpc)[0].inc()
+    def request_started(self, protocol: str, rpc: str, model: str = "") -> None:
+        self._series(protocol, rpc, model)[0].inc()
 
-    def request_finished(self, protocol: str, rpc: str, code: str, seconds: float) -> None:
+    def request_finished(
+        self, protocol: str, rpc: str, code: str, seconds: float, model: str = ""
+    ) -> None:
         """`code` is the gRPC status code name, e.g. "OK" or "INVALID_ARGUMENT"."""
-        inflight, duration = self._series(protocol, rpc)
+        inflight, duration = self._series(protocol, rpc, model)
         inflight.dec()
-        counter = self._counts.get((protocol, rpc, code))
+        key = (protocol, rpc, model, code)
+        counter = self._counts.get(key)
         if counter is None:
-            counter = self.requests.labels(protocol=protocol, rpc=rpc, code=code)
-            self._counts[(protocol, rpc, code)] = counter
+            counter = self.requests.labels(protocol=protocol, rpc=rpc, model=model, code=code)
+            self._counts[key] = counter
         counter.inc()
         duration.observe(max(0.0, seconds))
 
-    def _series(self, protocol: str, rpc: str) -> tuple[Any, Any]:
+    def _series(self, protocol: str, rpc: str, model: str) -> tuple[Any, Any]:
         # labels() validates and hashes its arguments under a lock on every call, a
         # sizeable part of a small request's cost; the label values come from fixed
         # sets, so their series are looked up once.
-        series = self._request_series.get((protocol, rpc))
+        key = (protocol, rpc, model)
+        series = self._request_series.get(key)
         if series is None:
             series = (
-                self.inflight.labels(protocol=protocol, rpc=rpc),
-                self.request_duration.labels(protocol=protocol, rpc=rpc),
+                self.inflight.labels(protocol=protocol, rpc=rpc, model=model),
+                self.request_duration.labels(protocol=protocol, rpc=rpc, model=model),
             )
-            self._request_series[(protocol, rpc)] = series
+            self._request_series[key] = series
         return series
 
     def on_admitted_seconds(self, rpc: str, seconds: float) -> None:
@@ -216,9 +226,15 @@ class Metrics:
         if estimate_s > 0:
             self.work_cost_ratio.labels(rpc=rpc).observe(ran_s / estimate_s)
 
-    def batch_observer(self, rpc: str) -> BatchObserver:
-        """An observer for `DynamicBatcher` (or any operation call) of `rpc`."""
-        return _Observer(self, rpc)
+    def batch_observer(self, rpc: str, model: str = "") -> BatchObserver:
+        """An observer for `DynamicBatcher` (or any operation call) of `rpc` on `model`."""
+        return _Observer(self, rpc, model)
+
+    def forget_model(self, model: str) -> None:
+        """Drop the series of a model that is no longer configured."""
+        for metric in (self.model_info, self.versions_loaded):
+            with contextlib.suppress(KeyError):
+                metric.remove(model)
 
     def worker_exited(self, model: str) -> None:
         self.worker_exits.labels(model=model).inc()

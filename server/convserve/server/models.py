@@ -1,5 +1,11 @@
 """SavedModel versions: discovery, loading with warm-up, polling and atomic swaps.
 
+A version is any SavedModel whose ``serving_default`` signature takes one
+image tensor ``[N,H,W,C]`` (float32, 0..1) and returns one ``[N,K]`` tensor of
+class probabilities: its shape, K and names come from the signature at load
+(`ModelSignature`), the class names from the training record when it has
+them. A ``feature_maps`` signature (layer name -> activations) is optional.
+
 A model base path holds one directory per version (a positive integer name);
 anything else (hidden export temp dirs, files, other names) is ignored. The
 `ModelManager` serves the newest version that loaded and warmed up, keeps the
@@ -26,14 +32,19 @@ import numpy as np
 import tensorflow as tf
 
 from convserve.server import errors, types
+from convserve.server.inputs import ImageSpec
 
 log = logging.getLogger(__name__)
 
 TRAINING_RECORD = Path("assets.extra") / "training_record.json"
 WARMUP_REQUESTS = Path("assets.extra") / "tf_serving_warmup_requests"
-REQUIRED_SIGNATURES = ("serving_default", "feature_maps")
-IMAGE_SHAPE = (28, 28, 1)
+SERVING_SIGNATURE = "serving_default"
+FEATURE_MAPS_SIGNATURE = "feature_maps"
 KEEP_VERSIONS = 2
+# Largest image side and channel count a served model may declare.
+MAX_IMAGE_SIDE = 4096
+MAX_CHANNELS = 64
+MAX_CLASSES = 100_000
 # The largest version number: versions are int64 everywhere they travel.
 MAX_VERSION = 2**63 - 1
 # Entries of a version directory its change marker looks at, at most.
@@ -95,6 +106,80 @@ class ModelLoadError(Exception):
     """A version could not be loaded or failed its warm-up; the message says why."""
 
 
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a version's serving_default takes and returns, read from the SavedModel."""
+
+    input_name: str
+    image_shape: tuple[int, int, int]  # [H,W,C]
+    output_name: str
+    classes: int  # K
+
+    @property
+    def spec(self) -> ImageSpec:
+        return ImageSpec(self.image_shape)
+
+
+def read_signature(module: Any) -> ModelSignature:
+    """The serving signature's image input and probability output.
+
+    Raises ModelLoadError unless it has exactly one float32 input of shape
+    [N,H,W,C] (H, W, C known) and one float32 output of shape [N,K] (K known).
+    """
+    signatures = getattr(module, "signatures", {})
+    fn = signatures.get(SERVING_SIGNATURE)
+    if fn is None:
+        raise ModelLoadError(f"signature {SERVING_SIGNATURE!r} missing (has {sorted(signatures)})")
+    _, inputs = fn.structured_input_signature
+    if len(inputs) != 1:
+        raise ModelLoadError(
+            f"{SERVING_SIGNATURE} must take one image tensor, it takes {sorted(inputs)}"
+        )
+    input_name, spec = next(iter(inputs.items()))
+    dims = spec.shape.as_list() if spec.shape.rank is not None else None
+    if (
+        dims is None
+        or len(dims) != 4
+        or any(d is None for d in dims[1:])
+        or spec.dtype != tf.float32
+    ):
+        raise ModelLoadError(
+            f"{SERVING_SIGNATURE} input {input_name!r} must be float32 [N,H,W,C] with H, W "
+            f"and C known, it is {spec.dtype.name} {dims}"
+        )
+    h, w, c = (int(d) for d in dims[1:])
+    if not (0 < h <= MAX_IMAGE_SIDE and 0 < w <= MAX_IMAGE_SIDE and 0 < c <= MAX_CHANNELS):
+        raise ModelLoadError(
+            f"{SERVING_SIGNATURE} input {input_name!r}: images of at most {MAX_IMAGE_SIDE}x"
+            f"{MAX_IMAGE_SIDE}x{MAX_CHANNELS} expected, it declares {h}x{w}x{c}"
+        )
+    outputs = fn.structured_outputs
+    if not isinstance(outputs, dict) or len(outputs) != 1:
+        names = sorted(outputs) if isinstance(outputs, dict) else type(outputs).__name__
+        raise ModelLoadError(f"{SERVING_SIGNATURE} must return one tensor, it returns {names}")
+    output_name, out = next(iter(outputs.items()))
+    out_dims = out.shape.as_list() if out.shape.rank is not None else None
+    if out_dims is None or len(out_dims) != 2 or out_dims[1] is None or out.dtype != tf.float32:
+        raise ModelLoadError(
+            f"{SERVING_SIGNATURE} output {output_name!r} must be float32 [N,K] probabilities "
+            f"with K known, it is {out.dtype.name} {out_dims}"
+        )
+    classes = int(out_dims[1])
+    if not 0 < classes <= MAX_CLASSES:
+        raise ModelLoadError(f"between 1 and {MAX_CLASSES} classes expected, got {classes}")
+    return ModelSignature(str(input_name), (h, w, c), str(output_name), classes)
+
+
+def class_names_of(record: dict[str, Any], classes: int) -> tuple[str, ...]:
+    """The training record's class names if they name each of `classes` classes, else ()."""
+    names = record.get("class_names")
+    if not isinstance(names, list) or len(names) != classes:
+        if names is not None:
+            log.warning("training record: %d class_names expected, ignoring %r", classes, names)
+        return ()
+    return tuple(str(n) for n in names)
+
+
 class LiteRtEngine:
     """serving_default converted to LiteRT, run by its XNNPACK CPU kernels.
 
@@ -126,7 +211,7 @@ class LiteRtEngine:
             self._free.put(_Interpreter(interpreter, inputs[0]["index"], outputs[0]["index"]))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """float32 [N,28,28,1] in [0,1] -> probabilities float32 [N,10] (thread-safe)."""
+        """float32 [N,H,W,C] in [0,1] -> probabilities float32 [N,K] (thread-safe)."""
         images = np.ascontiguousarray(images, dtype=np.float32)
         slot = self._free.get()
         try:
@@ -156,7 +241,7 @@ class _Interpreter:
 
 def convert_to_litert(module: Any) -> bytes:
     """The serving_default signature of a loaded SavedModel as a LiteRT flatbuffer."""
-    fn = module.signatures["serving_default"]
+    fn = module.signatures[SERVING_SIGNATURE]
     converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], module)
     return bytes(converter.convert())
 
@@ -175,6 +260,8 @@ class LoadedModel:
     device: str
     record: dict[str, Any]
     module: Any = field(repr=False)
+    signature: ModelSignature
+    class_names: tuple[str, ...] = ()
     # What computes `predict`: "tensorflow" (the SavedModel) or "litert" (`LiteRtEngine`).
     engine: str = "tensorflow"
     litert: LiteRtEngine | None = field(default=None, repr=False)
@@ -187,30 +274,38 @@ class LoadedModel:
     on_release: Callable[[LoadedModel], None] | None = field(default=None, repr=False)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """float32 [N,28,28,1] in [0,1] -> probabilities float32 [N,10]."""
+        """float32 [N,H,W,C] in [0,1] -> probabilities float32 [N,K]."""
         if self.litert is not None:
             return self.litert(images)
         return self.predict_tensorflow(images)
 
     def predict_tensorflow(self, images: np.ndarray) -> np.ndarray:
         """`predict` through the SavedModel's serving_default, whatever the engine."""
-        fn = self.module.signatures["serving_default"]
+        sig = self.signature
+        fn = self.module.signatures[SERVING_SIGNATURE]
         with tf.device(self.device):
-            out = fn(images=tf.constant(images, dtype=tf.float32))
-        return np.asarray(out["probabilities"].numpy(), dtype=np.float32)
+            out = fn(**{sig.input_name: tf.constant(images, dtype=tf.float32)})
+        return np.asarray(out[sig.output_name].numpy(), dtype=np.float32)
+
+    @property
+    def has_feature_maps(self) -> bool:
+        return FEATURE_MAPS_SIGNATURE in self.module.signatures
 
     def feature_maps(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """float32 [N,28,28,1] -> {layer name: float32 [N,H,W,F]}."""
-        fn = self.module.signatures["feature_maps"]
+        """float32 [N,H,W,C] -> {layer name: float32 [N,H',W',F]} (needs `has_feature_maps`)."""
+        fn = self.module.signatures[FEATURE_MAPS_SIGNATURE]
+        _, inputs = fn.structured_input_signature
         with tf.device(self.device):
-            out = fn(images=tf.constant(images, dtype=tf.float32))
+            out = fn(**{next(iter(inputs)): tf.constant(images, dtype=tf.float32)})
         return {name: np.asarray(value.numpy()) for name, value in out.items()}
 
     @property
     def feature_map_layers(self) -> tuple[str, ...]:
         """Layer names in model order (the training record's, else the signature's)."""
+        if not self.has_feature_maps:
+            return ()
         names = self.record.get("feature_map_layers")
-        outputs = self.module.signatures["feature_maps"].structured_outputs
+        outputs = self.module.signatures[FEATURE_MAPS_SIGNATURE].structured_outputs
         if isinstance(names, list) and set(names) == set(outputs):
             return tuple(str(n) for n in names)
         return tuple(sorted(outputs))
@@ -231,16 +326,25 @@ class LoadedModel:
             model_name=self.name,
             loaded_versions=loaded_versions,
             serving_version=self.version,
-            inputs=(types.TensorSpecInfo("images", ("uint8", "float32"), (-1, *IMAGE_SHAPE)),),
-            outputs=(types.TensorSpecInfo("probabilities", ("float32",), (-1, 10)),),
+            inputs=(
+                types.TensorSpecInfo(
+                    "images", ("uint8", "float32"), (-1, *self.signature.image_shape)
+                ),
+            ),
+            outputs=(
+                types.TensorSpecInfo("probabilities", ("float32",), (-1, self.signature.classes)),
+            ),
             layers=tuple(layers),
             training=dict(self.record),
             device=self.device,
+            class_names=self.class_names,
         )
 
 
 def _read_record(path: Path) -> dict[str, Any]:
     record_path = path / TRAINING_RECORD
+    if not record_path.exists():
+        return {}  # a SavedModel from elsewhere: served without a training record
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -309,18 +413,25 @@ def load_model(
     except Exception as exc:
         raise ModelLoadError(f"cannot load the SavedModel: {exc}") from exc
     signatures = getattr(module, "signatures", {})
-    missing = [s for s in REQUIRED_SIGNATURES if s not in signatures]
-    if missing:
-        raise ModelLoadError(f"signatures {missing} missing (has {sorted(signatures)})")
+    signature = read_signature(module)
+    shape = signature.image_shape
     model = LoadedModel(
-        name=name, version=version, path=path, device=device, record=record, module=module
+        name=name,
+        version=version,
+        path=path,
+        device=device,
+        record=record,
+        module=module,
+        signature=signature,
+        class_names=class_names_of(record, signature.classes),
     )
     warmup = read_warmup_requests(path)
     if not warmup:
         log.warning(
             "%s version %d has no warm-up requests; warming with one blank image", name, version
         )
-        warmup = [("serving_default", {"images": np.zeros((1, *IMAGE_SHAPE), np.float32)})]
+        blank = np.zeros((1, *shape), np.float32)
+        warmup = [(SERVING_SIGNATURE, {signature.input_name: blank})]
     for signature_name, inputs in warmup:
         fn = signatures.get(signature_name)
         if fn is None:
@@ -343,40 +454,42 @@ def load_model(
             log.info("%s version %d: TensorFlow computes on %s (LiteRT is for CPUs)",
                      name, version, device)  # fmt: skip
         else:
-            probe = [v["images"] for s, v in warmup if s == "serving_default" and "images" in v]
+            key = signature.input_name
+            probe = [v[key] for s, v in warmup if s == SERVING_SIGNATURE and key in v]
             _use_litert(model, probe, threads=engine_threads, copies=engine_copies)
     for size in sorted(set(warm_batch_sizes)):
         # FIFO pool: `copies` calls in a row warm every interpreter at this size.
         for _ in range(model.litert.copies if model.litert is not None else 1):
             try:
-                probabilities = model.predict(np.zeros((size, *IMAGE_SHAPE), np.float32))
+                probabilities = model.predict(np.zeros((size, *shape), np.float32))
             except Exception as exc:
                 raise ModelLoadError(f"warm-up at batch size {size} failed: {exc}") from exc
-            if probabilities.shape != (size, 10):
+            if probabilities.shape != (size, signature.classes):
                 raise ModelLoadError(
-                    f"probabilities of shape [{size}, 10] expected at batch size {size}, "
+                    f"probabilities of shape [{size}, {signature.classes}] expected at batch "
+                    f"size {size}, "
                     f"got {list(probabilities.shape)}"
                 )
     # The feature maps signature is served too: run it once so its first call is not slow.
-    try:
-        first = warmup[0][1].get("images")
-        sample = first[:1] if first is not None else np.zeros((1, *IMAGE_SHAPE), np.float32)
-        model.feature_maps(np.asarray(sample, dtype=np.float32))
-    except Exception as exc:
-        raise ModelLoadError(f"feature_maps warm-up failed: {exc}") from exc
+    if model.has_feature_maps:
+        try:
+            model.feature_maps(np.zeros((1, *shape), np.float32))
+        except Exception as exc:
+            raise ModelLoadError(f"feature_maps warm-up failed: {exc}") from exc
     return model
 
 
 def _use_litert(model: LoadedModel, probe: list[np.ndarray], *, threads: int, copies: int) -> None:
     """Switch `model.predict` to LiteRT if the converted graph agrees with the SavedModel."""
     rng = np.random.default_rng(0)
-    # The trainer's warm-up digits, blank and saturated images and noise.
+    shape = model.signature.image_shape
+    # The trainer's warm-up images, blank and saturated images and noise.
     images = np.concatenate(
         [
-            *(np.asarray(p, np.float32).reshape(-1, *IMAGE_SHAPE) for p in probe),
-            np.zeros((1, *IMAGE_SHAPE), np.float32),
-            np.ones((1, *IMAGE_SHAPE), np.float32),
-            rng.random((6, *IMAGE_SHAPE), dtype=np.float32),
+            *(np.asarray(p, np.float32).reshape(-1, *shape) for p in probe),
+            np.zeros((1, *shape), np.float32),
+            np.ones((1, *shape), np.float32),
+            rng.random((6, *shape), dtype=np.float32),
         ]
     )
     try:
@@ -399,7 +512,14 @@ def _use_litert(model: LoadedModel, probe: list[np.ndarray], *, threads: int, co
 
 
 class ModelManager:
-    """Serves the newest good version under `base_path`; loads new ones in the background."""
+    """Serves the newest good version under `base_path`; loads new ones in the background.
+
+    Without a `policy`, the newest version that loads serves and the
+    `keep_versions` newest loaded stay pinnable (a new version is loaded only
+    when it is newer than the serving one). With a `model_config.VersionPolicy`
+    (TF Serving's latest N / all / specific), exactly the versions it selects
+    among those on disk are loaded; the newest loaded one serves.
+    """
 
     def __init__(
         self,
@@ -411,18 +531,24 @@ class ModelManager:
         on_serving: Callable[[LoadedModel, int], None] | None = None,
         keep_versions: int = KEEP_VERSIONS,
         loader: Callable[[str, int, Path, str], LoadedModel] = load_model,
+        policy: Any = None,
     ) -> None:
         self.base_path = Path(base_path)
         self.name = name
         self.device = device
         self.keep_versions = max(1, keep_versions)
+        self.policy = policy
         self._on_loaded = on_loaded
         self._on_serving = on_serving
         self._loader = loader
         self._loaded: dict[int, LoadedModel] = {}
         self._serving: LoadedModel | None = None
-        # Versions that failed, with the marker of the files that failed.
+        # Versions that failed, with the marker of the files that failed, and why.
         self._failed: dict[int, tuple[tuple[str, int, int], ...]] = {}
+        self._errors: dict[int, str] = {}
+        self._loading: int | None = None
+        # Retired versions some request still holds.
+        self._unloading: dict[int, LoadedModel] = {}
         self._poll_lock = asyncio.Lock()
         self._state_lock = threading.Lock()
 
@@ -439,18 +565,47 @@ class ModelManager:
         """Every loaded version (serving or pinnable), oldest first."""
         return tuple(self._loaded[v] for v in sorted(self._loaded))
 
+    def status(self) -> tuple[types.VersionStatus, ...]:
+        """Each version's state, ascending: loading, available, unloading or refused (END)."""
+        states: dict[int, types.VersionStatus] = {}
+        for version, error in self._errors.items():
+            states[version] = types.VersionStatus(version, "END", error=error)
+        for version in list(self._unloading):
+            states[version] = types.VersionStatus(version, "UNLOADING")
+        for version in list(self._loaded):
+            serving = self._serving is not None and self._serving.version == version
+            states[version] = types.VersionStatus(version, "AVAILABLE", serving=serving)
+        loading = self._loading
+        if loading is not None:
+            states[loading] = types.VersionStatus(loading, "LOADING")
+        return tuple(states[v] for v in sorted(states))
+
+    def _known_bad(self, version: int) -> bool:
+        failed = self._failed.get(version)
+        return failed is not None and failed == _signature(self.base_path / str(version))
+
     def _candidates(self) -> list[int]:
-        """Versions newer than the serving one not known to fail, newest first."""
+        """Versions to load now, newest first (not loaded and not known to fail)."""
+        available = discover_versions(self.base_path)
+        if self.policy is not None:
+            wanted = self.policy.select(available)
+            return [v for v in reversed(wanted) if v not in self._loaded and not self._known_bad(v)]
         current = self._serving.version if self._serving is not None else 0
         out = []
-        for version in reversed(discover_versions(self.base_path)):
+        for version in reversed(available):
             if version <= current:
                 break
-            failed = self._failed.get(version)
-            if failed is not None and failed == _signature(self.base_path / str(version)):
+            if self._known_bad(version):
                 continue
             out.append(version)
         return out
+
+    def _unwanted(self) -> list[int]:
+        """Loaded versions the policy no longer selects (none without a policy)."""
+        if self.policy is None:
+            return []
+        wanted = set(self.policy.select(discover_versions(self.base_path)))
+        return [v for v in self._loaded if v not in wanted]
 
     async def poll_once(self) -> int | None:
         """Load the newest new version, if any, and swap it in.
@@ -460,34 +615,58 @@ class ModelManager:
         counted; the serving version is untouched by them.
         """
         async with self._poll_lock:
+            swapped: int | None = None
             # Listing and change markers read the file system: not on the event loop.
             for version in await asyncio.to_thread(self._candidates):
                 path = self.base_path / str(version)
                 marker = await asyncio.to_thread(_signature, path)
+                self._loading = version
                 try:
                     model = await asyncio.to_thread(
                         self._loader, self.name, version, path, self.device
                     )
                 except Exception as exc:
                     self._failed[version] = marker
+                    self._errors[version] = str(exc)
                     log.error("%s version %d refused: %s", self.name, version, exc)
                     if self._on_loaded is not None:
                         self._on_loaded(self.name, version, False)
                     continue
+                finally:
+                    self._loading = None
                 self._failed.pop(version, None)
+                self._errors.pop(version, None)
                 log.info("%s version %d loaded and warmed up from %s", self.name, version, path)
                 if self._on_loaded is not None:
                     self._on_loaded(self.name, version, True)
-                self._swap_in(model)
-                return version
-        return None
+                changed = self._swap_in(model)
+                if self.policy is None:
+                    return version
+                if changed:
+                    swapped = version
+            for version in await asyncio.to_thread(self._unwanted):
+                self._retire(self._loaded.pop(version))
+                if self._serving is not None and self._serving.version == version:
+                    self._serving = None
+            if self.policy is not None and self._serving is None and self._loaded:
+                # The policy dropped the serving version: the newest one left serves.
+                self._swap_in(self._loaded[max(self._loaded)])
+                swapped = self._serving.version if self._serving is not None else None
+            return swapped
 
-    def _swap_in(self, model: LoadedModel) -> None:
+    def _swap_in(self, model: LoadedModel) -> bool:
+        """Add a loaded version; it serves if it is the newest. Returns whether it serves."""
         self._loaded[model.version] = model
         previous = self._serving
+        if previous is not None and previous.version > model.version:
+            # An older version the policy selects: pinnable, not the default.
+            if self._on_serving is not None:
+                self._on_serving(model, len(self._loaded))
+            return False
         self._serving = model
-        for version in sorted(self._loaded)[: -self.keep_versions]:
-            self._retire(self._loaded.pop(version))
+        if self.policy is None:
+            for version in sorted(self._loaded)[: -self.keep_versions]:
+                self._retire(self._loaded.pop(version))
         log.info(
             "%s now serving version %d (previous %s; loaded %s)",
             self.name,
@@ -497,18 +676,23 @@ class ModelManager:
         )
         if self._on_serving is not None:
             self._on_serving(model, len(self._loaded))
+        return True
 
     def _retire(self, model: LoadedModel) -> None:
         model.retired = True
+        self._unloading[model.version] = model
         log.info("%s version %d unloaded once its requests finish", self.name, model.version)
         self._maybe_release(model)
 
     def _maybe_release(self, model: LoadedModel) -> None:
         with self._state_lock:
-            release = model.retired and model.leases == 0 and model.on_release is not None
+            done = model.retired and model.leases == 0
+            release = done and model.on_release is not None
             callback = model.on_release if release else None
             if release:
                 model.on_release = None
+            if done and self._unloading.get(model.version) is model:
+                del self._unloading[model.version]
         if callback is not None:
             callback(model)
 

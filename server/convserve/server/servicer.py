@@ -1,11 +1,13 @@
 """The convserve.v1 ConvServe servicer.
 
-Each method translates its request with `converters`, delegates to the shared
-runtime and translates the result back. Translations of payloads of at least
-`calls.OFFLOAD_MIN_BYTES` run in a thread (`calls.off_loop`), so that a large
-message never holds up the event loop. Request accounting and the error ->
-status mapping (`errors.status_of`) are those of every other protocol
-(`protocols.calls.Calls`), labelled ``protocol="convserve"``.
+Each unary method is one translation (`protocols.calls.unary`): the request
+through `converters` into a typed value, the runtime's answer back. Translations
+of payloads of at least `calls.OFFLOAD_MIN_BYTES` run in a thread
+(`calls.off_loop`), so that a large message never holds up the event loop.
+Request accounting and the error -> status mapping (`errors.status_of`) are
+those of every other protocol (`protocols.calls.Calls`), labelled
+``protocol="convserve"`` and with the model the request names
+(`api.RuntimeApi.model_label`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from convserve.server import converters, types
-from convserve.server.protocols.calls import Calls, off_loop
+from convserve.server import api, converters, types
+from convserve.server.protocols.calls import Calls, off_loop, unary
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 
 SERVICE = convserve_pb2.DESCRIPTOR.services_by_name["ConvServe"].full_name
@@ -27,33 +29,33 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
-    """Serves convserve.v1 from a runtime with the `Runtime` interface."""
+    """Serves convserve.v1 from a runtime (`api.RuntimeApi`)."""
 
-    def __init__(self, runtime: Any, metrics: Any, *, max_stream_in_flight: int = 128) -> None:
+    def __init__(
+        self, runtime: api.RuntimeApi, metrics: Any, *, max_stream_in_flight: int = 128
+    ) -> None:
         self._runtime = runtime
-        self._calls = Calls(PROTOCOL, metrics)
+        self._calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label)
         self._max_stream_in_flight = max_stream_in_flight
 
+    @unary("Predict", model=lambda request: request.model_spec.name)
     async def Predict(
         self, request: convserve_pb2.PredictRequest, context: Context
     ) -> convserve_pb2.PredictResponse:
-        async def run() -> convserve_pb2.PredictResponse:
-            value = await off_loop(
-                converters.predict_request_from_proto,
-                request,
-                self._runtime.check_images,
-                size_bytes=request.ByteSize(),
-            )
-            result = await self._runtime.predict(
-                value, deadline=self._calls.deadline(context), protocol=PROTOCOL
-            )
-            return await off_loop(
-                converters.predict_response_to_proto,
-                result,
-                size_bytes=_nbytes(result.probabilities),
-            )
-
-        return await self._calls.run("Predict", context, run)
+        value = await off_loop(
+            converters.predict_request_from_proto,
+            request,
+            self._runtime.check_images,
+            size_bytes=request.ByteSize(),
+        )
+        result = await self._runtime.predict(
+            value, deadline=self._calls.deadline(context), protocol=PROTOCOL
+        )
+        return await off_loop(
+            converters.predict_response_to_proto,
+            result,
+            size_bytes=_nbytes(result.probabilities),
+        )
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[convserve_pb2.PredictStreamRequest], context: Context
@@ -90,66 +92,64 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
             failed,
             self._max_stream_in_flight,
             context=context,
+            model_of=lambda message: message.request.model_spec.name,
         )
         # Closed as soon as this stream ends, so its unanswered messages are cancelled then.
         async with contextlib.aclosing(answers):
             async for answer in answers:
                 yield answer
 
+    @unary("Convolve")
     async def Convolve(
         self, request: convserve_pb2.ConvolveRequest, context: Context
     ) -> convserve_pb2.ConvolveResponse:
-        async def run() -> convserve_pb2.ConvolveResponse:
-            value = await off_loop(
-                converters.convolve_request_from_proto, request, size_bytes=request.ByteSize()
-            )
-            result = await self._runtime.convolve(value, deadline=self._calls.deadline(context))
-            return await off_loop(
-                converters.convolve_response_to_proto, result, size_bytes=_nbytes(result.output)
-            )
+        value = await off_loop(
+            converters.convolve_request_from_proto, request, size_bytes=request.ByteSize()
+        )
+        result = await self._runtime.convolve(value, deadline=self._calls.deadline(context))
+        return await off_loop(
+            converters.convolve_response_to_proto, result, size_bytes=_nbytes(result.output)
+        )
 
-        return await self._calls.run("Convolve", context, run)
-
+    @unary("FitKernel")
     async def FitKernel(
         self, request: convserve_pb2.FitKernelRequest, context: Context
     ) -> convserve_pb2.FitKernelResponse:
-        async def run() -> convserve_pb2.FitKernelResponse:
-            value = await off_loop(
-                converters.fit_kernel_request_from_proto, request, size_bytes=request.ByteSize()
-            )
-            result = await self._runtime.fit_kernel(value, deadline=self._calls.deadline(context))
-            # The answer is a kernel and a loss curve: small, whatever the request's size.
-            return converters.fit_kernel_response_to_proto(result)
+        value = await off_loop(
+            converters.fit_kernel_request_from_proto, request, size_bytes=request.ByteSize()
+        )
+        result = await self._runtime.fit_kernel(value, deadline=self._calls.deadline(context))
+        # The answer is a kernel and a loss curve: small, whatever the request's size.
+        return converters.fit_kernel_response_to_proto(result)
 
-        return await self._calls.run("FitKernel", context, run)
-
+    @unary("GetFeatureMaps", model=lambda request: request.model_spec.name)
     async def GetFeatureMaps(
         self, request: convserve_pb2.GetFeatureMapsRequest, context: Context
     ) -> convserve_pb2.GetFeatureMapsResponse:
-        async def run() -> convserve_pb2.GetFeatureMapsResponse:
-            value = await off_loop(
-                converters.feature_maps_request_from_proto,
-                request,
-                self._runtime.check_images,
-                size_bytes=request.ByteSize(),
-            )
-            result = await self._runtime.feature_maps(value, deadline=self._calls.deadline(context))
-            return await off_loop(
-                converters.feature_maps_response_to_proto,
-                result,
-                size_bytes=sum(_nbytes(maps) for _, maps in result.maps),
-            )
+        value = await off_loop(
+            converters.feature_maps_request_from_proto, request, size_bytes=request.ByteSize()
+        )
+        result = await self._runtime.feature_maps(value, deadline=self._calls.deadline(context))
+        return await off_loop(
+            converters.feature_maps_response_to_proto,
+            result,
+            size_bytes=sum(_nbytes(maps) for _, maps in result.maps),
+        )
 
-        return await self._calls.run("GetFeatureMaps", context, run)
-
+    @unary("GetModelMetadata", model=lambda request: request.model_spec.name)
     async def GetModelMetadata(
         self, request: convserve_pb2.GetModelMetadataRequest, context: Context
     ) -> convserve_pb2.GetModelMetadataResponse:
-        async def run() -> convserve_pb2.GetModelMetadataResponse:
-            ref = converters.metadata_request_from_proto(request)
-            return converters.metadata_response_to_proto(self._runtime.metadata(ref))
+        ref = converters.metadata_request_from_proto(request)
+        return converters.metadata_response_to_proto(self._runtime.metadata(ref))
 
-        return await self._calls.run("GetModelMetadata", context, run)
+    @unary("ListModels")
+    async def ListModels(
+        self, request: convserve_pb2.ListModelsRequest, context: Context
+    ) -> convserve_pb2.ListModelsResponse:
+        return converters.list_models_response_to_proto(
+            self._runtime.models(), self._runtime.default_model
+        )
 
 
 def _nbytes(array: Any) -> int:
@@ -158,7 +158,11 @@ def _nbytes(array: Any) -> int:
 
 
 def add_to_server(
-    server: grpc.aio.Server, runtime: Any, metrics: Any, *, max_stream_in_flight: int = 128
+    server: grpc.aio.Server,
+    runtime: api.RuntimeApi,
+    metrics: Any,
+    *,
+    max_stream_in_flight: int = 128,
 ) -> list[str]:
     """Adds the ConvServe service; returns its full name (for health and reflection)."""
     servicer = ConvServeServicer(runtime, metrics, max_stream_in_flight=max_stream_in_flight)

@@ -16,10 +16,12 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from convserve.server import model_config as model_config_mod
 
 ENV_PREFIX = "CONVSERVE_"
 # The same forms as device.choose_device accepts; checked here so a typo fails at start-up.
@@ -43,15 +45,43 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    # Model
+    # Models
     model_base_path: Path = Field(
         Path("models/mnist"),
-        description="directory holding the model's numbered versions (<base>/<version>/)",
+        description=(
+            "directory holding the model's numbered versions (<base>/<version>/), when neither "
+            "--model nor --model-config-file is given"
+        ),
     )
     model_name: str = Field(
         "mnist",
         min_length=1,
-        description="the name clients address the model by",
+        description="the name clients address that model by",
+    )
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "NAME=BASE_PATH of a model to serve; repeat the flag for several models (the "
+            "environment variable takes them comma-separated). The first is the default model "
+            "(requests with an empty model name)"
+        ),
+    )
+    model_config_file: Path | None = Field(
+        None,
+        description=(
+            "TensorFlow Serving ModelServerConfig text file listing the models to serve "
+            "(model_config_list { config { name base_path model_version_policy } }); relative "
+            "base paths are relative to the file"
+        ),
+    )
+    model_config_file_poll_wait_s: float = Field(
+        10.0,
+        ge=0,
+        le=86400,
+        description=(
+            "seconds between reads of --model-config-file: models added are loaded, removed "
+            "ones drained and unloaded, without a restart (0: read it once)"
+        ),
     )
     device: str = Field(
         "auto",
@@ -258,6 +288,23 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="one of " + ", ".join(_LOG_LEVELS))
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        try:
+            entries = [model_config_mod.parse_model_flag(text) for text in value]
+            model_config_mod.check_unique(entries, source="--model")
+        except model_config_mod.ModelConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
@@ -279,7 +326,7 @@ class Settings(BaseSettings):
     def _lower_log_format(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
+    @field_validator("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "model_config_file")
     @classmethod
     def _check_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
@@ -288,6 +335,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        if self.model and self.model_config_file is not None:
+            raise ValueError("give the models either with --model or in --model-config-file")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -302,6 +351,15 @@ class Settings(BaseSettings):
         if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
             raise ValueError(f"{ENV_PREFIX}AUTH_TOKEN is set but empty")
         return self
+
+    def model_entries(self) -> list[model_config_mod.ModelEntry]:
+        """The models to serve: --model flags, else --model-config-file (read now), else
+        --model-name at --model-base-path. Raises model_config.ModelConfigError."""
+        if self.model:
+            return [model_config_mod.parse_model_flag(text) for text in self.model]
+        if self.model_config_file is not None:
+            return model_config_mod.read_model_config_file(self.model_config_file)
+        return [model_config_mod.ModelEntry(self.model_name, self.model_base_path)]
 
     @property
     def engine_threads_per_call(self) -> int:
@@ -361,11 +419,14 @@ class Settings(BaseSettings):
             info = cls.model_fields[name]
             default = info.default
             shown = "unset" if default is None else str(default)
+            repeated = name == "model"
             parser.add_argument(
                 "--" + name.replace("_", "-"),
                 dest=name,
-                metavar=name.upper(),
-                help=f"{info.description} (env {env_name(name)}; default: {shown})",
+                metavar="NAME=BASE_PATH" if repeated else name.upper(),
+                action="append" if repeated else "store",
+                help=f"{info.description} (env {env_name(name)}; default: "
+                f"{'none' if repeated else shown})",
             )
         return parser
 

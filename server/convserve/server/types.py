@@ -24,9 +24,13 @@ class ModelRef:
     version: int | None = None
 
 
+# The server's default model, newest version.
+DEFAULT_MODEL = ModelRef()
+
+
 @dataclass(frozen=True)
 class PredictInput:
-    """Digit images already checked and reshaped to [N,28,28,1].
+    """Images already checked against the model and reshaped to its [N,H,W,C].
 
     uint8 in [0, 255] or float32 in [0, 1]; the runtime scales uint8.
     """
@@ -39,11 +43,19 @@ class PredictInput:
 class PredictOutput:
     model_name: str
     model_version: int
-    probabilities: np.ndarray  # float32 [N,10]
+    probabilities: np.ndarray  # float32 [N,K]
+    # The name of each class index (empty: the model names none).
+    class_names: tuple[str, ...] = ()
 
     @property
     def digits(self) -> np.ndarray:
+        """The most likely class index per image (for MNIST models, the digit)."""
         return np.argmax(self.probabilities, axis=1).astype(np.int32)
+
+    @property
+    def labels(self) -> list[str]:
+        """The most likely class's name per image (its index as text when unnamed)."""
+        return class_labels(self.digits, self.class_names)
 
     @property
     def confidences(self) -> np.ndarray:
@@ -111,7 +123,7 @@ class FitKernelOutput:
 
 @dataclass(frozen=True)
 class FeatureMapsInput:
-    image: np.ndarray  # [1,28,28,1], uint8 or float32
+    image: np.ndarray  # [1,H,W,C] (the model's input shape), uint8 or float32
     layers: tuple[str, ...] = ()
     model: ModelRef = ModelRef()
 
@@ -149,3 +161,32 @@ class ModelMetadata:
     layers: tuple[LayerRow, ...]
     training: dict[str, object] = field(default_factory=dict)  # the trainer's training_record.json
     device: str = "/CPU:0"
+    class_names: tuple[str, ...] = ()
+
+
+VersionState = Literal["LOADING", "AVAILABLE", "UNLOADING", "END"]
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of a model: TF Serving's state, whether it is the default, why it failed."""
+
+    version: int
+    state: VersionState
+    serving: bool = False
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A configured model: ready when a version serves and its engine is usable."""
+
+    name: str
+    ready: bool
+    versions: tuple[VersionStatus, ...] = ()
+
+
+def class_labels(indices: np.ndarray, class_names: tuple[str, ...]) -> list[str]:
+    """The name of each class index (the index as text where there is no name)."""
+    count = len(class_names)
+    return [class_names[i] if 0 <= i < count else str(int(i)) for i in indices.tolist()]

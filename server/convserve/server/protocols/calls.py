@@ -3,11 +3,22 @@ count the request in the shared metrics and turn errors into statuses with
 `errors.status_of` (the one mapping). `Calls.stream` does the same for each
 message of a request stream, answering a failed message instead of ending
 the stream. Also how a protocol's servicers are added to the server
-(`add_servicer`, `unimplemented_answered`)."""
+(`add_servicer`, `unimplemented_answered`).
+
+A unary servicer method is one translation, decorated with `unary`::
+
+    @unary("Predict", model=lambda request: request.model_spec.name)
+    async def Predict(self, request, context):
+        value = ...  # protobuf -> typed value
+        return ...   # typed result -> protobuf
+
+The decorator runs it through the servicer's `Calls` (``self._calls``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Mapping
@@ -29,6 +40,8 @@ S = TypeVar("S", bound=type)
 # on the event loop, health checks included.
 OFFLOAD_MIN_BYTES = 1 << 20
 M = TypeVar("M")
+R = TypeVar("R")
+Q = TypeVar("Q")
 # What the adapters refuse by default, as the server's setting.
 DEFAULT_MAX_TYPED_PAYLOAD_BYTES: int = Settings.model_fields["max_typed_payload_bytes"].default
 _END = object()
@@ -226,10 +239,18 @@ class Calls:
         protocol: types.Protocol,
         metrics: Any,
         rejections: logs.RejectionSummary = logs.REJECTIONS,
+        *,
+        model_label: Callable[[str], str] | None = None,
     ) -> None:
         self.protocol = protocol
         self.metrics = metrics
         self.rejections = rejections
+        # Requested model name -> the `model` label (a fixed set: see `RuntimeApi.model_label`).
+        self._model_label = model_label
+
+    def model_label(self, requested: str) -> str:
+        """The `model` label of a call that names model `requested` (may be empty)."""
+        return self._model_label(requested) if self._model_label is not None else ""
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -241,14 +262,15 @@ class Calls:
         rpc: str,
         context: grpc.aio.ServicerContext[Any, Any],
         handler: Callable[[], Awaitable[T]],
+        model: str = "",
     ) -> T:
-        """``await handler()``, counted as one request of `rpc`; its errors become the
-        call's status (`errors.status_of`)."""
+        """``await handler()``, counted as one request of `rpc` to `model` (the `model`
+        label); its errors become the call's status (`errors.status_of`)."""
         start = time.perf_counter()
         granted = context.time_remaining()
         code = grpc.StatusCode.OK
         message = ""
-        self.metrics.request_started(self.protocol, rpc)
+        self.metrics.request_started(self.protocol, rpc, model)
         try:
             return await handler()
         except asyncio.CancelledError:
@@ -258,7 +280,7 @@ class Calls:
             code, message = self._failure(rpc, exc)
         finally:
             self.metrics.request_finished(
-                self.protocol, rpc, code.name, time.perf_counter() - start
+                self.protocol, rpc, code.name, time.perf_counter() - start, model
             )
         await context.abort(code, message)
         raise AssertionError("context.abort returned")  # abort always raises
@@ -282,10 +304,12 @@ class Calls:
         failed: Callable[[M, grpc.StatusCode, str], T],
         context: grpc.aio.ServicerContext[Any, Any] | None,
         granted_s: float | None,
+        model_of: Callable[[M], str] | None,
     ) -> T:
         start = time.perf_counter()
         code = grpc.StatusCode.OK
-        self.metrics.request_started(self.protocol, rpc)
+        model = "" if model_of is None else self.model_label(model_of(message))
+        self.metrics.request_started(self.protocol, rpc, model)
         try:
             return await handle(message)
         except asyncio.CancelledError:
@@ -296,7 +320,7 @@ class Calls:
             return failed(message, code, text)
         finally:
             self.metrics.request_finished(
-                self.protocol, rpc, code.name, time.perf_counter() - start
+                self.protocol, rpc, code.name, time.perf_counter() - start, model
             )
 
     async def stream(
@@ -307,6 +331,7 @@ class Calls:
         failed: Callable[[M, grpc.StatusCode, str], T],
         max_in_flight: int,
         context: grpc.aio.ServicerContext[Any, Any] | None = None,
+        model_of: Callable[[M], str] | None = None,
     ) -> AsyncGenerator[T, None]:
         """Answer every message of a request stream, at most `max_in_flight` at a time.
 
@@ -335,7 +360,9 @@ class Calls:
 
         async def answer(message: M) -> None:
             try:
-                result = await self._answer(rpc, message, handle, failed, context, granted)
+                result = await self._answer(
+                    rpc, message, handle, failed, context, granted, model_of
+                )
             except BaseException:
                 slots.release()  # no answer will be written for this message
                 raise
@@ -370,3 +397,35 @@ class Calls:
             reader.cancel()
             for task in list(pending):
                 task.cancel()
+
+
+def unary(
+    rpc: str, *, model: Callable[[Any], str] | None = None
+) -> Callable[[Callable[[Any, Q, Any], Awaitable[R]]], Callable[[Any, Q, Any], Awaitable[R]]]:
+    """Make a servicer method one counted call of `rpc` whose errors become its status.
+
+    The method's instance must have a `Calls` as ``self._calls``. `model`
+    returns the model name the request names (for the `model` label); the
+    method itself only translates and delegates.
+    """
+
+    def decorate(
+        method: Callable[[Any, Q, Any], Awaitable[R]],
+    ) -> Callable[[Any, Q, Any], Awaitable[R]]:
+        @functools.wraps(method)
+        async def call(self: Any, request: Q, context: Any) -> R:
+            calls: Calls = self._calls
+            label = "" if model is None else calls.model_label(_requested(model, request))
+            return await calls.run(rpc, context, lambda: method(self, request, context), label)
+
+        return call
+
+    return decorate
+
+
+def _requested(model: Callable[[Any], str], request: Any) -> str:
+    # A refused request (see wire.RefusedRequest) carries no fields to read.
+    try:
+        return str(model(request))
+    except Exception:
+        return ""

@@ -1,127 +1,163 @@
 """The Open Inference Protocol (KServe v2) gRPC service: ``inference.GRPCInferenceService``.
 
-Serves the digit model and the ``conv2d`` convolution model (see
-`oip_convert` for the tensor and parameter conventions) through the shared
-runtime, so requests are batched, limited and counted with convserve.v1's.
-The servicer only translates and delegates; the other methods of the service
-(streaming, repository, shared memory, ...) answer UNIMPLEMENTED (see
-`calls.unimplemented_answered`). ModelInfer requests whose typed contents exceed the
-server's ``max_typed_payload_bytes`` are refused before they are parsed
-(`oip_convert.infer_request_deserializer`).
+Serves every configured image classifier under its name, and the built-in
+``conv2d`` convolution model (see `oip_convert` for the tensor and parameter
+conventions), through the shared runtime, so requests are batched, limited and
+counted with convserve.v1's. The servicer only translates and delegates.
+`RepositoryIndex` lists the models; loading and unloading them through the
+protocol is not offered (the model config file says which models are served),
+and the other methods of the service (streaming, shared memory, ...) answer
+UNIMPLEMENTED (see `calls.unimplemented_answered`). ModelInfer requests whose
+typed contents exceed the server's ``max_typed_payload_bytes`` are refused
+before they are parsed (`oip_convert.infer_request_deserializer`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from convserve.server import errors, types
+from convserve.server import api, errors, types
 from convserve.server.protocols import oip_convert
 from convserve.server.protocols.calls import (
     DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    UNIMPLEMENTED_MARK,
     Calls,
     add_servicer,
     off_loop,
     server_version,
+    unary,
     unimplemented_answered,
 )
 from convserve.server.protocols.wire import RefusedRequest
 
-SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+_SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+SERVICE = _SERVICE.full_name
 PROTOCOL: types.Protocol = "oip"
 log = logging.getLogger(__name__)
 
 
-@unimplemented_answered(service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"])
+def _not_offered(method: str, why: str) -> Callable[[Any, Any, Any], Awaitable[None]]:
+    """A method the protocol defines that convserve refuses on purpose: UNIMPLEMENTED,
+    saying why, the request never parsed (as for `calls.unimplemented_answered`)."""
+    message = f"{SERVICE}/{method} is not implemented by convserve: {why}"
+
+    async def answer(self: Any, request: Any, context: Any) -> None:
+        log.debug("%s", message)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    answer.__name__ = answer.__qualname__ = method
+    setattr(answer, UNIMPLEMENTED_MARK, True)
+    return answer
+
+
+_MODELS_ARE_CONFIGURED = (
+    "the served models are those of --model and --model-config-file "
+    "(edit the file to add or remove one)"
+)
+
+
+@unimplemented_answered(_SERVICE)
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: Any, metrics: Any) -> None:
+    def __init__(self, runtime: api.RuntimeApi, metrics: Any) -> None:
         self._runtime = runtime
-        self._calls = Calls(PROTOCOL, metrics)
+        self._calls = Calls(PROTOCOL, metrics, model_label=self._model_label)
 
+    def _model_label(self, requested: str) -> str:
+        # conv2d is an operation, not a model: counted without one, as convserve.v1's Convolve.
+        return "" if requested == oip_convert.CONV_MODEL else self._runtime.model_label(requested)
+
+    @unary("ServerLive")
     async def ServerLive(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            return service_pb2.ServerLiveResponse(live=True)
+        return service_pb2.ServerLiveResponse(live=True)
 
-        return await self._calls.run("ServerLive", context, run)
-
+    @unary("ServerReady")
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            return service_pb2.ServerReadyResponse(ready=self._runtime.ready)
+        return service_pb2.ServerReadyResponse(ready=self._runtime.ready)
 
-        return await self._calls.run("ServerReady", context, run)
-
+    @unary("ModelReady", model=lambda request: request.name)
     async def ModelReady(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            return service_pb2.ModelReadyResponse(ready=self._model_ready(request))
+        return service_pb2.ModelReadyResponse(
+            ready=self._model_ready(request.name, request.version)
+        )
 
-        return await self._calls.run("ModelReady", context, run)
-
-    def _model_ready(self, request: Any) -> bool:
+    def _model_ready(self, name: str, version: str) -> bool:
         # As Triton does, an unknown model or version is simply not ready.
-        if not self._runtime.ready:
-            return False
         try:
-            if request.name == oip_convert.CONV_MODEL:
-                oip_convert.check_conv_version(request.version)
-            else:
-                self._runtime.metadata(oip_convert.model_ref(request.name, request.version))
+            if name == oip_convert.CONV_MODEL:
+                oip_convert.check_conv_version(version)
+                return self._conv_ready()
+            ref = oip_convert.model_ref(name, version)
+            status = self._runtime.model_status(ref.name or self._runtime.default_model)
         except (errors.NotFound, errors.InvalidArgument):
             return False
-        return True
+        if ref.version is None:
+            return status.ready
+        # A pinned version: loaded and available, and the model's engine usable.
+        return status.ready and any(
+            v.version == ref.version and v.state == "AVAILABLE" for v in status.versions
+        )
 
+    def _conv_ready(self) -> bool:
+        # conv2d needs no model of its own: it is served while the runtime is up, which
+        # a ready model shows (one model that cannot serve must not take conv2d down).
+        return any(status.ready for status in self._runtime.models())
+
+    @unary("ServerMetadata")
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            return service_pb2.ServerMetadataResponse(name="convserve", version=server_version())
+        return service_pb2.ServerMetadataResponse(name="convserve", version=server_version())
 
-        return await self._calls.run("ServerMetadata", context, run)
-
+    @unary("ModelMetadata", model=lambda request: request.name)
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            if request.name == oip_convert.CONV_MODEL:
-                oip_convert.check_conv_version(request.version)
-                return oip_convert.conv_metadata_response()
-            ref = oip_convert.model_ref(request.name, request.version, "version")
-            meta = self._runtime.metadata(ref)
-            return oip_convert.model_metadata_response(meta, ref.version)
+        if request.name == oip_convert.CONV_MODEL:
+            oip_convert.check_conv_version(request.version)
+            return oip_convert.conv_metadata_response()
+        ref = oip_convert.model_ref(request.name, request.version, "version")
+        meta = self._runtime.metadata(ref)
+        return oip_convert.model_metadata_response(meta, ref.version)
 
-        return await self._calls.run("ModelMetadata", context, run)
+    @unary("RepositoryIndex")
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        oip_convert.check_repository_name(request.repository_name)
+        return oip_convert.repository_index_response(
+            self._runtime.models(), self._conv_ready(), ready_only=request.ready
+        )
 
+    RepositoryModelLoad = _not_offered("RepositoryModelLoad", _MODELS_ARE_CONFIGURED)
+    RepositoryModelUnload = _not_offered("RepositoryModelUnload", _MODELS_ARE_CONFIGURED)
+
+    @unary("ModelInfer", model=lambda request: request.model_name)
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         # Converting a large payload runs in a thread (`off_loop`), so that it cannot
         # stall the other calls on the event loop.
-        async def run() -> Any:
-            if isinstance(request, RefusedRequest):
-                raise request.error
-            deadline = self._calls.deadline(context)
-            size = oip_convert.request_bytes(request)
-            if request.model_name == oip_convert.CONV_MODEL:
-                conv, raw = await off_loop(oip_convert.convolve_request, request, size_bytes=size)
-                result = await self._runtime.convolve(conv, deadline=deadline)
-                return await off_loop(
-                    oip_convert.convolve_response,
-                    request,
-                    result,
-                    raw,
-                    size_bytes=result.output.nbytes,
-                )
-            value, outputs, raw = await off_loop(self._predict_input, request, size_bytes=size)
-            output = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
+        if isinstance(request, RefusedRequest):
+            raise request.error
+        deadline = self._calls.deadline(context)
+        size = oip_convert.request_bytes(request)
+        if request.model_name == oip_convert.CONV_MODEL:
+            conv, raw = await off_loop(oip_convert.convolve_request, request, size_bytes=size)
+            result = await self._runtime.convolve(conv, deadline=deadline)
             return await off_loop(
-                oip_convert.predict_response,
-                request,
-                output,
-                outputs,
-                raw,
-                size_bytes=output.probabilities.nbytes,
+                oip_convert.convolve_response, request, result, raw, size_bytes=result.output.nbytes
             )
-
-        return await self._calls.run("ModelInfer", context, run)
+        value, outputs, raw = await off_loop(self._predict_input, request, size_bytes=size)
+        output = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
+        return await off_loop(
+            oip_convert.predict_response,
+            request,
+            output,
+            outputs,
+            raw,
+            size_bytes=output.probabilities.nbytes,
+        )
 
     def _predict_input(self, request: Any) -> tuple[types.PredictInput, list[str], bool]:
         images, ref, outputs, raw = oip_convert.predict_request(request)
-        checked = self._runtime.check_images(images, field="inputs[images]")
+        checked = self._runtime.check_images(images, field="inputs[images]", model=ref)
         return types.PredictInput(checked, ref), outputs, raw
 
 
@@ -133,7 +169,7 @@ class OipAdapter:
     def add_to_server(
         self,
         server: Any,
-        runtime: Any,
+        runtime: api.RuntimeApi,
         metrics: Any,
         *,
         max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,

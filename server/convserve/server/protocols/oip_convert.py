@@ -5,14 +5,18 @@ tritonclient's generated ``inference.*`` classes (``tritonclient.grpc.service_pb
 
 Models as the protocol sees them
 --------------------------------
-``<model name>`` (``mnist`` unless configured otherwise), the digit model:
+Each configured image classifier, by its name (``model_name`` ``""``: the
+default model). [H,W,C] is the model's input shape and K its class count
+(ModelMetadata; [28,28,1] and 10 for MNIST):
 
 - versions: the loaded model versions as decimal strings; ``model_version``
   ``""`` means the serving version, ``"3"`` pins version 3.
 - input ``images``: UINT8 in [0, 255] or FP32 in [0, 1], shape
-  ``[-1,28,28,1]`` (also accepted: ``[N,28,28]`` and ``[N,784]``).
-- outputs ``probabilities`` FP32 ``[N,10]`` and ``digits`` INT32 ``[N]`` (the
-  most likely digit, as ``convserve.v1.PredictResponse.digits``).
+  ``[-1,H,W,C]`` (single-channel models also take ``[N,H,W]`` and ``[N,H*W]``).
+- outputs ``probabilities`` FP32 ``[N,K]`` and ``digits`` INT32 ``[N]`` (the
+  most likely class index, as ``convserve.v1.PredictResponse.digits``), and,
+  only when requested by name, ``labels`` BYTES ``[N]``: the most likely
+  class's name (its index as text when the model names none).
 
 ``conv2d`` (`CONV_MODEL`), 2-D convolution with an arbitrary kernel, version ``"1"``:
 
@@ -30,8 +34,10 @@ Wire conventions: an input's data comes either from ``raw_input_contents``
 (one entry per input, little-endian, C order) or from the typed
 ``contents`` field of its datatype (``uint_contents`` for UINT8,
 ``fp32_contents``, ``fp64_contents``). The response uses raw output contents
-exactly when the request used raw input contents. Requested outputs select and
-order the outputs; an empty list means all of them. The request id is echoed.
+exactly when the request used raw input contents (BYTES elements as Triton
+writes them: a 4-byte little-endian length, then the bytes). Requested outputs
+select and order the outputs; an empty list means every output but ``labels``.
+The request id is echoed.
 
 Typed contents are read and written as the packed bytes protobuf carries them
 (`packed_payload`, `packed_field`), never element by element: a Python loop
@@ -73,6 +79,9 @@ CONV_MODEL = "conv2d"
 CONV_VERSION = "1"
 DIGIT_INPUT = "images"
 DIGIT_OUTPUTS = ("probabilities", "digits")
+# Returned only when requested: names are strings, which most clients have no use for.
+LABELS_OUTPUT = "labels"
+PREDICT_OUTPUTS = (*DIGIT_OUTPUTS, LABELS_OUTPUT)
 CONV_INPUTS = ("input", "kernel", "bias")
 CONV_OUTPUTS = ("output",)
 CONV_PARAMETERS = ("strides", "dilations", "padding", "explicit_padding", "mode")
@@ -299,10 +308,13 @@ def decode_inputs(
     return InferInputs(arrays, raw)
 
 
-def requested_outputs(request: Any, available: Sequence[str]) -> list[str]:
-    """The output names to return, in order; none requested means all of them."""
+def requested_outputs(
+    request: Any, available: Sequence[str], default: Sequence[str] | None = None
+) -> list[str]:
+    """The output names to return, in order; none requested means `default` (all of
+    `available` when None)."""
     if not request.outputs:
-        return list(available)
+        return list(available if default is None else default)
     names: list[str] = []
     for index, out in enumerate(request.outputs):
         if out.name not in available:
@@ -336,14 +348,15 @@ def _check_no_parameters(request: Any, allowed: Sequence[str]) -> None:
 
 
 def predict_request(request: Any) -> tuple[np.ndarray, types.ModelRef, list[str], bool]:
-    """A digit-model ModelInferRequest -> (images as sent, model, outputs, raw).
+    """An image-classifier ModelInferRequest -> (images as sent, model, outputs, raw).
 
-    The images still need the runtime's image check (shape, range, limits).
+    The images still need the runtime's check against the model (shape, range,
+    limits).
     """
     ref = model_ref(request.model_name, request.model_version)
     _check_no_parameters(request, ())
     inputs = decode_inputs(request, {DIGIT_INPUT: ("UINT8", "FP32")}, (DIGIT_INPUT,))
-    outputs = requested_outputs(request, DIGIT_OUTPUTS)
+    outputs = requested_outputs(request, PREDICT_OUTPUTS, DIGIT_OUTPUTS)
     return inputs.arrays[DIGIT_INPUT], ref, outputs, inputs.raw
 
 
@@ -469,32 +482,55 @@ def _add_output(response: Any, name: str, array: np.ndarray, raw: bool) -> None:
         getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(array.ravel().tolist())
 
 
+def _add_bytes_output(response: Any, name: str, values: Sequence[str], raw: bool) -> None:
+    """A BYTES output of shape [len(values)], each value UTF-8 encoded."""
+    encoded = [value.encode() for value in values]
+    tensor = response.outputs.add(name=name, datatype="BYTES", shape=[len(encoded)])
+    if raw:
+        response.raw_output_contents.append(
+            b"".join(len(item).to_bytes(4, "little") + item for item in encoded)
+        )
+    else:
+        tensor.contents.bytes_contents.extend(encoded)
+
+
+Output = tuple[str, np.ndarray | Sequence[str]]
+
+
 def infer_response(
     request: Any,
     model_name: str,
     model_version: str,
-    outputs: Sequence[tuple[str, np.ndarray]],
+    outputs: Sequence[Output],
     raw: bool,
 ) -> Any:
-    """A ModelInferResponse carrying `outputs` in order, echoing the request id."""
+    """A ModelInferResponse carrying `outputs` in order, echoing the request id. An
+    output given as an array is numeric; one given as strings is BYTES."""
     response = service_pb2.ModelInferResponse(
         model_name=model_name, model_version=model_version, id=request.id
     )
-    for name, array in outputs:
-        _add_output(response, name, array, raw)
+    for name, values in outputs:
+        if isinstance(values, np.ndarray):
+            _add_output(response, name, values, raw)
+        else:
+            _add_bytes_output(response, name, values, raw)
     return response
 
 
 def predict_response(
     request: Any, result: types.PredictOutput, names: Sequence[str], raw: bool
 ) -> Any:
-    """The digit model's ModelInferResponse for the requested output `names`."""
-    values = {"probabilities": result.probabilities, "digits": result.digits}
+    """An image classifier's ModelInferResponse for the requested output `names`."""
+    values: dict[str, Callable[[], np.ndarray | Sequence[str]]] = {
+        "probabilities": lambda: result.probabilities,
+        "digits": lambda: result.digits,
+        LABELS_OUTPUT: lambda: result.labels,
+    }
     return infer_response(
         request,
         result.model_name,
         str(result.model_version),
-        [(name, values[name]) for name in names],
+        [(name, values[name]()) for name in names],
         raw,
     )
 
@@ -504,12 +540,25 @@ def convolve_response(request: Any, result: types.ConvolveOutput, raw: bool) -> 
     return infer_response(request, CONV_MODEL, CONV_VERSION, [("output", result.output)], raw)
 
 
+def datatype_of(dtype_name: str) -> str:
+    """A numpy dtype name as the model metadata gives it -> its OIP datatype ("uint8": "UINT8")."""
+    return DATATYPE_OF[np.dtype(dtype_name)]
+
+
+def _first_spec(specs: Sequence[types.TensorSpecInfo], what: str) -> types.TensorSpecInfo:
+    # An image classifier has one image input and one probability output.
+    if not specs:
+        raise errors.Internal(f"the model's metadata describes no {what}")
+    return specs[0]
+
+
 def model_metadata_response(meta: types.ModelMetadata, version: int | None) -> Any:
-    """The digit model's ModelMetadataResponse.
+    """An image classifier's ModelMetadataResponse, its shapes the model's own:
+    ``images`` [-1,H,W,C], ``probabilities`` [-1,K], ``digits`` and ``labels`` [-1].
 
     `version` (a pinned, loaded version) lists only that version; None lists
-    every loaded version. The input is declared UINT8 (the smallest on the
-    wire); FP32 is accepted as well.
+    every loaded version. The input is declared with the model's first dtype
+    (UINT8, the smallest on the wire); FP32 is accepted as well.
     """
     versions = [version] if version is not None else list(meta.loaded_versions)
     response = service_pb2.ModelMetadataResponse(
@@ -517,9 +566,18 @@ def model_metadata_response(meta: types.ModelMetadata, version: int | None) -> A
         versions=[str(v) for v in versions],
         platform="tensorflow_savedmodel",
     )
-    response.inputs.add(name=DIGIT_INPUT, datatype="UINT8", shape=[-1, 28, 28, 1])
-    response.outputs.add(name="probabilities", datatype="FP32", shape=[-1, 10])
+    images = _first_spec(meta.inputs, "input")
+    probabilities = _first_spec(meta.outputs, "output")
+    response.inputs.add(
+        name=DIGIT_INPUT, datatype=datatype_of(images.dtypes[0]), shape=list(images.shape)
+    )
+    response.outputs.add(
+        name="probabilities",
+        datatype=datatype_of(probabilities.dtypes[0]),
+        shape=list(probabilities.shape),
+    )
     response.outputs.add(name="digits", datatype="INT32", shape=[-1])
+    response.outputs.add(name=LABELS_OUTPUT, datatype="BYTES", shape=[-1])
     return response
 
 
@@ -532,4 +590,69 @@ def conv_metadata_response() -> Any:
     response.inputs.add(name="kernel", datatype="FP32", shape=[-1, -1, -1, -1])
     response.inputs.add(name="bias", datatype="FP32", shape=[-1])
     response.outputs.add(name="output", datatype="FP32", shape=[-1, -1, -1, -1])
+    return response
+
+
+# -- the model repository ------------------------------------------------------
+
+READY = "READY"
+UNAVAILABLE = "UNAVAILABLE"
+
+
+def check_repository_name(name: str) -> None:
+    """convserve has one model repository, which an empty name means."""
+    if name:
+        raise errors.InvalidArgument(
+            "repository_name",
+            f"empty expected (convserve serves one model repository), got {errors.shown(name)}",
+        )
+
+
+def unavailable_reason(status: types.ModelStatus) -> str:
+    """Why a model that is not ready cannot serve, from its versions' states."""
+    failed = [f"version {v.version}: {v.error}" for v in status.versions if v.error]
+    if failed:
+        return "; ".join(failed)
+    serving = [v for v in status.versions if v.serving]
+    if serving:
+        return f"version {serving[0].version} is {serving[0].state} but cannot serve"
+    if not status.versions:
+        return "no version found"
+    states = ", ".join(f"{v.version} {v.state}" for v in status.versions)
+    return f"no version serves yet (versions: {states})"
+
+
+def _index_version(status: types.ModelStatus) -> str:
+    # The serving version; else the newest one, which is the one being loaded or refused.
+    serving = [v.version for v in status.versions if v.serving]
+    known = serving or [v.version for v in status.versions]
+    return str(max(known)) if known else ""
+
+
+def repository_index_response(
+    models: Sequence[types.ModelStatus], conv_ready: bool, ready_only: bool
+) -> Any:
+    """A RepositoryIndexResponse: each model (`models`, then conv2d) with the version that
+    serves it, READY or UNAVAILABLE and, when unavailable, why. `ready_only` leaves out
+    the models that are not ready."""
+    response = service_pb2.RepositoryIndexResponse()
+    for status in models:
+        if status.ready:
+            response.models.add(name=status.name, version=_index_version(status), state=READY)
+        elif not ready_only:
+            response.models.add(
+                name=status.name,
+                version=_index_version(status),
+                state=UNAVAILABLE,
+                reason=unavailable_reason(status),
+            )
+    if conv_ready:
+        response.models.add(name=CONV_MODEL, version=CONV_VERSION, state=READY)
+    elif not ready_only:
+        response.models.add(
+            name=CONV_MODEL,
+            version=CONV_VERSION,
+            state=UNAVAILABLE,
+            reason="the server is not ready",
+        )
     return response

@@ -1,11 +1,12 @@
 """The TensorFlow Serving gRPC services: ``tensorflow.serving.PredictionService``
 (Predict, GetModelMetadata) and ``tensorflow.serving.ModelService`` (GetModelStatus).
 
-A TF Serving client switches to convserve by changing only its address: the
-digit model is served under its configured name with TF Serving's signatures
-(see `tfserving_convert`), through the shared runtime, so requests are
-batched, limited and counted with convserve.v1's. Classify, Regress,
-MultiInference and HandleReloadConfigRequest answer UNIMPLEMENTED
+A TF Serving client switches to convserve by changing only its address: each
+configured image classifier is served under its name (``model_spec.name``)
+with TF Serving's signatures (see `tfserving_convert`), through the shared
+runtime, so requests are batched, limited and counted with convserve.v1's.
+Classify, Regress, MultiInference and HandleReloadConfigRequest answer
+UNIMPLEMENTED (the SavedModels export predict signatures only)
 (`calls.unimplemented_answered`). Predict requests whose typed values exceed the
 server's ``max_typed_payload_bytes`` are refused before they are parsed
 (`tfserving_convert.predict_request_deserializer`).
@@ -24,13 +25,14 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from convserve.server import types
+from convserve.server import api, types
 from convserve.server.protocols import tfserving_convert
 from convserve.server.protocols.calls import (
     DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
     Calls,
     add_servicer,
     off_loop,
+    unary,
     unimplemented_answered,
 )
 from convserve.server.protocols.wire import RefusedRequest
@@ -42,63 +44,60 @@ MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].fu
 PROTOCOL: types.Protocol = "tfserving"
 
 
+def _spec_name(request: Any) -> str:
+    return str(request.model_spec.name)
+
+
 @unimplemented_answered(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"])
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, runtime: Any, calls: Calls) -> None:
+    def __init__(self, runtime: api.RuntimeApi, calls: Calls) -> None:
         self._runtime = runtime
         self._calls = calls
 
+    @unary("Predict", model=_spec_name)
     async def Predict(self, request: Any, context: Any) -> Any:
         # Converting a large payload runs in a thread (`off_loop`), so that it cannot
         # stall the other calls on the event loop.
-        async def run() -> Any:
-            if isinstance(request, RefusedRequest):
-                raise request.error
-            size = tfserving_convert.request_bytes(request)
-            value, signature, outputs = await off_loop(
-                self._predict_input, request, size_bytes=size
-            )
-            result = await self._runtime.predict(
-                value, deadline=self._calls.deadline(context), protocol=PROTOCOL
-            )
-            return await off_loop(
-                tfserving_convert.predict_response,
-                result,
-                signature,
-                outputs,
-                size_bytes=result.probabilities.nbytes,
-            )
-
-        return await self._calls.run("Predict", context, run)
+        if isinstance(request, RefusedRequest):
+            raise request.error
+        size = tfserving_convert.request_bytes(request)
+        value, signature, outputs = await off_loop(self._predict_input, request, size_bytes=size)
+        result = await self._runtime.predict(
+            value, deadline=self._calls.deadline(context), protocol=PROTOCOL
+        )
+        return await off_loop(
+            tfserving_convert.predict_response,
+            result,
+            signature,
+            outputs,
+            size_bytes=result.probabilities.nbytes,
+        )
 
     def _predict_input(self, request: Any) -> tuple[types.PredictInput, str, list[str]]:
         images, ref, signature, outputs = tfserving_convert.predict_request(request)
-        checked = self._runtime.check_images(images, field="inputs[images]")
+        field = f"inputs[{tfserving_convert.INPUT}]"
+        checked = self._runtime.check_images(images, field=field, model=ref)
         return types.PredictInput(checked, ref), signature, outputs
 
+    @unary("GetModelMetadata", model=_spec_name)
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            tfserving_convert.check_metadata_fields(request)
-            ref = tfserving_convert.model_ref(request.model_spec)
-            meta = self._runtime.metadata(ref)
-            return tfserving_convert.model_metadata_response(meta, ref.version)
-
-        return await self._calls.run("GetModelMetadata", context, run)
+        tfserving_convert.check_metadata_fields(request)
+        ref = tfserving_convert.model_ref(request.model_spec)
+        meta = self._runtime.metadata(ref)
+        return tfserving_convert.model_metadata_response(meta, ref.version)
 
 
 @unimplemented_answered(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, runtime: Any, calls: Calls) -> None:
+    def __init__(self, runtime: api.RuntimeApi, calls: Calls) -> None:
         self._runtime = runtime
         self._calls = calls
 
+    @unary("GetModelStatus", model=_spec_name)
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
-        async def run() -> Any:
-            ref = tfserving_convert.model_ref(request.model_spec)
-            meta = self._runtime.metadata(ref)
-            return tfserving_convert.model_status_response(meta, ref.version)
-
-        return await self._calls.run("GetModelStatus", context, run)
+        ref = tfserving_convert.model_ref(request.model_spec)
+        status = self._runtime.model_status(ref.name or self._runtime.default_model)
+        return tfserving_convert.model_status_response(status, ref.version)
 
 
 class TfServingAdapter:
@@ -109,14 +108,14 @@ class TfServingAdapter:
     def add_to_server(
         self,
         server: Any,
-        runtime: Any,
+        runtime: api.RuntimeApi,
         metrics: Any,
         *,
         max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
     ) -> list[str]:
         """Adds the services; Predict requests with more than `max_typed_payload_bytes` of
         typed values get INVALID_ARGUMENT without being parsed."""
-        calls = Calls(PROTOCOL, metrics)
+        calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label)
         add_servicer(
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
             PredictionServicer(runtime, calls),

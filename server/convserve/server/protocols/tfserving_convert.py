@@ -6,14 +6,18 @@ own ``TensorProto``, so a TF Serving client talks to convserve unchanged.
 
 Conventions (as TF Serving serves the exported SavedModel):
 
-- ``model_spec.name``: the model (empty: the default model);
+- ``model_spec.name``: the model (empty: the default model); each configured
+  image classifier is served under its name. [H,W,C] is the model's input
+  shape and K its class count (ModelMetadata; [28,28,1] and 10 for MNIST).
   ``model_spec.version`` pins a loaded version; ``version_label`` ``"stable"``
   or ``"latest"`` means the serving version (they are one oneof).
 - ``model_spec.signature_name``: ``"serving_default"`` (or empty), input
   ``images`` DT_FLOAT in [0, 1]; or ``"predict_uint8"``, input ``images``
-  DT_UINT8 in [0, 255]. Shape ``[N,28,28,1]`` (``[N,28,28]`` and ``[N,784]``
-  are accepted too). Output ``probabilities`` DT_FLOAT ``[N,10]``, returned
-  in ``tensor_content``. ``output_filter`` selects outputs by name.
+  DT_UINT8 in [0, 255]. Shape ``[N,H,W,C]`` (single-channel models also take
+  ``[N,H,W]`` and ``[N,H*W]``). Output ``probabilities`` DT_FLOAT ``[N,K]``,
+  returned in ``tensor_content``. ``output_filter`` selects outputs by name.
+- ``GetModelStatus``: each version of the model with TF Serving's state; a
+  version that failed to load is END with its error in ``status``.
 - Input tensors carry their values in ``tensor_content`` or in the typed
   field of their dtype (``float_val`` for DT_FLOAT, ``int_val`` for
   DT_UINT8); a typed field must hold exactly one value per element. Typed
@@ -31,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -244,7 +248,8 @@ def shape_proto(shape: Sequence[int]) -> Any:
 def predict_request(request: Any) -> tuple[np.ndarray, types.ModelRef, str, list[str]]:
     """A PredictRequest -> (images as sent, model, signature name, output names).
 
-    The images still need the runtime's image check (shape, range, limits).
+    The images still need the runtime's check against the model (shape, range,
+    limits).
     """
     ref = model_ref(request.model_spec)
     signature = signature_of(request.model_spec)
@@ -314,15 +319,25 @@ def _tensor_info(name: str, dtype: int, shape: Sequence[int]) -> Any:
     return meta_graph_pb2.TensorInfo(name=name, dtype=dtype, tensor_shape=shape_proto(shape))
 
 
-def signature_def_map() -> Any:
-    """The SignatureDefMap of the served signatures, named as TensorFlow names them."""
+def _only_spec(specs: Sequence[types.TensorSpecInfo], what: str) -> types.TensorSpecInfo:
+    # An image classifier has one image input and one probability output.
+    if not specs:
+        raise errors.Internal(f"the model's metadata describes no {what}")
+    return specs[0]
+
+
+def signature_def_map(meta: types.ModelMetadata) -> Any:
+    """The SignatureDefMap of the served signatures, named as TensorFlow names them, with
+    the model's shapes: ``images`` [-1,H,W,C], ``probabilities`` [-1,K]."""
+    images = _only_spec(meta.inputs, "input").shape
+    probabilities = _only_spec(meta.outputs, "output").shape
     result = get_model_metadata_pb2.SignatureDefMap()
     for signature, dtype in SIGNATURES.items():
         sig = result.signature_def[signature]
         sig.method_name = PREDICT_METHOD
-        sig.inputs[INPUT].CopyFrom(_tensor_info(f"{signature}_{INPUT}:0", dtype, [-1, 28, 28, 1]))
+        sig.inputs[INPUT].CopyFrom(_tensor_info(f"{signature}_{INPUT}:0", dtype, images))
         sig.outputs[OUTPUT].CopyFrom(
-            _tensor_info("StatefulPartitionedCall:0", types_pb2.DT_FLOAT, [-1, 10])
+            _tensor_info("StatefulPartitionedCall:0", types_pb2.DT_FLOAT, probabilities)
         )
     return result
 
@@ -334,18 +349,32 @@ def model_metadata_response(meta: types.ModelMetadata, version: int | None) -> A
             meta.model_name, meta.serving_version if version is None else version
         )
     )
-    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_def_map())
+    response.metadata[SIGNATURE_DEF_FIELD].Pack(signature_def_map(meta))
     return response
 
 
-def model_status_response(meta: types.ModelMetadata, version: int | None) -> Any:
-    """A GetModelStatusResponse: every loaded version (or the pinned one) AVAILABLE."""
-    versions = [version] if version is not None else list(meta.loaded_versions)
+_STATES = get_model_status_pb2.ModelVersionStatus.State
+
+
+def model_status_response(status: types.ModelStatus, version: int | None) -> Any:
+    """A GetModelStatusResponse: every version of the model (or only the pinned one,
+    NotFound if the model has no such version) with its state; a version that failed
+    to load carries its error (error_code UNKNOWN) in ``status``."""
+    versions = [v for v in status.versions if version is None or v.version == version]
+    if version is not None and not versions:
+        known = ", ".join(str(v.version) for v in status.versions) or "none"
+        raise errors.NotFound(
+            f"model_spec.version: model {errors.shown(status.name)} has no version {version} "
+            f"(versions: {known})"
+        )
     response = get_model_status_pb2.GetModelStatusResponse()
     for v in versions:
+        problem = (
+            status_pb2.StatusProto(error_code=error_codes_pb2.UNKNOWN, error_message=v.error)
+            if v.error
+            else status_pb2.StatusProto()
+        )
         response.model_version_status.add(
-            version=v,
-            state=get_model_status_pb2.ModelVersionStatus.AVAILABLE,
-            status=status_pb2.StatusProto(),
+            version=v.version, state=_STATES.Value(v.state), status=problem
         )
     return response

@@ -1,0 +1,437 @@
+"""One served model: its versions, their batchers and engines, its readiness.
+
+A `ServedModel` owns a `models.ModelManager` (the versions under its base
+path, loaded by its version policy), one `DynamicBatcher` per loaded version
+for Predict, and, with ``engine_workers=process``, each version's LiteRT
+worker processes. What it takes (image shape, dtype) and answers (K class
+probabilities, class names) comes from each version's serving signature.
+The runtime holds one per configured model (`runtime.Runtime`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convserve.server import errors, inputs, models, types
+from convserve.server.batcher import BatchObserver, DynamicBatcher, default_pad_sizes
+from convserve.server.engine_process import ProcessEngine, WorkerError
+from convserve.server.metrics import Metrics
+from convserve.server.operations import check_deadline
+from convserve.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+# Seconds the model worker processes get to exit at shutdown before they are killed.
+WORKER_EXIT_S = 2.0
+
+
+def settle_heap(*, reclaim: bool) -> None:
+    """Collect garbage once, then exempt every surviving object from later collections.
+
+    A loaded TensorFlow model leaves hundreds of thousands of tracked objects,
+    and a full collection walks them all with the GIL held (about 0.4 s on a
+    small CPU), stalling whichever requests are in flight. Called after a load,
+    before the version serves; later collections then see only new objects.
+    reclaim=True first puts the frozen objects back, so that the collection
+    also frees the versions retired since the last call (one such pause per
+    model swap instead of one every few thousand requests).
+    """
+    if reclaim:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+def as_float(images: np.ndarray) -> np.ndarray:
+    """uint8 0..255 -> float32 0..1 (the model's input); float32 passes through."""
+    if images.dtype == np.uint8:
+        # One table lookup: the same float32 values as x / 255, in one pass.
+        return _UINT8_TO_UNIT.take(images)
+    return np.asarray(images, dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How much of the machine one model's engine may use."""
+
+    workers: int  # worker processes (or concurrent batches) per loaded version
+    threads: int  # CPU threads per model call
+
+
+def budget_for(settings: Settings, models_count: int, cpus: int) -> Budget:
+    """Split max_concurrent_batches and the CPUs across `models_count` models.
+
+    Each model gets at least one worker; the workers of all models together
+    get about one thread per CPU, so two models on two cores do not
+    oversubscribe them (engine_threads, when set, is taken as given).
+    """
+    count = max(1, models_count)
+    workers = max(1, settings.max_concurrent_batches // count)
+    if settings.engine_threads:
+        return Budget(workers, settings.engine_threads)
+    return Budget(workers, max(1, cpus // (workers * count)))
+
+
+class ServedModel:
+    """A configured model: versions, batchers, engines, readiness, metrics.
+
+    Call `start` on the event loop, then `predict` and the others; `stop`
+    drains and releases everything. `on_ready_change()` is called on the
+    event loop whenever `ready` may have changed.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base_path: Path,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        device: str,
+        budget: Budget,
+        policy: Any = None,
+        on_ready_change: Callable[[], None] | None = None,
+        heap: HeapState | None = None,
+    ) -> None:
+        self.name = name
+        self.base_path = Path(base_path)
+        self.settings = settings
+        self.metrics = metrics
+        self.device = device
+        self.budget = budget
+        self.policy = policy
+        self._on_ready_change = on_ready_change
+        self._heap = heap if heap is not None else HeapState()
+        self._closing = False
+        self._started = False
+        self._batchers: dict[int, DynamicBatcher] = {}
+        self._closing_batchers: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observer = _SummingObserver(
+            metrics.batch_observer("Predict", name),
+            lambda: sum(b.queued_items for b in self._batchers.values()),
+        )
+        self.manager = models.ModelManager(
+            self.base_path,
+            name,
+            device,
+            on_loaded=metrics.model_loaded,
+            on_serving=self._on_available,
+            loader=self._load,
+            policy=policy,
+        )
+
+    # -- state ------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        """A version serves, its engine is usable, and the model is not being stopped."""
+        if self._closing:
+            return False
+        serving = self.manager.serving
+        if serving is None:
+            return False
+        workers: ProcessEngine | None = serving.workers
+        return workers is None or workers.healthy
+
+    @property
+    def image_spec(self) -> inputs.ImageSpec:
+        """What the serving version takes (errors.Unavailable before one serves)."""
+        serving = self.manager.serving
+        if serving is None:
+            raise errors.Unavailable(f"model {self.name!r} has no version ready yet")
+        return serving.signature.spec
+
+    def status(self) -> types.ModelStatus:
+        return types.ModelStatus(self.name, self.ready, self.manager.status())
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and warm up the versions to serve now (no error if none loads yet)."""
+        self._loop = asyncio.get_running_loop()
+        await self.manager.poll_once()
+        self._started = True
+
+    async def poll_once(self) -> int | None:
+        """Look for new (or, under a policy, dropped) versions now; the version swapped in."""
+        changed = await self.manager.poll_once()
+        self.metrics.update_device_memory(self.device)
+        return changed
+
+    def begin_stop(self) -> list[asyncio.Future[Any]]:
+        """Refuse new requests and start draining the batchers; returns what to await."""
+        self._closing = True
+        batchers = list(self._batchers.values())
+        closing: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(b.close(drain=True)) for b in batchers
+        ]
+        return closing + list(self._closing_batchers)
+
+    def fail_pending(self) -> list[asyncio.Future[Any]]:
+        """After the grace period: end the workers, so batches still in them fail now."""
+        for model in self.manager.loaded:
+            if model.workers is not None:
+                model.workers.close()
+        return [asyncio.ensure_future(b.close(drain=False)) for b in self._batchers.values()]
+
+    async def release(self) -> None:
+        """Release every version and wait for its worker processes to exit (or kill them)."""
+        self._batchers.clear()
+        engines = [m.workers for m in self.manager.loaded if m.workers is not None]
+        self.manager.release_all()
+        for engine in engines:
+            engine.close()
+        exited = await asyncio.gather(
+            *(asyncio.to_thread(engine.wait_closed, WORKER_EXIT_S) for engine in engines)
+        )
+        for engine, done in zip(engines, exited, strict=True):
+            if not done:
+                log.warning("%s: worker processes did not exit", engine.name)
+
+    async def stop(self, grace_s: float) -> None:
+        """Drain within `grace_s`, then release (a model removed from the configuration)."""
+        closing = self.begin_stop()
+        self._notify()
+        if closing:
+            _, pending = await asyncio.wait(closing, timeout=max(0.0, grace_s))
+            if pending:
+                await asyncio.wait(self.fail_pending(), timeout=1.0)
+        await self.release()
+        self.metrics.forget_model(self.name)
+
+    # -- versions ----------------------------------------------------------------
+
+    def _load(self, name: str, version: int, path: Path, device: str) -> models.LoadedModel:
+        """`models.load_model` with the server's settings, then `settle_heap` (blocking)."""
+        settings = self.settings
+        model = models.load_model(
+            name,
+            version,
+            path,
+            device,
+            warm_batch_sizes=default_pad_sizes(settings.max_batch_size),
+            engine=settings.cpu_engine,
+            engine_threads=self.budget.threads,
+            engine_copies=self.budget.workers,
+        )
+        if model.litert is not None and settings.engine_workers == "process":
+            model.workers = self._start_workers(model)
+        settle_heap(reclaim=self._heap.retired)
+        self._heap.retired = False
+        return model
+
+    def _start_workers(self, model: models.LoadedModel) -> ProcessEngine | None:
+        """The version's LiteRT model in worker processes, warmed up at every padded size.
+
+        None (the version is served in-process, with a warning) if they fail.
+        """
+        assert model.litert is not None
+        signature = model.signature
+        engine: ProcessEngine | None = None
+        try:
+            engine = ProcessEngine(
+                model.litert.flatbuffer,
+                image_shape=signature.image_shape,
+                classes=signature.classes,
+                threads=self.budget.threads,
+                workers=self.budget.workers,
+                name=f"{model.name} v{model.version}",
+                niceness=self.settings.engine_nice,
+                on_worker_exit=lambda: self.metrics.worker_exited(model.name),
+                batch_timeout_s=self.settings.engine_batch_timeout_s,
+                on_health_change=lambda healthy: self._on_workers_health(model, healthy),
+            )
+            for size in default_pad_sizes(self.settings.max_batch_size):
+                images = np.zeros((size, *signature.image_shape), np.float32)
+                for _ in range(engine.workers):  # round robin: every worker sees each size
+                    if engine(images).shape != (size, signature.classes):
+                        raise WorkerError(f"wrong output shape at batch size {size}")
+        except Exception as exc:
+            if engine is not None:
+                engine.close()
+            log.warning("%s version %d: model worker processes failed, the server process "
+                        "computes predictions: %s", model.name, model.version, exc)  # fmt: skip
+            return None
+        log.info("%s version %d: %d worker processes (pids %s) compute predictions",
+                 model.name, model.version, engine.workers, engine.pids)  # fmt: skip
+        return engine
+
+    def _on_available(self, model: models.LoadedModel, loaded: int) -> None:
+        """A version was loaded (the serving one, or a pinnable one under a policy)."""
+        serving = self.manager.serving is model
+        if model.version not in self._batchers:
+            model.on_release = self._release
+            workers: ProcessEngine | None = model.workers
+            if workers is not None:
+                workers.serve()
+            self._batchers[model.version] = DynamicBatcher(
+                model.predict,
+                name=f"{model.name} v{model.version}",
+                max_batch_size=self.settings.max_batch_size,
+                batch_timeout_s=self.settings.batch_timeout_s,
+                max_queued_items=self.settings.max_queued_images,
+                max_concurrent_batches=self.budget.workers,
+                observer=self._observer,
+                prepare=as_float,
+                # LiteRT answers a few images in about 0.1 ms: less than a trip to a worker.
+                inline_max_rows=(
+                    self.settings.inline_max_images if model.engine == "litert" else 0
+                ),
+                run_batch_async=workers.run if workers is not None else None,
+            )
+        if serving:
+            self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
+            self.metrics.update_device_memory(model.device)
+            if self._started:
+                self._notify()
+
+    def _on_workers_health(self, model: models.LoadedModel, healthy: bool) -> None:
+        state = "usable again" if healthy else "all unusable (dead or hung); being replaced"
+        level = logging.INFO if healthy else logging.WARNING
+        log.log(level, "%s version %d: model workers %s", model.name, model.version, state)
+        if self.manager.serving is model:
+            self._notify()
+
+    def _notify(self) -> None:
+        if self._on_ready_change is not None:
+            self._on_ready_change()
+
+    def _release(self, model: models.LoadedModel) -> None:
+        """The version is retired and no request holds it: close its batcher, drop it."""
+        self._heap.retired = True
+        workers: ProcessEngine | None = model.workers
+        loop = self._loop
+        if workers is not None:
+            # The workers' sockets are read by the event loop: close them there.
+            if loop is None or _on_loop_thread(loop):
+                workers.close()
+            else:
+                loop.call_soon_threadsafe(workers.close)
+        batcher = self._batchers.pop(model.version, None)
+        if batcher is None or loop is None:
+            return
+
+        def close() -> None:
+            task = loop.create_task(batcher.close(drain=True))
+            self._closing_batchers.add(task)
+            task.add_done_callback(self._closing_batchers.discard)
+
+        # Leases end on the event loop; the callback also works from another thread.
+        loop.call_soon_threadsafe(close)
+        log.info("%s version %d released", model.name, model.version)
+
+    # -- requests -----------------------------------------------------------------
+
+    def queued_images(self) -> int:
+        return sum(b.queued_items for b in self._batchers.values())
+
+    def check_images(self, images: np.ndarray, field: str) -> np.ndarray:
+        """`inputs.check_images` against the serving version's input; [N,H,W,C]."""
+        return inputs.check_images(
+            images, field, self.image_spec, max_images=self.settings.max_images_per_request
+        )
+
+    def check_image(self, image: np.ndarray, field: str) -> np.ndarray:
+        """One image (with or without its leading 1) as [1,H,W,C]."""
+        return inputs.check_image(image, field, self.image_spec)
+
+    @contextlib.contextmanager
+    def lease(self, ref: types.ModelRef) -> Iterator[models.LoadedModel]:
+        """Hold the version `ref` names while the body runs (see `ModelManager.lease`)."""
+        if self._closing:
+            raise errors.Unavailable(f"model {self.name!r} is being unloaded")
+        with self.manager.lease(ref) as model:
+            yield model
+
+    async def predict(
+        self, value: types.PredictInput, *, deadline: float | None
+    ) -> types.PredictOutput:
+        """Class probabilities for `value.images` (already checked), batched.
+
+        Raises errors.NotFound (pinned version not loaded), InvalidArgument
+        (images of another shape than the pinned version takes),
+        ResourceExhausted (queue full), DeadlineExceeded, Unavailable.
+        """
+        images = value.images
+        check_deadline(deadline, "Predict")
+        n = int(images.shape[0])
+        queued = self.queued_images()
+        limit = self.settings.max_queued_images
+        if queued + n > limit:
+            raise errors.ResourceExhausted(
+                f"Predict: the queue of model {self.name!r} is full ({queued} of {limit} "
+                f"images queued, this request has {n}); retry later"
+            )
+        with self.lease(value.model) as model:
+            if images.shape[1:] != model.signature.image_shape:
+                # Checked against the serving version; a pinned one may take another shape.
+                raise errors.InvalidArgument(
+                    "images",
+                    f"shape [N,{','.join(map(str, model.signature.image_shape))}] expected by "
+                    f"{self.name} version {model.version}, got {list(images.shape)}",
+                )
+            batcher = self._batchers.get(model.version)
+            if batcher is None:
+                raise errors.Unavailable(f"model {self.name!r} is being unloaded")
+            probabilities = await batcher.submit(images, deadline=deadline)
+        return types.PredictOutput(
+            model_name=model.name,
+            model_version=model.version,
+            probabilities=probabilities,
+            class_names=model.class_names,
+        )
+
+    def metadata(self, ref: types.ModelRef) -> types.ModelMetadata:
+        """The version's inputs, outputs, layers and training record."""
+        manager = self.manager
+        model = manager.resolve(ref)
+        meta = model.metadata(manager.loaded_versions)
+        serving = manager.serving
+        if serving is not None and serving is not model:
+            # A pinned version describes itself; serving_version still names the default.
+            meta = dataclasses.replace(meta, serving_version=serving.version)
+        return meta
+
+
+@dataclasses.dataclass
+class HeapState:
+    """Shared by every model: a version was released since the heap was last frozen."""
+
+    retired: bool = False
+
+
+class _SummingObserver:
+    """Reports the queue depth summed over several batchers of one model."""
+
+    def __init__(self, inner: BatchObserver, total: Callable[[], int]) -> None:
+        self._inner = inner
+        self._total = total
+
+    def on_queue_depth(self, items: int) -> None:
+        self._inner.on_queue_depth(self._total())
+
+    def on_batch(
+        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
+    ) -> None:
+        self._inner.on_batch(size, padded_size, queue_waits_s, run_s)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+__all__ = ["Budget", "HeapState", "ServedModel", "as_float", "budget_for", "settle_heap"]
