@@ -18,18 +18,39 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PY) -m pip install --quiet -c .ci/constraints.txt -e '.[dev]'
 	touch $@
 
-# Train on the default data, serve the model, predict held-out digits, stop.
+# Where Debian's dataset-fashion-mnist package puts Fashion-MNIST.
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+
+# Train MNIST (default data), Fashion-MNIST (when its Debian package is installed) and
+# the 8x8 digits, serve all of them from one server, predict held-out images of each, stop.
 demo: setup
 	@set -eu; \
 	rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR); \
-	$(BIN)/convserve-train --model-base-path $(DEMO_DIR)/models/mnist --save-samples $(DEMO_DIR)/samples.npz; \
-	$(BIN)/convserve-server --model-base-path $(DEMO_DIR)/models/mnist \
+	$(BIN)/convserve-train --model-base-path $(DEMO_DIR)/models/mnist --save-samples $(DEMO_DIR)/mnist.npz; \
+	models="--model mnist=$(DEMO_DIR)/models/mnist"; \
+	if [ -d $(FASHION_DIR) ]; then \
+		$(BIN)/convserve-train --dataset fashion-mnist --model-name fashion \
+			--model-base-path $(DEMO_DIR)/models/fashion --save-samples $(DEMO_DIR)/fashion.npz; \
+		models="$$models --model fashion=$(DEMO_DIR)/models/fashion"; \
+	else \
+		echo "Fashion-MNIST skipped: $(FASHION_DIR) is missing (apt-get install dataset-fashion-mnist)"; \
+	fi; \
+	$(BIN)/convserve-train --dataset digits8 --model-name digits8 \
+		--model-base-path $(DEMO_DIR)/models/digits8 --save-samples $(DEMO_DIR)/digits8.npz; \
+	models="$$models --model digits8=$(DEMO_DIR)/models/digits8"; \
+	$(BIN)/convserve-server $$models \
 		--port $(DEMO_PORT) --metrics-port $(DEMO_METRICS_PORT) > $(DEMO_DIR)/server.log 2>&1 & \
 	server=$$!; \
 	trap 'kill -TERM $$server 2>/dev/null || true' EXIT; \
 	echo "server started (pid $$server, log $(DEMO_DIR)/server.log)"; \
-	$(BIN)/convserve --target localhost:$(DEMO_PORT) health --wait-s 120; \
-	$(BIN)/convserve --target localhost:$(DEMO_PORT) predict $(DEMO_DIR)/samples.npz; \
+	$(BIN)/convserve --target localhost:$(DEMO_PORT) health --wait-s 180; \
+	$(BIN)/convserve --target localhost:$(DEMO_PORT) models; \
+	for model in mnist fashion digits8; do \
+		if [ -f $(DEMO_DIR)/$$model.npz ]; then \
+			echo; echo "== $$model"; \
+			$(BIN)/convserve --target localhost:$(DEMO_PORT) predict --model $$model $(DEMO_DIR)/$$model.npz; \
+		fi; \
+	done; \
 	kill -TERM $$server; wait $$server; trap - EXIT; \
 	echo "server stopped cleanly"
 

@@ -1,7 +1,8 @@
 """A convserve.v1 server that does no work: the ceiling `make bench` compares against.
 
 It answers Predict (and each PredictStream message) at once with uniform
-probabilities of the right shape, on the same grpc.aio stack as
+probabilities and labels of the right shape (and GetModelMetadata with an
+MNIST model's shapes, which the load generator reads first), on the same grpc.aio stack as
 convserve-server, so the load generator measured against it shows what Python
 gRPC itself allows on this machine.
 
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from convserve.client.tensor import from_tensor, to_tensor
-from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1 import convserve_pb2, convserve_pb2_grpc, tensor_pb2
 
 
 def answer(request: convserve_pb2.PredictRequest) -> convserve_pb2.PredictResponse:
@@ -30,7 +31,27 @@ def answer(request: convserve_pb2.PredictRequest) -> convserve_pb2.PredictRespon
         digits=[0] * n,
         confidences=[0.1] * n,
         probabilities=to_tensor(np.full((n, 10), 0.1, np.float32)),
+        labels=["0"] * n,
     )
+
+
+METADATA = convserve_pb2.GetModelMetadataResponse(
+    model_name="noop",
+    loaded_versions=[1],
+    serving_version=1,
+    inputs=[
+        convserve_pb2.TensorSpec(
+            name="images",
+            dtypes=[tensor_pb2.DATA_TYPE_UINT8, tensor_pb2.DATA_TYPE_FLOAT32],
+            shape=[-1, 28, 28, 1],
+        )
+    ],
+    outputs=[
+        convserve_pb2.TensorSpec(
+            name="probabilities", dtypes=[tensor_pb2.DATA_TYPE_FLOAT32], shape=[-1, 10]
+        )
+    ],
+)
 
 
 class NoopServicer(convserve_pb2_grpc.ConvServeServicer):
@@ -38,6 +59,11 @@ class NoopServicer(convserve_pb2_grpc.ConvServeServicer):
         self, request: convserve_pb2.PredictRequest, context: grpc.aio.ServicerContext
     ) -> convserve_pb2.PredictResponse:
         return answer(request)
+
+    async def GetModelMetadata(
+        self, request: convserve_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> convserve_pb2.GetModelMetadataResponse:
+        return METADATA
 
     async def PredictStream(
         self,

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from convserve.server import errors, models, types
+from convserve.server.model_config import VersionPolicy
 
 # -- discovery -----------------------------------------------------------------
 
@@ -79,7 +80,9 @@ class Recorder:
         self.serving.append((model.version, loaded))
 
 
-def manager_for(base: Path, keep: int = 2) -> tuple[models.ModelManager, FakeLoader, Recorder]:
+def manager_for(
+    base: Path, keep: int = 2, policy: VersionPolicy | None = None
+) -> tuple[models.ModelManager, FakeLoader, Recorder]:
     loader = FakeLoader()
     recorder = Recorder()
     manager = models.ModelManager(
@@ -90,8 +93,13 @@ def manager_for(base: Path, keep: int = 2) -> tuple[models.ModelManager, FakeLoa
         on_serving=recorder.on_serving,
         keep_versions=keep,
         loader=loader,
+        policy=policy,
     )
     return manager, loader, recorder
+
+
+def states(manager: models.ModelManager) -> list[tuple[int, str, bool]]:
+    return [(s.version, s.state, s.serving) for s in manager.status()]
 
 
 async def test_start_serves_the_newest_loadable_version(tmp_path: Path) -> None:
@@ -192,6 +200,79 @@ async def test_older_versions_appearing_later_are_ignored(tmp_path: Path) -> Non
     add_version(tmp_path, 3)
     assert await manager.poll_once() is None
     assert loader.calls == [5]
+
+
+# -- version policies (TF Serving's model_version_policy) ------------------------
+
+
+async def test_latest_n_serves_the_newest_and_keeps_n_loaded(tmp_path: Path) -> None:
+    for version in (1, 2, 3):
+        add_version(tmp_path, version)
+    manager, loader, recorder = manager_for(tmp_path, policy=VersionPolicy("latest", 2))
+    assert await manager.poll_once() == 3
+    assert loader.calls == [3, 2]
+    assert states(manager) == [(2, "AVAILABLE", False), (3, "AVAILABLE", True)]
+    assert manager.resolve(types.ModelRef(version=2)).version == 2
+    add_version(tmp_path, 4)
+    assert await manager.poll_once() == 4
+    assert manager.loaded_versions == (3, 4)
+    assert recorder.released == [2]
+    # Rolled back on disk: version 4 goes, 3 serves again and 2 comes back as the second.
+    for entry in (tmp_path / "4").iterdir():
+        entry.unlink()
+    (tmp_path / "4").rmdir()
+    assert await manager.poll_once() == 3
+    assert states(manager) == [(2, "AVAILABLE", False), (3, "AVAILABLE", True)]
+    assert recorder.released == [2, 4]
+
+
+async def test_specific_versions_are_the_only_ones_loaded(tmp_path: Path) -> None:
+    for version in (1, 2, 3, 4):
+        add_version(tmp_path, version)
+    manager, loader, _ = manager_for(tmp_path, policy=VersionPolicy("specific", versions=(1, 3)))
+    assert await manager.poll_once() == 3
+    assert sorted(loader.calls) == [1, 3]
+    assert manager.loaded_versions == (1, 3)
+    assert manager.resolve(types.ModelRef(version=1)).version == 1
+    with pytest.raises(errors.NotFound, match=r"version 4 is not loaded.*\[1, 3\]"):
+        manager.resolve(types.ModelRef(version=4))
+    assert await manager.poll_once() is None  # nothing new to do
+    assert sorted(loader.calls) == [1, 3]
+
+
+async def test_all_versions_are_loaded_as_they_arrive(tmp_path: Path) -> None:
+    add_version(tmp_path, 1)
+    add_version(tmp_path, 2)
+    manager, _, recorder = manager_for(tmp_path, policy=VersionPolicy("all"))
+    assert await manager.poll_once() == 2
+    add_version(tmp_path, 3)
+    assert await manager.poll_once() == 3
+    assert states(manager) == [
+        (1, "AVAILABLE", False),
+        (2, "AVAILABLE", False),
+        (3, "AVAILABLE", True),
+    ]
+    assert recorder.released == []
+
+
+async def test_status_reports_refused_and_unloading_versions(tmp_path: Path) -> None:
+    add_version(tmp_path, 1)
+    add_version(tmp_path, 2, ok=False)
+    manager, _, _ = manager_for(tmp_path, keep=1)
+    assert await manager.poll_once() == 1
+    status = {s.version: s for s in manager.status()}
+    assert status[2].state == "END"
+    assert status[2].error == "version 2 is broken"
+    with manager.lease(types.ModelRef()):
+        add_version(tmp_path, 3)
+        assert await manager.poll_once() == 3
+        # Version 1 is retired but a request still holds it.
+        assert states(manager) == [
+            (1, "UNLOADING", False),
+            (2, "END", False),
+            (3, "AVAILABLE", True),
+        ]
+    assert states(manager) == [(2, "END", False), (3, "AVAILABLE", True)]
 
 
 # -- real exports ---------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,47 @@ def test_settings_are_immutable() -> None:
     settings = Settings.from_argv([])
     with pytest.raises(Exception, match="frozen"):
         settings.port = 1
+
+
+def test_models_come_from_repeated_flags_or_a_comma_separated_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = Settings.from_argv(["--model", "mnist=/m/mnist", "--model", "fashion=rel/f"])
+    assert [(e.name, str(e.base_path)) for e in settings.model_entries()] == [
+        ("mnist", "/m/mnist"),
+        ("fashion", "rel/f"),
+    ]
+    monkeypatch.setenv(env_name("model"), "a=/x, b=/y")
+    assert [e.name for e in Settings.from_argv([]).model_entries()] == ["a", "b"]
+    monkeypatch.delenv(env_name("model"))
+    # Neither: the one model of --model-name at --model-base-path.
+    single = Settings.from_argv(["--model-name", "digits", "--model-base-path", "/d"])
+    assert [(e.name, str(e.base_path), e.policy) for e in single.model_entries()] == [
+        ("digits", "/d", None)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "mnist"], "--model / CONVSERVE_MODEL: --model: NAME=BASE_PATH expected"),
+        (["--model", "a=/x", "--model", "a=/y"], "'a' is given more than once"),
+        (["--model", "conv2d=/x"], "reserved"),
+        (["--model-config-file", "/nowhere.config"], "no such file: /nowhere.config"),
+        (["--model-config-file-poll-wait-s", "-1"], "--model-config-file-poll-wait-s"),
+    ],
+)
+def test_bad_model_settings_name_the_flag(argv: list[str], message: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        Settings.from_argv(argv)
+
+
+def test_model_flags_and_a_config_file_exclude_each_other(tmp_path: Path) -> None:
+    config = tmp_path / "models.config"
+    config.write_text('model_config_list { config { name: "a" base_path: "versions/a" } }')
+    from_file = Settings.from_argv(["--model-config-file", str(config)])
+    assert [(e.name, e.base_path) for e in from_file.model_entries()] == [
+        ("a", tmp_path / "versions" / "a")
+    ]
+    with pytest.raises(SettingsError, match="either with --model or in --model-config-file"):
+        Settings.from_argv(["--model-config-file", str(config), "--model", "b=/b"])

@@ -101,7 +101,8 @@ class RunningServer:
             await self.health.set(name, status)
         statuses = getattr(self.runtime, "models", None)
         models = statuses() if statuses is not None and not self.stopping else []
-        ready = {m.name: m.ready for m in models}
+        # A model named like a gRPC service would overwrite that service's status.
+        ready = {m.name: m.ready for m in models if m.name not in self.services}
         for name in sorted(set(ready) | self._model_services):
             await self.health.set(name, SERVING if ready.get(name, False) else NOT_SERVING)
         self._model_services |= set(ready)
@@ -326,7 +327,8 @@ async def start_server(
         await server.stop(0)
         running._stop_metrics_http()
         raise
-    await running.set_serving(True)
+    # Ready unless a model configured at start-up is not (e.g. an empty config file).
+    await running.set_serving(bool(getattr(runtime, "ready", True)))
     add_listener = getattr(runtime, "add_ready_listener", None)
     if add_listener is not None:
         add_listener(running.follow_readiness)

@@ -45,6 +45,8 @@ LATENCY_BUCKETS = (
     30.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The operations that run a model (their batching series carry its name).
+MODEL_RPCS = ("Predict", "GetFeatureMaps")
 # Measured / estimated seconds of an operation: under 1 where the cost model errs high.
 COST_RATIO_BUCKETS = (0.01, 0.03, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 10.0)
 
@@ -231,10 +233,36 @@ class Metrics:
         return _Observer(self, rpc, model)
 
     def forget_model(self, model: str) -> None:
-        """Drop the series of a model that is no longer configured."""
-        for metric in (self.model_info, self.versions_loaded):
+        """Drop every series of a model that is no longer configured, so that a
+        configuration whose models come and go does not grow the exposition."""
+        for key in [k for k in self._request_series if k[2] == model]:
+            del self._request_series[key]
+            series: tuple[Any, ...] = (self.inflight, self.request_duration)
+            for metric in series:
+                with contextlib.suppress(KeyError):
+                    metric.remove(*key)
+        for count in [k for k in self._counts if k[2] == model]:
+            del self._counts[count]
+            with contextlib.suppress(KeyError):
+                self.requests.remove(*count)
+        batching: tuple[Any, ...] = (
+            self.queue_wait,
+            self.model_execution,
+            self.batch_size,
+            self.images_processed,
+            self.queued_images,
+        )
+        for metric in batching:
+            for rpc in MODEL_RPCS:
+                with contextlib.suppress(KeyError):
+                    metric.remove(rpc, model)
+        per_model: tuple[Any, ...] = (self.model_info, self.versions_loaded, self.worker_exits)
+        for metric in per_model:
             with contextlib.suppress(KeyError):
                 metric.remove(model)
+        for result in ("success", "failure"):
+            with contextlib.suppress(KeyError):
+                self.model_loads.remove(model, result)
 
     def worker_exited(self, model: str) -> None:
         self.worker_exits.labels(model=model).inc()

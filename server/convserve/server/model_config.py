@@ -15,7 +15,9 @@ version policy):
   editing the file.
 
 A base path is the directory holding the model's numbered versions
-(``<base>/<version>/``); it need not exist yet, since the server waits for it.
+(``<base>/<version>/``). Parsing does not require it to exist: every model
+configured at start-up must then load, while one added to the file later may
+wait for its versions to appear.
 
 Version policies, as in TF Serving's ``ServableVersionPolicy``: ``latest
 { num_versions: N }`` serves the newest N versions found (N = 0 or unset means

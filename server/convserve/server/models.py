@@ -51,6 +51,8 @@ MAX_VERSION = 2**63 - 1
 SIGNATURE_MAX_ENTRIES = 10_000
 # What may compute digit predictions on the CPU (see `LiteRtEngine`).
 ENGINES = ("litert", "tensorflow")
+# Characters of a load error that clients may see (ListModels, GetModelStatus).
+MAX_ERROR_CHARS = 500
 # Largest |LiteRT - SavedModel| probability difference a converted model may show.
 PARITY_TOLERANCE = 1e-5
 
@@ -65,6 +67,9 @@ def discover_versions(base_path: Path) -> list[int]:
     try:
         entries = list(base_path.iterdir())
     except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:  # e.g. no permission: nothing loadable, and say why
+        log.warning("cannot list %s: %s", base_path, exc)
         return []
     versions = []
     for entry in entries:
@@ -100,6 +105,18 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
             if len(entries) >= SIGNATURE_MAX_ENTRIES:
                 return tuple(sorted(entries))
     return tuple(sorted(entries))
+
+
+def _discard(model: LoadedModel) -> None:
+    """Drop a version that was loaded but will never serve: its workers go now."""
+    workers = model.workers
+    if workers is not None:
+        workers.close()
+
+
+def _discard_load(loading: asyncio.Future[LoadedModel]) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        _discard(loading.result())
 
 
 class ModelLoadError(Exception):
@@ -547,6 +564,7 @@ class ModelManager:
         self._failed: dict[int, tuple[tuple[str, int, int], ...]] = {}
         self._errors: dict[int, str] = {}
         self._loading: int | None = None
+        self._closed = False
         # Retired versions some request still holds.
         self._unloading: dict[int, LoadedModel] = {}
         self._poll_lock = asyncio.Lock()
@@ -559,6 +577,11 @@ class ModelManager:
     @property
     def loaded_versions(self) -> tuple[int, ...]:
         return tuple(sorted(self._loaded))
+
+    @property
+    def unloading(self) -> tuple[LoadedModel, ...]:
+        """Retired versions some request still holds."""
+        return tuple(self._unloading.values())
 
     @property
     def loaded(self) -> tuple[LoadedModel, ...]:
@@ -584,9 +607,8 @@ class ModelManager:
         failed = self._failed.get(version)
         return failed is not None and failed == _signature(self.base_path / str(version))
 
-    def _candidates(self) -> list[int]:
+    def _candidates(self, available: list[int]) -> list[int]:
         """Versions to load now, newest first (not loaded and not known to fail)."""
-        available = discover_versions(self.base_path)
         if self.policy is not None:
             wanted = self.policy.select(available)
             return [v for v in reversed(wanted) if v not in self._loaded and not self._known_bad(v)]
@@ -600,13 +622,6 @@ class ModelManager:
             out.append(version)
         return out
 
-    def _unwanted(self) -> list[int]:
-        """Loaded versions the policy no longer selects (none without a policy)."""
-        if self.policy is None:
-            return []
-        wanted = set(self.policy.select(discover_versions(self.base_path)))
-        return [v for v in self._loaded if v not in wanted]
-
     async def poll_once(self) -> int | None:
         """Load the newest new version, if any, and swap it in.
 
@@ -615,44 +630,85 @@ class ModelManager:
         counted; the serving version is untouched by them.
         """
         async with self._poll_lock:
+            if self._closed:
+                return None
             swapped: int | None = None
-            # Listing and change markers read the file system: not on the event loop.
-            for version in await asyncio.to_thread(self._candidates):
-                path = self.base_path / str(version)
-                marker = await asyncio.to_thread(_signature, path)
-                self._loading = version
-                try:
-                    model = await asyncio.to_thread(
-                        self._loader, self.name, version, path, self.device
-                    )
-                except Exception as exc:
-                    self._failed[version] = marker
-                    self._errors[version] = str(exc)
-                    log.error("%s version %d refused: %s", self.name, version, exc)
-                    if self._on_loaded is not None:
-                        self._on_loaded(self.name, version, False)
+            # Listed once per poll (every decision below sees the same versions), and
+            # off the event loop, as are the change markers.
+            available = await asyncio.to_thread(discover_versions, self.base_path)
+            for version in await asyncio.to_thread(self._candidates, available):
+                model = await self._load(version)
+                if model is None:
                     continue
-                finally:
-                    self._loading = None
-                self._failed.pop(version, None)
-                self._errors.pop(version, None)
-                log.info("%s version %d loaded and warmed up from %s", self.name, version, path)
-                if self._on_loaded is not None:
-                    self._on_loaded(self.name, version, True)
+                if self._closed:
+                    _discard(model)  # released while it loaded
+                    return None
                 changed = self._swap_in(model)
                 if self.policy is None:
                     return version
                 if changed:
                     swapped = version
-            for version in await asyncio.to_thread(self._unwanted):
-                self._retire(self._loaded.pop(version))
-                if self._serving is not None and self._serving.version == version:
-                    self._serving = None
-            if self.policy is not None and self._serving is None and self._loaded:
-                # The policy dropped the serving version: the newest one left serves.
-                self._swap_in(self._loaded[max(self._loaded)])
-                swapped = self._serving.version if self._serving is not None else None
+            if self.policy is not None:
+                swapped = self._apply_policy(available) or swapped
             return swapped
+
+    async def _load(self, version: int) -> LoadedModel | None:
+        """Load one version (None: refused, logged and counted)."""
+        path = self.base_path / str(version)
+        marker = await asyncio.to_thread(_signature, path)
+        self._loading = version
+        # A thread cannot be stopped: if this poll is cancelled, the load runs on and
+        # its result is released when it ends.
+        loading = asyncio.ensure_future(
+            asyncio.to_thread(self._loader, self.name, version, path, self.device)
+        )
+        try:
+            model = await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            loading.add_done_callback(_discard_load)
+            raise
+        except Exception as exc:
+            self._failed[version] = marker
+            self._errors[version] = self._shown_error(exc)
+            log.error("%s version %d refused: %s", self.name, version, exc)
+            if self._on_loaded is not None:
+                self._on_loaded(self.name, version, False)
+            return None
+        finally:
+            self._loading = None
+        self._failed.pop(version, None)
+        self._errors.pop(version, None)
+        log.info("%s version %d loaded and warmed up from %s", self.name, version, path)
+        if self._on_loaded is not None:
+            self._on_loaded(self.name, version, True)
+        return model
+
+    def _shown_error(self, exc: Exception) -> str:
+        """Why a version was refused, as clients may see it: no server paths, bounded."""
+        text = str(exc).replace(str(self.base_path), "<base_path>")
+        return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "…"
+
+    def _apply_policy(self, available: list[int]) -> int | None:
+        """Retire loaded versions the policy no longer selects, once one it selects is
+        loaded (until then the old ones serve on: a bad or half-copied new version
+        never leaves the model without a version). Returns the version now serving
+        if that changed."""
+        assert self.policy is not None
+        wanted = set(self.policy.select(available))
+        if not wanted & set(self._loaded):
+            if self._loaded:
+                log.warning("%s: no version of %s loads; still serving %s", self.name,
+                            sorted(wanted), list(self.loaded_versions))  # fmt: skip
+            return None
+        before = self._serving
+        for version in [v for v in self._loaded if v not in wanted]:
+            self._retire(self._loaded.pop(version))
+            if self._serving is not None and self._serving.version == version:
+                self._serving = None
+        if self._serving is None and self._loaded:
+            # The policy dropped the serving version: the newest one left serves.
+            self._swap_in(self._loaded[max(self._loaded)])
+        return None if self._serving is before or self._serving is None else self._serving.version
 
     def _swap_in(self, model: LoadedModel) -> bool:
         """Add a loaded version; it serves if it is the newest. Returns whether it serves."""
@@ -734,7 +790,9 @@ class ModelManager:
             self._maybe_release(model)
 
     def release_all(self) -> list[LoadedModel]:
-        """Forget every version (at shutdown); returns them."""
+        """Forget every version (at shutdown); returns them. Loads still running are
+        released when they end."""
+        self._closed = True
         models = list(self._loaded.values())
         self._loaded.clear()
         self._serving = None

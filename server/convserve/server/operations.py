@@ -149,6 +149,11 @@ class Operations:
         """Refuse new work; stop running work at its next unit. False if some would not stop."""
         return await self._work.close(timeout_s)
 
+    def forget_model(self, model: str) -> None:
+        """Drop the observers of a model that is no longer configured."""
+        for key in [k for k in self._model_observers if k.endswith(f"/{model}")]:
+            del self._model_observers[key]
+
     def _observer(self, rpc: str, model: str) -> BatchObserver:
         if not model:
             return self._observers[rpc]

@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from convserve.server import costs, errors, model_config, types
+from convserve.server import costs, errors, inputs, model_config, types
 from convserve.server import device as device_mod
 from convserve.server.metrics import Metrics
 from convserve.server.operations import Operations, check_deadline
@@ -65,10 +65,12 @@ class Runtime:
         # Configured models, in configuration order (the first is the default).
         self._models: dict[str, ServedModel] = {}
         self._entries: dict[str, model_config.ModelEntry] = {}
+        # What a changed model was, until its new definition has loaded.
+        self._previous_entries: dict[str, model_config.ModelEntry] = {}
         # Models added or replaced while serving, still loading.
         self._loading: dict[str, asyncio.Task[None]] = {}
         # Models removed or replaced while serving, draining.
-        self._removing: set[asyncio.Task[None]] = set()
+        self._removing: dict[asyncio.Task[None], ServedModel] = {}
         self._pollers: list[asyncio.Task[None]] = []
         self._heap = HeapState()
         self._ready_listeners: list[Callable[[bool], None]] = []
@@ -162,13 +164,19 @@ class Runtime:
         except model_config.ModelConfigError as exc:
             raise errors.Unavailable(str(exc)) from exc
         budget = self._budget(len(entries))
-        for entry in entries:
-            model = self._new_model(entry, budget)
-            self._models[entry.name] = model
-            self._entries[entry.name] = entry
-            await model.start()
-            if model.manager.serving is None:
-                raise errors.Unavailable(self._not_loadable(model))
+        try:
+            for entry in entries:
+                model = self._new_model(entry, budget)
+                self._models[entry.name] = model
+                self._entries[entry.name] = entry
+                await model.start()
+                if model.manager.serving is None:
+                    # As TF Serving does: every model configured at start-up must load.
+                    raise errors.Unavailable(self._not_loadable(model))
+        except BaseException:
+            # The models already loaded must not leave worker processes behind.
+            await self.stop(0)
+            raise
         self._started = True
         if self.settings.poll_interval_s > 0:
             self._pollers.append(asyncio.create_task(self._poll_versions(), name="model-poller"))
@@ -247,8 +255,7 @@ class Runtime:
         for name in [n for n in self._models if n not in wanted]:
             log.info("model %s removed from the configuration: draining and unloading", name)
             self._cancel_loading(name)
-            self._entries.pop(name, None)
-            self._retire(self._models.pop(name))
+            self._retire(self._models.pop(name), removed=True)
         for name in [n for n in self._loading if n not in wanted]:
             self._cancel_loading(name)
         for entry in entries:
@@ -256,14 +263,16 @@ class Runtime:
                 continue
             log.info("model %s: loading from %s (%s)", entry.name, entry.base_path,
                      entry.policy.describe() if entry.policy else "newest")  # fmt: skip
-            self._entries[entry.name] = entry
             self._cancel_loading(entry.name)
             model = self._new_model(entry, budget)
             if entry.name not in self._models:
                 self._models[entry.name] = model  # UNAVAILABLE until loaded
             task = asyncio.create_task(self._load_added(model), name=f"load {entry.name}")
             self._loading[entry.name] = task
+        previous = self._entries
         # Configuration order decides the default model.
+        self._entries = dict(wanted)
+        self._previous_entries = {n: e for n, e in previous.items() if wanted.get(n) != e}
         self._models = {name: self._models[name] for name in wanted if name in self._models}
         self._notify_ready()
 
@@ -272,17 +281,28 @@ class Runtime:
             await model.start()
             while model.manager.serving is None and not self._closing:
                 # No loadable version yet: look again, as a new model's versions may arrive.
-                await asyncio.sleep(max(0.1, self.settings.poll_interval_s))
+                await asyncio.sleep(max(1.0, self.settings.poll_interval_s))
                 await model.poll_once()
         except asyncio.CancelledError:
             self._retire(model)
             raise
         except Exception:
-            log.exception("loading model %s failed", model.name)
+            log.exception("loading model %s failed; the next read of the file retries", model.name)
+            self._retire(model)
+            # Forget the new definition, so that the next read of the file tries it again.
+            old = self._previous_entries.get(model.name)
+            if old is not None:
+                self._entries[model.name] = old
+            else:
+                self._entries.pop(model.name, None)
+                if self._models.get(model.name) is model:
+                    del self._models[model.name]
             return
         finally:
             if self._loading.get(model.name) is asyncio.current_task():
                 del self._loading[model.name]
+        if self._closing:
+            return
         current = self._models.get(model.name)
         if current is not model:
             if current is not None:
@@ -298,12 +318,21 @@ class Runtime:
         if task is not None:
             task.cancel()
 
-    def _retire(self, model: ServedModel) -> None:
-        task = asyncio.get_running_loop().create_task(
-            model.stop(self.settings.grace_period_s), name=f"unload {model.name}"
-        )
-        self._removing.add(task)
-        task.add_done_callback(self._removing.discard)
+    def _retire(self, model: ServedModel, *, removed: bool = False) -> None:
+        """Drain and unload `model` in the background; `removed`: no longer configured, so
+        its metrics series go too once it has drained (unless the name came back)."""
+        if any(m is model for m in self._removing.values()):
+            return
+
+        async def unload() -> None:
+            await model.stop(self.settings.grace_period_s)
+            if removed and model.name not in self._models:
+                self.metrics.forget_model(model.name)
+                self.operations.forget_model(model.name)
+
+        task = asyncio.get_running_loop().create_task(unload(), name=f"unload {model.name}")
+        self._removing[task] = model
+        task.add_done_callback(lambda done: self._removing.pop(done, None))
 
     async def stop(self, grace_s: float) -> bool:
         """Refuse new work, let accepted work finish within `grace_s`, release the models.
@@ -320,12 +349,14 @@ class Runtime:
                 await task
         self._pollers.clear()
         self._loading.clear()
+        draining = list(self._removing.values())
         served = list(self._models.values())
         closing: list[asyncio.Future[Any]] = []
         for model in served:
             closing += model.begin_stop()
         closing += self.operations.close_batchers()
         closing += list(self._removing)
+        served += draining  # their unloads run on; after the grace period they end here
         deadline = time.monotonic() + max(0.0, grace_s)
         if closing:
             _, pending = await asyncio.wait(closing, timeout=max(0.0, grace_s))
@@ -357,7 +388,7 @@ class Runtime:
         self, images: np.ndarray, field: str = "images", model: types.ModelRef = types.DEFAULT_MODEL
     ) -> np.ndarray:
         """Check images against `model`'s input (see `inputs.check_images`): [N,H,W,C]."""
-        return self.served(model).check_images(images, field)
+        return self.served(model).check_images(images, field, model)
 
     async def predict(
         self, value: types.PredictInput, *, deadline: float | None, protocol: str = "convserve"
@@ -389,8 +420,8 @@ class Runtime:
         self._check_open()
         check_deadline(deadline, "GetFeatureMaps")
         served = self.served(value.model)
-        image = as_float(served.check_image(value.image, "image"))
         with served.lease(value.model) as model:
+            image = as_float(inputs.check_image(value.image, "image", model.signature.spec))
             available = model.feature_map_layers
             if not available:
                 raise errors.FailedPrecondition(

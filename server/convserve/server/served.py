@@ -114,12 +114,14 @@ class ServedModel:
         self._heap = heap if heap is not None else HeapState()
         self._closing = False
         self._started = False
-        self._batchers: dict[int, DynamicBatcher] = {}
+        # Per loaded version: the instance it serves and its batcher (a version number
+        # may be loaded again while a retired instance of it still drains).
+        self._batchers: dict[int, tuple[models.LoadedModel, DynamicBatcher]] = {}
         self._closing_batchers: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer = _SummingObserver(
             metrics.batch_observer("Predict", name),
-            lambda: sum(b.queued_items for b in self._batchers.values()),
+            lambda: sum(b.queued_items for _, b in self._batchers.values()),
         )
         self.manager = models.ModelManager(
             self.base_path,
@@ -144,14 +146,6 @@ class ServedModel:
         workers: ProcessEngine | None = serving.workers
         return workers is None or workers.healthy
 
-    @property
-    def image_spec(self) -> inputs.ImageSpec:
-        """What the serving version takes (errors.Unavailable before one serves)."""
-        serving = self.manager.serving
-        if serving is None:
-            raise errors.Unavailable(f"model {self.name!r} has no version ready yet")
-        return serving.signature.spec
-
     def status(self) -> types.ModelStatus:
         return types.ModelStatus(self.name, self.ready, self.manager.status())
 
@@ -172,7 +166,7 @@ class ServedModel:
     def begin_stop(self) -> list[asyncio.Future[Any]]:
         """Refuse new requests and start draining the batchers; returns what to await."""
         self._closing = True
-        batchers = list(self._batchers.values())
+        batchers = [b for _, b in self._batchers.values()]
         closing: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(b.close(drain=True)) for b in batchers
         ]
@@ -183,12 +177,14 @@ class ServedModel:
         for model in self.manager.loaded:
             if model.workers is not None:
                 model.workers.close()
-        return [asyncio.ensure_future(b.close(drain=False)) for b in self._batchers.values()]
+        return [asyncio.ensure_future(b.close(drain=False)) for _, b in self._batchers.values()]
 
     async def release(self) -> None:
         """Release every version and wait for its worker processes to exit (or kill them)."""
         self._batchers.clear()
-        engines = [m.workers for m in self.manager.loaded if m.workers is not None]
+        # Retired versions some request still held count too: nothing outlives the model.
+        held = [*self.manager.loaded, *self.manager.unloading]
+        engines = list({id(m.workers): m.workers for m in held if m.workers is not None}.values())
         self.manager.release_all()
         for engine in engines:
             engine.close()
@@ -202,13 +198,11 @@ class ServedModel:
     async def stop(self, grace_s: float) -> None:
         """Drain within `grace_s`, then release (a model removed from the configuration)."""
         closing = self.begin_stop()
-        self._notify()
         if closing:
             _, pending = await asyncio.wait(closing, timeout=max(0.0, grace_s))
             if pending:
                 await asyncio.wait(self.fail_pending(), timeout=1.0)
         await self.release()
-        self.metrics.forget_model(self.name)
 
     # -- versions ----------------------------------------------------------------
 
@@ -225,7 +219,11 @@ class ServedModel:
             engine_threads=self.budget.threads,
             engine_copies=self.budget.workers,
         )
-        if model.litert is not None and settings.engine_workers == "process":
+        serving = self.manager.serving
+        newest = serving is None or version > serving.version
+        # Worker processes for the version that will serve; an older one a policy keeps
+        # for pinned requests computes in-process, so versions do not multiply them.
+        if model.litert is not None and settings.engine_workers == "process" and newest:
             model.workers = self._start_workers(model)
         settle_heap(reclaim=self._heap.retired)
         self._heap.retired = False
@@ -269,26 +267,36 @@ class ServedModel:
 
     def _on_available(self, model: models.LoadedModel, loaded: int) -> None:
         """A version was loaded (the serving one, or a pinnable one under a policy)."""
+        if self._closing:
+            return  # loaded as the model was being stopped: `release` ends it
         serving = self.manager.serving is model
-        if model.version not in self._batchers:
+        owner = self._batchers.get(model.version)
+        if owner is not None and owner[0] is not model:
+            # This version number was loaded again while a retired instance drains: that
+            # instance's batcher finishes what it holds and stops.
+            self._close_later(owner[1])
+        if owner is None or owner[0] is not model:
             model.on_release = self._release
             workers: ProcessEngine | None = model.workers
             if workers is not None:
                 workers.serve()
-            self._batchers[model.version] = DynamicBatcher(
-                model.predict,
-                name=f"{model.name} v{model.version}",
-                max_batch_size=self.settings.max_batch_size,
-                batch_timeout_s=self.settings.batch_timeout_s,
-                max_queued_items=self.settings.max_queued_images,
-                max_concurrent_batches=self.budget.workers,
-                observer=self._observer,
-                prepare=as_float,
-                # LiteRT answers a few images in about 0.1 ms: less than a trip to a worker.
-                inline_max_rows=(
-                    self.settings.inline_max_images if model.engine == "litert" else 0
+            self._batchers[model.version] = (
+                model,
+                DynamicBatcher(
+                    model.predict,
+                    name=f"{model.name} v{model.version}",
+                    max_batch_size=self.settings.max_batch_size,
+                    batch_timeout_s=self.settings.batch_timeout_s,
+                    max_queued_items=self.settings.max_queued_images,
+                    max_concurrent_batches=self.budget.workers,
+                    observer=self._observer,
+                    prepare=as_float,
+                    # LiteRT answers a few images in about 0.1 ms: less than a trip to a worker.
+                    inline_max_rows=(
+                        self.settings.inline_max_images if model.engine == "litert" else 0
+                    ),
+                    run_batch_async=workers.run if workers is not None else None,
                 ),
-                run_batch_async=workers.run if workers is not None else None,
             )
         if serving:
             self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
@@ -318,33 +326,33 @@ class ServedModel:
                 workers.close()
             else:
                 loop.call_soon_threadsafe(workers.close)
-        batcher = self._batchers.pop(model.version, None)
-        if batcher is None or loop is None:
+        owner = self._batchers.get(model.version)
+        if owner is None or owner[0] is not model or loop is None:
             return
-
-        def close() -> None:
-            task = loop.create_task(batcher.close(drain=True))
-            self._closing_batchers.add(task)
-            task.add_done_callback(self._closing_batchers.discard)
-
+        del self._batchers[model.version]
         # Leases end on the event loop; the callback also works from another thread.
-        loop.call_soon_threadsafe(close)
+        loop.call_soon_threadsafe(self._close_later, owner[1])
         log.info("%s version %d released", model.name, model.version)
+
+    def _close_later(self, batcher: DynamicBatcher) -> None:
+        """Drain and close `batcher` in the background (on the event loop)."""
+        task = asyncio.get_running_loop().create_task(batcher.close(drain=True))
+        self._closing_batchers.add(task)
+        task.add_done_callback(self._closing_batchers.discard)
 
     # -- requests -----------------------------------------------------------------
 
     def queued_images(self) -> int:
-        return sum(b.queued_items for b in self._batchers.values())
+        return sum(b.queued_items for _, b in self._batchers.values())
 
-    def check_images(self, images: np.ndarray, field: str) -> np.ndarray:
-        """`inputs.check_images` against the serving version's input; [N,H,W,C]."""
+    def check_images(
+        self, images: np.ndarray, field: str, ref: types.ModelRef = types.DEFAULT_MODEL
+    ) -> np.ndarray:
+        """`inputs.check_images` against the input of the version `ref` names; [N,H,W,C]."""
+        spec = self.manager.resolve(ref).signature.spec
         return inputs.check_images(
-            images, field, self.image_spec, max_images=self.settings.max_images_per_request
+            images, field, spec, max_images=self.settings.max_images_per_request
         )
-
-    def check_image(self, image: np.ndarray, field: str) -> np.ndarray:
-        """One image (with or without its leading 1) as [1,H,W,C]."""
-        return inputs.check_image(image, field, self.image_spec)
 
     @contextlib.contextmanager
     def lease(self, ref: types.ModelRef) -> Iterator[models.LoadedModel]:
@@ -381,10 +389,10 @@ class ServedModel:
                     f"shape [N,{','.join(map(str, model.signature.image_shape))}] expected by "
                     f"{self.name} version {model.version}, got {list(images.shape)}",
                 )
-            batcher = self._batchers.get(model.version)
-            if batcher is None:
+            owner = self._batchers.get(model.version)
+            if owner is None or owner[0] is not model:
                 raise errors.Unavailable(f"model {self.name!r} is being unloaded")
-            probabilities = await batcher.submit(images, deadline=deadline)
+            probabilities = await owner[1].submit(images, deadline=deadline)
         return types.PredictOutput(
             model_name=model.name,
             model_version=model.version,

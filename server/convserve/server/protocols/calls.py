@@ -29,7 +29,7 @@ import grpc
 
 from convserve.client.tensor import TensorError
 from convserve.server import errors, logs, types
-from convserve.server.runtime import deadline_of
+from convserve.server.runtime import UNKNOWN_MODEL_LABEL, deadline_of
 from convserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def unary(
         @functools.wraps(method)
         async def call(self: Any, request: Q, context: Any) -> R:
             calls: Calls = self._calls
-            label = "" if model is None else calls.model_label(_requested(model, request))
+            label = "" if model is None else _label(calls, model, request)
             return await calls.run(rpc, context, lambda: method(self, request, context), label)
 
         return call
@@ -423,9 +423,11 @@ def unary(
     return decorate
 
 
-def _requested(model: Callable[[Any], str], request: Any) -> str:
-    # A refused request (see wire.RefusedRequest) carries no fields to read.
+def _label(calls: Calls, model: Callable[[Any], str], request: Any) -> str:
     try:
-        return str(model(request))
+        requested = str(model(request))
     except Exception:
-        return ""
+        # A refused request (see wire.RefusedRequest) carries no fields to read: whatever
+        # model it named, it is not known to be a configured one.
+        return UNKNOWN_MODEL_LABEL
+    return calls.model_label(requested)

@@ -1,0 +1,145 @@
+"""The runtime's model registry: models added, changed and removed while it serves.
+
+Real models (the shared MNIST export and an 8x8 digits export), real batchers
+and engines in threads; the configuration is applied directly
+(`Runtime.apply_config`), as the config file poller does after each read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convserve.server import errors, types
+from convserve.server.metrics import Metrics
+from convserve.server.model_config import ModelEntry
+from convserve.server.runtime import Runtime
+from convserve.server.served import Budget, budget_for
+from tests.server.runtime_helpers import make_settings, started_runtime
+from tests.server.test_metrics import samples
+
+pytestmark = pytest.mark.slow
+
+
+async def until(what: str, check: Callable[[], bool], within_s: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within_s
+    while not check():
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def predict_input(shape: tuple[int, ...], model: str) -> types.PredictInput:
+    images = np.random.default_rng(0).integers(0, 256, size=(2, *shape), dtype=np.uint8)
+    return types.PredictInput(images, types.ModelRef(name=model))
+
+
+async def runtime_for(base: Path) -> tuple[Runtime, Metrics]:
+    settings = make_settings(base, model_name="a", engine_workers="thread", poll_interval_s=0.1)
+    return await started_runtime(settings)
+
+
+def test_the_worker_budget_is_shared_across_models() -> None:
+    settings = make_settings(Path("/unused"), max_concurrent_batches=2)
+    assert budget_for(settings, 1, cpus=2) == Budget(workers=2, threads=1)
+    # Two models on two cores: one single-threaded worker each.
+    assert budget_for(settings, 2, cpus=2) == Budget(workers=1, threads=1)
+    assert budget_for(settings, 3, cpus=2) == Budget(workers=1, threads=1)
+    assert budget_for(settings, 2, cpus=8) == Budget(workers=1, threads=4)
+    pinned = make_settings(Path("/unused"), max_concurrent_batches=4, engine_threads=3)
+    assert budget_for(pinned, 2, cpus=2) == Budget(workers=2, threads=3)
+
+
+async def test_a_changed_base_path_serves_the_old_definition_until_the_new_one_loads(
+    model_base_path: Path, digits8_model_dir: Path
+) -> None:
+    runtime, _ = await runtime_for(model_base_path)
+    try:
+        runtime.apply_config([ModelEntry("a", digits8_model_dir)])
+        # Still the MNIST definition while the new one loads.
+        answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
+        assert answer.probabilities.shape == (2, 10)
+        await until("the new definition", lambda: not runtime._loading)
+        assert runtime.metadata(types.ModelRef("a")).inputs[0].shape == (-1, 8, 8, 1)
+        answer = await runtime.predict(predict_input((8, 8, 1), "a"), deadline=None)
+        assert answer.probabilities.shape == (2, 10)
+        with pytest.raises(errors.InvalidArgument, match=r"\[N,8,8,1\]"):
+            runtime.check_images(np.zeros((1, 28, 28), np.uint8), "images", types.ModelRef("a"))
+    finally:
+        await runtime.stop(5)
+
+
+async def test_a_model_without_versions_yet_waits_while_the_others_serve(
+    model_base_path: Path, digits8_model_dir: Path, tmp_path: Path
+) -> None:
+    runtime, _ = await runtime_for(model_base_path)
+    later = tmp_path / "later"
+    try:
+        runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", later)])
+        await asyncio.sleep(0)
+        assert [(m.name, m.ready) for m in runtime.models()] == [("a", True), ("b", False)]
+        assert not runtime.ready  # overall: every configured model must be ready
+        with pytest.raises(errors.Unavailable, match="'b' has no version ready yet"):
+            await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+        answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
+        assert answer.model_name == "a"
+        shutil.copytree(digits8_model_dir / "1", later / "1")
+        await until("b ready", lambda: runtime.ready)
+        answer = await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+        assert (answer.model_name, answer.model_version) == ("b", 1)
+        assert runtime.default_model == "a"
+    finally:
+        await runtime.stop(5)
+
+
+async def test_a_removed_model_is_not_found_and_leaves_no_metrics_series(
+    model_base_path: Path, digits8_model_dir: Path
+) -> None:
+    runtime, metrics = await runtime_for(model_base_path)
+    try:
+        runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", digits8_model_dir)])
+        await until("b loaded", lambda: runtime.ready)
+        await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+        assert any(s.labels.get("model") == "b" for s in samples(metrics))
+        # Reordered and b removed: a stays the default, b is gone at once.
+        runtime.apply_config([ModelEntry("a", model_base_path)])
+        with pytest.raises(errors.NotFound, match=r"'b' is not served here \(served: 'a'\)"):
+            await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+        assert runtime.model_label("b") == "_unknown"
+        await until("b unloaded", lambda: not runtime._removing)
+        assert [s for s in samples(metrics) if s.labels.get("model") == "b"] == []
+        answer = await runtime.predict(predict_input((28, 28, 1), ""), deadline=None)
+        assert answer.model_name == "a"
+    finally:
+        await runtime.stop(5)
+
+
+async def test_configuration_order_decides_the_default_model(
+    model_base_path: Path, digits8_model_dir: Path
+) -> None:
+    runtime, _ = await runtime_for(model_base_path)
+    try:
+        runtime.apply_config([ModelEntry("b", digits8_model_dir), ModelEntry("a", model_base_path)])
+        await until("b loaded", lambda: runtime.ready)
+        assert runtime.default_model == "b"
+        answer = await runtime.predict(predict_input((8, 8, 1), ""), deadline=None)
+        assert answer.model_name == "b"
+        # A later change elsewhere does not bring the old order back.
+        runtime.apply_config(
+            [
+                ModelEntry("b", digits8_model_dir),
+                ModelEntry("a", model_base_path),
+                ModelEntry("c", digits8_model_dir),
+            ]
+        )
+        await until("c loaded", lambda: runtime.ready)
+        assert [m.name for m in runtime.models()] == ["a", "b", "c"]
+        assert runtime.default_model == "b"
+    finally:
+        await runtime.stop(5)
