@@ -2,7 +2,8 @@
 
 A stand-in for a Grafana screenshot where no Grafana runs: every panel's PromQL
 is evaluated through Prometheus' HTTP API over the chosen range and plotted with
-matplotlib at the panel's grid position (stat panels show their last value).
+matplotlib at the panel's grid position (stat panels show their last value,
+table panels their merged instant rows).
 
     python deploy/grafana/render_dashboard.py --prometheus http://localhost:9090 \
         --minutes 15 --output deploy/grafana/dashboard.png
@@ -27,7 +28,7 @@ from matplotlib.patches import Rectangle
 
 DASHBOARD = Path(__file__).resolve().parent / "dashboards" / "convserve.json"
 # Grafana's variables, with what Grafana would pick for a short range.
-VARIABLES = {"$__rate_interval": "1m", "$instance": ".*", "$protocol": ".*"}
+VARIABLES = {"$__rate_interval": "1m", "$instance": ".*", "$model": ".*", "$protocol": ".*"}
 UNITS = {"s": "seconds", "reqps": "requests/s", "bytes": "bytes", "percentunit": "ratio"}
 
 
@@ -82,6 +83,56 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return text
 
 
+def table_rows(prometheus: str, panel: dict[str, Any], end: float) -> list[list[str]]:
+    """A table panel as Grafana shows it: header, then one row per merged series.
+
+    Each query's instant series gives its labels and a "Value #<refId>" cell; the
+    merge transformation joins series whose shared labels agree; the organize
+    transformation hides, orders and renames the columns; value mappings turn
+    numbers into text.
+    """
+    merged: list[dict[str, str]] = []
+    for target in panel["targets"]:
+        for series in api(prometheus, "query", query=substitute(target["expr"]), time=end):
+            cells = dict(series["metric"])
+            cells[f"Value #{target['refId']}"] = f"{float(series['value'][1]):.3g}"
+            for row in merged:
+                shared = (set(row) & set(cells)) - {k for k in cells if k.startswith("Value #")}
+                if shared and all(row[k] == cells[k] for k in shared):
+                    row.update(cells)
+                    break
+            else:
+                merged.append(cells)
+    organize: dict[str, Any] = {}
+    for step in panel.get("transformations", []):
+        if step["id"] == "organize":
+            organize = step["options"]
+    order = organize.get("indexByName", {})
+    hidden = organize.get("excludeByName", {})
+    names = sorted(
+        {k for row in merged for k in row if not hidden.get(k)},
+        key=lambda k: (order.get(k, len(order)), k),
+    )
+    renamed = [organize.get("renameByName", {}).get(k, k) for k in names]
+    mappings: dict[str, dict[str, Any]] = {}
+    for override in panel["fieldConfig"].get("overrides", []):
+        for prop in override["properties"]:
+            if prop["id"] == "mappings":
+                for mapping in prop["value"]:
+                    mappings.setdefault(override["matcher"]["options"], {}).update(
+                        mapping["options"]
+                    )
+
+    def shown(column: str, value: str) -> str:
+        mapped = mappings.get(column, {}).get(value)
+        return str(mapped["text"]) if mapped else value
+
+    rows = [
+        [shown(c, row.get(k, "")) for k, c in zip(names, renamed, strict=True)] for row in merged
+    ]
+    return [renamed, *sorted(rows)]
+
+
 def render(prometheus: str, minutes: float, output: Path, end: float | None = None) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     end = time.time() if end is None else end
@@ -126,6 +177,23 @@ def render(prometheus: str, minutes: float, output: Path, end: float | None = No
             weight="bold",
             va="top",
         )
+        if panel["type"] == "table":
+            rows = table_rows(prometheus, panel, end)
+            widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+            lines = [
+                "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                for row in rows
+            ]
+            figure.text(
+                left + 0.006,
+                bottom + height - 0.035,
+                "\n".join(lines) if len(rows) > 1 else "no data",
+                color="#d8d9da",
+                family="monospace",
+                fontsize=8,
+                va="top",
+            )
+            continue
         series = [s for t in panel["targets"] for s in series_of(prometheus, t, start, end)]
         unit = panel["fieldConfig"]["defaults"].get("unit", "none")
         if panel["type"] == "stat":

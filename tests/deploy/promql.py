@@ -31,6 +31,7 @@ GRAFANA_VARIABLES = {
     "$__interval": "15s",
     "$__range": "1h",
     "$instance": ".*",
+    "$model": ".*",
     "$protocol": ".*",
 }
 

@@ -21,7 +21,7 @@ from convserve.server.model_config import ModelEntry
 from convserve.server.runtime import Runtime
 from convserve.server.served import Budget, budget_for
 from tests.server.runtime_helpers import make_settings, started_runtime
-from tests.server.test_metrics import samples
+from tests.server.test_metrics import samples, value
 
 pytestmark = pytest.mark.slow
 
@@ -78,13 +78,15 @@ async def test_a_changed_base_path_serves_the_old_definition_until_the_new_one_l
 async def test_a_model_without_versions_yet_waits_while_the_others_serve(
     model_base_path: Path, digits8_model_dir: Path, tmp_path: Path
 ) -> None:
-    runtime, _ = await runtime_for(model_base_path)
+    runtime, metrics = await runtime_for(model_base_path)
     later = tmp_path / "later"
     try:
         runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", later)])
         await asyncio.sleep(0)
         assert [(m.name, m.ready) for m in runtime.models()] == [("a", True), ("b", False)]
         assert not runtime.ready  # overall: every configured model must be ready
+        assert value(metrics, "convserve_model_ready", model="a") == 1
+        assert value(metrics, "convserve_model_ready", model="b") == 0
         with pytest.raises(errors.Unavailable, match="'b' has no version ready yet"):
             await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
         answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
@@ -93,6 +95,7 @@ async def test_a_model_without_versions_yet_waits_while_the_others_serve(
         await until("b ready", lambda: runtime.ready)
         answer = await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
         assert (answer.model_name, answer.model_version) == ("b", 1)
+        assert value(metrics, "convserve_model_ready", model="b") == 1
         assert runtime.default_model == "a"
     finally:
         await runtime.stop(5)

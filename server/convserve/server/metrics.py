@@ -151,6 +151,12 @@ class Metrics:
             ["model"],
             registry=reg,
         )
+        self.model_ready = Gauge(
+            "convserve_model_ready",
+            "1 while the model has a serving version with a usable engine, else 0.",
+            ["model"],
+            registry=reg,
+        )
         self.device_memory = Gauge(
             "convserve_device_memory_bytes",
             "Device memory TensorFlow reports in use (current) and its peak.",
@@ -256,7 +262,12 @@ class Metrics:
             for rpc in MODEL_RPCS:
                 with contextlib.suppress(KeyError):
                     metric.remove(rpc, model)
-        per_model: tuple[Any, ...] = (self.model_info, self.versions_loaded, self.worker_exits)
+        per_model: tuple[Any, ...] = (
+            self.model_info,
+            self.versions_loaded,
+            self.worker_exits,
+            self.model_ready,
+        )
         for metric in per_model:
             with contextlib.suppress(KeyError):
                 metric.remove(model)

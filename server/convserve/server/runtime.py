@@ -139,6 +139,8 @@ class Runtime:
     def _notify_ready(self) -> None:
         if not self._started:
             return
+        for model in list(self._models.values()):
+            self.metrics.model_ready.labels(model=model.name).set(1 if model.ready else 0)
         ready = self.ready
         for listener in self._ready_listeners:
             try:
@@ -178,6 +180,7 @@ class Runtime:
             await self.stop(0)
             raise
         self._started = True
+        self._notify_ready()
         if self.settings.poll_interval_s > 0:
             self._pollers.append(asyncio.create_task(self._poll_versions(), name="model-poller"))
         wait_s = self.settings.model_config_file_poll_wait_s
