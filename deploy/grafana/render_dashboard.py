@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 import urllib.parse
 import urllib.request
@@ -80,7 +81,9 @@ def legend(template: str, labels: dict[str, str]) -> str:
     text = template
     for key, value in labels.items():
         text = text.replace("{{" + key + "}}", value)
-    return text
+    # As Grafana does, a label the series lacks (Prometheus drops empty ones, such as
+    # Convolve's model) shows as nothing.
+    return re.sub(r"\{\{\s*\w+\s*\}\}", "", text).strip()
 
 
 def table_rows(prometheus: str, panel: dict[str, Any], end: float) -> list[list[str]]:
