@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT
 from tests.deploy.common import COMPOSE, DOCKERFILE
@@ -188,7 +189,15 @@ def test_compose_stack_trains_serves_predicts_and_exports_metrics(stack: dict) -
     metrics_port = stack["ports"]["CONVSERVE_METRICS_HOST_PORT"]
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
         text = page.read().decode()
-    assert 'convserve_requests_total{code="OK",protocol="convserve",rpc="Predict"}' in text
+    predicted = {"protocol": "convserve", "rpc": "Predict", "model": "mnist", "code": "OK"}
+    counted = [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "convserve_requests_total" and sample.labels == predicted
+    ]
+    assert len(counted) == 1, counted
+    assert counted[0] >= 1
 
     prometheus = f"http://127.0.0.1:{stack['ports']['PROMETHEUS_HOST_PORT']}"
     query = 'convserve_requests_total{job="convserve",rpc="Predict",code="OK"}'
