@@ -116,12 +116,19 @@ def test_server_environment_names_real_settings_and_stops_after_the_drain(compos
 
 def test_third_party_images_are_pinned(compose) -> None:
     for name, service in compose["services"].items():
-        image = service["image"]
+        # A replaceable image (PROMETHEUS_IMAGE, ...) is pinned by its default.
+        image = _default(service["image"])
         if image.startswith("convserve-"):
             continue
         repository, _, tag = image.rpartition(":")
         assert repository, f"{name}: {image} has no repository"
         assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned"
+
+
+def test_images_that_cannot_be_built_here_are_replaceable(compose) -> None:
+    services = compose["services"]
+    assert services["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus:v3.5.0}"
+    assert services["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana:12.1.0}"
 
 
 def test_prometheus_and_grafana_get_deploys_own_files(compose) -> None:
