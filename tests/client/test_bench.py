@@ -119,7 +119,8 @@ def test_open_inference_protocol() -> None:
         assert result.images_per_s == 4 * result.requests_per_s
         assert set(fake.behaviour.images) == {4}
         assert fake.behaviour.calls["ModelInfer"] >= result.ok
-        with pytest.raises(NotFoundError, match="unknown model 'other'"):
+        failed = r"ModelMetadata for model 'other' failed: NOT_FOUND: .*unknown model 'other'"
+        with pytest.raises(NotFoundError, match=failed):
             bench.run(config(fake.target, protocol="oip", model_name="other"), [Phase(rate=1)])
 
 

@@ -26,6 +26,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from convserve.client.tensor import from_tensor
+from convserve.trainer.data import FASHION_MNIST_CLASS_NAMES
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from tests.conftest import samples_of
 from tests.interop.loop_thread import serving
@@ -39,10 +40,8 @@ from tests.interop.three_protocols import (
 from tests.server.runtime_helpers import saved_model_probabilities
 
 pytestmark = pytest.mark.slow
-FASHION_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+# What the trainer exported (tests/trainer/test_datasets.py pins the published order).
+FASHION_NAMES = FASHION_MNIST_CLASS_NAMES
 
 
 def _settings(**values: Any) -> Any:

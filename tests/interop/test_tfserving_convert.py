@@ -23,6 +23,7 @@ from tensorflow_serving.apis import (
 from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import tfserving_convert as tc
+from tests.fake_runtime import FakeModel, FakeRuntime
 from tests.interop.wire_bytes import varint
 
 RNG = np.random.default_rng(1)
@@ -214,14 +215,8 @@ def test_model_metadata_packs_the_signature_def_map() -> None:
 
 
 def test_signatures_take_the_model_shapes() -> None:
-    small = types.ModelMetadata(
-        model_name="digits8",
-        loaded_versions=(1,),
-        serving_version=1,
-        inputs=(types.TensorSpecInfo("images", ("uint8", "float32"), (-1, 8, 8, 3)),),
-        outputs=(types.TensorSpecInfo("probabilities", ("float32",), (-1, 4)),),
-        layers=(),
-    )
+    model = FakeModel("rgb", versions=(1,), shape=(8, 8, 3), class_names=("a", "b", "c", "d"))
+    small = FakeRuntime([model], default_model="rgb").metadata(types.ModelRef("rgb"))
     sigs = tc.signature_def_map(small)
     for name in ("serving_default", "predict_uint8"):
         signature = sigs.signature_def[name]

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convserve.server import errors
-from convserve.server.batcher import DynamicBatcher, default_pad_sizes
+from convserve.server.batcher import DynamicBatcher, SummingObserver, default_pad_sizes
 
 
 class FakeClock:
@@ -813,3 +813,15 @@ async def test_async_model_gets_the_latest_deadline_of_its_batch() -> None:
     np.testing.assert_array_equal(await kept, rows(90, 1) * 2)
     await held
     await batcher.close()
+
+
+def test_a_summing_observer_reports_the_total_depth_and_passes_batches_on() -> None:
+    inner = Observer()
+    queued = {"v1": 3, "v2": 4}
+    shared = SummingObserver(inner, lambda: sum(queued.values()))
+    shared.on_queue_depth(3)  # one batcher's own depth is replaced by the total
+    queued["v1"] = 0
+    shared.on_queue_depth(0)
+    shared.on_batch(5, 8, [0.25, 0.5], 0.125)
+    assert inner.depths == [7, 4]
+    assert inner.batches == [(5, 8, [0.25, 0.5], 0.125)]

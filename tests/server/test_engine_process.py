@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from convserve.server import errors, models
 from convserve.server.engine_process import ProcessEngine, WorkerError
 
 Digits = tuple[np.ndarray, np.ndarray]
+
+# What the MNIST model takes and answers: [N,28,28,1] in, [N,10] out.
+MNIST_IO: dict[str, Any] = {"image_shape": (28, 28, 1), "classes": 10}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,7 @@ def engine(litert: models.LiteRtEngine) -> Iterator[ProcessEngine]:
     # (tests/server/test_worker_supervision.py covers the heartbeats).
     engine = ProcessEngine(
         litert.flatbuffer,
-        image_shape=(28, 28, 1),
-        classes=10,
+        **MNIST_IO,
         threads=1,
         workers=2,
         name="test",
@@ -132,9 +135,7 @@ async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
 async def test_closing_stops_the_workers_and_refuses_calls(
     litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
-    engine = ProcessEngine(
-        litert.flatbuffer, image_shape=(28, 28, 1), classes=10, threads=1, workers=1, name="closing"
-    )
+    engine = ProcessEngine(litert.flatbuffer, **MNIST_IO, threads=1, workers=1, name="closing")
     engine.serve()
     pids = engine.pids
     assert (await engine.run(sample_digits[0][:1])).shape == (1, 10)
@@ -152,8 +153,7 @@ async def test_closing_stops_the_workers_and_refuses_calls(
 def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, niceness: int) -> None:
     engine = ProcessEngine(
         litert.flatbuffer,
-        image_shape=(28, 28, 1),
-        classes=10,
+        **MNIST_IO,
         threads=1,
         workers=1,
         name="nice",
@@ -174,14 +174,13 @@ def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
     with pytest.raises(WorkerError, match=r"broken worker 0: cannot load the model"):
         ProcessEngine(
             b"not a flatbuffer",
-            image_shape=(28, 28, 1),
-            classes=10,
+            **MNIST_IO,
             threads=1,
             workers=2,
             name="broken",
         )
     with pytest.raises(ValueError, match="workers must be at least 1"):
-        ProcessEngine(b"", image_shape=(28, 28, 1), classes=10, threads=1, workers=0, name="none")
+        ProcessEngine(b"", **MNIST_IO, threads=1, workers=0, name="none")
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,17 @@ def predict_input(shape: tuple[int, ...], model: str) -> types.PredictInput:
     return types.PredictInput(images, types.ModelRef(name=model))
 
 
-async def runtime_for(base: Path) -> tuple[Runtime, Metrics]:
-    settings = make_settings(base, model_name="a", engine_workers="thread", poll_interval_s=0.1)
-    return await started_runtime(settings)
+@pytest.fixture
+async def served(model_base_path: Path) -> AsyncIterator[tuple[Runtime, Metrics]]:
+    """A started runtime serving the MNIST export as model "a"; stopped afterwards."""
+    settings = make_settings(
+        model_base_path, model_name="a", engine_workers="thread", poll_interval_s=0.1
+    )
+    runtime, metrics = await started_runtime(settings)
+    try:
+        yield runtime, metrics
+    finally:
+        await runtime.stop(5)
 
 
 def test_the_worker_budget_is_shared_across_models() -> None:
@@ -57,92 +65,83 @@ def test_the_worker_budget_is_shared_across_models() -> None:
 
 
 async def test_a_changed_base_path_serves_the_old_definition_until_the_new_one_loads(
-    model_base_path: Path, digits8_model_dir: Path
+    served: tuple[Runtime, Metrics], digits8_model_dir: Path
 ) -> None:
-    runtime, _ = await runtime_for(model_base_path)
-    try:
-        runtime.apply_config([ModelEntry("a", digits8_model_dir)])
-        # Still the MNIST definition while the new one loads.
-        answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
-        assert answer.probabilities.shape == (2, 10)
-        await until("the new definition", lambda: not runtime._loading)
-        assert runtime.metadata(types.ModelRef("a")).inputs[0].shape == (-1, 8, 8, 1)
-        answer = await runtime.predict(predict_input((8, 8, 1), "a"), deadline=None)
-        assert answer.probabilities.shape == (2, 10)
-        with pytest.raises(errors.InvalidArgument, match=r"\[N,8,8,1\]"):
-            runtime.check_images(np.zeros((1, 28, 28), np.uint8), "images", types.ModelRef("a"))
-    finally:
-        await runtime.stop(5)
+    runtime, _ = served
+    runtime.apply_config([ModelEntry("a", digits8_model_dir)])
+    # Still the MNIST definition while the new one loads.
+    answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
+    assert answer.probabilities.shape == (2, 10)
+    await until("the new definition", lambda: not runtime._loading)
+    assert runtime.metadata(types.ModelRef("a")).inputs[0].shape == (-1, 8, 8, 1)
+    answer = await runtime.predict(predict_input((8, 8, 1), "a"), deadline=None)
+    assert answer.probabilities.shape == (2, 10)
+    with pytest.raises(errors.InvalidArgument, match=r"\[N,8,8,1\]"):
+        runtime.check_images(np.zeros((1, 28, 28), np.uint8), "images", types.ModelRef("a"))
 
 
 async def test_a_model_without_versions_yet_waits_while_the_others_serve(
-    model_base_path: Path, digits8_model_dir: Path, tmp_path: Path
+    served: tuple[Runtime, Metrics],
+    model_base_path: Path,
+    digits8_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
-    runtime, metrics = await runtime_for(model_base_path)
+    runtime, metrics = served
     later = tmp_path / "later"
-    try:
-        runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", later)])
-        await asyncio.sleep(0)
-        assert [(m.name, m.ready) for m in runtime.models()] == [("a", True), ("b", False)]
-        assert not runtime.ready  # overall: every configured model must be ready
-        assert value(metrics, "convserve_model_ready", model="a") == 1
-        assert value(metrics, "convserve_model_ready", model="b") == 0
-        with pytest.raises(errors.Unavailable, match="'b' has no version ready yet"):
-            await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
-        answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
-        assert answer.model_name == "a"
-        shutil.copytree(digits8_model_dir / "1", later / "1")
-        await until("b ready", lambda: runtime.ready)
-        answer = await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
-        assert (answer.model_name, answer.model_version) == ("b", 1)
-        assert value(metrics, "convserve_model_ready", model="b") == 1
-        assert runtime.default_model == "a"
-    finally:
-        await runtime.stop(5)
+    runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", later)])
+    await asyncio.sleep(0)
+    assert [(m.name, m.ready) for m in runtime.models()] == [("a", True), ("b", False)]
+    assert not runtime.ready  # overall: every configured model must be ready
+    assert value(metrics, "convserve_model_ready", model="a") == 1
+    assert value(metrics, "convserve_model_ready", model="b") == 0
+    with pytest.raises(errors.Unavailable, match="'b' has no version ready yet"):
+        await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+    answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
+    assert answer.model_name == "a"
+    shutil.copytree(digits8_model_dir / "1", later / "1")
+    await until("b ready", lambda: runtime.ready)
+    answer = await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+    assert (answer.model_name, answer.model_version) == ("b", 1)
+    assert value(metrics, "convserve_model_ready", model="b") == 1
+    assert runtime.default_model == "a"
 
 
 async def test_a_removed_model_is_not_found_and_leaves_no_metrics_series(
-    model_base_path: Path, digits8_model_dir: Path
+    served: tuple[Runtime, Metrics], model_base_path: Path, digits8_model_dir: Path
 ) -> None:
-    runtime, metrics = await runtime_for(model_base_path)
-    try:
-        runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", digits8_model_dir)])
-        await until("b loaded", lambda: runtime.ready)
+    runtime, metrics = served
+    runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", digits8_model_dir)])
+    await until("b loaded", lambda: runtime.ready)
+    await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+    assert any(s.labels.get("model") == "b" for s in samples(metrics))
+    # b removed: it is gone at once, a stays the default.
+    runtime.apply_config([ModelEntry("a", model_base_path)])
+    with pytest.raises(errors.NotFound, match=r"'b' is not served here \(served: 'a'\)"):
         await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
-        assert any(s.labels.get("model") == "b" for s in samples(metrics))
-        # Reordered and b removed: a stays the default, b is gone at once.
-        runtime.apply_config([ModelEntry("a", model_base_path)])
-        with pytest.raises(errors.NotFound, match=r"'b' is not served here \(served: 'a'\)"):
-            await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
-        assert runtime.model_label("b") == "_unknown"
-        await until("b unloaded", lambda: not runtime._removing)
-        assert [s for s in samples(metrics) if s.labels.get("model") == "b"] == []
-        answer = await runtime.predict(predict_input((28, 28, 1), ""), deadline=None)
-        assert answer.model_name == "a"
-    finally:
-        await runtime.stop(5)
+    assert runtime.model_label("b") == "_unknown"
+    await until("b unloaded", lambda: not runtime._removing)
+    assert [s for s in samples(metrics) if s.labels.get("model") == "b"] == []
+    answer = await runtime.predict(predict_input((28, 28, 1), ""), deadline=None)
+    assert answer.model_name == "a"
 
 
 async def test_configuration_order_decides_the_default_model(
-    model_base_path: Path, digits8_model_dir: Path
+    served: tuple[Runtime, Metrics], model_base_path: Path, digits8_model_dir: Path
 ) -> None:
-    runtime, _ = await runtime_for(model_base_path)
-    try:
-        runtime.apply_config([ModelEntry("b", digits8_model_dir), ModelEntry("a", model_base_path)])
-        await until("b loaded", lambda: runtime.ready)
-        assert runtime.default_model == "b"
-        answer = await runtime.predict(predict_input((8, 8, 1), ""), deadline=None)
-        assert answer.model_name == "b"
-        # A later change elsewhere does not bring the old order back.
-        runtime.apply_config(
-            [
-                ModelEntry("b", digits8_model_dir),
-                ModelEntry("a", model_base_path),
-                ModelEntry("c", digits8_model_dir),
-            ]
-        )
-        await until("c loaded", lambda: runtime.ready)
-        assert [m.name for m in runtime.models()] == ["a", "b", "c"]
-        assert runtime.default_model == "b"
-    finally:
-        await runtime.stop(5)
+    runtime, _ = served
+    runtime.apply_config([ModelEntry("b", digits8_model_dir), ModelEntry("a", model_base_path)])
+    await until("b loaded", lambda: runtime.ready)
+    assert runtime.default_model == "b"
+    answer = await runtime.predict(predict_input((8, 8, 1), ""), deadline=None)
+    assert answer.model_name == "b"
+    # A later change elsewhere does not bring the old order back.
+    runtime.apply_config(
+        [
+            ModelEntry("b", digits8_model_dir),
+            ModelEntry("a", model_base_path),
+            ModelEntry("c", digits8_model_dir),
+        ]
+    )
+    await until("c loaded", lambda: runtime.ready)
+    assert [m.name for m in runtime.models()] == ["a", "b", "c"]
+    assert runtime.default_model == "b"

@@ -28,6 +28,9 @@ from convserve.server.engine_process import ProcessEngine, WorkerError
 # machine (a worker starting, a heartbeat round): generous, for two busy cores.
 PATIENCE_S = 30.0
 
+# What the tiny model takes and answers: [N,28,28,1] in, [N,10] out.
+MNIST_IO: dict[str, Any] = {"image_shape": (28, 28, 1), "classes": 10}
+
 
 @dataclass(frozen=True)
 class TinyModel:
@@ -94,7 +97,7 @@ async def supervised(tiny: TinyModel) -> AsyncIterator[Callable[..., Watched]]:
             "heartbeat_interval_s": 3600.0,
         }
         settings.update(options)
-        engine = ProcessEngine(tiny.flatbuffer, image_shape=(28, 28, 1), classes=10, **settings)
+        engine = ProcessEngine(tiny.flatbuffer, **MNIST_IO, **settings)
         watched = Watched(engine)
         started.append(watched)
 
@@ -336,9 +339,7 @@ async def test_a_model_whose_workers_cannot_restart_refuses_batches_and_reports_
 def test_a_worker_that_fails_a_blocking_call_is_dropped(
     tiny: TinyModel, images: np.ndarray
 ) -> None:
-    engine = ProcessEngine(
-        tiny.flatbuffer, image_shape=(28, 28, 1), classes=10, threads=1, workers=2, name="blocking"
-    )
+    engine = ProcessEngine(tiny.flatbuffer, **MNIST_IO, threads=1, workers=2, name="blocking")
     try:
         first, second = engine.pids
         expected = engine(images)
@@ -374,6 +375,4 @@ def test_a_worker_that_fails_a_blocking_call_is_dropped(
 def test_rejects_bad_supervision_settings(option: str, value: float, message: str) -> None:
     options: dict[str, Any] = {option: value}
     with pytest.raises(ValueError, match=message):
-        ProcessEngine(
-            b"", image_shape=(28, 28, 1), classes=10, threads=1, workers=1, name="bad", **options
-        )
+        ProcessEngine(b"", **MNIST_IO, threads=1, workers=1, name="bad", **options)

@@ -243,6 +243,16 @@ class SetupError(Exception):
         self.code = code
 
 
+async def _setup_call(rpc: str, model: str, call: Awaitable[Any]) -> Any:
+    """``await call``; a failure becomes a SetupError naming the RPC and the model."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        raise SetupError(
+            f"{rpc} for model {model!r} failed: {exc.code().name}: {exc.details()}", exc.code()
+        ) from exc
+
+
 async def _convserve_input_shape(
     channel: grpc.aio.Channel, config: BenchConfig, metadata: tuple[tuple[str, str], ...]
 ) -> tuple[int, int, int]:
@@ -253,14 +263,11 @@ async def _convserve_input_shape(
         response_deserializer=convserve_pb2.GetModelMetadataResponse.FromString,
     )
     request = convert.metadata_request(convert.model_spec(config.model_name))
-    try:
-        response = await call(request, timeout=config.timeout_s, metadata=metadata)
-    except grpc.aio.AioRpcError as exc:
-        raise SetupError(
-            f"GetModelMetadata for model {config.model_name!r} failed: {exc.code().name}: "
-            f"{exc.details()}",
-            exc.code(),
-        ) from exc
+    response = await _setup_call(
+        "GetModelMetadata",
+        config.model_name,
+        call(request, timeout=config.timeout_s, metadata=metadata),
+    )
     try:
         return convert.metadata_result(response).input_shape
     except ConvServeError as exc:
@@ -279,18 +286,15 @@ async def _prepare(
         )
     service_pb2, service_pb2_grpc = bench_requests.import_oip()
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    try:
-        response = await stub.ModelMetadata(
+    response = await _setup_call(
+        "ModelMetadata",
+        config.model_name,
+        stub.ModelMetadata(
             service_pb2.ModelMetadataRequest(name=config.model_name),
             timeout=config.timeout_s,
             metadata=metadata,
-        )
-    except grpc.aio.AioRpcError as exc:
-        raise SetupError(
-            f"ModelMetadata for model {config.model_name!r} failed: {exc.code().name}: "
-            f"{exc.details()}",
-            exc.code(),
-        ) from exc
+        ),
+    )
     spec = bench_requests.oip_input(response)
     return bench_requests.oip_requests(
         config.model_name, spec, config.images, config.images_per_request

@@ -67,6 +67,24 @@ class BatchObserver(Protocol):
         wait from enqueue to batch start, and the duration of `run_batch`."""
 
 
+class SummingObserver:
+    """Passes batches on to `inner` but reports the queue depth as `total()`: the items
+    queued in several batchers that share one set of metrics (a model's versions, the
+    merged Convolve groups)."""
+
+    def __init__(self, inner: BatchObserver, total: Callable[[], int]) -> None:
+        self._inner = inner
+        self._total = total
+
+    def on_queue_depth(self, items: int) -> None:
+        self._inner.on_queue_depth(self._total())
+
+    def on_batch(
+        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
+    ) -> None:
+        self._inner.on_batch(size, padded_size, queue_waits_s, run_s)
+
+
 @dataclass(eq=False)
 class _Request:
     items: np.ndarray

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
 
 from convserve.server import costs, errors, ops, types
-from convserve.server.batcher import BatchObserver, DynamicBatcher
+from convserve.server.batcher import BatchObserver, DynamicBatcher, SummingObserver
 from convserve.server.metrics import Metrics
 from convserve.server.settings import Settings
 from convserve.server.work import Work, WorkPool
@@ -70,22 +70,6 @@ def _merge_key(value: types.ConvolveInput) -> tuple[Any, ...] | None:
     return (x.ndim, item_shape, x.dtype.str, k.shape, k.tobytes(), bias_key, value.options)
 
 
-class _SummingObserver:
-    """Reports the queue depth summed over several batchers of one operation."""
-
-    def __init__(self, inner: BatchObserver, total: Callable[[], int]) -> None:
-        self._inner = inner
-        self._total = total
-
-    def on_queue_depth(self, items: int) -> None:
-        self._inner.on_queue_depth(self._total())
-
-    def on_batch(
-        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
-    ) -> None:
-        self._inner.on_batch(size, padded_size, queue_waits_s, run_s)
-
-
 class Operations:
     """Convolve, FitKernel and the pool every operation computes in.
 
@@ -114,7 +98,7 @@ class Operations:
             max_waiting_s=WAITING_MAXIMAL_REQUESTS * slots * settings.max_request_cpu_s,
             observer=metrics,
         )
-        self._convolve_observer = _SummingObserver(
+        self._convolve_observer = SummingObserver(
             metrics.batch_observer("Convolve"),
             lambda: sum(b.queued_items for b, _ in self._conv_batchers.values()),
         )

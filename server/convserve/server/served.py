@@ -15,14 +15,14 @@ import contextlib
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from convserve.server import errors, inputs, models, types
-from convserve.server.batcher import BatchObserver, DynamicBatcher, default_pad_sizes
+from convserve.server.batcher import DynamicBatcher, SummingObserver, default_pad_sizes
 from convserve.server.engine_process import ProcessEngine, WorkerError
 from convserve.server.metrics import Metrics
 from convserve.server.operations import check_deadline
@@ -119,7 +119,7 @@ class ServedModel:
         self._batchers: dict[int, tuple[models.LoadedModel, DynamicBatcher]] = {}
         self._closing_batchers: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._observer = _SummingObserver(
+        self._observer = SummingObserver(
             metrics.batch_observer("Predict", name),
             lambda: sum(b.queued_items for _, b in self._batchers.values()),
         )
@@ -417,22 +417,6 @@ class HeapState:
     """Shared by every model: a version was released since the heap was last frozen."""
 
     retired: bool = False
-
-
-class _SummingObserver:
-    """Reports the queue depth summed over several batchers of one model."""
-
-    def __init__(self, inner: BatchObserver, total: Callable[[], int]) -> None:
-        self._inner = inner
-        self._total = total
-
-    def on_queue_depth(self, items: int) -> None:
-        self._inner.on_queue_depth(self._total())
-
-    def on_batch(
-        self, size: int, padded_size: int, queue_waits_s: Sequence[float], run_s: float
-    ) -> None:
-        self._inner.on_batch(size, padded_size, queue_waits_s, run_s)
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
