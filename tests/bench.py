@@ -12,10 +12,18 @@
 3. Drives a server that does no work (`bench_noop_server.py`, the same
    grpc.aio stack) the same way: the ceiling Python gRPC and the load
    generator allow on this machine, whatever the model costs.
-4. Prints one table; every ratio is taken within this one run, because the
-   machine is shared and absolute figures move from run to run.
+4. Prints the throughput table; every ratio is taken within this one run,
+   because the machine is shared and absolute figures move from run to run.
+5. Prints where the servers' CPU went, per request, in each phase: the event
+   loop (the main thread), gRPC's own threads, other threads, and the model
+   worker processes, read from /proc while the phase runs. Python gRPC costs
+   more per request at a low request rate than at a high one (the loop sleeps
+   and wakes for each), so the no-op server is also driven at convserve's
+   achieved rate of each phase (open loop): the fair measure of what
+   convserve's own code adds.
 
-    python tests/bench.py [--model-base-path DIR] [--duration-s 10] [--json OUT.json]
+    python tests/bench.py [--model-base-path DIR] [--duration-s 10] [--protocol oip]
+                          [--json OUT.json]
 
 Without --model-base-path a model is trained on the sample digits first.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import re
 import subprocess
@@ -35,6 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,10 +100,16 @@ def model_limit(version_dir: Path, seconds_per_size: float) -> dict[str, dict[in
     return rates
 
 
+def this_checkout() -> dict[str, str]:
+    """The environment for a subprocess that runs this checkout's code, whichever
+    checkout the virtual environment was installed from."""
+    roots = (str(ROOT / d) for d in ("server", "client", "proto", "trainer"))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(roots)}
+
+
 def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     log = log_path.open("wb")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / d) for d in ("client", "proto"))}
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=this_checkout())
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         found = re.search(r"listening on \S+:(\d+)", log_path.read_text(errors="replace"))
@@ -106,17 +122,67 @@ def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen[b
     raise SystemExit(f"the server did not start; see {log_path}")
 
 
-def run_bench(port: int, concurrency: int, images: int, streams: int, duration_s: float) -> dict:
-    out = subprocess.run(
-        [str(BIN / "convserve"), "--target", f"127.0.0.1:{port}", "--json", "bench",
-         "--concurrency", str(concurrency), "--images-per-request", str(images),
-         "--streams", str(streams), "--duration-s", str(duration_s), "--warmup-s", "2",
-         "--no-progress"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if not out.stdout.strip():
-        raise SystemExit(f"convserve bench failed: {out.stderr}")
-    return json.loads(out.stdout)["phases"][0]
+WARMUP_S = 2.0
+# CPU is read this long after the measured window starts and before it ends: the load
+# generator's own start-up (imports, metadata calls) shifts its window by less.
+CPU_MARGIN_S = 1.0
+CPU_PARTS = ("loop", "grpc", "threads", "workers")
+# Threads gRPC's C core starts (Linux thread names); every other thread but the main one
+# is the server's own (its pools, the metrics HTTP server, TensorFlow's).
+GRPC_THREADS = ("grpc_", "event_engine", "lifeguard", "default-executo", "resolver-execu")
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds so far of process `pid`, split: its main thread (the event loop),
+    gRPC's threads, its other threads, and its child processes (the model workers)."""
+    process = psutil.Process(pid)
+    parts = dict.fromkeys(CPU_PARTS, 0.0)
+    for thread in process.threads():
+        try:
+            name = Path(f"/proc/{pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:
+            continue  # ended meanwhile
+        used = thread.user_time + thread.system_time
+        if thread.id == pid:
+            parts["loop"] += used
+        elif name.startswith(GRPC_THREADS):
+            parts["grpc"] += used
+        else:
+            parts["threads"] += used
+    for child in process.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        parts["workers"] += times.user + times.system
+    return parts
+
+
+def run_bench(port: int, pid: int, load: list[str], duration_s: float, protocol: str) -> dict:
+    """One `convserve bench` phase against the server `pid` listening on `port`; its figures
+    with ``server_cpu_us``: the server's CPU microseconds per request, by part."""
+    how = ["--protocol", "oip", "--model", "mnist"] if protocol == "oip" else []
+    command = [sys.executable, "-m", "convserve.client", "--target", f"127.0.0.1:{port}",
+               "--json", "bench", *how, *load, "--duration-s", str(duration_s),
+               "--warmup-s", str(WARMUP_S), "--no-progress"]  # fmt: skip
+    started = time.monotonic()
+    bench = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=this_checkout()
+    )
+    time.sleep(max(0.0, started + WARMUP_S + CPU_MARGIN_S - time.monotonic()))
+    before, since = cpu_seconds(pid), time.monotonic()
+    time.sleep(max(0.1, started + WARMUP_S + duration_s - CPU_MARGIN_S - time.monotonic()))
+    after, until = cpu_seconds(pid), time.monotonic()
+    out, err = bench.communicate()
+    if not out.strip():
+        raise SystemExit(f"convserve bench failed: {err}")
+    phase = json.loads(out)["phases"][0]
+    rate = phase["requests_per_s"]
+    phase["server_cpu_us"] = {
+        part: 1e6 * (after[part] - before[part]) / (until - since) / rate if rate else math.nan
+        for part in CPU_PARTS
+    }
+    return phase
 
 
 def label(concurrency: int, images: int, streams: int) -> str:
@@ -124,20 +190,84 @@ def label(concurrency: int, images: int, streams: int) -> str:
     return f"{images} img x conc {concurrency}{how}"
 
 
-def drive(command: list[str], log_path: Path, duration_s: float) -> list[dict]:
-    """Start a server, run every phase of PHASES against it, stop it."""
+def closed_loop(concurrency: int, images: int, streams: int) -> list[str]:
+    return ["--concurrency", str(concurrency), "--images-per-request", str(images),
+            "--streams", str(streams)]  # fmt: skip
+
+
+def drive(
+    command: list[str],
+    log_path: Path,
+    duration_s: float,
+    protocol: str,
+    phases: tuple[tuple[int, int, int], ...],
+    rates: list[float] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Start a server, run every phase of `phases` against it, stop it.
+
+    With `rates` (requests/s per phase), each phase is also run open loop at that
+    rate; returns (closed-loop phases, open-loop phases).
+    """
     server, port = start_server(command, log_path)
-    phases = []
+    closed, opened = [], []
     try:
-        for concurrency, images, streams in PHASES:
-            phase = run_bench(port, concurrency, images, streams, duration_s)
-            phases.append(phase)
+        for n, (concurrency, images, streams) in enumerate(phases):
+            phase = run_bench(port, server.pid, closed_loop(concurrency, images, streams),
+                              duration_s, protocol)  # fmt: skip
+            closed.append(phase)
+            own = sum(phase["server_cpu_us"][p] for p in ("loop", "grpc", "threads"))
             print(f"  {label(concurrency, images, streams)}: "
-                  f"{phase['requests_per_s']:>8,.0f} req/s", flush=True)  # fmt: skip
+                  f"{phase['requests_per_s']:>8,.0f} req/s, server {own:,.0f} us/request "
+                  "besides the model", flush=True)  # fmt: skip
+            if rates is not None:
+                load = ["--rate", f"{rates[n]:.1f}", "--images-per-request", str(images),
+                        "--streams", str(streams)]  # fmt: skip
+                paced = run_bench(port, server.pid, load, duration_s, protocol)
+                opened.append(paced)
+                own = sum(paced["server_cpu_us"][p] for p in ("loop", "grpc", "threads"))
+                print(f"    at {rates[n]:,.0f} req/s: {own:,.0f} us/request", flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    return phases
+    return closed, opened
+
+
+def print_table(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for n, row in enumerate(table):
+        cells = zip(row, widths, strict=True)
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}" if value is not None and base else "-"
+
+
+def own_us(phase: dict) -> float:
+    """The server's CPU per request besides the model workers, microseconds."""
+    return float(sum(phase["server_cpu_us"][p] for p in ("loop", "grpc", "threads")))
+
+
+def cpu_table(
+    phases: tuple[tuple[int, int, int], ...], rows: list[dict], ceiling: list[dict],
+    paced: list[dict],
+) -> list[tuple[str, ...]]:  # fmt: skip
+    header = ("load", "loop", "gRPC", "threads", "workers", "own", "no-op own",
+              "no-op at same rate", "x no-op")  # fmt: skip
+    table = [header]
+    for (concurrency, images, streams), p, c, q in zip(phases, rows, ceiling, paced, strict=True):
+        cpu = p["server_cpu_us"]
+        table.append((
+            label(concurrency, images, streams),
+            *(f"{cpu[part]:,.0f}" for part in CPU_PARTS),
+            f"{own_us(p):,.0f}",
+            f"{own_us(c):,.0f}",
+            f"{own_us(q):,.0f} at {q['requests_per_s']:,.0f}/s",
+            f"{own_us(p) / own_us(q):.2f}",
+        ))  # fmt: skip
+    return table
 
 
 def main() -> int:
@@ -146,8 +276,15 @@ def main() -> int:
     )
     parser.add_argument("--model-base-path", type=Path)
     parser.add_argument("--duration-s", type=float, default=10.0, help="per served phase")
+    parser.add_argument(
+        "--protocol",
+        choices=("convserve", "oip"),
+        default="convserve",
+        help="the protocol of the served phases (oip: no stream phase)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    phases = PHASES if args.protocol == "convserve" else tuple(p for p in PHASES if not p[2])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,21 +308,23 @@ def main() -> int:
         tf_limit = rates["tensorflow"][tf_best]
 
         print("2. served, through convserve bench:", flush=True)
-        serve = [str(BIN / "convserve-server"), "--model-base-path", str(base), "--port", "0",
-                 "--metrics-port", "0"]  # fmt: skip
-        rows = drive(serve, Path(tmp) / "server.log", args.duration_s)
-        print("3. the same load against a server that does no work:", flush=True)
+        serve = [sys.executable, "-m", "convserve.server", "--model-base-path", str(base),
+                 "--port", "0", "--metrics-port", "0"]  # fmt: skip
+        rows, _ = drive(serve, Path(tmp) / "server.log", args.duration_s, args.protocol, phases)
+        print("3. the same load against a server that does no work, then at convserve's rates:",
+              flush=True)  # fmt: skip
         noop = [sys.executable, str(ROOT / "tests" / "bench_noop_server.py")]
-        ceiling = drive(noop, Path(tmp) / "noop.log", args.duration_s)
+        ceiling, paced = drive(noop, Path(tmp) / "noop.log", args.duration_s, args.protocol,
+                               phases, rates=[r["requests_per_s"] for r in rows])  # fmt: skip
 
     header = ("load", "req/s", "images/s", "p50 ms", "p99 ms", "of limit", "no-op req/s",
-              "of no-op", "errors", "gen CPU")  # fmt: skip
+              "of no-op", "p50 x no-op", "errors", "gen CPU")  # fmt: skip
     table = [header]
     limit_row = f"in-process {best_engine}, batch {best}"
-    table.append((limit_row, "", f"{limit:,.0f}", "", "", "100%", "", "", "", ""))
+    table.append((limit_row, "", f"{limit:,.0f}", "", "", "100%", "", "", "", "", ""))
     table.append((f"in-process TensorFlow, batch {tf_best}", "", f"{tf_limit:,.0f}", "", "",
-                  f"{100 * tf_limit / limit:.0f}%", "", "", "", ""))  # fmt: skip
-    for (concurrency, images, streams), p, c in zip(PHASES, rows, ceiling, strict=True):
+                  f"{100 * tf_limit / limit:.0f}%", "", "", "", "", ""))  # fmt: skip
+    for (concurrency, images, streams), p, c in zip(phases, rows, ceiling, strict=True):
         lat = p["latency_ms"]
         table.append((
             label(concurrency, images, streams),
@@ -196,30 +335,37 @@ def main() -> int:
             f"{100 * p['images_per_s'] / limit:.0f}%",
             f"{c['requests_per_s']:,.0f}",
             f"{100 * p['requests_per_s'] / c['requests_per_s']:.0f}%",
+            ratio(lat["p50"], c["latency_ms"]["p50"]),
             str(sum(p["errors"].values())),
             f"{p['generator_cpu_cores']:.2f}",
         ))  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     print()
-    for n, row in enumerate(table):
-        cells = zip(row, widths, strict=True)
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(table)
     print(f"\n{os.cpu_count()} CPUs shared by server and load generator; "
           "ratios are within this run.\n"
           "limit: LiteRT in-process at its best batch size, the better of one interpreter\n"
           "with every CPU and one single-threaded interpreter per CPU side by side (what\n"
           "the server's worker processes run); the SavedModel in TensorFlow reaches\n"
           f"{tf_limit:,.0f} images/s.\n"
-          "no-op: the same load against a grpc.aio server that does no work.\n"
+          "no-op: the same load against a grpc.aio server that does no work;\n"
+          "p50 x no-op: the median latency over the no-op's at the same load.\n"
           "gen CPU: the load generator's own CPU time / wall time, in cores.")  # fmt: skip
+    print(f"\nServer CPU per request, microseconds ({args.protocol}):\n")
+    print_table(cpu_table(phases, rows, ceiling, paced))
+    print(
+        "\nloop: the main thread (asyncio and grpc.aio); gRPC: gRPC's C-core threads;\n"
+        "threads: the server's other threads; workers: the model worker processes.\n"
+        "own: loop + gRPC + threads, what serving costs besides the model.\n"
+        "no-op: the no-op server's own at its own rate, and at convserve's rate\n"
+        "(open loop); x no-op: convserve's own over the no-op's at the same rate."
+    )
     if args.json:
         args.json.write_text(json.dumps({"limit_images_per_s": limit, "best_batch": best,
                                          "best_engine": best_engine,
                                          "tensorflow_limit_images_per_s": tf_limit,
                                          "in_process": rates, "phases": PHASES, "served": rows,
-                                         "noop": ceiling},
+                                         "noop": ceiling, "noop_same_rate": paced,
+                                         "protocol": args.protocol},
                                         indent=2))  # fmt: skip
     return 0
 

@@ -1,10 +1,11 @@
-"""A convserve.v1 server that does no work: the ceiling `make bench` compares against.
+"""A server that does no work: the ceiling `make bench` compares against.
 
-It answers Predict (and each PredictStream message) at once with uniform
-probabilities and labels of the right shape (and GetModelMetadata with an
-MNIST model's shapes, which the load generator reads first), on the same grpc.aio stack as
-convserve-server, so the load generator measured against it shows what Python
-gRPC itself allows on this machine.
+It answers convserve.v1 Predict (and each PredictStream message) and OIP
+ModelInfer at once with uniform probabilities (and labels) of the right
+shape, and the metadata calls the load generator makes first with an MNIST
+model's shapes, on the same grpc.aio stack as convserve-server, so the load
+generator measured against it shows what Python gRPC itself allows on this
+machine.
 
     python tests/bench_noop_server.py   # prints "listening on 127.0.0.1:PORT"
 """
@@ -18,6 +19,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc, tensor_pb2
@@ -76,9 +78,37 @@ class NoopServicer(convserve_pb2_grpc.ConvServeServicer):
             )
 
 
+OIP_METADATA = service_pb2.ModelMetadataResponse(
+    name="mnist",
+    versions=["1"],
+    platform="noop",
+    inputs=[service_pb2.ModelMetadataResponse.TensorMetadata(
+        name="images", datatype="UINT8", shape=[-1, 28, 28, 1])],
+    outputs=[service_pb2.ModelMetadataResponse.TensorMetadata(
+        name="probabilities", datatype="FP32", shape=[-1, 10])],
+)  # fmt: skip
+
+
+class NoopOip(service_pb2_grpc.GRPCInferenceServiceServicer):
+    async def ModelMetadata(
+        self, request: service_pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelMetadataResponse:
+        return OIP_METADATA
+
+    async def ModelInfer(
+        self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> service_pb2.ModelInferResponse:
+        n = int(request.inputs[0].shape[0])
+        response = service_pb2.ModelInferResponse(model_name="mnist", model_version="1")
+        response.outputs.add(name="probabilities", datatype="FP32", shape=[n, 10])
+        response.raw_output_contents.append(np.full((n, 10), 0.1, "<f4").tobytes())
+        return response
+
+
 async def serve() -> None:
     server = grpc.aio.server()
     convserve_pb2_grpc.add_ConvServeServicer_to_server(NoopServicer(), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(NoopOip(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
