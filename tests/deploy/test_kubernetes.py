@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -326,3 +328,116 @@ def test_bench_job_load_tests_the_headless_service(objects) -> None:
     # The same image as the server's: it carries the client CLI.
     server_image = _container(_server(objects["cpu"])["spec"]["template"]["spec"], "server")
     assert container["image"] == server_image["image"]
+
+
+# --- the prometheus-adapter component (HPA on requests in flight) --------------------------
+
+ADAPTER = REPO_ROOT / "deploy" / "k8s" / "components" / "prometheus-adapter"
+
+
+@pytest.fixture(scope="module")
+def adapter_overlay(tmp_path_factory) -> list[dict[str, Any]]:
+    """The cpu overlay with the component added, as an overlay of a user's would add it."""
+    root = tmp_path_factory.mktemp("adapter-overlay")
+    (root / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        f"resources: [{os.path.relpath(KUSTOMIZATIONS['cpu'], root)}]\n"
+        f"components: [{os.path.relpath(ADAPTER, root)}]\n"
+    )
+    text = _render(root)
+    manifest = root / "rendered.yaml"
+    manifest.write_text(text)
+    report = run([VALIDATE, "--strict", "-k", KUBERNETES_VERSION, str(manifest)])
+    assert "passed for resource horizontalpodautoscaler/convserve-server" in report
+    return load_yaml_documents(text)
+
+
+def _adapter_rules() -> list[dict[str, Any]]:
+    values = load_yaml_documents((ADAPTER / "adapter-values.yaml").read_text())[0]
+    assert values["rules"]["default"] is False
+    return values["rules"]["custom"]
+
+
+def test_adapter_component_adds_in_flight_requests_to_the_cpu_signal(
+    adapter_overlay, objects
+) -> None:
+    hpa = _one(adapter_overlay, "HorizontalPodAutoscaler")
+    by_type = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert set(by_type) == {"Resource", "Pods"}
+    assert (
+        by_type["Resource"] == _one(objects["cpu"], "HorizontalPodAutoscaler")["spec"]["metrics"][0]
+    )
+    pods = by_type["Pods"]["pods"]
+    assert pods["target"]["type"] == "AverageValue"
+    assert float(pods["target"]["averageValue"]) > 0
+    # The metric the HPA asks for is one the adapter's rules publish.
+    assert pods["metric"]["name"] in {rule["name"]["as"] for rule in _adapter_rules()}
+    # Everything else is the cpu overlay unchanged.
+    others = [d for d in adapter_overlay if d["kind"] != "HorizontalPodAutoscaler"]
+    assert others == [d for d in objects["cpu"] if d["kind"] != "HorizontalPodAutoscaler"]
+
+
+def test_adapter_rules_query_metrics_the_server_exports(tmp_path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from convserve.server.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.request_started("convserve", "Predict", "mnist")
+    metrics.queue_wait.labels(rpc="Predict", model="mnist").observe(0.001)
+    exported = {
+        sample.name
+        for family in text_string_to_metric_families(prometheus_client_exposition(metrics.registry))
+        for sample in family.samples
+    }
+    records = []
+    for index, rule in enumerate(_adapter_rules()):
+        series = rule["seriesQuery"].split("{")[0]
+        assert series in exported, series
+        assert re.fullmatch(rule["name"]["matches"], series)
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        # The adapter's template filled in as it would for one HPA query.
+        query = (
+            rule["metricsQuery"]
+            .replace("<<.Series>>", series)
+            .replace("<<.LabelMatchers>>", 'namespace="convserve",pod=~"a|b"')
+            .replace("<<.GroupBy>>", "pod")
+        )
+        assert "<<" not in query
+        records.append({"record": f"adapter:rule{index}", "expr": query})
+    rules_file = tmp_path / "adapter-rules.yml"
+    rules_file.write_text(json.dumps({"groups": [{"name": "adapter", "rules": records}]}))
+    report = run([require_tool("promtool"), "check", "rules", str(rules_file)])
+    assert f"{len(records)} rules found" in report
+
+
+def prometheus_client_exposition(registry: Any) -> str:
+    import prometheus_client
+
+    return prometheus_client.generate_latest(registry).decode()
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_connections_age_so_clients_follow_the_replicas(name, objects) -> None:
+    docs = objects[name]
+    config = Settings.model_validate(
+        {k.removeprefix("CONVSERVE_").lower(): v for k, v in _config(docs).items()}
+    )
+    # Clients of a new replica's Service re-resolve within the age: well inside the
+    # HPA's scale-up period, so a replica added gets traffic before the next decision.
+    hpa = _one(docs, "HorizontalPodAutoscaler")
+    (policy,) = hpa["spec"]["behavior"]["scaleUp"]["policies"]
+    assert 0 < config.max_connection_age_s * 1.1 < policy["periodSeconds"]
+    # Calls on an aged connection get at least as long as a drain gives them.
+    assert config.max_connection_age_grace_s >= config.grace_period_s
+    # The SDK's keepalive pings are ones the server accepts.
+    from convserve.client.channel import KEEPALIVE_TIME_MS
+
+    assert config.keepalive_min_client_ping_interval_s * 1000 <= KEEPALIVE_TIME_MS
+    server = _container(_server(docs)["spec"]["template"]["spec"], "server")
+    (replica,) = [e for e in server["env"] if e["name"] == "CONVSERVE_REPLICA_NAME"]
+    assert replica["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from convserve.client.tensor import to_tensor
 from convserve.server import errors
-from convserve.server.app import RunningServer, StartupError, start_server
+from convserve.server.app import RunningServer, StartupError, grpc_options, start_server
 from convserve.server.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -292,6 +292,74 @@ async def test_graceful_stop_turns_health_off_first_and_finishes_accepted_calls(
     assert running.stopped
     await running.wait_for_termination()
     await running.stop()  # a second stop is harmless
+
+
+async def test_the_drain_sends_goaway_at_once_while_accepted_calls_finish() -> None:
+    """A client with an open connection is told to go (GOAWAY) as soon as the stop begins,
+    long before the server is gone; the call it had in flight still completes."""
+    runtime = FakeRuntime(gate=asyncio.Event())
+    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        stub = convserve_pb2_grpc.ConvServeStub(channel)
+        accepted = asyncio.ensure_future(stub.Predict(PREDICT))
+
+        async def started() -> bool:
+            return runtime.started_predictions == 1
+
+        await until(started)
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        stopping = asyncio.create_task(running.stop(30))
+
+        async def told_to_go() -> bool:
+            # GOAWAY takes the connection out of service for new calls: the channel
+            # leaves READY while the accepted call still runs on that connection.
+            return channel.get_state() != grpc.ChannelConnectivity.READY
+
+        await until(told_to_go, timeout_s=10)
+        assert not accepted.done()
+        assert not stopping.done()
+        assert runtime.gate is not None
+        runtime.gate.set()
+        reply = await accepted
+        await stopping
+    assert reply.digits[0] == (3 * 784) % 10
+    assert runtime.started_predictions == 1
+
+
+def test_server_options_carry_connection_age_and_keepalive() -> None:
+    options = dict(grpc_options(settings_for(max_connection_age_s=2.5, keepalive_time_s=45)))
+    assert options["grpc.max_connection_age_ms"] == 2500
+    assert options["grpc.max_connection_age_grace_ms"] == 60_000
+    assert options["grpc.keepalive_time_ms"] == 45_000
+    assert options["grpc.keepalive_timeout_ms"] == 20_000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    assert options["grpc.http2.max_pings_without_data"] == 0
+    # 0 leaves gRPC's default, connections that never age.
+    ageless = dict(grpc_options(settings_for(max_connection_age_s=0, max_connection_age_grace_s=0)))
+    assert "grpc.max_connection_age_ms" not in ageless
+    assert "grpc.max_connection_age_grace_ms" not in ageless
+
+
+async def test_connections_are_closed_after_the_max_connection_age() -> None:
+    running = await start_server(
+        settings_for(max_connection_age_s=0.5), runtime=FakeRuntime(), metrics=StubMetrics()
+    )
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = convserve_pb2_grpc.ConvServeStub(channel)
+            await stub.Predict(PREDICT, timeout=10)
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            # The server's GOAWAY after the age: the channel drops the connection (IDLE)
+            # and a new call reconnects.
+            await asyncio.wait_for(
+                channel.wait_for_state_change(grpc.ChannelConnectivity.READY), timeout=10
+            )
+            assert channel.get_state() != grpc.ChannelConnectivity.READY
+            reply = await stub.Predict(PREDICT, timeout=10)
+            assert reply.digits[0] == (3 * 784) % 10
+    finally:
+        await running.stop(0)
 
 
 async def test_calls_still_running_when_the_grace_period_ends_are_cancelled() -> None:

@@ -18,6 +18,9 @@ COMMON_FIELDS = [
     "log_format", "log_level", "cpu_engine", "engine_threads", "inline_max_images",
     "max_stream_in_flight", "switch_interval_us", "engine_workers", "engine_nice",
     "max_request_cpu_s", "engine_batch_timeout_s", "max_typed_payload_bytes",
+    "max_connection_age_s", "max_connection_age_grace_s", "keepalive_time_s",
+    "keepalive_timeout_s", "keepalive_min_client_ping_interval_s",
+    "keepalive_permit_without_calls", "replica_name",
 ]  # fmt: skip
 
 
@@ -115,6 +118,19 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--grace-period-s", "-1"], "--grace-period-s"),
         (["--tls-cert", "/no/such/cert.pem"], "no such file: /no/such/cert.pem"),
         (["--port", "9000", "--metrics-port", "9000"], "--port and --metrics-port must differ"),
+        (
+            ["--max-connection-age-s", "-1"],
+            "--max-connection-age-s / CONVSERVE_MAX_CONNECTION_AGE_S",
+        ),
+        (["--keepalive-time-s", "0"], "--keepalive-time-s / CONVSERVE_KEEPALIVE_TIME_S"),
+        (
+            ["--keepalive-permit-without-calls", "sometimes"],
+            "--keepalive-permit-without-calls / CONVSERVE_KEEPALIVE_PERMIT_WITHOUT_CALLS",
+        ),
+        (
+            ["--replica-name", "pod one"],
+            "--replica-name / CONVSERVE_REPLICA_NAME: expected printable ASCII without spaces",
+        ),
     ],
 )
 def test_bad_values_are_named_in_the_error(argv: list[str], expected: str) -> None:
@@ -229,3 +245,46 @@ def test_model_flags_and_a_config_file_exclude_each_other(tmp_path: Path) -> Non
     ]
     with pytest.raises(SettingsError, match="either with --model or in --model-config-file"):
         Settings.from_argv(["--model-config-file", str(config), "--model", "b=/b"])
+
+
+def test_connection_defaults_suit_kubernetes_and_proxies() -> None:
+    settings = Settings.from_argv([])
+    # Clients re-resolve within about half a minute of a scale-up...
+    assert settings.max_connection_age_s == 30.0
+    # ...while calls on an aged connection, streams included, get a minute to finish.
+    assert settings.max_connection_age_grace_s == 60.0
+    # Pings well inside the 4-10 minute idle timeouts of cloud load balancers and NATs.
+    assert settings.keepalive_time_s == 60.0
+    assert settings.keepalive_timeout_s == 20.0
+    # The SDK's 30 s client pings are accepted, idle or not.
+    from convserve.client.channel import KEEPALIVE_TIME_MS
+
+    assert settings.keepalive_min_client_ping_interval_s * 1000 <= KEEPALIVE_TIME_MS
+    assert settings.keepalive_permit_without_calls is True
+
+
+def test_connection_settings_from_environment_become_grpc_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CONVSERVE_MAX_CONNECTION_AGE_S", "2")
+    monkeypatch.setenv("CONVSERVE_MAX_CONNECTION_AGE_GRACE_S", "0.25")
+    monkeypatch.setenv("CONVSERVE_KEEPALIVE_PERMIT_WITHOUT_CALLS", "false")
+    monkeypatch.setenv("CONVSERVE_KEEPALIVE_MIN_CLIENT_PING_INTERVAL_S", "5")
+    options = dict(Settings.from_argv(["--keepalive-timeout-s", "7"]).connection_options())
+    assert options == {
+        "grpc.max_connection_age_ms": 2000,
+        "grpc.max_connection_age_grace_ms": 250,
+        "grpc.keepalive_time_ms": 60_000,
+        "grpc.keepalive_timeout_ms": 7000,
+        "grpc.http2.min_ping_interval_without_data_ms": 5000,
+        "grpc.keepalive_permit_without_calls": 0,
+        "grpc.http2.max_pings_without_data": 0,
+    }
+
+
+def test_replica_name_defaults_to_the_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "convserve-server-7d9f-abcde")
+    assert Settings.from_argv([]).resolved_replica_name() == "convserve-server-7d9f-abcde"
+    monkeypatch.setenv("CONVSERVE_REPLICA_NAME", " replica-a ")
+    assert Settings.from_argv([]).resolved_replica_name() == "replica-a"
+    assert Settings.from_argv(["--replica-name", "b"]).resolved_replica_name() == "b"

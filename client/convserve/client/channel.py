@@ -16,9 +16,20 @@ until the OS gives up, minutes later. An HTTP/2 ping every
 round-robin moves on. Pings are not sent on idle connections
 (`keepalive_permit_without_calls` = 0) because servers with gRPC's default
 policy answer pings more frequent than every five minutes without calls
-with GOAWAY ("too_many_pings"). New replicas are found when the channel
-re-resolves DNS, which it does whenever a connection closes; servers that
-cap connection age (``grpc.max_connection_age_ms``) make that regular.
+with GOAWAY ("too_many_pings"); convserve-server permits pings every
+10 s (``--keepalive-min-client-ping-interval-s``), well under our 30 s.
+
+Following replicas as they come and go: the channel re-resolves DNS whenever
+a connection closes or receives GOAWAY. convserve-server sends GOAWAY on
+every connection after ``--max-connection-age-s`` (30 s) and when it starts
+draining (SIGTERM), so clients find new replicas within about that long and
+leave a stopping one before it is gone. gRPC spaces resolutions at least
+``grpc.dns_min_time_between_resolutions_ms`` apart (30 s by default, which
+would keep a client on the old address list for up to 30 s after a GOAWAY);
+`DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS` lowers that to one second. A DNS
+server can be named in the target's authority, e.g.
+``dns://10.0.0.10:53/convserve-headless:8500`` (the c-ares resolver, gRPC's
+default, supports it; the ``native`` resolver does not).
 """
 
 from __future__ import annotations
@@ -33,9 +44,29 @@ import grpc
 
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+# Shortest time between two DNS resolutions of a dns:/// target (see the module docstring).
+DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS = 1_000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
-SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+# A call that a draining server cancels before any answer (gRPC core cancels calls that
+# reach a server after its shutdown began, grpc/grpc#41785, and those still running when
+# its grace period ends) is retried by gRPC itself, on another replica when there is one.
+# Only statuses from the server count: a call the caller cancels is never retried. Every
+# convserve RPC computes without side effects, so running one twice is safe. (gRPC keeps
+# up to 256 KiB of a call's request for this; a larger request is not retried.)
+RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.5s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["CANCELLED"],
+}
+SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
+    }
+)
 
 PemSource = str | os.PathLike[str] | bytes
 
@@ -80,9 +111,11 @@ def channel_options(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: TlsConfig | None = None,
 ) -> list[tuple[str, Any]]:
-    """gRPC channel arguments: round-robin balancing, keepalive and message size limits."""
+    """gRPC channel arguments: round-robin balancing, DNS re-resolution, keepalive and
+    message size limits."""
     options: list[tuple[str, Any]] = [
         ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 0),

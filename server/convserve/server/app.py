@@ -4,8 +4,13 @@
 protocols' adapters, ``grpc.health.v1`` and reflection, starts the Prometheus
 ``/metrics`` endpoint, loads and warms the model and returns once the server
 reports SERVING. `RunningServer.stop` shuts down in the order load balancers
-need: health turns NOT_SERVING first, then new calls are refused while
-accepted ones finish, then the runtime drains and releases the models.
+need: health turns NOT_SERVING first, then every client connection gets an
+HTTP/2 GOAWAY at once (so clients reconnect elsewhere while this server still
+finishes their accepted calls), then the runtime drains and releases the models.
+
+Connections also end on their own: the server sends GOAWAY to each after
+`max_connection_age_s` (see `Settings.connection_options`), so clients that
+connected before a scale-up re-resolve DNS and spread over the new replicas.
 """
 
 from __future__ import annotations
@@ -123,8 +128,10 @@ class RunningServer:
         """Stop gracefully within `grace_s` (default: the grace_period_s setting).
 
         Health turns NOT_SERVING at once (readiness probes fail before anything
-        else changes), new calls are refused, accepted calls get until the
-        grace period ends to finish, then the runtime stops. Safe to call twice.
+        else changes), then gRPC's shutdown stops listening and sends GOAWAY
+        on every connection straight away: clients stop sending new calls here
+        and reconnect (re-resolving DNS), while accepted calls get until the
+        grace period ends to finish; then the runtime stops. Safe to call twice.
         """
         grace = self.settings.grace_period_s if grace_s is None else max(0.0, grace_s)
         async with self._stop_lock:
@@ -135,6 +142,8 @@ class RunningServer:
             log.info("shutting down: health NOT_SERVING, draining for up to %.1f s", grace)
             await self.health.enter_graceful_shutdown()
             try:
+                # grpc core's shutdown sends GOAWAY first and only cancels the calls
+                # still running when the grace ends.
                 await self.server.stop(grace)
                 stopped = await self.runtime.stop(max(0.0, deadline - time.monotonic()))
                 # Work the runtime had to abandon (a thread that would not stop).
@@ -166,11 +175,13 @@ def _bind_host(host: str) -> str:
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    """The grpc.aio server's channel arguments: message limits, connection age, keepalive."""
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Port 0 must mean a port of our own, never one shared with another server.
         ("grpc.so_reuseport", 0),
+        *settings.connection_options(),
     ]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,8 @@ from convserve.server import model_config as model_config_mod
 ENV_PREFIX = "CONVSERVE_"
 # The same forms as device.choose_device accepts; checked here so a typo fails at start-up.
 _DEVICE = re.compile(r"auto|cpu|gpu(:\d+)?")
+# A gRPC metadata value that needs no escaping: printable ASCII, no spaces.
+_METADATA_VALUE = re.compile(r"[\x21-\x7e]*")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Fields without a command-line flag (see the module docstring).
 _ENV_ONLY = frozenset({"auth_token"})
@@ -166,6 +169,73 @@ class Settings(BaseSettings):
             "tensor_content) do not count. Larger ones get INVALID_ARGUMENT before they are "
             "parsed: protobuf parses typed values at tens of MiB/s, holding the event loop "
             "meanwhile"
+        ),
+    )
+
+    # Connections (scale-out). gRPC keeps one HTTP/2 connection per client and server for
+    # as long as both live; these settings make clients reconnect, and so re-resolve DNS
+    # and find new replicas, and keep proxies from dropping idle connections.
+    max_connection_age_s: float = Field(
+        30.0,
+        ge=0,
+        le=86400,
+        description=(
+            "seconds a client connection may live before the server sends GOAWAY and the "
+            "client reconnects, re-resolving DNS (so clients spread over replicas added "
+            "since they connected); gRPC adds up to 10 percent jitter so clients do not "
+            "reconnect in step. Calls in flight continue on the old connection. 0: connections "
+            "never age"
+        ),
+    )
+    max_connection_age_grace_s: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description=(
+            "seconds calls in flight on an aged connection (after its GOAWAY) get to finish "
+            "before the connection is closed and they fail with UNAVAILABLE; longer than "
+            "the longest expected call, including PredictStream streams (0: no limit)"
+        ),
+    )
+    keepalive_time_s: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description=(
+            "seconds between the server's HTTP/2 keepalive pings on each connection: finds "
+            "clients that vanished without closing their connection, and keeps NATs and load "
+            "balancers (which drop flows idle for 4-10 minutes) from dropping idle ones"
+        ),
+    )
+    keepalive_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="seconds a keepalive ping may go unanswered before the connection is closed",
+    )
+    keepalive_min_client_ping_interval_s: float = Field(
+        10.0,
+        ge=0,
+        le=86400,
+        description=(
+            "shortest interval, in seconds, the server accepts between a client's keepalive "
+            "pings; a client pinging more often gets GOAWAY (too_many_pings). gRPC's "
+            "default is 300, which refuses the 30 s pings proxies and clients commonly use"
+        ),
+    )
+    keepalive_permit_without_calls: bool = Field(
+        True,
+        description=(
+            "keepalive pings on connections without calls in flight: accept the clients' "
+            "(gRPC's default answers them with GOAWAY too_many_pings) and send the server's "
+            "own, so idle connections survive proxies"
+        ),
+    )
+    replica_name: str = Field(
+        "",
+        description=(
+            "name of this replica, sent to clients in the convserve-replica trailing metadata "
+            "(empty: the host name, which is the pod name on Kubernetes)"
         ),
     )
 
@@ -313,6 +383,17 @@ class Settings(BaseSettings):
             raise ValueError('expected "auto", "cpu", "gpu" or "gpu:N" (N a GPU index)')
         return normalized
 
+    @field_validator("replica_name")
+    @classmethod
+    def _check_replica_name(cls, value: str) -> str:
+        stripped = value.strip()
+        if not _METADATA_VALUE.fullmatch(stripped):
+            raise ValueError(
+                "expected printable ASCII without spaces (it is sent as gRPC metadata), "
+                "or empty for the host name"
+            )
+        return stripped
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
@@ -372,6 +453,33 @@ class Settings(BaseSettings):
     def batch_timeout_s(self) -> float:
         """`batch_timeout_us` in seconds, as the batcher takes it."""
         return self.batch_timeout_us / 1_000_000
+
+    def resolved_replica_name(self) -> str:
+        """`replica_name`, or this machine's host name (the pod name on Kubernetes) when empty."""
+        return self.replica_name.strip() or socket.gethostname()
+
+    def connection_options(self) -> list[tuple[str, int]]:
+        """gRPC server channel arguments for connection age and keepalive, in milliseconds."""
+        options = [
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                _ms(self.keepalive_min_client_ping_interval_s),
+            ),
+            ("grpc.keepalive_permit_without_calls", int(self.keepalive_permit_without_calls)),
+            # gRPC stops its own pings after 2 without data frames in between; an idle
+            # connection needs them all to stay open through a proxy.
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        # gRPC's own defaults (no option) mean "never" for both.
+        if self.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", _ms(self.max_connection_age_s)))
+        if self.max_connection_age_grace_s > 0:
+            options.append(
+                ("grpc.max_connection_age_grace_ms", _ms(self.max_connection_age_grace_s))
+            )
+        return options
 
     @property
     def tls_enabled(self) -> bool:
@@ -447,6 +555,11 @@ class Settings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             raise SettingsError(describe_errors(exc)) from None
+
+
+def _ms(seconds: float) -> int:
+    # At least 1 ms: 0 means "off" or "default" to several gRPC arguments.
+    return max(1, round(seconds * 1000))
 
 
 def env_name(field: str) -> str:
