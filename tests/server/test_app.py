@@ -326,6 +326,56 @@ async def test_the_drain_sends_goaway_at_once_while_accepted_calls_finish() -> N
     assert runtime.started_predictions == 1
 
 
+async def test_every_answer_names_the_replica_that_gave_it() -> None:
+    """`convserve-replica` trailing metadata on unary answers of every protocol, on
+    errors too, and at the end of a PredictStream stream."""
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    running = await start_server(
+        settings_for(replica_name="replica-b"), runtime=FakeRuntime(), metrics=StubMetrics()
+    )
+    expected = ("convserve-replica", "replica-b")
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            stub = convserve_pb2_grpc.ConvServeStub(channel)
+            call = stub.Predict(PREDICT)
+            await call
+            assert expected in tuple(await call.trailing_metadata())
+
+            bad = stub.Predict(convserve_pb2.PredictRequest())  # no images
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await bad
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert expected in tuple(failed.value.trailing_metadata())
+
+            stream = stub.PredictStream(
+                iter([convserve_pb2.PredictStreamRequest(id=7, request=PREDICT)])
+            )
+            answers = [answer.id async for answer in stream]
+            assert answers == [7]
+            assert expected in tuple(await stream.trailing_metadata())
+
+            oip = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(
+                service_pb2.ServerLiveRequest()
+            )
+            await oip
+            assert expected in tuple(await oip.trailing_metadata())
+
+            tfs = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                predict_pb2.PredictRequest()
+            )
+            with pytest.raises(grpc.aio.AioRpcError):
+                await tfs
+            assert expected in tuple(await tfs.trailing_metadata())
+    finally:
+        await running.stop(0)
+
+
+def test_replica_name_defaults_to_the_host_name() -> None:
+    assert settings_for().resolved_replica_name() == socket.gethostname()
+
+
 def test_server_options_carry_connection_age_and_keepalive() -> None:
     options = dict(grpc_options(settings_for(max_connection_age_s=2.5, keepalive_time_s=45)))
     assert options["grpc.max_connection_age_ms"] == 2500

@@ -689,16 +689,34 @@ def make_async_with_clock(
     **kwargs: Any,
 ) -> tuple[DynamicBatcher, ManualExecutor, AsyncModel, Observer, FakeClock]:
     model, observer = AsyncModel(), Observer()
-    batcher, executor, _, clock = make(
-        run_batch_async=model, observer=observer, inline_max_rows=16, **kwargs
-    )
+    kwargs.setdefault("inline_max_rows", 0)
+    batcher, executor, _, clock = make(run_batch_async=model, observer=observer, **kwargs)
     return batcher, executor, model, observer, clock
+
+
+async def test_an_idle_model_answers_a_small_batch_inline_even_with_worker_processes() -> None:
+    """With `run_batch_async` (worker processes), a small batch for an idle model still
+    runs through `run_batch` on the loop; while a batch runs, requests go the async way."""
+    batcher, executor, model, _ = make_async(max_concurrent_batches=2, inline_max_rows=2)
+    recorder: Recorder = batcher._run_batch  # type: ignore[assignment]
+    np.testing.assert_array_equal(await batcher.submit(rows(0, 2)), rows(0, 2) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [2] and model.calls == []
+    big = asyncio.ensure_future(batcher.submit(rows(10, 3)))  # over the inline limit
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [4]  # 3 rows padded to 4
+    small = asyncio.ensure_future(batcher.submit(rows(20, 1)))  # a batch runs: not inline
+    await settle()
+    assert not small.done() and len(recorder.batches) == 1
+    model.answer()
+    np.testing.assert_array_equal(await big, rows(10, 3) * 2)
+    # The model is idle again: the queued small batch ran inline.
+    np.testing.assert_array_equal(await small, rows(20, 1) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [2, 1] and model.calls == []
+    assert executor.pending == []
 
 
 async def test_async_model_calls_batch_on_the_loop_without_threads() -> None:
     batcher, executor, model, observer = make_async(max_concurrent_batches=1)
-    # Nothing runs inline when the model call is already asynchronous.
-    assert batcher.inline_max_rows == 0
     first = asyncio.ensure_future(batcher.submit(rows(0, 1)))
     await settle()
     assert [b.shape[0] for b, _ in model.calls] == [1]

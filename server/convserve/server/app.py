@@ -304,12 +304,21 @@ async def start_server(
         runtime = Runtime(settings, metrics)
 
     server = grpc.aio.server(interceptors=_interceptors(settings), options=grpc_options(settings))
+    replica = settings.resolved_replica_name()
     services = servicer.add_to_server(
-        server, runtime, metrics, max_stream_in_flight=settings.max_stream_in_flight
+        server,
+        runtime,
+        metrics,
+        max_stream_in_flight=settings.max_stream_in_flight,
+        replica=replica,
     )
     for adapter in ADAPTERS:
         services += adapter.add_to_server(
-            server, runtime, metrics, max_typed_payload_bytes=settings.max_typed_payload_bytes
+            server,
+            runtime,
+            metrics,
+            max_typed_payload_bytes=settings.max_typed_payload_bytes,
+            replica=replica,
         )
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -129,6 +129,14 @@ def _latest_deadline(slices: Sequence[_Slice]) -> float | None:
     return latest
 
 
+def _loop_busy() -> bool:
+    """Whether the running event loop has other callbacks ready to run (True when it
+    cannot tell). Under load, other calls' messages are among them: a batch run on the
+    loop would make them wait and then leave each to run alone, never batched."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is None or len(ready) > 0
+
+
 def default_pad_sizes(max_batch_size: int) -> list[int]:
     """Powers of two below ``max_batch_size``, then ``max_batch_size`` itself."""
     sizes = []
@@ -185,8 +193,9 @@ class DynamicBatcher:
         self._run_batch = run_batch
         self._run_batch_async = run_batch_async
         self._prepare = prepare
-        # Nothing to save by running inline when the model call is not a thread hand-off.
-        self.inline_max_rows = 0 if run_batch_async is not None else max(0, inline_max_rows)
+        # `run_batch` runs small batches on the loop even when `run_batch_async` exists: a
+        # round trip to a worker process costs more than LiteRT needs for a few images.
+        self.inline_max_rows = max(0, inline_max_rows)
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -359,7 +368,12 @@ class DynamicBatcher:
         self._set_queued(self._queued_items - rows)
         # Inline only what empties the queue: the parts of a split request, or
         # requests queued behind, would otherwise run one after another inline.
-        if rows <= self.inline_max_rows and not self._running and not self._queue:
+        if (
+            rows <= self.inline_max_rows
+            and not self._running
+            and not self._queue
+            and (self._run_batch_async is None or not _loop_busy())
+        ):
             self._run_inline(slices, rows)
             return
         task = asyncio.get_running_loop().create_task(self._run(slices, rows))

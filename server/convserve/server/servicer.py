@@ -32,10 +32,15 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
     """Serves convserve.v1 from a runtime (`api.RuntimeApi`)."""
 
     def __init__(
-        self, runtime: api.RuntimeApi, metrics: Any, *, max_stream_in_flight: int = 128
+        self,
+        runtime: api.RuntimeApi,
+        metrics: Any,
+        *,
+        max_stream_in_flight: int = 128,
+        replica: str = "",
     ) -> None:
         self._runtime = runtime
-        self._calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label)
+        self._calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label, replica=replica)
         self._max_stream_in_flight = max_stream_in_flight
 
     @unary("Predict", model=lambda request: request.model_spec.name)
@@ -163,8 +168,12 @@ def add_to_server(
     metrics: Any,
     *,
     max_stream_in_flight: int = 128,
+    replica: str = "",
 ) -> list[str]:
-    """Adds the ConvServe service; returns its full name (for health and reflection)."""
-    servicer = ConvServeServicer(runtime, metrics, max_stream_in_flight=max_stream_in_flight)
+    """Adds the ConvServe service; returns its full name (for health and reflection).
+    Answers carry `replica` (see `Calls`)."""
+    servicer = ConvServeServicer(
+        runtime, metrics, max_stream_in_flight=max_stream_in_flight, replica=replica
+    )
     convserve_pb2_grpc.add_ConvServeServicer_to_server(servicer, server)
     return [SERVICE]

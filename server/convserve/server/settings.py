@@ -277,8 +277,8 @@ class Settings(BaseSettings):
         le=64,
         description=(
             "batches of at most this many images run on the event loop when the model is "
-            "idle, skipping the hand-off to a worker thread (LiteRT engine with "
-            "engine_workers=thread only; 0: never)"
+            "idle, skipping the hand-off to a worker process or thread, which costs more than "
+            "LiteRT needs for a few images (LiteRT engine only; 0: never)"
         ),
     )
 

@@ -19,7 +19,13 @@ class Adapter(Protocol):
     name: str
 
     def add_to_server(
-        self, server: Any, runtime: Any, metrics: Any, *, max_typed_payload_bytes: int = ...
+        self,
+        server: Any,
+        runtime: Any,
+        metrics: Any,
+        *,
+        max_typed_payload_bytes: int = ...,
+        replica: str = ...,
     ) -> list[str]: ...
 
 

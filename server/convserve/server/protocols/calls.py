@@ -225,13 +225,19 @@ def cancelled_code(
     return grpc.StatusCode.CANCELLED
 
 
+# The trailing metadata key naming the server that answered (see `Calls`).
+REPLICA_KEY = "convserve-replica"
+
+
 class Calls:
     """Runs the servicer methods of one protocol.
 
     Every call is counted in `metrics` with its final status. Rejected calls
     (client errors, and UNAVAILABLE) go to `rejections` (DEBUG with the detail,
     rate-limited INFO counts); unexpected exceptions are logged at ERROR with
-    their traceback.
+    their traceback. With a `replica` name, every answer (each unary call, and
+    each stream at its end) carries it as trailing metadata ``convserve-replica``,
+    so that a client balancing over several servers sees which one answered.
     """
 
     def __init__(
@@ -241,12 +247,14 @@ class Calls:
         rejections: logs.RejectionSummary = logs.REJECTIONS,
         *,
         model_label: Callable[[str], str] | None = None,
+        replica: str = "",
     ) -> None:
         self.protocol = protocol
         self.metrics = metrics
         self.rejections = rejections
         # Requested model name -> the `model` label (a fixed set: see `RuntimeApi.model_label`).
         self._model_label = model_label
+        self.trailing: tuple[tuple[str, str], ...] = ((REPLICA_KEY, replica),) if replica else ()
 
     def model_label(self, requested: str) -> str:
         """The `model` label of a call that names model `requested` (may be empty)."""
@@ -270,6 +278,8 @@ class Calls:
         granted = context.time_remaining()
         code = grpc.StatusCode.OK
         message = ""
+        if self.trailing:
+            context.set_trailing_metadata(self.trailing)
         self.metrics.request_started(self.protocol, rpc, model)
         try:
             return await handler()
@@ -353,6 +363,8 @@ class Calls:
         `context`'s deadline has passed).
         """
         granted = None if context is None else context.time_remaining()
+        if context is not None and self.trailing:
+            context.set_trailing_metadata(self.trailing)
         # Every queued answer holds a slot, so the bound is never reached (+1: the end).
         answers: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_in_flight + 1)
         slots = asyncio.Semaphore(max_in_flight)

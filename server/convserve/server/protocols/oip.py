@@ -63,9 +63,9 @@ _MODELS_ARE_CONFIGURED = (
 
 @unimplemented_answered(_SERVICE)
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: api.RuntimeApi, metrics: Any) -> None:
+    def __init__(self, runtime: api.RuntimeApi, metrics: Any, *, replica: str = "") -> None:
         self._runtime = runtime
-        self._calls = Calls(PROTOCOL, metrics, model_label=self._model_label)
+        self._calls = Calls(PROTOCOL, metrics, model_label=self._model_label, replica=replica)
 
     def _model_label(self, requested: str) -> str:
         # conv2d is an operation, not a model: counted without one, as convserve.v1's Convolve.
@@ -173,12 +173,14 @@ class OipAdapter:
         metrics: Any,
         *,
         max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+        replica: str = "",
     ) -> list[str]:
         """Adds the service; ModelInfer requests with more than `max_typed_payload_bytes`
-        of typed contents get INVALID_ARGUMENT without being parsed."""
+        of typed contents get INVALID_ARGUMENT without being parsed. Answers carry
+        `replica` (see `Calls`)."""
         add_servicer(
             service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-            OipServicer(runtime, metrics),
+            OipServicer(runtime, metrics, replica=replica),
             server,
             {"ModelInfer": oip_convert.infer_request_deserializer(max_typed_payload_bytes)},
         )

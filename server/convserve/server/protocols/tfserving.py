@@ -112,10 +112,12 @@ class TfServingAdapter:
         metrics: Any,
         *,
         max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+        replica: str = "",
     ) -> list[str]:
         """Adds the services; Predict requests with more than `max_typed_payload_bytes` of
-        typed values get INVALID_ARGUMENT without being parsed."""
-        calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label)
+        typed values get INVALID_ARGUMENT without being parsed. Answers carry `replica`
+        (see `Calls`)."""
+        calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label, replica=replica)
         add_servicer(
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
             PredictionServicer(runtime, calls),
