@@ -31,14 +31,13 @@ import asyncio
 import itertools
 import math
 import multiprocessing
-import os
 import queue
 import sys
 import time
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -47,11 +46,16 @@ import numpy as np
 from convserve.client import bench_requests, convert
 from convserve.client.channel import TlsConfig, aio_channel, auth_metadata, channel_options
 from convserve.client.errors import ConvServeError, InputError, error_for
-from convserve.client.table import format_table
 from convserve.v1 import convserve_pb2
 
 PROGRESS_INTERVAL_S = 0.25
 SETUP_TIMEOUT_S = 60.0
+# The trailing metadata key a convserve server names its replica with.
+REPLICA_METADATA_KEY = "convserve-replica"
+# Generator-bottleneck warnings: an open loop that sent less than this share of
+# its schedule by the window's end, or a process using at least this many cores.
+SENT_FRACTION_WARNING = 0.95
+BUSY_PROCESS_CORES = 0.9
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class BenchConfig:
     timeout_s: float = 10.0
     tls: TlsConfig | None = None
     token: str | None = None
+    # The OIP input to send (``--input``) when the model's metadata declares none.
+    oip_input: bench_requests.OipInput | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in ("convserve", "oip"):
@@ -97,6 +103,8 @@ class BenchConfig:
             raise InputError(f"streams must be >= 0, got {self.streams}")
         if self.streams and (self.protocol != "convserve" or self.rpc != "predict"):
             raise InputError("--streams needs --protocol convserve and --rpc predict")
+        if self.oip_input is not None and self.protocol != "oip":
+            raise InputError("--input applies only to --protocol oip")
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,13 @@ class WorkerResult:
     codes: dict[str, int]  # status code name -> requests in the window (OK included)
     cpu_s: float
     wall_s: float
+    # Successful requests in the window per replica name (the server's trailing
+    # ``convserve-replica`` metadata); empty when the server sends none.
+    replicas: dict[str, int] = field(default_factory=dict)
+    # Open loop: requests scheduled in the window, and how many of them had gone
+    # out by the window's end (fewer when the generator fell behind its schedule).
+    scheduled: int | None = None
+    sent_by_end: int | None = None
 
 
 @dataclass
@@ -140,6 +155,9 @@ class PhaseResult:
     codes: dict[str, int]
     cpu_s: list[float]  # per process
     wall_s: list[float]
+    replicas: dict[str, int] = field(default_factory=dict)
+    scheduled: int | None = None
+    sent_by_end: int | None = None
 
     @property
     def ok(self) -> int:
@@ -170,7 +188,41 @@ class PhaseResult:
     @property
     def cpu_cores(self) -> float:
         """The generator's CPU use in cores: per-process CPU time / wall time, summed."""
-        return sum(c / w for c, w in zip(self.cpu_s, self.wall_s, strict=True) if w > 0)
+        return sum(self.cpu_per_process)
+
+    @property
+    def cpu_per_process(self) -> list[float]:
+        return [c / w if w > 0 else 0.0 for c, w in zip(self.cpu_s, self.wall_s, strict=True)]
+
+    @property
+    def sent_fraction(self) -> float | None:
+        """Open loop: the share of the scheduled requests sent by the window's end."""
+        if self.scheduled is None or self.sent_by_end is None or self.scheduled == 0:
+            return None
+        return self.sent_by_end / self.scheduled
+
+    @property
+    def replica_shares(self) -> dict[str, float]:
+        """Each replica's share of the successful requests that named their replica."""
+        total = sum(self.replicas.values())
+        return {name: n / total for name, n in sorted(self.replicas.items())} if total else {}
+
+    def generator_warnings(self) -> list[str]:
+        """Why the generator, not the server, may have limited this phase (empty if it kept up)."""
+        warnings = []
+        fraction = self.sent_fraction
+        if fraction is not None and fraction < SENT_FRACTION_WARNING:
+            warnings.append(
+                f"sent only {self.sent_by_end} of {self.scheduled} scheduled requests "
+                f"({100.0 * fraction:.0f}%) by the end of the window"
+            )
+        busy = [i for i, c in enumerate(self.cpu_per_process) if c >= BUSY_PROCESS_CORES]
+        if busy:
+            warnings.append(
+                f"generator process(es) {', '.join(map(str, busy))} used "
+                f">= {BUSY_PROCESS_CORES:g} core each (try --processes)"
+            )
+        return warnings
 
     def as_dict(self) -> dict[str, Any]:
         def ms(seconds: float) -> float | None:
@@ -196,6 +248,11 @@ class PhaseResult:
                 round(c / w, 4) if w > 0 else None
                 for c, w in zip(self.cpu_s, self.wall_s, strict=True)
             ],
+            "scheduled": self.scheduled,
+            "sent_by_end": self.sent_by_end,
+            "generator_warnings": self.generator_warnings(),
+            "replica_requests": dict(sorted(self.replicas.items())),
+            "replica_shares": {k: round(v, 4) for k, v in self.replica_shares.items()},
         }
 
 
@@ -204,7 +261,11 @@ def merge(phase: Phase, config: BenchConfig, parts: Sequence[WorkerResult]) -> P
     codes: Counter[str] = Counter()
     for part in parts:
         codes.update(part.codes)
+    replicas: Counter[str] = Counter()
+    for part in parts:
+        replicas.update(part.replicas)
     latencies = [p.latencies_s for p in parts if p.latencies_s.size]
+    open_loop = all(p.scheduled is not None for p in parts)
     return PhaseResult(
         phase=phase,
         duration_s=config.duration_s,
@@ -213,26 +274,86 @@ def merge(phase: Phase, config: BenchConfig, parts: Sequence[WorkerResult]) -> P
         codes=dict(codes),
         cpu_s=[p.cpu_s for p in parts],
         wall_s=[p.wall_s for p in parts],
+        replicas=dict(replicas),
+        scheduled=sum(p.scheduled or 0 for p in parts) if open_loop else None,
+        sent_by_end=sum(p.sent_by_end or 0 for p in parts) if open_loop else None,
+    )
+
+
+def combine(results: Sequence[PhaseResult]) -> PhaseResult:
+    """Several measurements of one phase (e.g. consecutive windows) as one.
+
+    Samples and counts are pooled; CPU and wall time add up per process.
+    """
+    if not results:
+        raise ValueError("combine needs at least one result")
+    first = results[0]
+    codes: Counter[str] = Counter()
+    replicas: Counter[str] = Counter()
+    for r in results:
+        codes.update(r.codes)
+        replicas.update(r.replicas)
+    latencies = [r.latencies_s for r in results if r.latencies_s.size]
+    open_loop = all(r.scheduled is not None for r in results)
+    return PhaseResult(
+        phase=first.phase,
+        duration_s=sum(r.duration_s for r in results),
+        images_per_request=first.images_per_request,
+        latencies_s=np.sort(np.concatenate(latencies)) if latencies else np.zeros(0),
+        codes=dict(codes),
+        cpu_s=[sum(cs) for cs in zip(*(r.cpu_s for r in results), strict=True)],
+        wall_s=[sum(ws) for ws in zip(*(r.wall_s for r in results), strict=True)],
+        replicas=dict(replicas),
+        scheduled=sum(r.scheduled or 0 for r in results) if open_loop else None,
+        sent_by_end=sum(r.sent_by_end or 0 for r in results) if open_loop else None,
     )
 
 
 # --- One worker: an asyncio loop in one process --------------------------------
 
 
+# What a sender returns: the status, and who answered: a replica name, None
+# (not named), or the stream whose replica is known once the stream has ended.
+Answer = tuple[grpc.StatusCode, "str | _Stream | None"]
+
+
 class _Recorder:
     def __init__(self) -> None:
         self.latencies: list[float] = []
         self.codes: Counter[str] = Counter()
+        self.answered_by: Counter[str | _Stream] = Counter()
         self.done = 0
         self.failed = 0
+        self.scheduled: int | None = None
+        self.sent_by_end: int | None = None
 
-    def add(self, latency_s: float, code: grpc.StatusCode, counted: bool) -> None:
+    def add(self, latency_s: float, answer: Answer, counted: bool) -> None:
+        code, replica = answer
         self.done += 1
         self.failed += code != grpc.StatusCode.OK
         if counted:
             self.codes[code.name] += 1
             if code == grpc.StatusCode.OK:
                 self.latencies.append(latency_s)
+                if replica is not None:
+                    self.answered_by[replica] += 1
+
+    def replicas(self) -> dict[str, int]:
+        """Successful requests per replica name (streams resolved to theirs)."""
+        counts: Counter[str] = Counter()
+        for who, n in self.answered_by.items():
+            name = who if isinstance(who, str) else who.replica
+            if name is not None:
+                counts[name] += n
+        return dict(counts)
+
+
+def _replica_of(metadata: Any) -> str | None:
+    """The ``convserve-replica`` value of a call's trailing metadata, if any."""
+    for key, value in metadata or ():
+        if key == REPLICA_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
 
 
 class SetupError(Exception):
@@ -285,6 +406,11 @@ async def _prepare(
             config.rpc, config.images, config.images_per_request, config.model_name, shape
         )
     service_pb2, service_pb2_grpc = bench_requests.import_oip()
+    if config.oip_input is not None:
+        # Given on the command line: the metadata may declare nothing (MLServer's default).
+        return bench_requests.oip_requests(
+            config.model_name, config.oip_input, config.images, config.images_per_request
+        )
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     response = await _setup_call(
         "ModelMetadata",
@@ -306,12 +432,13 @@ async def _send(
     request: bytes,
     timeout_s: float,
     metadata: tuple[tuple[str, str], ...],
-) -> grpc.StatusCode:
+) -> Answer:
+    pending = call(request, timeout=timeout_s, metadata=metadata)
     try:
-        await call(request, timeout=timeout_s, metadata=metadata)
+        await pending
     except grpc.aio.AioRpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
+        return exc.code(), _replica_of(exc.trailing_metadata())
+    return grpc.StatusCode.OK, _replica_of(await pending.trailing_metadata())
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -332,6 +459,8 @@ class _Stream:
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._waiting: dict[int, asyncio.Future[grpc.StatusCode]] = {}
         self._next_id = 0
+        # The replica that served the stream, from its trailing metadata at the end.
+        self.replica: str | None = None
         method = channel.stream_stream(
             bench_requests.PREDICT_STREAM_METHOD,
             response_deserializer=pb.PredictStreamResponse.FromString,
@@ -354,24 +483,26 @@ class _Stream:
                     waiter.set_result(grpc.StatusCode.OK)
                 else:
                     waiter.set_result(_CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN))
+            self.replica = _replica_of(await self._call.trailing_metadata())
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
+            self.replica = _replica_of(exc.trailing_metadata())
         # The stream ended: whoever still waits gets its status (or UNAVAILABLE).
         for waiter in self._waiting.values():
             if not waiter.done():
                 waiter.set_result(code)
         self._waiting.clear()
 
-    async def send(self, request: bytes) -> grpc.StatusCode:
+    async def send(self, request: bytes) -> Answer:
         """Send a serialized id-less PredictStreamRequest and wait for its answer's status."""
         if self._reader.done():
-            return grpc.StatusCode.UNAVAILABLE
+            return grpc.StatusCode.UNAVAILABLE, None
         request_id = self._next_id
         self._next_id += 1
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = waiter
         self._outbox.put_nowait(self._id_message(id=request_id).SerializeToString() + request)
-        return await waiter
+        return await waiter, self
 
     async def close(self) -> None:
         self._outbox.put_nowait(None)
@@ -379,12 +510,12 @@ class _Stream:
 
 
 def _round_robin(
-    senders: list[Callable[[bytes], Awaitable[grpc.StatusCode]]],
-) -> Callable[[bytes], Awaitable[grpc.StatusCode]]:
+    senders: list[Callable[[bytes], Awaitable[Answer]]],
+) -> Callable[[bytes], Awaitable[Answer]]:
     """A sender that hands each request to the next of `senders` in turn."""
     turn = itertools.cycle(senders)
 
-    def send(request: bytes) -> Awaitable[grpc.StatusCode]:
+    def send(request: bytes) -> Awaitable[Answer]:
         return next(turn)(request)
 
     return send
@@ -403,8 +534,8 @@ async def _closed_loop(
     async def user(n: int) -> None:
         i = n
         while (start := time.perf_counter()) < end:
-            code = await send(requests[i % len(requests)])
-            recorder.add(time.perf_counter() - start, code, start >= warm_end)
+            answer = await send(requests[i % len(requests)])
+            recorder.add(time.perf_counter() - start, answer, start >= warm_end)
             i += 1
 
     if users == 0:
@@ -425,14 +556,20 @@ async def _open_loop(
     pending: set[asyncio.Task[None]] = set()
 
     async def timed(request: bytes, scheduled: float) -> None:
-        code = await send(request)
-        recorder.add(time.perf_counter() - scheduled, code, scheduled >= warm_end)
+        answer = await send(request)
+        recorder.add(time.perf_counter() - scheduled, answer, scheduled >= warm_end)
 
+    recorder.scheduled = recorder.sent_by_end = 0
     i = 0
     while (scheduled := first + i * interval) < end:
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        if scheduled >= warm_end:
+            recorder.scheduled += 1
+            # A generator that cannot keep up sends late, and after `end` catches up
+            # on what it owed: those requests were not sent when they should have been.
+            recorder.sent_by_end += time.perf_counter() < end
         # Sent even when late: the lateness is part of the latency measured.
         task = asyncio.create_task(timed(requests[i % len(requests)], scheduled))
         pending.add(task)
@@ -460,10 +597,10 @@ async def run_worker(
         method, requests = await _prepare(channel, config, metadata)
         call = channel.unary_unary(method)
 
-        async def unary(request: bytes) -> grpc.StatusCode:
+        async def unary(request: bytes) -> Answer:
             return await _send(call, request, config.timeout_s, metadata)
 
-        send: Callable[[bytes], Awaitable[grpc.StatusCode]] = unary
+        send: Callable[[bytes], Awaitable[Answer]] = unary
 
         # One request first: a server that is down or rejects the request
         # fails the run now, not with a table of errors.
@@ -522,6 +659,9 @@ async def run_worker(
             codes=dict(recorder.codes),
             cpu_s=time.process_time() - cpu0,
             wall_s=time.perf_counter() - wall0,
+            replicas=recorder.replicas(),
+            scheduled=recorder.scheduled,
+            sent_by_end=recorder.sent_by_end,
         )
 
 
@@ -656,48 +796,3 @@ def run(
     config: BenchConfig, phases: Sequence[Phase], *, show_progress: bool = False
 ) -> list[PhaseResult]:
     return [run_phase(config, phase, show_progress=show_progress) for phase in phases]
-
-
-# --- Reporting -----------------------------------------------------------------------
-
-
-def _ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1000.0:.2f}"
-
-
-def summary_table(results: Sequence[PhaseResult]) -> str:
-    headers = [
-        "load", "requests", "req/s", "images/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-        "errors", "gen CPU",
-    ]  # fmt: skip
-    rows = [
-        [
-            r.phase.label,
-            r.ok,
-            f"{r.requests_per_s:.1f}",
-            f"{r.images_per_s:.1f}",
-            _ms(r.percentile_s(50)),
-            _ms(r.percentile_s(90)),
-            _ms(r.percentile_s(99)),
-            _ms(r.max_s),
-            ", ".join(f"{code} {n}" for code, n in r.errors.items()) or "-",
-            f"{r.cpu_cores:.2f} cores",
-        ]
-        for r in results
-    ]
-    return format_table(headers, rows, right=range(1, 8))
-
-
-def report_dict(config: BenchConfig, results: Sequence[PhaseResult]) -> dict[str, Any]:
-    return {
-        "target": config.target,
-        "protocol": config.protocol,
-        "rpc": config.rpc,
-        "model": config.model_name,
-        "images_per_request": config.images_per_request,
-        "processes": config.processes,
-        "duration_s": config.duration_s,
-        "warmup_s": config.warmup_s,
-        "machine_cpus": os.cpu_count(),
-        "phases": [r.as_dict() for r in results],
-    }

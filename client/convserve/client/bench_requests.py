@@ -187,15 +187,53 @@ class OipInput:
     shape: tuple[int, ...]
 
 
-_OIP_DTYPES = {"UINT8": np.uint8, "FP32": np.float32, "FP64": np.float64}
+# OIP datatypes that can hold the images: integers get the 0-255 pixels, floats
+# get them scaled to [0, 1]. (INT8 cannot hold 255; BOOL and BYTES are not numbers.)
+_OIP_DTYPES: dict[str, type[np.generic]] = {
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+}
 
 
 def oip_input(metadata: Any) -> OipInput:
     """Read the first input of a ModelMetadataResponse."""
     if not metadata.inputs:
-        raise InputError(f"model {metadata.name!r} declares no inputs")
+        raise InputError(
+            f"model {metadata.name!r} declares no inputs; give the input to send with "
+            "--input NAME:DTYPE:SHAPE (e.g. --input images:UINT8:-1,28,28,1)"
+        )
     first = metadata.inputs[0]
     return OipInput(first.name, first.datatype, tuple(int(d) for d in first.shape))
+
+
+def parse_oip_input(text: str) -> OipInput:
+    """``NAME:DTYPE:SHAPE`` (e.g. ``images:FP32:-1,28,28,1``) as an OipInput.
+
+    Only the syntax is checked here; whether the input can take the images is
+    checked when the requests are made (`oip_requests`).
+    """
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not all(parts):
+        raise InputError(
+            f"--input: expected NAME:DTYPE:SHAPE such as images:UINT8:-1,28,28,1, got {text!r}"
+        )
+    name, datatype, shape_text = parts
+    try:
+        shape = tuple(int(d) for d in shape_text.replace("x", ",").split(","))
+    except ValueError:
+        raise InputError(
+            f"--input: SHAPE must be comma-separated integers such as -1,28,28,1, "
+            f"got {shape_text!r}"
+        ) from None
+    return OipInput(name, datatype.upper(), shape)
 
 
 def oip_requests(
@@ -206,14 +244,14 @@ def oip_requests(
     The batch dimension (the leading -1) becomes `per_request`. The other
     dimensions are [H,W] or [H,W,C] (the pool is resized to them when they
     differ), or any shape holding exactly one of the pool's images (e.g. a
-    flat [H*W]). UINT8 inputs get 0-255 pixels, FP32 and FP64 inputs get
-    values in [0, 1].
+    flat [H*W]). Integer inputs get 0-255 pixels, floating-point inputs get
+    values in [0, 1]; other datatypes (BOOL, BYTES, INT8) are refused.
     """
     service_pb2, _ = import_oip()
     if spec.datatype not in _OIP_DTYPES:
         raise InputError(
-            f"model input {spec.name!r}: datatype {spec.datatype} is not one of "
-            f"{', '.join(_OIP_DTYPES)}"
+            f"model input {spec.name!r}: datatype {spec.datatype} cannot hold image pixels; "
+            f"expected one of {', '.join(_OIP_DTYPES)}"
         )
     if not spec.shape or spec.shape[0] != -1:
         raise InputError(
@@ -236,9 +274,10 @@ def oip_requests(
         h, w, *c = image_shape
         pool = resize_batch(pool, (h, w, c[0] if c else 1))
     dtype = _OIP_DTYPES[spec.datatype]
+    floats = np.issubdtype(dtype, np.floating)
     requests = []
     for batch in _batches(pool, per_request):
-        values = batch if dtype == np.uint8 else batch.astype(dtype) / 255.0
+        values = batch.astype(dtype) / 255.0 if floats else batch.astype(dtype)
         shape = [per_request, *image_shape]
         request = service_pb2.ModelInferRequest(model_name=model_name)
         tensor = request.inputs.add(name=spec.name, datatype=spec.datatype)

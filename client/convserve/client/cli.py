@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from convserve.client import bench, bench_requests
-from convserve.client.bench import BenchConfig, Phase, SetupError, report_dict, summary_table
+from convserve.client import bench_metrics, bench_report, bench_requests, bench_sweep
+from convserve.client.bench import BenchConfig, Phase, SetupError
 from convserve.client.channel import TlsConfig
 from convserve.client.config import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_TARGET
 from convserve.client.errors import ConvServeError, InputError
@@ -589,49 +589,154 @@ def _cmd_health(args: argparse.Namespace) -> int:
 # --- bench ------------------------------------------------------------------------------
 
 
+_BENCH_PROTOCOLS = ("convserve", "oip")
+
+
+def _bench_target(text: str, protocol: str, flag: str) -> tuple[str, str]:
+    """(address, protocol) from ``[PROTOCOL@]ADDRESS``; the prefix wins over `protocol`."""
+    prefix, at, address = text.partition("@")
+    if at and prefix in _BENCH_PROTOCOLS:
+        if not address:
+            raise UsageError(f"{flag}: expected [PROTOCOL@]HOST:PORT, got {text!r}")
+        return address, prefix
+    return text, protocol
+
+
+def _bench_phases(args: argparse.Namespace) -> list[Phase]:
+    if args.concurrency_range is not None:
+        levels = bench_sweep.parse_range(args.concurrency_range, "--concurrency-range", int)
+        return [Phase(concurrency=c) for c in levels]
+    if args.rate_range is not None:
+        rates = bench_sweep.parse_range(args.rate_range, "--rate-range", float)
+        return [Phase(rate=r) for r in rates]
+    if args.rate is not None:
+        return [Phase(rate=r) for r in _positive_list(args.rate, "--rate", float)]
+    levels = _positive_list(args.concurrency, "--concurrency", int)
+    return [Phase(concurrency=c) for c in levels]
+
+
+def _bench_windows(args: argparse.Namespace) -> bench_sweep.Windows | None:
+    if args.window_s is None:
+        for flag, value in (
+            ("--stability-percent", args.stability_percent),
+            ("--max-windows", args.max_windows),
+        ):
+            if value is not None:
+                raise UsageError(f"{flag} needs --window-s (stable measurement windows)")
+        return None
+    if args.duration_s is not None:
+        raise UsageError(
+            "--duration-s and --window-s exclude each other: with --window-s a level "
+            "lasts as many windows as it needs (up to --max-windows)"
+        )
+    return bench_sweep.Windows(
+        window_s=args.window_s,
+        stability_percent=10.0 if args.stability_percent is None else args.stability_percent,
+        max_windows=10 if args.max_windows is None else args.max_windows,
+    )
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    phases = _bench_phases(args)
+    windows = _bench_windows(args)
+    if args.latency_threshold_ms is not None and not args.latency_threshold_ms > 0:
+        raise UsageError(
+            f"--latency-threshold-ms: expected milliseconds > 0, got {args.latency_threshold_ms}"
+        )
+    for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
+        if path is not None:
+            bench_report.check_writable(path, flag)
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        raise UsageError(f"--plot: expected a FILE.png, got {args.plot!r}")
     if args.images:
         images = bench_requests.load_images(args.images)
     else:
         images, _ = bench_requests.synthetic_digits(256)
-    if args.rate is not None:
-        phases = [Phase(rate=r) for r in _positive_list(args.rate, "--rate", float)]
+    address, protocol = _bench_target(args.target, args.protocol, "--target")
+    specs = [(address, protocol, args.model, args.input)]
+    if args.compare is not None:
+        other, other_protocol = _bench_target(
+            args.compare, args.compare_protocol or protocol, "--compare"
+        )
+        other_model = args.model if args.compare_model is None else args.compare_model
+        specs.append((other, other_protocol, other_model, args.compare_input))
     else:
-        levels = _positive_list(args.concurrency, "--concurrency", int)
-        phases = [Phase(concurrency=c) for c in levels]
-    config = BenchConfig(
-        target=args.target,
-        images=images,
-        protocol=args.protocol,
-        rpc=args.rpc,
-        model_name=args.model,
-        images_per_request=args.images_per_request,
-        duration_s=args.duration_s,
-        warmup_s=args.warmup_s,
-        processes=args.processes,
-        streams=args.streams,
-        timeout_s=args.timeout_s,
-        tls=_tls(args),
-        token=_read_token(args),
-    )
+        for flag, value in (
+            ("--compare-protocol", args.compare_protocol),
+            ("--compare-model", args.compare_model),
+            ("--compare-input", args.compare_input),
+        ):
+            if value is not None:
+                raise UsageError(f"{flag} needs --compare TARGET")
+    urls = [bench_metrics.check_url(u) for u in args.metrics_url or []]
+    if len(urls) not in (0, 1, len(specs)):
+        raise UsageError(
+            f"--metrics-url: expected one URL (for every target) or one per target "
+            f"({len(specs)}), got {len(urls)}"
+        )
+    if len(urls) == 1:
+        urls *= len(specs)
+    tls, token = _tls(args), _read_token(args)
+    duration_s = 10.0 if args.duration_s is None else args.duration_s
+    configs = [
+        BenchConfig(
+            target=target,
+            images=images,
+            protocol=target_protocol,
+            rpc=args.rpc,
+            model_name=model,
+            images_per_request=args.images_per_request,
+            duration_s=duration_s,
+            warmup_s=args.warmup_s,
+            processes=args.processes,
+            streams=args.streams,
+            timeout_s=args.timeout_s,
+            tls=tls,
+            token=token,
+            oip_input=None if spec is None else bench_requests.parse_oip_input(spec),
+        )
+        for target, target_protocol, model, spec in specs
+    ]
     show_progress = not args.json and not args.no_progress and sys.stderr.isatty()
-    results = bench.run(config, phases, show_progress=show_progress)
-    cpus = os.cpu_count() or 1
-    busiest = max(r.cpu_cores for r in results)
-    text = (
-        f"{config.protocol} {config.rpc} -> {config.target}, "
-        f"{config.images_per_request} image(s)/request, {config.processes} process(es), "
-        + (f"{config.streams} stream(s) per process, " if config.streams else "")
-        + f"{config.duration_s:g} s per phase after {config.warmup_s:g} s warm-up\n"
-        + summary_table(results)
-        + f"\ngenerator CPU: up to {busiest:.2f} cores ({100.0 * busiest / cpus:.0f}% of "
-        f"{cpus} CPUs); latency percentiles are nearest-rank over successful requests"
-    )
-    _emit(args, report_dict(config, results), text)
-    return EXIT_OK if all(not r.errors for r in results) else EXIT_OTHER
+    try:
+        result = bench_sweep.sweep(
+            configs,
+            phases,
+            windows=windows,
+            threshold_ms=args.latency_threshold_ms,
+            metrics_urls=urls,
+            show_progress=show_progress,
+        )
+    except bench_metrics.MetricsError as exc:
+        raise SetupError(str(exc)) from exc
+    if args.csv is not None:
+        bench_report.write_csv(result, args.csv)
+    if args.plot is not None:
+        from convserve.client import bench_plot
+
+        bench_plot.plot(result, args.plot)
+    if windows is None:
+        note = f"{duration_s:g} s per phase after {args.warmup_s:g} s warm-up"
+    else:
+        note = (
+            f"windows of {windows.window_s:g} s until {windows.stable_windows} agree within "
+            f"{windows.stability_percent:g}% (at most {windows.max_windows}) after "
+            f"{args.warmup_s:g} s warm-up"
+        )
+    _emit(args, bench_report.report_dict(result), bench_report.report_text(result, note))
+    return EXIT_OK if all(not level.result.errors for level in result.levels) else EXIT_OTHER
 
 
 # --- The parser -------------------------------------------------------------------------
+
+BENCH_EXAMPLES = """\
+examples:
+  convserve bench --concurrency-range 1:64:8 --window-s 2 --latency-threshold-ms 50
+  convserve bench --rate-range 100:1000:100 --latency-threshold-ms 20 --plot sweep.png
+  convserve --target H:8500 bench --compare oip@H:8500 --model mnist --concurrency 1,8,32
+  convserve --target oip@H:8081 bench --model m --input images:FP32:-1,28,28,1
+  convserve bench --concurrency 1,8 --metrics-url http://H:8502/metrics --csv out.csv
+"""
 
 
 def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
@@ -806,7 +911,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--service", default="", help="service name to check (default: the server)")
 
-    p = command("bench", _cmd_bench, "load-test the server (closed or open loop)")
+    p = command(
+        "bench",
+        _cmd_bench,
+        "load-test the server (closed or open loop; sweeps, a latency threshold, two targets)",
+    )
+    p.epilog = BENCH_EXAMPLES + "\n" + EXIT_CODES_HELP
     load = p.add_mutually_exclusive_group()
     load.add_argument(
         "--concurrency",
@@ -818,10 +928,88 @@ def build_parser() -> argparse.ArgumentParser:
         help="open loop: requests/s (comma-separated for several phases); latency counts "
         "from each request's scheduled send time",
     )
-    p.add_argument("--protocol", choices=("convserve", "oip"), default="convserve")
+    load.add_argument(
+        "--concurrency-range",
+        metavar="START:END[:STEP]",
+        help="closed loop at concurrency START, START+STEP, ... up to END (STEP default 1)",
+    )
+    load.add_argument(
+        "--rate-range",
+        metavar="START:END[:STEP]",
+        help="open loop at START, START+STEP, ... up to END requests/s (STEP default 1)",
+    )
+    p.add_argument(
+        "--latency-threshold-ms",
+        type=float,
+        metavar="MS",
+        help="stop a target's sweep after the first level whose p99 exceeds MS; the knee is "
+        "the last level under it",
+    )
+    p.add_argument(
+        "--window-s",
+        type=float,
+        metavar="S",
+        help="measure each level in windows of S seconds until the last 3 agree (instead of "
+        "one --duration-s phase)",
+    )
+    p.add_argument(
+        "--stability-percent",
+        type=float,
+        metavar="P",
+        help="with --window-s: windows agree when each one's req/s and p99 are within P%% of "
+        "their mean (default 10)",
+    )
+    p.add_argument(
+        "--max-windows",
+        type=int,
+        metavar="N",
+        help="with --window-s: at most N windows per level, then it is marked UNSTABLE "
+        "(default 10)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=_BENCH_PROTOCOLS,
+        default="convserve",
+        help="protocol of --target (or prefix it: --target oip@HOST:PORT)",
+    )
+    p.add_argument(
+        "--input",
+        metavar="NAME:DTYPE:SHAPE",
+        help="with --protocol oip: the input to send, e.g. images:FP32:-1,28,28,1 (for "
+        "servers whose model metadata declares no inputs, such as MLServer's default)",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="[PROTOCOL@]TARGET",
+        help="a second target: levels alternate between --target and it (A1 B1 A2 B2 ...) "
+        "and the table gains the ratio B/A of req/s",
+    )
+    p.add_argument(
+        "--compare-protocol",
+        choices=_BENCH_PROTOCOLS,
+        help="protocol of --compare (default: that of --target)",
+    )
+    p.add_argument("--compare-model", metavar="NAME", help="model of --compare (default --model)")
+    p.add_argument("--compare-input", metavar="NAME:DTYPE:SHAPE", help="--input of --compare")
+    p.add_argument(
+        "--metrics-url",
+        action="append",
+        metavar="URL",
+        help="the server's Prometheus /metrics, scraped around each level for server-side "
+        "batch size, queue wait and model time; once for every target or once per target",
+    )
+    p.add_argument("--csv", metavar="FILE", help="also write one row per target and level")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw p50/p90/p99 latency against throughput (needs the plot extra: "
+        "pip install 'convserve[plot]')",
+    )
     p.add_argument("--rpc", choices=("predict", "convolve"), default="predict")
     p.add_argument("--images-per-request", type=int, default=1)
-    p.add_argument("--duration-s", type=float, default=10.0, help="measured time per phase")
+    p.add_argument(
+        "--duration-s", type=float, help="measured time per phase (default 10; see --window-s)"
+    )
     p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured time before it")
     p.add_argument("--processes", type=int, default=1, help="generator processes (default 1)")
     p.add_argument(
