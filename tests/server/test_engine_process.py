@@ -72,6 +72,28 @@ def test_blocking_calls_match_the_in_process_engine(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("max_rows", [0, 4])
+def test_batches_through_the_socket_match_those_through_shared_memory(
+    max_rows: int, litert: models.LiteRtEngine, sample_digits: Digits
+) -> None:
+    """max_rows=0: every batch in the socket; 4: batches of up to 4 images in the shared
+    region, larger ones in the socket. Either way, the same answers bit for bit."""
+    images = sample_digits[0][:9].reshape(-1, 28, 28, 1)
+    expected = in_process(litert, images)
+    engine = ProcessEngine(
+        litert.flatbuffer, **MNIST_IO, threads=1, workers=1, name="wire", max_rows=max_rows
+    )
+    try:
+        for size in (1, 4, 5, 9, 3):
+            np.testing.assert_array_equal(engine(images[:size]), expected[:size])
+            as_float = images[:size].astype(np.float32) / np.float32(255.0)
+            np.testing.assert_array_equal(engine(as_float), expected[:size])
+    finally:
+        engine.close()
+        assert engine.wait_closed(10.0)
+
+
+@pytest.mark.slow
 async def test_concurrent_batches_on_the_event_loop_get_their_own_rows(
     engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
@@ -186,9 +208,9 @@ def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "three integers; started by the server"),
-        (["a", "1", "0"], "three integers; started by the server"),
-        (["987", "1", "0"], "FD 987 is not a socket"),
+        ([], "four integers; started by the server"),
+        (["a", "1", "0", "-1"], "four integers; started by the server"),
+        (["987", "1", "0", "-1"], "FD 987 is not a socket"),
     ],
 )
 def test_the_worker_entry_point_explains_bad_arguments(argv: list[str], message: str) -> None:

@@ -9,17 +9,29 @@ processes, each with its own interpreter and GIL; the event loop hands a
 batch to an idle worker over a socket pair and awaits the answer like any
 other I/O, so no thread of the server process competes for the GIL.
 
+Batches travel through memory the server and its worker share (a memfd
+mapped by both, one per worker), not through the socket: the server writes
+a batch's pixels where the worker reads them, the worker writes its
+probabilities where the server reads them, and the socket carries only
+8-byte headers, which wake the other side. A batch larger than the shared
+region (`max_rows` images) travels in the socket instead.
+
 The wire between the server and a worker, all little-endian:
 
-* start-up: the server sends ``<Q length>`` and the flatbuffer; the worker
-  answers with a response frame (status 0 once the interpreter is ready).
-* request: ``<I rows><B dtype><3x>`` and ``rows * H * W * C`` pixels (the
-  model's input shape, which the worker reads from the flatbuffer), uint8
-  (dtype 0, 0..255) or float32 (dtype 1, 0..1);
+* start-up: the server sends ``<Q length><Q output offset>`` and the
+  flatbuffer; the worker answers with a response frame (status 0 once the
+  interpreter is ready). The output offset is where, in the shared region,
+  the worker writes its answers.
+* request: ``<I rows><B dtype><B where><2x>``, then, when where is 0,
+  ``rows * H * W * C`` pixels (the model's input shape, which the worker
+  reads from the flatbuffer); when where is 1 the pixels are at the start of
+  the shared region. uint8 (dtype 0, 0..255) or float32 (dtype 1, 0..1);
 * heartbeat: a request of 0 rows (dtype 0, no pixels), answered at once with
   an empty status-0 response;
-* response: ``<B status><3x><I length>`` and `length` bytes: float32
-  ``[rows, K]`` probabilities (status 0) or a UTF-8 error message (status 1).
+* response: ``<B status><B where><2x><I length>``: `length` bytes of
+  float32 ``[rows, K]`` probabilities (status 0) or of a UTF-8 error message
+  (status 1), following in the socket (where 0) or at the output offset of
+  the shared region (where 1).
 
 Supervision. A worker that dies fails the batch it held (`errors.Internal`)
 and is replaced in the background; the others keep serving meanwhile. A
@@ -33,7 +45,8 @@ its worker keeps the batch until it answers (and serves on) or until
 ``batch_timeout_s`` (and is replaced): a short deadline does not cost a restart.
 `ProcessEngine.healthy` is False while no worker is usable.
 
-    python -m convserve.server.engine_process FD THREADS NICENESS   # started by ProcessEngine
+    python -m convserve.server.engine_process FD THREADS NICENESS SHARED_FD
+    # started by ProcessEngine; SHARED_FD -1: no shared region
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -58,10 +72,12 @@ from convserve.server import errors
 
 log = logging.getLogger(__name__)
 
-REQUEST = struct.Struct("<IB3x")
-RESPONSE = struct.Struct("<B3xI")
-MODEL_LENGTH = struct.Struct("<Q")
-PING = REQUEST.pack(0, 0)
+REQUEST = struct.Struct("<IBB2x")
+RESPONSE = struct.Struct("<BB2xI")
+MODEL_LENGTH = struct.Struct("<QQ")
+PING = REQUEST.pack(0, 0, 0)
+# Where a frame's values are: after its header in the socket, or in the shared region.
+IN_SOCKET, IN_REGION = 0, 1
 _DTYPES: dict[np.dtype[Any], int] = {np.dtype(np.uint8): 0, np.dtype(np.float32): 1}
 _FROM_CODE: dict[int, np.dtype[Any]] = {code: dtype for dtype, code in _DTYPES.items()}
 # Seconds a worker may take to start and load its model before the load fails.
@@ -101,14 +117,60 @@ def _recv_exact(sock: socket.socket, size: int) -> bytearray:
     return buffer
 
 
-def _request_frame(images: np.ndarray, pixels: int) -> tuple[bytes, np.ndarray]:
+def _check_batch(images: np.ndarray, pixels: int) -> int:
+    """The dtype code of a batch the worker can take; ValueError otherwise."""
     code = _DTYPES.get(images.dtype)
     if code is None or images.ndim < 1 or images.shape[0] < 1 or images[0].size != pixels:
         raise ValueError(
             f"uint8 or float32 images of {pixels} pixels expected (at least one), got "
             f"{images.dtype} {list(images.shape)}"
         )
-    return REQUEST.pack(images.shape[0], code), np.ascontiguousarray(images)
+    return code
+
+
+class _Region:
+    """Memory shared with one worker: a batch's pixels at the start, its answer at
+    `output_offset`. Sized for `max_rows` float32 images of `pixels` values and their
+    `classes` probabilities."""
+
+    def __init__(self, max_rows: int, pixels: int, classes: int) -> None:
+        # A cache line apart, so the two sides never write the same line.
+        self.max_rows = max_rows
+        self.output_offset = -(-max_rows * pixels * 4 // 64) * 64
+        self.input_bytes = self.output_offset
+        self.output_bytes = max_rows * classes * 4
+        self.fd = os.memfd_create("convserve-batches", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.output_offset + self.output_bytes)
+            self.memory = mmap.mmap(self.fd, self.output_offset + self.output_bytes)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def write(self, images: np.ndarray) -> bool:
+        """Put a batch where the worker reads it; False if it or its answer does not fit."""
+        if images.shape[0] > self.max_rows or images.nbytes > self.input_bytes:
+            return False
+        view = np.frombuffer(self.memory, images.dtype, images.size)
+        np.copyto(view.reshape(images.shape), images)
+        return True
+
+    def answer(self, length: int) -> bytes:
+        """The `length` bytes the worker wrote at the output offset."""
+        if length > self.output_bytes:
+            raise EOFError(f"an answer of {length} bytes does not fit the shared region")
+        return self.memory[self.output_offset : self.output_offset + length]
+
+    def close_fd(self) -> None:
+        """The worker has its own descriptor once started; the mapping stays."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        self.close_fd()
+        with contextlib.suppress(BufferError):  # a view still exported: freed with it
+            self.memory.close()
 
 
 def _probabilities(status: int, payload: bytes | bytearray, rows: int, classes: int) -> np.ndarray:
@@ -132,22 +194,25 @@ class _Worker:
     loop, whose reader and writer callbacks move the frames.
     """
 
-    def __init__(self, threads: int, niceness: int, name: str) -> None:
+    def __init__(self, threads: int, niceness: int, name: str, region: _Region | None) -> None:
         self.name = name
+        self.region = region
         ours, theirs = socket.socketpair()
-        arguments = (theirs.fileno(), threads, niceness)
+        shared_fd = region.fd if region is not None else -1
+        arguments = (theirs.fileno(), threads, niceness, shared_fd)
         command = [sys.executable, "-m", __name__, *map(str, arguments)]
+        fds = (theirs.fileno(),) if region is None else (theirs.fileno(), shared_fd)
         try:
-            self.process = subprocess.Popen(
-                command,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            self.process = subprocess.Popen(command, pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
+            if region is not None:
+                region.close()
             raise
         finally:
             theirs.close()
+            if region is not None:
+                region.close_fd()
         self.sock = ours
         # Set by the engine: out of service (being replaced, or the engine closed).
         self.retired = False
@@ -174,21 +239,39 @@ class _Worker:
         sock = self.sock
         try:
             sock.settimeout(START_TIMEOUT_S)
-            sock.sendall(MODEL_LENGTH.pack(len(flatbuffer)))
+            offset = self.region.output_offset if self.region is not None else 0
+            sock.sendall(MODEL_LENGTH.pack(len(flatbuffer), offset))
             sock.sendall(flatbuffer)
-            status, length = RESPONSE.unpack(_recv_exact(sock, RESPONSE.size))
+            status, _, length = RESPONSE.unpack(_recv_exact(sock, RESPONSE.size))
             message = _recv_exact(sock, length)
         except (OSError, EOFError) as exc:
             raise WorkerError(f"{self.name}: did not start ({exc}); see the log above") from exc
         if status != 0:
             raise WorkerError(f"{self.name}: {message.decode(errors='replace')}")
 
+    def frame(self, images: np.ndarray, code: int) -> bytes:
+        """The request frame of a checked batch; its pixels go to the shared region when
+        they fit. Only while this worker is idle: it reads the region once it has the frame."""
+        rows = images.shape[0]
+        if self.region is not None and self.region.write(images):
+            return REQUEST.pack(rows, code, IN_REGION)
+        return REQUEST.pack(rows, code, IN_SOCKET) + np.ascontiguousarray(images).tobytes()
+
+    def payload(self, where: int, length: int, following: bytes | bytearray) -> bytes:
+        """An answer's bytes: `following` the header in the socket, or in the region."""
+        if where == IN_SOCKET:
+            return bytes(following)
+        if self.region is None:
+            raise EOFError(f"{self.name} answered through a shared region it does not have")
+        return self.region.answer(length)
+
     def call(self, images: np.ndarray, pixels: int, classes: int) -> np.ndarray:
         """Blocking call (before `attach`, e.g. a warm-up)."""
-        header, values = _request_frame(images, pixels)
-        self.sock.sendall(header + values.tobytes())
-        status, length = RESPONSE.unpack(_recv_exact(self.sock, RESPONSE.size))
-        return _probabilities(status, _recv_exact(self.sock, length), images.shape[0], classes)
+        self.sock.sendall(self.frame(images, _check_batch(images, pixels)))
+        status, where, length = RESPONSE.unpack(_recv_exact(self.sock, RESPONSE.size))
+        following = _recv_exact(self.sock, length) if where == IN_SOCKET else b""
+        payload = self.payload(where, length, following)
+        return _probabilities(status, payload, images.shape[0], classes)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Serve `request` on `loop` (call on its thread)."""
@@ -255,7 +338,7 @@ class _Worker:
 
     def _readable(self) -> None:
         try:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(1 << 16)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -268,11 +351,15 @@ class _Worker:
         self._received += data
         if len(self._received) < RESPONSE.size:
             return
-        status, length = RESPONSE.unpack_from(self._received)
-        end = RESPONSE.size + length
+        status, where, length = RESPONSE.unpack_from(self._received)
+        end = RESPONSE.size + (length if where == IN_SOCKET else 0)
         if len(self._received) < end:
             return
-        payload = bytes(self._received[RESPONSE.size : end])
+        try:
+            payload = self.payload(where, length, self._received[RESPONSE.size : end])
+        except EOFError as exc:  # a broken answer: this worker cannot be trusted any more
+            self._fail(exc)
+            return
         del self._received[:end]
         self.answered_at = time.monotonic()
         answer, self._answer = self._answer, None
@@ -323,6 +410,8 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.region is not None:
+            self.region.close()
 
 
 class ProcessEngine:
@@ -334,6 +423,8 @@ class ProcessEngine:
     Call `__call__` (blocking) only before `serve()`, e.g. to warm up; after
     it, `run` (on the event loop) hands each batch to an idle worker. At most
     `workers` batches run at once; a caller finding none idle waits for one.
+    Batches of up to `max_rows` images travel through memory shared with the
+    worker (0: always through the socket).
     `close` and everything after `serve` belong to the event loop's thread.
 
     Supervision (from `serve` on): a batch gets at most `batch_timeout_s`
@@ -361,6 +452,7 @@ class ProcessEngine:
         batch_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 1.0,
         on_health_change: Callable[[bool], None] | None = None,
+        max_rows: int = 256,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
@@ -377,6 +469,8 @@ class ProcessEngine:
         self.niceness = niceness
         self.batch_timeout_s = batch_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
+        # Linux only (memfd); elsewhere batches go through the socket.
+        self.max_rows = max(0, max_rows) if hasattr(os, "memfd_create") else 0
         self._flatbuffer = flatbuffer
         # Called on the event loop when a serving worker died or hung (e.g. a metric).
         self.on_worker_exit = on_worker_exit
@@ -464,7 +558,7 @@ class ProcessEngine:
         replaced), errors.Unavailable once the engine is closed or while no
         worker runs.
         """
-        header, pixels = _request_frame(images, self.pixels)
+        code = _check_batch(images, self.pixels)
         rows = images.shape[0]
         worker = await self._take(deadline)
         loop = asyncio.get_running_loop()
@@ -473,7 +567,7 @@ class ProcessEngine:
         by_deadline = deadline is not None and deadline < hang_at
         limit = deadline if by_deadline and deadline is not None else hang_at
         try:
-            answer = worker.request(header + pixels.tobytes())
+            answer = worker.request(worker.frame(images, code))
         except EOFError as exc:
             raise self._stopped(worker, exc) from exc
         timer = loop.call_later(limit - now, worker.expire, answer, by_deadline)
@@ -756,7 +850,8 @@ class ProcessEngine:
         return name
 
     def _spawn(self, name: str) -> _Worker:
-        worker = _Worker(self.threads, self.niceness, name)
+        region = _Region(self.max_rows, self.pixels, self.classes) if self.max_rows else None
+        worker = _Worker(self.threads, self.niceness, name, region)
         with self._lock:
             self._living.add(worker)
         return worker
@@ -848,11 +943,11 @@ def _discard(answer: _Answer) -> None:
 # --- the worker process --------------------------------------------------------------
 
 
-def _serve(sock: socket.socket, threads: int) -> None:
+def _serve(sock: socket.socket, threads: int, region: mmap.mmap | None) -> None:
     def answer(status: int, payload: bytes) -> None:
-        sock.sendall(RESPONSE.pack(status, len(payload)) + payload)
+        sock.sendall(RESPONSE.pack(status, IN_SOCKET, len(payload)) + payload)
 
-    (length,) = MODEL_LENGTH.unpack(_recv_exact(sock, MODEL_LENGTH.size))
+    length, output_offset = MODEL_LENGTH.unpack(_recv_exact(sock, MODEL_LENGTH.size))
     flatbuffer = bytes(_recv_exact(sock, length))
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -880,29 +975,48 @@ def _serve(sock: socket.socket, threads: int) -> None:
     to_unit = np.arange(256, dtype=np.float32) / np.float32(255.0)
     while True:
         try:
-            rows, code = REQUEST.unpack(_recv_exact(sock, REQUEST.size))
+            rows, code, where = REQUEST.unpack(_recv_exact(sock, REQUEST.size))
         except EOFError:
             return  # the server closed its end: time to go
         if rows == 0:
             answer(0, b"")  # a heartbeat
             continue
         dtype = _FROM_CODE.get(code)
-        if dtype is None:
-            answer(1, f"unknown dtype code {code}".encode())
+        if dtype is None or (where == IN_REGION and region is None):
+            answer(1, f"unknown dtype code {code} or values at {where}".encode())
             return
-        values = np.frombuffer(_recv_exact(sock, rows * pixels * dtype.itemsize), dtype=dtype)
-        images = to_unit.take(values) if dtype == np.uint8 else values
+        count = rows * pixels
+        if where == IN_REGION:
+            assert region is not None
+            values = np.frombuffer(region, dtype, count)  # read in place, no copy
+        else:
+            values = np.frombuffer(_recv_exact(sock, count * dtype.itemsize), dtype=dtype)
         try:
             if rows not in interpreters:
                 interpreters[rows] = interpreter_for(rows)
             interpreter, input_index, output_index = interpreters[rows]
-            interpreter.set_tensor(input_index, images.reshape(rows, *item_shape))
+            # Straight into the interpreter's input tensor (uint8 scaled on the way); its
+            # view must be gone before invoke.
+            tensor = interpreter.tensor(input_index)().reshape(count)
+            if dtype == np.uint8:
+                to_unit.take(values, out=tensor)
+            else:
+                np.copyto(tensor, values)
+            del tensor
             interpreter.invoke()
-            output = np.ascontiguousarray(interpreter.get_tensor(output_index), dtype="<f4")
+            output = interpreter.get_tensor(output_index)
         except Exception as exc:
             answer(1, f"{type(exc).__name__}: {exc}".encode())
             continue
-        answer(0, output.tobytes())
+        if (
+            where == IN_REGION
+            and region is not None
+            and output_offset + output.nbytes <= len(region)
+        ):
+            np.copyto(np.frombuffer(region, "<f4", output.size, output_offset), output.reshape(-1))
+            sock.sendall(RESPONSE.pack(0, IN_REGION, output.nbytes))
+        else:
+            answer(0, np.ascontiguousarray(output, dtype="<f4").tobytes())
 
 
 def _step_back(niceness: int) -> None:
@@ -924,20 +1038,31 @@ def _step_back(niceness: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    usage = "usage: python -m convserve.server.engine_process FD THREADS NICENESS"
+    usage = "usage: python -m convserve.server.engine_process FD THREADS NICENESS SHARED_FD"
     try:
-        fd, threads, niceness = (int(a) for a in argv)
+        fd, threads, niceness, shared_fd = (int(a) for a in argv)
     except ValueError:
-        print(f"{usage} (three integers; started by the server, not by hand)", file=sys.stderr)
+        print(f"{usage} (four integers; started by the server, not by hand)", file=sys.stderr)
         return 2
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         print(f"model worker: FD {fd} is not a socket ({exc})", file=sys.stderr)
         return 2
+    region = None
+    if shared_fd >= 0:
+        try:
+            region = mmap.mmap(shared_fd, 0)
+        except (OSError, ValueError) as exc:
+            print(f"model worker: FD {shared_fd} is not shared memory ({exc})", file=sys.stderr)
+            sock.close()
+            return 2
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(shared_fd)
     _step_back(niceness)
     try:
-        _serve(sock, threads)
+        _serve(sock, threads, region)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the server went away
     finally:

@@ -249,6 +249,7 @@ class ServedModel:
                 on_worker_exit=lambda: self.metrics.worker_exited(model.name),
                 batch_timeout_s=self.settings.engine_batch_timeout_s,
                 on_health_change=lambda healthy: self._on_workers_health(model, healthy),
+                max_rows=self.settings.max_batch_size,
             )
             for size in default_pad_sizes(self.settings.max_batch_size):
                 images = np.zeros((size, *signature.image_shape), np.float32)
