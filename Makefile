@@ -69,9 +69,14 @@ format: setup
 generate: setup
 	$(PY) proto/generate.py
 
-# Model throughput in-process, then served throughput through `convserve bench`.
+# Model throughput in-process, then served throughput through `convserve bench` with the
+# server's CPU per request; then each protocol's cost on the same server.
+BENCH_DIR ?= .bench
 bench: setup
-	$(PY) tests/bench.py
+	@test -d $(BENCH_DIR)/mnist || $(BIN)/convserve-train --dataset sample --quiet \
+		--model-base-path $(BENCH_DIR)/mnist
+	$(PY) tests/bench.py --model-base-path $(BENCH_DIR)/mnist
+	$(PY) tests/bench_protocols.py --model-base-path $(BENCH_DIR)/mnist
 
 clean:
-	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(DEMO_DIR) $(BENCH_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -697,22 +697,67 @@ def make_async_with_clock(
 async def test_an_idle_model_answers_a_small_batch_inline_even_with_worker_processes() -> None:
     """With `run_batch_async` (worker processes), a small batch for an idle model still
     runs through `run_batch` on the loop; while a batch runs, requests go the async way."""
-    batcher, executor, model, _ = make_async(max_concurrent_batches=2, inline_max_rows=2)
+    busy = False
+    batcher, executor, model, _ = make_async(
+        max_concurrent_batches=2, inline_max_rows=2, loop_busy=lambda: busy
+    )
     recorder: Recorder = batcher._run_batch  # type: ignore[assignment]
     np.testing.assert_array_equal(await batcher.submit(rows(0, 2)), rows(0, 2) * 2)
-    assert [b.shape[0] for b in recorder.batches] == [2] and model.calls == []
+    assert [b.shape[0] for b in recorder.batches] == [2]
+    assert model.calls == []
+    # Other work waiting on the loop (e.g. other calls' messages): no batch runs inline.
+    busy = True
+    waiting = asyncio.ensure_future(batcher.submit(rows(5, 1)))
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [1]
+    model.answer()
+    np.testing.assert_array_equal(await waiting, rows(5, 1) * 2)
+    busy = False
     big = asyncio.ensure_future(batcher.submit(rows(10, 3)))  # over the inline limit
     await settle()
     assert [b.shape[0] for b, _ in model.calls] == [4]  # 3 rows padded to 4
     small = asyncio.ensure_future(batcher.submit(rows(20, 1)))  # a batch runs: not inline
     await settle()
-    assert not small.done() and len(recorder.batches) == 1
+    assert not small.done()
+    assert len(recorder.batches) == 1
     model.answer()
     np.testing.assert_array_equal(await big, rows(10, 3) * 2)
     # The model is idle again: the queued small batch ran inline.
     np.testing.assert_array_equal(await small, rows(20, 1) * 2)
-    assert [b.shape[0] for b in recorder.batches] == [2, 1] and model.calls == []
+    assert [b.shape[0] for b in recorder.batches] == [2, 1]
+    assert model.calls == []
     assert executor.pending == []
+
+
+async def test_a_spare_slot_takes_only_full_batches() -> None:
+    """Every regular slot busy: a partial batch waits (for its timeout or a free slot),
+    a full one starts at once in the spare slot."""
+    batcher, _, model, observer, clock = make_async_with_clock(
+        max_concurrent_batches=1, spare_batches=1, max_batch_size=4
+    )
+    first = asyncio.ensure_future(batcher.submit(rows(0, 4)))
+    await settle()
+    partial = asyncio.ensure_future(batcher.submit(rows(10, 2)))
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [4]  # the 2 rows wait
+    more = asyncio.ensure_future(batcher.submit(rows(20, 2)))  # now a full batch is queued
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [4, 4]
+    assert batcher.running_batches == 2
+    third = asyncio.ensure_future(batcher.submit(rows(30, 4)))  # no slot at all: waits
+    await settle()
+    assert len(model.calls) == 2
+    model.answer()
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [4, 4]  # the third took the free slot
+    model.answer()
+    model.answer()
+    np.testing.assert_array_equal(await first, rows(0, 4) * 2)
+    np.testing.assert_array_equal(await partial, rows(10, 2) * 2)
+    np.testing.assert_array_equal(await more, rows(20, 2) * 2)
+    np.testing.assert_array_equal(await third, rows(30, 4) * 2)
+    assert [size for size, _, _, _ in observer.batches] == [4, 4, 4]
+    assert clock.now == 0.0  # nothing waited for the batch timeout
 
 
 async def test_async_model_calls_batch_on_the_loop_without_threads() -> None:

@@ -9,6 +9,11 @@ awaits a future. Batches are dispatched without idle waiting:
 * a batch running and a slot free (``max_concurrent_batches > 1``): dispatch
   when ``max_batch_size`` rows are queued, or when ``batch_timeout_s`` has
   passed since the first queued row of the forming batch arrived;
+* every slot busy but a spare one free (``spare_batches``): dispatch only a
+  full batch (``max_batch_size`` rows queued). A model served by worker
+  processes gets one process per spare slot: it computes while the event
+  loop hands back another batch's answers and forms the next one, without
+  splitting a light load into smaller batches;
 * no slot free: wait; requests arriving meanwhile form the next batch.
 
 A request larger than ``max_batch_size`` is split across batches and
@@ -165,6 +170,7 @@ class DynamicBatcher:
         batch_timeout_s: float,
         max_queued_items: int,
         max_concurrent_batches: int = 1,
+        spare_batches: int = 0,
         pad_sizes: Sequence[int] | None = None,
         executor: concurrent.futures.Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -172,6 +178,7 @@ class DynamicBatcher:
         prepare: Callable[[np.ndarray], np.ndarray] | None = None,
         inline_max_rows: int = 0,
         run_batch_async: Callable[[np.ndarray, float | None], Awaitable[np.ndarray]] | None = None,
+        loop_busy: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -196,11 +203,15 @@ class DynamicBatcher:
         # `run_batch` runs small batches on the loop even when `run_batch_async` exists: a
         # round trip to a worker process costs more than LiteRT needs for a few images.
         self.inline_max_rows = max(0, inline_max_rows)
+        # With `run_batch_async`, whether other work waits on the loop (then nothing runs
+        # inline); injectable for tests.
+        self._loop_busy = loop_busy or _loop_busy
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
         self.max_queued_items = max_queued_items
         self.max_concurrent_batches = max_concurrent_batches
+        self.spare_batches = max(0, spare_batches)
         self.pad_sizes: tuple[int, ...] = tuple(sizes)
         self._owns_executor = executor is None
         self._executor: concurrent.futures.Executor = (
@@ -324,7 +335,7 @@ class DynamicBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._queue and len(self._running) < self.max_concurrent_batches:
+        while self._queue and self._slot_free():
             if self._running and not self._draining:
                 waited = self._clock() - self._queue[0].enqueued_at
                 if self._queued_items < self.max_batch_size and waited < self.batch_timeout_s:
@@ -334,6 +345,13 @@ class DynamicBatcher:
                     )
                     return
             self._dispatch_one()
+
+    def _slot_free(self) -> bool:
+        running = len(self._running)
+        if running < self.max_concurrent_batches:
+            return True
+        spare = running < self.max_concurrent_batches + self.spare_batches
+        return spare and self._queued_items >= self.max_batch_size
 
     def _dispatch_one(self) -> None:
         now = self._clock()
@@ -372,7 +390,7 @@ class DynamicBatcher:
             rows <= self.inline_max_rows
             and not self._running
             and not self._queue
-            and (self._run_batch_async is None or not _loop_busy())
+            and (self._run_batch_async is None or not self._loop_busy())
         ):
             self._run_inline(slices, rows)
             return

@@ -31,6 +31,8 @@ from convserve.server.settings import Settings
 log = logging.getLogger(__name__)
 
 _UINT8_TO_UNIT = np.arange(256, dtype=np.float32) / np.float32(255.0)
+# Worker processes per model beyond its budget: they take full batches only.
+SPARE_WORKERS = 1
 # Seconds the model worker processes get to exit at shutdown before they are killed.
 WORKER_EXIT_S = 2.0
 
@@ -243,7 +245,10 @@ class ServedModel:
                 image_shape=signature.image_shape,
                 classes=signature.classes,
                 threads=self.budget.threads,
-                workers=self.budget.workers,
+                # One spare beyond the budget (see DynamicBatcher's spare_batches): while
+                # the event loop hands a batch's answers back and forms the next one, it
+                # computes, so no CPU waits for the loop.
+                workers=self.budget.workers + SPARE_WORKERS,
                 name=f"{model.name} v{model.version}",
                 niceness=self.settings.engine_nice,
                 on_worker_exit=lambda: self.metrics.worker_exited(model.name),
@@ -290,6 +295,7 @@ class ServedModel:
                     batch_timeout_s=self.settings.batch_timeout_s,
                     max_queued_items=self.settings.max_queued_images,
                     max_concurrent_batches=self.budget.workers,
+                    spare_batches=SPARE_WORKERS if workers is not None else 0,
                     observer=self._observer,
                     prepare=as_float,
                     # LiteRT answers a few images in about 0.1 ms: less than a trip to a worker.

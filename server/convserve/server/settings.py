@@ -109,9 +109,9 @@ class Settings(BaseSettings):
     engine_workers: Literal["process", "thread"] = Field(
         "process",
         description=(
-            'where LiteRT model calls run: "process" (max_concurrent_batches worker '
-            'processes, so that a batch never waits for the server\'s GIL) or "thread" '
-            "(threads of the server process)"
+            'where LiteRT model calls run: "process" (max_concurrent_batches + 1 worker '
+            "processes, so that a batch never waits for the server's GIL, nor a CPU for the "
+            'event loop to hand it the next batch) or "thread" (threads of the server process)'
         ),
     )
     engine_nice: int = Field(
