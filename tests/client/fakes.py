@@ -1,7 +1,9 @@
 """Small stand-in servers for client tests: convserve.v1 and the Open Inference Protocol.
 
-They behave predictably on purpose: a fixed delay, a number of UNAVAILABLE
-answers before succeeding, a one-second stall, a required token. The fake
+They behave predictably on purpose: a fixed delay, a delay that grows with
+the requests in flight, a capacity beyond which requests queue, a number of
+UNAVAILABLE answers before succeeding, a one-second stall, a required token,
+replica names in trailing metadata. The fake
 convserve server holds the models in `MODELS` (different input shapes and
 class counts; "fake" is the default); each predicts class (first pixel's
 value as 0-255) modulo its class count, so tests can tell which image an
@@ -13,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from convserve.v1 import convserve_pb2 as pb
 from convserve.v1 import convserve_pb2_grpc, tensor_pb2
 
 MAX_WORKERS = 128
+REPLICA_KEY = "convserve-replica"
 
 
 @dataclass
@@ -36,6 +39,11 @@ class Behaviour:
 
     delay_s: float = 0.0
     first_call_delay_s: float = 0.0  # extra delay for the first Predict call only
+    # Extra delay given the calls in their delay (this one included) when it arrives.
+    latency: Callable[[int], float] | None = None
+    # At most this many calls take their delay at once; the others queue for a slot.
+    capacity: int | None = None
+    fail_after: int = 0  # the first this many calls (per method) succeed before failing ones
     fail_first: int = 0  # answer this many calls (per method) with `fail_code` first
     fail_methods: frozenset[str] | None = None  # the methods fail_first applies to (None: all)
     fail_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
@@ -49,14 +57,52 @@ class Behaviour:
     shapes: list[tuple[int, ...]] = field(default_factory=list)  # of each Predict request
     # (method, model name as sent) of every call that names a model, in order.
     models: list[tuple[str, str]] = field(default_factory=list)
+    # Names sent in turn as convserve-replica trailing metadata: one per unary call or
+    # per stream (none when empty).
+    replicas: tuple[str, ...] = ()
+    # (time.monotonic() on arrival, method) of every call, in order.
+    arrivals: list[tuple[float, str]] = field(default_factory=list)
+    # (name, datatype, shape, raw bytes) of each OIP input the undeclared model received.
+    oip_inputs: list[tuple[str, str, tuple[int, ...], int]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _in_flight: int = 0
+    _replica_turn: int = 0
+    _slots: threading.Semaphore | None = None
     _stall_until: float = 0.0
     _stalled: bool = False
     _created: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        if self.capacity is not None:
+            self._slots = threading.Semaphore(self.capacity)
+
+    def name_replica(self, context: grpc.ServicerContext) -> None:
+        """Send the next of `replicas` as the call's trailing metadata (if any)."""
+        if not self.replicas:
+            return
+        with self._lock:
+            name = self.replicas[self._replica_turn % len(self.replicas)]
+            self._replica_turn += 1
+        context.set_trailing_metadata(((REPLICA_KEY, name),))
+
+    def _take_delay(self) -> None:
+        if self._slots is not None:
+            with self._slots:
+                time.sleep(self.delay_s)
+            return
+        with self._lock:
+            self._in_flight += 1
+            in_flight = self._in_flight
+        try:
+            time.sleep(self.delay_s + (self.latency(in_flight) if self.latency else 0.0))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
     def enter(self, method: str, context: grpc.ServicerContext) -> None:
         """Count the call, check the token, fail or wait as configured."""
         with self._lock:
+            self.arrivals.append((time.monotonic(), method))
             self.calls[method] += 1
             attempt = self.calls[method]
             first_call = method == "Predict" and attempt == 1
@@ -73,15 +119,16 @@ class Behaviour:
             sent = dict(context.invocation_metadata()).get("authorization")
             if sent != f"Bearer {self.token}":
                 context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-        if attempt <= self.fail_first and (
+        failing = attempt - self.fail_after
+        if 0 < failing <= self.fail_first and (
             self.fail_methods is None or method in self.fail_methods
         ):
-            context.abort(self.fail_code, f"failing on purpose ({attempt}/{self.fail_first})")
+            context.abort(self.fail_code, f"failing on purpose ({failing}/{self.fail_first})")
         wait = stall_until - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self.delay_s or self.latency or self._slots:
+            self._take_delay()
         if self.first_call_delay_s and first_call:
             time.sleep(self.first_call_delay_s)
 
@@ -229,10 +276,13 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
 
     def Predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
         self.behaviour.enter("Predict", context)
-        return self._predict(request, context, "Predict")
+        response = self._predict(request, context, "Predict")
+        self.behaviour.name_replica(context)
+        return response
 
     def PredictStream(self, request_iterator: Any, context: Any) -> Any:
         """Answers each message in turn, as Predict would (errors as error answers)."""
+        self.behaviour.name_replica(context)  # sent when the stream ends
         for message in request_iterator:
             one = _MessageContext(context)
             try:
@@ -421,13 +471,18 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
 
 
 class FakeOip:
-    """A tiny KServe v2 / Open Inference Protocol server (tritonclient's generated stubs)."""
+    """A tiny KServe v2 / Open Inference Protocol server (tritonclient's generated stubs).
+
+    The model `UNDECLARED` declares no inputs in its metadata (as MLServer's
+    default does) and takes any one input, recorded in `Behaviour.oip_inputs`.
+    """
 
     # Model name -> its input's image shape (H, W, C); UINT8 input, ten classes.
     MODELS: ClassVar[dict[str, tuple[int, int, int]]] = {
         "mnist": (28, 28, 1),
         "digits8": (8, 8, 1),
     }
+    UNDECLARED = "undeclared"
 
     def __init__(self, behaviour: Behaviour) -> None:
         from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -447,6 +502,8 @@ class FakeOip:
         self.add = service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
 
     def metadata(self, request: Any, context: Any) -> Any:
+        if request.name == self.UNDECLARED:
+            return self.pb.ModelMetadataResponse(name=request.name, platform="fake")
         if request.name not in self.MODELS:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
         response = self.pb.ModelMetadataResponse(name=request.name, versions=["1"], platform="fake")
@@ -456,6 +513,19 @@ class FakeOip:
 
     def infer(self, request: Any, context: Any) -> Any:
         self.behaviour.enter("ModelInfer", context)
+        self.behaviour.name_replica(context)
+        if request.model_name == self.UNDECLARED and len(request.inputs) == 1:
+            tensor = request.inputs[0]
+            with self.behaviour._lock:
+                self.behaviour.oip_inputs.append(
+                    (
+                        tensor.name,
+                        tensor.datatype,
+                        tuple(tensor.shape),
+                        len(request.raw_input_contents[0]),
+                    )
+                )
+            return self.pb.ModelInferResponse(model_name=request.model_name, model_version="1")
         if request.model_name not in self.MODELS or len(request.inputs) != 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected one input for the model")
         with self.behaviour._lock:

@@ -89,11 +89,10 @@ def test_several_processes_are_merged() -> None:
 
 def test_merge_pools_raw_samples() -> None:
     parts = [
-        WorkerResult(np.array([0.001, 0.002, 0.003]), {"OK": 3, "UNAVAILABLE": 1}, 0.5, 2.0),
-        WorkerResult(np.array([0.010] * 7), {"OK": 7}, 0.25, 2.0),
+        WorkerResult(np.array([0.001, 0.002, 0.003]), {"OK": 3, "UNAVAILABLE": 1}, 4, 0.5, 2.0),
+        WorkerResult(np.array([0.010] * 7), {"OK": 7}, 6, 0.25, 2.0),
     ]
-    cfg = config("unused:1", duration_s=2.0, images_per_request=4)
-    result = bench.merge(Phase(concurrency=2), cfg, parts)
+    result = bench.merge(Phase(concurrency=2), 2.0, 4, parts)
     pooled = np.concatenate([p.latencies_s for p in parts])
     for q in (50, 90, 99):
         assert result.percentile_s(q) == np.percentile(pooled, q, method="inverted_cdf")
@@ -101,11 +100,36 @@ def test_merge_pools_raw_samples() -> None:
     assert result.percentile_s(50) == 0.010
     assert result.codes == {"OK": 10, "UNAVAILABLE": 1}
     assert result.errors == {"UNAVAILABLE": 1}
+    # Throughput counts the answers received in the window (4 + 6), not those sent.
     assert (result.requests_per_s, result.images_per_s) == (5.0, 20.0)
     assert result.cpu_cores == pytest.approx(0.375)
     row = result.as_dict()
     assert row["latency_ms"]["p50"] == 10.0
+    assert (row["requests_ok"], row["completed_ok"]) == (10, 10)
     assert row["generator_cpu_per_process"] == [0.25, 0.125]
+    # Two such windows: samples pooled, times added up per process.
+    both = bench.combine([result, bench.merge(Phase(concurrency=2), 2.0, 4, parts[::-1])])
+    assert both.duration_s == 4.0
+    assert both.ok == 20
+    assert both.requests_per_s == 5.0
+    assert both.cpu_s == [0.75, 0.75]
+    assert both.wall_s == [4.0, 4.0]
+
+
+def test_every_answer_is_a_request_of_its_own() -> None:
+    # The server cancels five calls after the first, as a draining server does. The
+    # client's channel would retry those; the load generator's must not, or five
+    # answers would be hidden inside other requests' times.
+    behaviour = Behaviour(
+        fail_after=1, fail_first=5, fail_code=grpc.StatusCode.CANCELLED,
+        fail_methods=frozenset({"Predict"}),
+    )  # fmt: skip
+    with serve_fake(behaviour) as fake:
+        (result,) = bench.run(config(fake.target, warmup_s=0.0, duration_s=0.5), [Phase(rate=40)])
+    assert result.errors == {"CANCELLED": 5}
+    assert result.ok == 15
+    # The first request, then exactly the 20 scheduled ones: nothing was sent again.
+    assert behaviour.calls["Predict"] == 21
 
 
 def test_open_inference_protocol() -> None:

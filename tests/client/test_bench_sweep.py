@@ -1,16 +1,16 @@
-"""Sweeps, the knee, compare mode, --input, outputs and replica shares against stand-in servers.
+"""Sweeps, the knee, compare mode, --input, outputs and replica shares against fake servers.
 
-The stand-ins are grpc.aio servers whose latency is a known function of the
-load (requests in flight, or a single-file queue), so that which level
-crosses the threshold is decided by the server's rule and not by the speed
-of the machine: every threshold sits far from the latencies measured on
-either side of it.
+The fakes (`tests.client.fakes`) answer with a latency that is a known
+function of the load (requests in flight, or a single-file queue), so that
+which level crosses the threshold is decided by the server's rule and not by
+the speed of the machine: every threshold sits far from the latencies
+measured on either side of it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import csv
+import http.server
 import itertools
 import json
 import math
@@ -18,14 +18,10 @@ import re
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 
@@ -33,178 +29,8 @@ from convserve.client import bench_metrics, bench_plot, bench_requests, bench_sw
 from convserve.client.bench import BenchConfig, Phase, PhaseResult
 from convserve.client.cli import main
 from convserve.client.errors import InputError
-from convserve.v1 import convserve_pb2 as pb
 
-SERVICE = "convserve.v1.ConvServe"
-OIP_SERVICE = "inference.GRPCInferenceService"
-
-
-@dataclass
-class Call:
-    method: str
-    time: float  # time.monotonic() when it arrived
-
-
-@dataclass
-class StandIn:
-    """A grpc.aio convserve.v1 + OIP server with a chosen latency rule.
-
-    `latency(in_flight)` is the time a request takes given the requests in
-    flight (itself included) when it arrives. With `capacity`, at most that
-    many requests are served at once (the others queue), each taking
-    `service_s`. `replicas`: names sent in turn as ``convserve-replica``
-    trailing metadata (one per unary call or stream; none when empty).
-    `declare_inputs=False` makes ModelMetadata declare no inputs, as MLServer does.
-    """
-
-    latency: Callable[[int], float] = lambda in_flight: 0.0
-    capacity: int | None = None
-    service_s: float = 0.0
-    replicas: Sequence[str] = ()
-    declare_inputs: bool = True
-    calls: list[Call] = field(default_factory=list)
-    oip_inputs: list[tuple[str, str, tuple[int, ...], int]] = field(default_factory=list)
-    port: int = 0
-
-    def __post_init__(self) -> None:
-        self._in_flight = 0
-        self._names = itertools.cycle(self.replicas) if self.replicas else None
-        self._slots = asyncio.Semaphore(self.capacity or 1)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def count(self, *methods: str) -> int:
-        return sum(c.method in methods for c in self.calls)
-
-    async def _work(self) -> None:
-        self._in_flight += 1
-        try:
-            if self.capacity is not None:
-                async with self._slots:
-                    await asyncio.sleep(self.service_s)
-            else:
-                await asyncio.sleep(self.latency(self._in_flight))
-        finally:
-            self._in_flight -= 1
-
-    def _name(self, context: Any) -> None:
-        if self._names is not None:
-            context.set_trailing_metadata((("convserve-replica", next(self._names)),))
-
-    async def metadata(self, request: pb.GetModelMetadataRequest, context: Any) -> Any:
-        self.calls.append(Call("GetModelMetadata", time.monotonic()))
-        spec = pb.TensorSpec(name="images", shape=[-1, 28, 28, 1])
-        return pb.GetModelMetadataResponse(model_name="standin", inputs=[spec])
-
-    async def predict(self, request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
-        self.calls.append(Call("Predict", time.monotonic()))
-        await self._work()
-        self._name(context)
-        return pb.PredictResponse()
-
-    async def predict_stream(
-        self, requests: AsyncIterator[pb.PredictStreamRequest], context: Any
-    ) -> AsyncIterator[pb.PredictStreamResponse]:
-        async for request in requests:
-            self.calls.append(Call("PredictStream", time.monotonic()))
-            await self._work()
-            yield pb.PredictStreamResponse(id=request.id, response=pb.PredictResponse())
-        self._name(context)
-
-    async def oip_metadata(self, request: Any, context: Any) -> Any:
-        from tritonclient.grpc import service_pb2
-
-        self.calls.append(Call("ModelMetadata", time.monotonic()))
-        response = service_pb2.ModelMetadataResponse(name=request.name, platform="standin")
-        if self.declare_inputs:
-            response.inputs.add(name="images", datatype="UINT8", shape=[-1, 28, 28, 1])
-        return response
-
-    async def oip_infer(self, request: Any, context: Any) -> Any:
-        from tritonclient.grpc import service_pb2
-
-        self.calls.append(Call("ModelInfer", time.monotonic()))
-        tensor = request.inputs[0]
-        self.oip_inputs.append(
-            (
-                tensor.name,
-                tensor.datatype,
-                tuple(tensor.shape),
-                len(request.raw_input_contents[0]),
-            )
-        )
-        await self._work()
-        self._name(context)
-        return service_pb2.ModelInferResponse(model_name=request.model_name)
-
-    def handlers(self) -> list[grpc.GenericRpcHandler]:
-        from tritonclient.grpc import service_pb2
-
-        convserve = grpc.method_handlers_generic_handler(
-            SERVICE,
-            {
-                "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
-                    self.metadata,
-                    request_deserializer=pb.GetModelMetadataRequest.FromString,
-                    response_serializer=pb.GetModelMetadataResponse.SerializeToString,
-                ),
-                "Predict": grpc.unary_unary_rpc_method_handler(
-                    self.predict,
-                    request_deserializer=pb.PredictRequest.FromString,
-                    response_serializer=pb.PredictResponse.SerializeToString,
-                ),
-                "PredictStream": grpc.stream_stream_rpc_method_handler(
-                    self.predict_stream,
-                    request_deserializer=pb.PredictStreamRequest.FromString,
-                    response_serializer=pb.PredictStreamResponse.SerializeToString,
-                ),
-            },
-        )
-        oip = grpc.method_handlers_generic_handler(
-            OIP_SERVICE,
-            {
-                "ModelMetadata": grpc.unary_unary_rpc_method_handler(
-                    self.oip_metadata,
-                    request_deserializer=service_pb2.ModelMetadataRequest.FromString,
-                    response_serializer=service_pb2.ModelMetadataResponse.SerializeToString,
-                ),
-                "ModelInfer": grpc.unary_unary_rpc_method_handler(
-                    self.oip_infer,
-                    request_deserializer=service_pb2.ModelInferRequest.FromString,
-                    response_serializer=service_pb2.ModelInferResponse.SerializeToString,
-                ),
-            },
-        )
-        return [convserve, oip]
-
-
-@contextmanager
-def serve(stand_in: StandIn) -> Iterator[StandIn]:
-    """Run `stand_in` on a free port in a background thread's event loop."""
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def run() -> None:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers(stand_in.handlers())
-        stand_in.port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        box["loop"] = asyncio.get_running_loop()
-        box["stop"] = asyncio.Event()
-        started.set()
-        await box["stop"].wait()
-        await server.stop(None)
-
-    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
-    thread.start()
-    assert started.wait(30), "the stand-in server did not start"
-    try:
-        yield stand_in
-    finally:
-        box["loop"].call_soon_threadsafe(box["stop"].set)
-        thread.join(timeout=30)
+from .fakes import Behaviour, FakeOip, serve_fake
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -258,6 +84,7 @@ def window(rate: float, p99_s: float) -> PhaseResult:
         images_per_request=1,
         latencies_s=np.full(n, p99_s),
         codes={"OK": n},
+        completed=n,
         cpu_s=[0.1],
         wall_s=[1.0],
     )
@@ -295,13 +122,13 @@ def test_window_settings_are_checked(kwargs: dict[str, float], message: str) -> 
 
 def test_generator_bottleneck_warnings() -> None:
     kept_up = PhaseResult(
-        Phase(rate=100), 1.0, 1, np.full(100, 0.01), {"OK": 100}, [0.3], [1.0],
+        Phase(rate=100), 1.0, 1, np.full(100, 0.01), {"OK": 100}, 100, [0.3], [1.0],
         scheduled=100, sent_by_end=100,
     )  # fmt: skip
     assert kept_up.sent_fraction == 1.0
     assert kept_up.generator_warnings() == []
     behind = PhaseResult(
-        Phase(rate=100), 1.0, 1, np.full(90, 0.01), {"OK": 90}, [0.2, 0.97], [1.0, 1.0],
+        Phase(rate=100), 1.0, 1, np.full(90, 0.01), {"OK": 90}, 90, [0.2, 0.97], [1.0, 1.0],
         scheduled=100, sent_by_end=90,
     )  # fmt: skip
     warnings = behind.generator_warnings()
@@ -324,9 +151,14 @@ def test_metrics_deltas_from_the_servers_own_exposition() -> None:
         metrics.queue_wait.labels("Predict", "mnist").observe(wait)
     metrics.model_execution.labels("Predict", "mnist").observe(0.003)
     metrics.batch_size.labels("Predict", "other").observe(512)  # another model
+    for protocol, code in (("convserve", "OK"), ("convserve", "OK"), ("oip", "OK")):
+        metrics.requests.labels(protocol=protocol, rpc="Predict", model="mnist", code=code).inc()
+    metrics.requests.labels(protocol="oip", rpc="Predict", model="mnist", code="INTERNAL").inc()
+    metrics.requests.labels(protocol="oip", rpc="Predict", model="other", code="OK").inc()
     after = bench_metrics.parse_text(generate_latest(metrics.registry).decode())
 
     figures = bench_metrics.server_figures(before, after, "mnist")
+    assert figures.requests_ok == {"convserve": 2, "oip": 1}
     assert figures.model_calls == 4
     assert figures.mean_batch_size == pytest.approx(4.0)
     # Three of four waits in the (0.00025, 0.0005] bucket: the median interpolates inside it.
@@ -334,6 +166,7 @@ def test_metrics_deltas_from_the_servers_own_exposition() -> None:
     assert figures.queue_wait_p99_s > 0.01
     assert 0.0025 < figures.model_time_p50_s <= 0.005
     every_model = bench_metrics.server_figures(before, after)
+    assert every_model.requests_ok == {"convserve": 2, "oip": 2}
     assert every_model.model_calls == 5
     assert every_model.mean_batch_size == pytest.approx((1 + 3 + 4 + 8 + 512) / 5)
 
@@ -359,7 +192,13 @@ def test_histogram_quantile_interpolates_like_prometheus() -> None:
     assert h.mean == pytest.approx(1.25)
 
 
-# --- Against stand-in servers ----------------------------------------------------------------
+# --- Against fake servers -------------------------------------------------------------------
+
+
+def agree(values: list[float], percent: float) -> bool:
+    """Every value within `percent` of their mean (what a stable window set means)."""
+    mean = sum(values) / len(values)
+    return all(abs(v - mean) <= mean * percent / 100.0 for v in values)
 
 
 def test_concurrency_sweep_finds_the_knee_and_writes_json_csv_and_plot(
@@ -368,16 +207,19 @@ def test_concurrency_sweep_finds_the_knee_and_writes_json_csv_and_plot(
     # 50 ms x 4^(in flight - 1): 50, 200, 800 ms at concurrency 1-3; the
     # threshold is hundreds of milliseconds from each, so a loaded machine's
     # scheduling delays cannot move the knee.
-    stand_in = StandIn(latency=steep)
     csv_path, png_path = tmp_path / "sweep.csv", tmp_path / "sweep.png"
-    with serve(stand_in):
+    with serve_fake(Behaviour(latency=steep)) as fake:
         code, out, err = run(
-            capsys, "--target", stand_in.target, "--json", "bench",
-            "--concurrency-range", "1:4", *FAST, "--max-windows", "3",
+            capsys, "--target", fake.target, "--json", "bench",
+            "--concurrency-range", "1:4", *FAST, "--max-windows", "4",
             "--latency-threshold-ms", "400", "--csv", str(csv_path), "--plot", str(png_path),
         )  # fmt: skip
     assert code == 0, err
     data = json.loads(out)
+    assert data["windows"] == {
+        "window_s": 0.3, "stability_percent": 10.0, "stable_windows": 3, "max_windows": 4,
+    }  # fmt: skip
+    assert data["duration_s"] is None  # levels last as many windows as they need
     phases = data["phases"]
     # Concurrency 3 crossed the threshold, so 4 never ran.
     assert [p["concurrency"] for p in phases] == [1, 2, 3]
@@ -389,13 +231,25 @@ def test_concurrency_sweep_finds_the_knee_and_writes_json_csv_and_plot(
     assert target["knee"]["p99_ms"] == p99[1]
     assert data["latency_threshold_ms"] == 400
     for p in phases:
-        assert p["windows"] == 3  # stable or not, three windows must agree
-        assert p["stable"] in (True, False)
+        windows = p["window_results"]
+        assert len(windows) == p["windows"]
+        last = windows[-3:]
+        # The verdict is the agreement of the last three windows, and a level
+        # ends before the cap only once they agree.
+        agreeing = all(w["p99_ms"] is not None for w in last) and (
+            agree([w["requests_per_s"] for w in last], 10.0)
+            and agree([w["p99_ms"] for w in last], 10.0)
+        )
+        assert p["stable"] is agreeing
+        assert p["windows"] == 4 or p["stable"]
+        # The level's figures pool the last three windows.
+        assert p["duration_s"] == pytest.approx(0.9)
+        assert p["requests_ok"] == sum(w["requests_ok"] for w in last)
         assert p["scheduled"] is None  # closed loop
         assert p["replica_shares"] == {}  # this server names no replica
-    # The generator's own view of the same requests as the server's count: the
-    # server also saw the warm-up and the windows not kept, never fewer.
-    assert stand_in.count("Predict") >= sum(p["requests_ok"] for p in phases)
+    # Each level is one load: one setup (metadata, first request) per level.
+    assert fake.behaviour.calls["GetModelMetadata"] == 3
+    assert fake.behaviour.calls["Predict"] >= sum(p["requests_ok"] for p in phases) + 3
 
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
@@ -418,14 +272,14 @@ def test_concurrency_sweep_finds_the_knee_and_writes_json_csv_and_plot(
 def test_the_table_names_the_knee_and_the_windows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    stand_in = StandIn(latency=steep)
-    with serve(stand_in):
+    with serve_fake(Behaviour(latency=steep)) as fake:
         code, out, err = run(
-            capsys, "--target", stand_in.target, "bench", "--concurrency", "1,3", *FAST,
+            capsys, "--target", fake.target, "bench", "--concurrency", "1,3", *FAST,
             "--max-windows", "3", "--latency-threshold-ms", "400",
         )  # fmt: skip
     assert code == 0, err
     lines = out.splitlines()
+    assert "consecutive windows of 0.3 s of one load" in lines[0]
     assert lines[1].split()[:2] == ["load", "requests"]
     assert "windows" in lines[1]
     assert lines[3].startswith("closed c=1")
@@ -434,52 +288,82 @@ def test_the_table_names_the_knee_and_the_windows(
     assert "threshold 400 ms; stopped above it" in out
 
 
-def test_rate_sweep_stops_at_the_threshold() -> None:
-    # One request at a time, 100 ms each: 10 requests/s at most. At 2/s every
-    # request takes 100 ms; at 30/s a window's nine requests queue up and the
-    # last waits about 600 ms, far above the 300 ms threshold.
-    stand_in = StandIn(capacity=1, service_s=0.1)
-    with serve(stand_in):
+def test_rate_sweep_stops_at_the_threshold_and_reports_the_achieved_rate() -> None:
+    # One request at a time, 100 ms each: 10 requests/s at most. At 5/s every
+    # request takes 100 ms. At 30/s the queue grows by two requests every
+    # 0.1 s for as long as the load lasts, far above the 300 ms threshold.
+    behaviour = Behaviour(capacity=1, delay_s=0.1)
+    with serve_fake(behaviour) as fake:
+        # Windows [0.15, 0.55), [0.55, 0.95), ... s after the start: at 5/s two
+        # requests are scheduled in each, none on a boundary.
         config = BenchConfig(
-            target=stand_in.target,
-            images=bench_requests.synthetic_digits(8)[0],
-            warmup_s=0.2,
+            target=fake.target, images=bench_requests.synthetic_digits(8)[0], warmup_s=0.15
         )
-        phases = [Phase(rate=r) for r in bench_sweep.parse_range("2:58:28", "--rate-range", float)]
+        phases = [Phase(rate=r) for r in bench_sweep.parse_range("5:35:25", "--rate-range", float)]
         result = bench_sweep.sweep(
             [config],
             phases,
-            windows=bench_sweep.Windows(window_s=0.3, max_windows=3),
+            windows=bench_sweep.Windows(window_s=0.4, max_windows=3),
             threshold_ms=300.0,
         )
-    assert [level.result.phase.rate for level in result.levels] == [2, 30]
+    assert [level.result.phase.rate for level in result.levels] == [5, 30]
     slow, overloaded = result.levels
     assert slow.p99_ms < 300.0 < overloaded.p99_ms
     assert result.stopped == [True]
     assert result.knees == [slow]
-    # Open loop: at 2/s each 0.3 s window schedules one request, at its start,
-    # and the generator sent it on time; three windows are kept.
-    assert slow.windows == 3
-    assert slow.result.scheduled == slow.result.sent_by_end == 3
-    assert overloaded.result.scheduled is not None
-    assert overloaded.result.scheduled > 0
+    # One schedule runs through the windows: two requests scheduled in each of
+    # the three, all sent on time.
+    assert len(slow.windows) == 3
+    assert [w.scheduled for w in slow.windows] == [2, 2, 2]
+    assert slow.result.scheduled == slow.result.sent_by_end == 6
+    # Offered 30/s, achieved what the server can do: answers received per second
+    # of the windows, not requests sent.
+    assert overloaded.result.scheduled == 36
+    assert overloaded.result.requests_per_s <= 11.0
+    # The load never pauses, so the queue keeps growing from window to window:
+    # the level drifts and is not stable.
+    p99s = [w.percentile_s(99) for w in overloaded.windows]
+    assert p99s == sorted(p99s)
+    assert p99s[-1] > p99s[0] + 0.5
+    assert overloaded.stable is False
+
+
+def test_a_steady_level_is_stable_after_three_windows(capsys: pytest.CaptureFixture[str]) -> None:
+    # Four users, 100 ms a request: about 40 requests/s and p99 of about 100 ms in
+    # every window; 50% leaves room for a loaded machine's scheduling delays.
+    with serve_fake(Behaviour(delay_s=0.1)) as fake:
+        code, out, err = run(
+            capsys, "--target", fake.target, "--json", "bench", "--concurrency", "4",
+            "--warmup-s", "0.2", "--window-s", "0.5", "--stability-percent", "50",
+            "--max-windows", "6", "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err
+    (phase,) = json.loads(out)["phases"]
+    assert phase["stable"] is True
+    assert 3 <= phase["windows"] <= 6
+    last = phase["window_results"][-3:]
+    assert agree([w["requests_per_s"] for w in last], 50.0)
+    assert agree([w["p99_ms"] for w in last], 50.0)
+    # Little's law: four users waiting out 100 ms each.
+    assert 20.0 < phase["requests_per_s"] <= 40.0 * 1.05
 
 
 def test_compare_alternates_targets_and_the_ratio_is_the_ratio_of_rates(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    a = StandIn(latency=lambda n: 0.020)
-    b = StandIn(latency=lambda n: 0.060)
-    with serve(a), serve(b):
+    with (
+        serve_fake(Behaviour(delay_s=0.020)) as a,
+        serve_fake(Behaviour(delay_s=0.060), oip=True) as b,
+    ):
         code, out, err = run(
             capsys, "--target", a.target, "--json", "bench", "--compare", f"oip@{b.target}",
-            "--model", "mnist", "--concurrency", "1,2", *FAST, "--max-windows", "3",
+            "--compare-model", "mnist", "--concurrency", "1,2", *FAST, "--max-windows", "3",
         )  # fmt: skip
     assert code == 0, err
     data = json.loads(out)
-    assert [(t["name"], t["protocol"]) for t in data["targets"]] == [
-        ("A", "convserve"),
-        ("B", "oip"),
+    assert [(t["name"], t["protocol"], t["model"]) for t in data["targets"]] == [
+        ("A", "convserve", ""),
+        ("B", "oip", "mnist"),
     ]
     phases = data["phases"]
     assert [(p["target_index"], p["concurrency"]) for p in phases] == [
@@ -488,7 +372,8 @@ def test_compare_alternates_targets_and_the_ratio_is_the_ratio_of_rates(
     # Server side: every call of one phase arrived before any call of the next,
     # alternating between the servers A B A B.
     calls = sorted(
-        [(c.time, "A", c.method) for c in a.calls] + [(c.time, "B", c.method) for c in b.calls]
+        [(t, "A", m) for t, m in a.behaviour.arrivals]
+        + [(t, "B", m) for t, m in b.behaviour.arrivals]
     )
     runs = [
         (server, len(list(group))) for server, group in itertools.groupby(calls, lambda c: c[1])
@@ -497,7 +382,7 @@ def test_compare_alternates_targets_and_the_ratio_is_the_ratio_of_rates(
     # Each server's share of a phase is at least what the client counted in it.
     for (_, served), phase in zip(runs, phases, strict=True):
         assert served >= phase["requests_ok"] > 0
-    assert {m for _, s, m in calls if s == "B"} == {"ModelMetadata", "ModelInfer"}
+    assert {m for _, s, m in calls if s == "B"} == {"ModelInfer"}
     for a_phase, b_phase in (phases[0:2], phases[2:4]):
         assert "ratio_to_first_target" not in a_phase
         expected = b_phase["requests_per_s"] / a_phase["requests_per_s"]
@@ -507,17 +392,16 @@ def test_compare_alternates_targets_and_the_ratio_is_the_ratio_of_rates(
 
 
 def test_compare_table_has_a_target_and_a_ratio_column(capsys: pytest.CaptureFixture[str]) -> None:
-    a = StandIn(latency=lambda n: 0.005)
-    with serve(a):
+    with serve_fake(Behaviour(delay_s=0.005), oip=True) as fake:
         code, out, err = run(
-            capsys, "--target", f"convserve@{a.target}", "bench", "--compare", a.target,
-            "--compare-protocol", "oip", "--compare-model", "m", "--concurrency", "1",
+            capsys, "--target", f"convserve@{fake.target}", "bench", "--compare", fake.target,
+            "--compare-protocol", "oip", "--compare-model", "mnist", "--concurrency", "1",
             *FAST, "--max-windows", "3",
         )  # fmt: skip
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == f"A: predict -> convserve@{a.target}"
-    assert lines[1] == f"B: predict -> oip@{a.target} model m"
+    assert lines[0] == f"A: predict -> convserve@{fake.target}"
+    assert lines[1] == f"B: predict -> oip@{fake.target} model mnist"
     header = lines[3].split()
     assert header[0] == "target"
     assert header[-2:] == ["B/A", "req/s"]
@@ -532,13 +416,12 @@ def test_compare_table_has_a_target_and_a_ratio_column(capsys: pytest.CaptureFix
 def test_input_drives_an_oip_server_whose_metadata_is_empty(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    stand_in = StandIn(declare_inputs=False)
-    base = [
-        "--target", "", "--json", "bench", "--protocol", "oip", "--model", "m",
-        "--concurrency", "1", "--duration-s", "0.3", "--warmup-s", "0.1", "--no-progress",
-    ]  # fmt: skip
-    with serve(stand_in):
-        base[1] = stand_in.target
+    with serve_fake(oip=True) as fake:
+        base = [
+            "--target", fake.target, "--json", "bench", "--protocol", "oip",
+            "--model", FakeOip.UNDECLARED, "--concurrency", "1", "--duration-s", "0.3",
+            "--warmup-s", "0.1", "--no-progress",
+        ]  # fmt: skip
         code, _, err = run(capsys, *base)
         assert code == 2
         assert "declares no inputs" in err
@@ -546,44 +429,72 @@ def test_input_drives_an_oip_server_whose_metadata_is_empty(
         code, out, err = run(capsys, *base, "--input", "pixels:FP32:-1,28,28,1")
         assert code == 0, err
         assert json.loads(out)["phases"][0]["requests_ok"] > 0
-        assert set(stand_in.oip_inputs) == {("pixels", "FP32", (1, 28, 28, 1), 4 * 28 * 28)}
-        stand_in.oip_inputs.clear()
+        inputs = fake.behaviour.oip_inputs
+        assert set(inputs) == {("pixels", "FP32", (1, 28, 28, 1), 4 * 28 * 28)}
+        inputs.clear()
         # A flat input of the right size, and an image size the pool is resized to.
         code, _, err = run(capsys, *base, "--input", "x:UINT8:-1,784")
         assert code == 0, err
         code, _, err = run(capsys, *base, "--input", "x:INT32:-1,8,8")
         assert code == 0, err
-        assert set(stand_in.oip_inputs) == {
-            ("x", "UINT8", (1, 784), 784),
-            ("x", "INT32", (1, 8, 8), 4 * 64),
-        }
-        for spec, message in [
-            ("x:BYTES:-1,28,28", "datatype BYTES cannot hold image pixels"),
-            ("x:UINT8:-1,100", "does not hold images of 28x28x1 pixels"),
-            ("x:UINT8:28,28", "expected a leading batch dimension of -1"),
-            ("x:UINT8", "--input: expected NAME:DTYPE:SHAPE"),
-            ("x:UINT8:-1,a", "--input: SHAPE must be comma-separated integers"),
-        ]:
-            code, _, err = run(capsys, *base, "--input", spec)
-            assert code == 2, spec
-            assert message in err, (spec, err)
+        assert set(inputs) == {("x", "UINT8", (1, 784), 784), ("x", "INT32", (1, 8, 8), 4 * 64)}
+        # The same input given for a compare target drives it the same way.
+        inputs.clear()
+        code, _, err = run(
+            capsys, *base, "--input", "x:UINT8:-1,784", "--compare", f"oip@{fake.target}",
+            "--compare-input", "y:FP16:-1,28,28",
+        )  # fmt: skip
+        assert code == 0, err
+        assert set(inputs) == {("x", "UINT8", (1, 784), 784), ("y", "FP16", (1, 28, 28), 2 * 784)}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--input", "x:BYTES:-1,28,28"], "--input x:BYTES:-1,28,28: datatype BYTES cannot hold"),
+        (["--input", "x:UINT8:-1,100"], "--input x:UINT8:-1,100: shape [-1, 100] does not hold"),
+        (["--input", "x:UINT8:28,28"], "--input x:UINT8:28,28: expected a leading batch"),
+        (["--input", "x:UINT8"], "--input: expected NAME:DTYPE:SHAPE"),
+        (["--input", "x:UINT8:-1,a"], "--input: SHAPE must be comma-separated integers"),
+        (
+            ["--compare", "oip@127.0.0.1:2", "--compare-input", "x:BYTES:-1,28,28"],
+            "--compare-input x:BYTES:-1,28,28: datatype BYTES cannot hold",
+        ),
+        (
+            ["--compare", "oip@127.0.0.1:2", "--compare-input", "x:UINT8"],
+            "--compare-input: expected NAME:DTYPE:SHAPE",
+        ),
+        (
+            ["--compare", "convserve@127.0.0.1:2", "--compare-input", "x:UINT8:-1,784"],
+            "--compare-input applies only to an oip target: give --compare oip@HOST:PORT "
+            "(or --compare-protocol oip)",
+        ),
+    ],
+)
+def test_input_errors_name_the_flag_they_came_from(
+    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    # Checked against the images before connecting: nothing listens on port 1.
+    code, _, err = run(
+        capsys, "--target", "oip@127.0.0.1:1", "bench", "--model", "m", "--no-progress", *flags
+    )
+    assert code == 2, err
+    assert message in err
 
 
 def test_replica_shares_count_unary_calls_and_streams(capsys: pytest.CaptureFixture[str]) -> None:
-    stand_in = StandIn(latency=lambda n: 0.002, replicas=("r1", "r2"))
-    with serve(stand_in):
+    with serve_fake(Behaviour(delay_s=0.002, replicas=("r1", "r2"))) as fake:
         config = BenchConfig(
-            target=stand_in.target, images=bench_requests.synthetic_digits(8)[0],
+            target=fake.target, images=bench_requests.synthetic_digits(8)[0],
             duration_s=0.5, warmup_s=0.1,
         )  # fmt: skip
         (unary,) = bench_sweep.sweep([config], [Phase(concurrency=1)]).levels
         streams = BenchConfig(
-            target=stand_in.target, images=config.images, duration_s=0.5, warmup_s=0.1,
-            streams=2,
+            target=fake.target, images=config.images, duration_s=0.5, warmup_s=0.1, streams=2,
         )  # fmt: skip
         (streamed,) = bench_sweep.sweep([streams], [Phase(concurrency=4)]).levels
         code, out, err = run(
-            capsys, "--target", stand_in.target, "bench", "--concurrency", "1",
+            capsys, "--target", fake.target, "bench", "--concurrency", "1",
             "--duration-s", "0.3", "--warmup-s", "0.1", "--no-progress",
         )  # fmt: skip
     # One user, the server naming r1 and r2 in turn: each answered half.
@@ -592,7 +503,7 @@ def test_replica_shares_count_unary_calls_and_streams(capsys: pytest.CaptureFixt
     assert sum(counts.values()) == unary.result.ok
     assert abs(counts["r1"] - counts["r2"]) <= 1
     assert unary.result.replica_shares["r1"] == pytest.approx(0.5, abs=0.05)
-    # Two streams, one named r1 and the other r2 at their end: every message counted.
+    # Two streams, each named at its end: every message counted.
     assert set(streamed.result.replicas) <= {"r1", "r2"}
     assert sum(streamed.result.replicas.values()) == streamed.result.ok > 0
     assert code == 0, err
@@ -620,8 +531,18 @@ def test_replica_shares_count_unary_calls_and_streams(capsys: pytest.CaptureFixt
         ),
         (["--plot", "out.svg"], "--plot: expected a FILE.png"),
         (["--csv", "/no/such/dir/out.csv"], "--csv /no/such/dir/out.csv: directory"),
-        (["--input", "x:UINT8:-1,28,28"], "--input applies only to --protocol oip"),
+        (
+            ["--input", "x:UINT8:-1,28,28"],
+            "--input applies only to an oip target: give --target oip@HOST:PORT "
+            "(or --protocol oip)",
+        ),
         (["--compare", "oip@"], "--compare: expected [PROTOCOL@]HOST:PORT"),
+        (
+            ["--target", "127.0.0.1:2"],
+            "--target given more than once (127.0.0.1:1, 127.0.0.1:2); to compare two targets "
+            "give the second with --compare, e.g. --target 127.0.0.1:1 bench --compare "
+            "127.0.0.1:2",
+        ),
     ],
 )
 def test_bench_flags_are_checked_before_any_load(
@@ -633,16 +554,116 @@ def test_bench_flags_are_checked_before_any_load(
     assert message in err
 
 
-def test_metrics_url_that_cannot_be_read_fails_the_run(
+def test_the_same_target_twice_is_one_target(capsys: pytest.CaptureFixture[str]) -> None:
+    with serve_fake() as fake:
+        code, out, err = run(
+            capsys, "--target", fake.target, "--json", "bench", "--target", fake.target,
+            "--duration-s", "0.2", "--warmup-s", "0", "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err
+    assert [t["target"] for t in json.loads(out)["targets"]] == [fake.target]
+
+
+def test_plot_without_matplotlib_fails_before_the_run(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what a missing package looks like
+    with serve_fake() as fake:
+        code, _, err = run(
+            capsys, "--target", fake.target, "bench", "--duration-s", "0.2", "--warmup-s", "0",
+            "--no-progress", "--plot", str(tmp_path / "out.png"),
+        )  # fmt: skip
+        assert code == 1
+        assert "pip install 'convserve[plot]'" in err
+        assert fake.behaviour.calls == {}  # the server never saw a call
+
+
+@contextmanager
+def metrics_endpoint(behaviour: Behaviour, fail_from_level: int) -> Iterator[str]:
+    """A /metrics URL counting `behaviour`'s Predict calls as the server's successful
+    requests; it answers 500 once level `fail_from_level` (1-based) has begun its setup."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if behaviour.calls["GetModelMetadata"] >= fail_from_level:
+                self.send_error(500, "scrape failing on purpose")
+                return
+            n = behaviour.calls["Predict"]
+            labels = 'rpc="Predict",model="fake"'
+            body = (
+                f'convserve_requests_total{{protocol="convserve",{labels},code="OK"}} {n}\n'
+                f'convserve_batch_size_bucket{{{labels},le="1.0"}} {n}\n'
+                f'convserve_batch_size_bucket{{{labels},le="+Inf"}} {n}\n'
+                f"convserve_batch_size_sum{{{labels}}} {n}\n"
+                f"convserve_batch_size_count{{{labels}}} {n}\n"
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def test_server_figures_cover_the_client_windows_and_a_failed_scrape_costs_one_level(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    stand_in = StandIn()
-    with serve(stand_in):
+    behaviour = Behaviour(delay_s=0.02)
+    with serve_fake(behaviour) as fake, metrics_endpoint(behaviour, fail_from_level=2) as url:
+        code, out, err = run(
+            capsys, "--target", fake.target, "--json", "bench", "--concurrency", "2,1",
+            "--duration-s", "0.6", "--warmup-s", "0.3", "--metrics-url", url, "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err
+    first, second = json.loads(out)["phases"]
+    # Scraped at the window's start and end: the server's count of the window is
+    # the client's, give or take a request on each edge (the warm-up excluded).
+    served = first["server"]["requests_ok"]["convserve"]
+    assert served == pytest.approx(first["completed_ok"], abs=3 + 0.1 * served)
+    assert first["server"]["model_calls"] == served
+    assert first["server"]["mean_batch_size"] == 1.0
+    assert "server_error" not in first
+    # The second level's scrapes failed: its server figures are missing, its
+    # client figures are not, and the run still succeeds.
+    assert second["server"] is None
+    assert "cannot read it" in second["server_error"]
+    assert second["requests_ok"] > 0
+
+
+def test_server_figures_missing_are_a_warning_in_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    behaviour = Behaviour()
+    with serve_fake(behaviour) as fake, metrics_endpoint(behaviour, fail_from_level=1) as url:
+        code, out, err = run(
+            capsys, "--target", fake.target, "bench", "--concurrency", "1",
+            "--duration-s", "0.2", "--warmup-s", "0", "--metrics-url", url, "--no-progress",
+        )  # fmt: skip
+    assert code == 0, err
+    assert f"warning: closed c=1: no server figures: --metrics-url {url}: cannot read it" in out
+
+
+def test_metrics_url_that_cannot_be_read_fails_the_run_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with serve_fake() as fake:
         code, _, err = run(
-            capsys, "--target", stand_in.target, "bench", "--concurrency", "1",
+            capsys, "--target", fake.target, "bench", "--concurrency", "1",
             "--duration-s", "0.2", "--warmup-s", "0", "--no-progress",
             "--metrics-url", "http://127.0.0.1:1/metrics",
         )  # fmt: skip
+        assert fake.behaviour.calls == {}
     assert code == 1
     assert "--metrics-url http://127.0.0.1:1/metrics: cannot read it" in err
 

@@ -96,7 +96,10 @@ def test_a_call_the_server_cancelled_is_retried_by_the_channel(flaky_server) -> 
 
 def test_without_the_retry_policy_the_cancellation_reaches_the_caller(flaky_server) -> None:
     target, handler = flaky_server
-    plain = [o for o in channel_options() if o[0] != "grpc.service_config"]
+    plain = channel_options(retries=False)
+    config = json.loads(dict(plain)["grpc.service_config"])
+    # Only the retries go: calls are still balanced over every replica.
+    assert config == {"loadBalancingConfig": [{"round_robin": {}}]}
     with sync_channel(target, None, plain) as channel, pytest.raises(grpc.RpcError) as caught:
         channel.unary_unary(METHOD)(b"digits", timeout=10)
     assert caught.value.code() == grpc.StatusCode.CANCELLED

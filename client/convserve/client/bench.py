@@ -17,12 +17,21 @@ message on a PredictStream stream, answered with its id: many small requests
 then share a few HTTP/2 streams, which costs the server and the generator
 less per request.
 
+A phase is one continuous load: a warm-up, then consecutive measurement
+windows cut out of it by timestamps, as Triton's perf_analyzer does (one
+window of `BenchConfig.duration_s`, or as many as `WindowPlan` allows until
+the caller has enough). The load never pauses between windows, so a queue
+that builds up shows as latency growing from window to window. In a window,
+the latency samples are those of the requests sent (scheduled) in it, each
+awaited even when it ends after the window, so that no slow answer escapes;
+the throughput is the successful answers *received* in it, which a
+saturated server keeps at its capacity however much load is offered.
+
 Each worker process runs one asyncio loop with grpc.aio and sends
 pre-serialized requests (see `bench_requests`); `processes` > 1 spreads the
-load over several processes, whose raw latency samples are merged exactly.
-Only requests sent (or scheduled) after the warm-up and before the end of
-the measurement window count; requests still in flight at the end are
-awaited, so their latency is not lost.
+load over several processes on one common schedule, whose raw latency
+samples are merged exactly, window by window. The channel has no retry
+policy, so every answer of the server is one request timed and counted.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -49,6 +58,12 @@ from convserve.client.errors import ConvServeError, InputError, error_for
 from convserve.v1 import convserve_pb2
 
 PROGRESS_INTERVAL_S = 0.25
+# How often a worker checks whether a window has settled or it should stop.
+SETTLE_POLL_S = 0.01
+# Several processes start their common load this long after the last one is ready.
+START_MARGIN_S = 0.05
+# How long a stream may take to end after the load stops (its replica comes with its end).
+STREAM_CLOSE_GRACE_S = 2.0
 SETUP_TIMEOUT_S = 60.0
 # The trailing metadata key a convserve server names its replica with.
 REPLICA_METADATA_KEY = "convserve-replica"
@@ -74,7 +89,7 @@ class BenchConfig:
     rpc: str = "predict"  # or "convolve" (convserve only)
     model_name: str = ""  # required with oip
     images_per_request: int = 1
-    duration_s: float = 10.0
+    duration_s: float = 10.0  # `run_phase`'s one window (`run_windows` is given its own)
     warmup_s: float = 1.0
     processes: int = 1
     # 0: one unary call per request; N > 0: each process sends its requests over N
@@ -104,7 +119,8 @@ class BenchConfig:
         if self.streams and (self.protocol != "convserve" or self.rpc != "predict"):
             raise InputError("--streams needs --protocol convserve and --rpc predict")
         if self.oip_input is not None and self.protocol != "oip":
-            raise InputError("--input applies only to --protocol oip")
+            given = self.oip_input.given_as.split(" ")[0] or "an OIP input"
+            raise InputError(f"{given} applies only to an oip target")
 
 
 @dataclass(frozen=True)
@@ -131,10 +147,19 @@ class Phase:
 
 @dataclass
 class WorkerResult:
-    """One process's share of a phase: raw samples, so that merging is exact."""
+    """One process's share of one measurement window: raw samples, so that merging is exact.
 
-    latencies_s: np.ndarray  # successful requests in the window
-    codes: dict[str, int]  # status code name -> requests in the window (OK included)
+    Latency samples and status codes belong to the requests *sent* (open loop:
+    scheduled) in the window, each awaited even when it ends after the window,
+    so that no slow answer escapes the window it was asked in. `completed`
+    counts the successful answers *received* in the window, whenever they were
+    sent: the achieved throughput, which an overloaded server keeps at its
+    capacity however many requests are offered.
+    """
+
+    latencies_s: np.ndarray  # successful requests sent in the window
+    codes: dict[str, int]  # status code name -> requests sent in the window (OK included)
+    completed: int  # successful answers received in the window
     cpu_s: float
     wall_s: float
     # Successful requests in the window per replica name (the server's trailing
@@ -146,13 +171,21 @@ class WorkerResult:
     sent_by_end: int | None = None
 
 
+def rounded_ms(seconds: float) -> float | None:
+    """Seconds as milliseconds rounded to the microsecond; None for NaN (nothing measured)."""
+    return None if math.isnan(seconds) else round(seconds * 1000.0, 3)
+
+
 @dataclass
 class PhaseResult:
+    """A phase's measured time: one window, or several pooled (see `combine`)."""
+
     phase: Phase
-    duration_s: float
+    duration_s: float  # measured time: the window(s), warm-up excluded
     images_per_request: int
     latencies_s: np.ndarray
     codes: dict[str, int]
+    completed: int  # successful answers received within the measured time
     cpu_s: list[float]  # per process
     wall_s: list[float]
     replicas: dict[str, int] = field(default_factory=dict)
@@ -161,6 +194,7 @@ class PhaseResult:
 
     @property
     def ok(self) -> int:
+        """Successful requests among those sent in the measured time (the latency samples)."""
         return self.codes.get("OK", 0)
 
     @property
@@ -169,7 +203,8 @@ class PhaseResult:
 
     @property
     def requests_per_s(self) -> float:
-        return self.ok / self.duration_s
+        """Achieved throughput: successful answers received per second of measured time."""
+        return self.completed / self.duration_s
 
     @property
     def images_per_s(self) -> float:
@@ -225,23 +260,21 @@ class PhaseResult:
         return warnings
 
     def as_dict(self) -> dict[str, Any]:
-        def ms(seconds: float) -> float | None:
-            return None if math.isnan(seconds) else round(seconds * 1000.0, 3)
-
         return {
             "mode": "closed" if self.phase.concurrency is not None else "open",
             "concurrency": self.phase.concurrency,
             "rate": self.phase.rate,
-            "duration_s": self.duration_s,
+            "duration_s": round(self.duration_s, 6),
             "requests_ok": self.ok,
+            "completed_ok": self.completed,
             "errors": self.errors,
             "requests_per_s": round(self.requests_per_s, 3),
             "images_per_s": round(self.images_per_s, 3),
             "latency_ms": {
-                "p50": ms(self.percentile_s(50)),
-                "p90": ms(self.percentile_s(90)),
-                "p99": ms(self.percentile_s(99)),
-                "max": ms(self.max_s),
+                "p50": rounded_ms(self.percentile_s(50)),
+                "p90": rounded_ms(self.percentile_s(90)),
+                "p99": rounded_ms(self.percentile_s(99)),
+                "max": rounded_ms(self.max_s),
             },
             "generator_cpu_cores": round(self.cpu_cores, 4),
             "generator_cpu_per_process": [
@@ -256,56 +289,63 @@ class PhaseResult:
         }
 
 
-def merge(phase: Phase, config: BenchConfig, parts: Sequence[WorkerResult]) -> PhaseResult:
-    """Combine the processes' raw samples and counts (no averaging of percentiles)."""
+def _pool(
+    phase: Phase,
+    duration_s: float,
+    images_per_request: int,
+    parts: Sequence[WorkerResult] | Sequence[PhaseResult],
+    cpu_s: list[float],
+    wall_s: list[float],
+) -> PhaseResult:
+    """Samples and counts of `parts` pooled (no averaging of percentiles)."""
     codes: Counter[str] = Counter()
-    for part in parts:
-        codes.update(part.codes)
     replicas: Counter[str] = Counter()
     for part in parts:
+        codes.update(part.codes)
         replicas.update(part.replicas)
     latencies = [p.latencies_s for p in parts if p.latencies_s.size]
     open_loop = all(p.scheduled is not None for p in parts)
     return PhaseResult(
         phase=phase,
-        duration_s=config.duration_s,
-        images_per_request=config.images_per_request,
+        duration_s=duration_s,
+        images_per_request=images_per_request,
         latencies_s=np.sort(np.concatenate(latencies)) if latencies else np.zeros(0),
         codes=dict(codes),
-        cpu_s=[p.cpu_s for p in parts],
-        wall_s=[p.wall_s for p in parts],
+        completed=sum(p.completed for p in parts),
+        cpu_s=cpu_s,
+        wall_s=wall_s,
         replicas=dict(replicas),
         scheduled=sum(p.scheduled or 0 for p in parts) if open_loop else None,
         sent_by_end=sum(p.sent_by_end or 0 for p in parts) if open_loop else None,
     )
 
 
-def combine(results: Sequence[PhaseResult]) -> PhaseResult:
-    """Several measurements of one phase (e.g. consecutive windows) as one.
+def merge(
+    phase: Phase, duration_s: float, images_per_request: int, parts: Sequence[WorkerResult]
+) -> PhaseResult:
+    """One window: every process's share of it, with CPU and wall time per process."""
+    return _pool(
+        phase,
+        duration_s,
+        images_per_request,
+        parts,
+        cpu_s=[p.cpu_s for p in parts],
+        wall_s=[p.wall_s for p in parts],
+    )
 
-    Samples and counts are pooled; CPU and wall time add up per process.
-    """
+
+def combine(results: Sequence[PhaseResult]) -> PhaseResult:
+    """Several windows of one phase as one: samples pooled, times added up per process."""
     if not results:
         raise ValueError("combine needs at least one result")
     first = results[0]
-    codes: Counter[str] = Counter()
-    replicas: Counter[str] = Counter()
-    for r in results:
-        codes.update(r.codes)
-        replicas.update(r.replicas)
-    latencies = [r.latencies_s for r in results if r.latencies_s.size]
-    open_loop = all(r.scheduled is not None for r in results)
-    return PhaseResult(
-        phase=first.phase,
-        duration_s=sum(r.duration_s for r in results),
-        images_per_request=first.images_per_request,
-        latencies_s=np.sort(np.concatenate(latencies)) if latencies else np.zeros(0),
-        codes=dict(codes),
+    return _pool(
+        first.phase,
+        sum(r.duration_s for r in results),
+        first.images_per_request,
+        results,
         cpu_s=[sum(cs) for cs in zip(*(r.cpu_s for r in results), strict=True)],
         wall_s=[sum(ws) for ws in zip(*(r.wall_s for r in results), strict=True)],
-        replicas=dict(replicas),
-        scheduled=sum(r.scheduled or 0 for r in results) if open_loop else None,
-        sent_by_end=sum(r.sent_by_end or 0 for r in results) if open_loop else None,
     )
 
 
@@ -315,37 +355,6 @@ def combine(results: Sequence[PhaseResult]) -> PhaseResult:
 # What a sender returns: the status, and who answered: a replica name, None
 # (not named), or the stream whose replica is known once the stream has ended.
 Answer = tuple[grpc.StatusCode, "str | _Stream | None"]
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.latencies: list[float] = []
-        self.codes: Counter[str] = Counter()
-        self.answered_by: Counter[str | _Stream] = Counter()
-        self.done = 0
-        self.failed = 0
-        self.scheduled: int | None = None
-        self.sent_by_end: int | None = None
-
-    def add(self, latency_s: float, answer: Answer, counted: bool) -> None:
-        code, replica = answer
-        self.done += 1
-        self.failed += code != grpc.StatusCode.OK
-        if counted:
-            self.codes[code.name] += 1
-            if code == grpc.StatusCode.OK:
-                self.latencies.append(latency_s)
-                if replica is not None:
-                    self.answered_by[replica] += 1
-
-    def replicas(self) -> dict[str, int]:
-        """Successful requests per replica name (streams resolved to theirs)."""
-        counts: Counter[str] = Counter()
-        for who, n in self.answered_by.items():
-            name = who if isinstance(who, str) else who.replica
-            if name is not None:
-                counts[name] += n
-        return dict(counts)
 
 
 def _replica_of(metadata: Any) -> str | None:
@@ -504,9 +513,17 @@ class _Stream:
         self._outbox.put_nowait(self._id_message(id=request_id).SerializeToString() + request)
         return await waiter, self
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float) -> None:
+        """End the stream; cancel it if the server has not answered every message by `grace_s`.
+
+        Ending it lets the server send its trailing metadata (the replica).
+        """
         self._outbox.put_nowait(None)
-        await self._reader
+        try:
+            await asyncio.wait_for(asyncio.shield(self._reader), grace_s)
+        except TimeoutError:
+            self._call.cancel()
+            await self._reader
 
 
 def _round_robin(
@@ -521,78 +538,223 @@ def _round_robin(
     return send
 
 
+@dataclass(frozen=True)
+class WindowPlan:
+    """How a phase is measured: one continuous load, and after the warm-up up to
+    `max_windows` consecutive windows of `window_s` seconds cut out of it."""
+
+    window_s: float
+    max_windows: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.window_s > 0:
+            raise InputError(f"window: expected seconds > 0, got {self.window_s}")
+        if self.max_windows < 1:
+            raise InputError(f"windows: expected at least 1, got {self.max_windows}")
+
+
+class _Window:
+    """What one process saw in one window."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.codes: Counter[str] = Counter()
+        self.answered_by: Counter[str | _Stream] = Counter()
+        self.completed = 0  # successful answers received in the window
+        self.in_flight = 0  # requests sent in the window and not yet answered
+        self.scheduled = 0
+        self.sent_by_end = 0
+
+
+class _Recorder:
+    """Cuts one continuous load into windows by timestamps.
+
+    A request belongs to the window it was sent (open loop: scheduled) in; a
+    successful answer also counts towards the throughput of the window it
+    arrives in. A window is settled once it has ended, every request of it has
+    gone out and been answered, and its end's CPU time has been read.
+    """
+
+    def __init__(self, first_start: float, plan: WindowPlan, open_loop: bool) -> None:
+        self.first_start = first_start
+        self.plan = plan
+        self.open_loop = open_loop
+        self.windows = [_Window() for _ in range(plan.max_windows)]
+        self.end = self.boundary(plan.max_windows)  # no request is sent after it
+        # Open loop: every request scheduled before this time has been sent.
+        self.issued_until = math.inf if not open_loop else first_start
+        # (wall, CPU) when each boundary was reached: window k spans marks k and k + 1.
+        self.marks: list[tuple[float, float]] = []
+        self.done = 0
+        self.failed = 0
+
+    def boundary(self, k: int) -> float:
+        return self.first_start + k * self.plan.window_s
+
+    def window_of(self, at: float) -> int | None:
+        k = math.floor((at - self.first_start) / self.plan.window_s)
+        return k if 0 <= k < len(self.windows) else None
+
+    def sent(self, at: float) -> int | None:
+        """A request sent (scheduled) at `at`: its window, or None outside every window."""
+        k = self.window_of(at)
+        if k is not None:
+            self.windows[k].in_flight += 1
+        return k
+
+    def answered(self, k: int | None, latency_s: float, answer: Answer, at: float) -> None:
+        code, replica = answer
+        self.done += 1
+        self.failed += code != grpc.StatusCode.OK
+        if code == grpc.StatusCode.OK:
+            arrived_in = self.window_of(at)
+            if arrived_in is not None:
+                self.windows[arrived_in].completed += 1
+        if k is None:
+            return
+        window = self.windows[k]
+        window.in_flight -= 1
+        window.codes[code.name] += 1
+        if code == grpc.StatusCode.OK:
+            window.latencies.append(latency_s)
+            if replica is not None:
+                window.answered_by[replica] += 1
+
+    async def mark_boundaries(self) -> None:
+        for k in range(len(self.windows) + 1):
+            await asyncio.sleep(max(0.0, self.boundary(k) - time.perf_counter()))
+            self.marks.append((time.perf_counter(), time.process_time()))
+
+    def settled(self, k: int) -> bool:
+        return (
+            len(self.marks) > k + 1
+            and self.issued_until >= self.boundary(k + 1)
+            and self.windows[k].in_flight == 0
+        )
+
+    def replicas(self, k: int) -> dict[str, int]:
+        """Window k's successful requests per replica name, as far as known now.
+
+        A stream's replica is known once the stream has ended.
+        """
+        counts: Counter[str] = Counter()
+        for who, n in self.windows[k].answered_by.items():
+            name = who if isinstance(who, str) else who.replica
+            if name is not None:
+                counts[name] += n
+        return dict(counts)
+
+    def result(self, k: int) -> WorkerResult:
+        window = self.windows[k]
+        (wall0, cpu0), (wall1, cpu1) = self.marks[k], self.marks[k + 1]
+        return WorkerResult(
+            latencies_s=np.array(window.latencies, dtype=np.float64),
+            codes=dict(window.codes),
+            completed=window.completed,
+            cpu_s=cpu1 - cpu0,
+            wall_s=wall1 - wall0,
+            replicas=self.replicas(k),
+            scheduled=window.scheduled if self.open_loop else None,
+            sent_by_end=window.sent_by_end if self.open_loop else None,
+        )
+
+
+class WorkerLink(Protocol):
+    """How a worker talks to whoever runs the phase (this process, or the parent)."""
+
+    def ready(self) -> float:
+        """Setup done; blocks until every worker is, and returns the common start time."""
+
+    def report(self, window: int, part: WorkerResult) -> None:
+        """Window `window` has settled."""
+
+    def stop_requested(self) -> bool:
+        """The phase has enough windows: stop loading."""
+
+    def progress(self, done: int, failed: int) -> None:
+        """Requests answered so far, and how many failed."""
+
+    def finished(self, replicas: list[dict[str, int]]) -> None:
+        """The load has stopped; per reported window, its requests per replica (final)."""
+
+
 async def _closed_loop(
-    send: Callable[[bytes], Any],
+    send: Callable[[bytes], Awaitable[Answer]],
     requests: list[bytes],
     users: int,
     first_user: int,
-    window: tuple[float, float],
     recorder: _Recorder,
 ) -> None:
-    warm_end, end = window
-
     async def user(n: int) -> None:
         i = n
-        while (start := time.perf_counter()) < end:
+        while (start := time.perf_counter()) < recorder.end:
+            k = recorder.sent(start)
             answer = await send(requests[i % len(requests)])
-            recorder.add(time.perf_counter() - start, answer, start >= warm_end)
+            done = time.perf_counter()
+            recorder.answered(k, done - start, answer, done)
             i += 1
 
-    if users == 0:
-        # Idle, but present for the whole phase so that its CPU share is comparable.
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
     await asyncio.gather(*(user(first_user + n) for n in range(users)))
 
 
 async def _open_loop(
-    send: Callable[[bytes], Any],
+    send: Callable[[bytes], Awaitable[Answer]],
     requests: list[bytes],
     schedule: tuple[float, float],
-    window: tuple[float, float],
     recorder: _Recorder,
+    pending: set[asyncio.Task[None]],
 ) -> None:
+    """Send on schedule until the last window ends; answers are awaited by their tasks."""
     first, interval = schedule
-    warm_end, end = window
-    pending: set[asyncio.Task[None]] = set()
 
-    async def timed(request: bytes, scheduled: float) -> None:
+    async def timed(request: bytes, scheduled: float, k: int | None) -> None:
         answer = await send(request)
-        recorder.add(time.perf_counter() - scheduled, answer, scheduled >= warm_end)
+        done = time.perf_counter()
+        recorder.answered(k, done - scheduled, answer, done)
 
-    recorder.scheduled = recorder.sent_by_end = 0
     i = 0
-    while (scheduled := first + i * interval) < end:
+    while (scheduled := first + i * interval) < recorder.end:
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        if scheduled >= warm_end:
-            recorder.scheduled += 1
-            # A generator that cannot keep up sends late, and after `end` catches up
-            # on what it owed: those requests were not sent when they should have been.
-            recorder.sent_by_end += time.perf_counter() < end
+        k = recorder.sent(scheduled)
+        if k is not None:
+            window = recorder.windows[k]
+            window.scheduled += 1
+            # A generator that cannot keep up sends late, and after the window's end
+            # catches up on what it owed: those requests were not sent when they should.
+            window.sent_by_end += time.perf_counter() < recorder.boundary(k + 1)
         # Sent even when late: the lateness is part of the latency measured.
-        task = asyncio.create_task(timed(requests[i % len(requests)], scheduled))
+        task = asyncio.create_task(timed(requests[i % len(requests)], scheduled, k))
         pending.add(task)
         task.add_done_callback(pending.discard)
         i += 1
-    if pending:
-        await asyncio.gather(*pending)
+        recorder.issued_until = first + i * interval
+    recorder.issued_until = math.inf
+
+
+async def _measure(recorder: _Recorder, link: WorkerLink) -> int:
+    """Report each window once settled, until told to stop or the last one; returns how many."""
+    for k in range(len(recorder.windows)):
+        while not recorder.settled(k):
+            if link.stop_requested():
+                return k
+            await asyncio.sleep(SETTLE_POLL_S)
+        link.report(k, recorder.result(k))
+        if link.stop_requested():
+            return k + 1
+    return len(recorder.windows)
 
 
 async def run_worker(
-    config: BenchConfig,
-    phase: Phase,
-    index: int,
-    ready: Callable[[], None],
-    progress: Callable[[int, int], None] | None,
-) -> WorkerResult:
-    """Run worker `index` of `config.processes` for one phase.
-
-    `ready` is called after setup (and blocks until every worker is ready);
-    `progress(done, failed)` is called periodically.
-    """
+    config: BenchConfig, phase: Phase, index: int, plan: WindowPlan, link: WorkerLink
+) -> None:
+    """Run worker `index` of `config.processes` for one phase: set up, then one
+    continuous load (warm-up, then the windows of `plan`) until `link` says stop."""
     metadata = auth_metadata(config.token)
-    options = channel_options(tls=config.tls)
+    # No retry policy: every answer the server sends is a request of its own,
+    # timed and counted as such (a retried call would hide a CANCELLED answer).
+    options = channel_options(tls=config.tls, retries=False)
     async with aio_channel(config.target, config.tls, options) as channel:
         method, requests = await _prepare(channel, config, metadata)
         call = channel.unary_unary(method)
@@ -610,89 +772,98 @@ async def run_worker(
             raise SetupError(
                 f"the first request failed: {exc.code().name}: {exc.details()}", exc.code()
             ) from exc
-        ready()
+        start = link.ready()
+        recorder = _Recorder(start + config.warmup_s, plan, open_loop=phase.rate is not None)
 
         streams: list[_Stream] = []
         if config.streams:
-            # The whole run on each stream; a request's own wait is bounded by the stream's.
-            lifetime_s = config.warmup_s + config.duration_s + 2 * config.timeout_s
+            # The whole load on each stream; a request's own wait is bounded by the stream's.
+            lifetime_s = recorder.end - time.perf_counter() + 2 * config.timeout_s
             streams = [_Stream(channel, metadata, lifetime_s) for _ in range(config.streams)]
             requests = bench_requests.stream_requests(requests)
             send = _round_robin([stream.send for stream in streams])
 
-        recorder = _Recorder()
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        warm_end = wall0 + config.warmup_s
-        end = warm_end + config.duration_s
+        pending: set[asyncio.Task[None]] = set()
+        if phase.concurrency is not None:
+            share, extra = divmod(phase.concurrency, config.processes)
+            users = share + (index < extra)
+            first_user = index * share + min(index, extra)
+            load = _closed_loop(send, requests, users, first_user, recorder)
+        else:
+            assert phase.rate is not None
+            # Process p sends requests p, p+P, p+2P, ... of one global schedule.
+            schedule = (start + index / phase.rate, config.processes / phase.rate)
+            load = _open_loop(send, requests, schedule, recorder, pending)
 
-        reporter: asyncio.Task[None] | None = None
-        if progress is not None:
-            report = progress
+        async def report_progress() -> None:
+            while True:
+                link.progress(recorder.done, recorder.failed)
+                await asyncio.sleep(PROGRESS_INTERVAL_S)
 
-            async def report_progress() -> None:
-                while True:
-                    report(recorder.done, recorder.failed)
-                    await asyncio.sleep(PROGRESS_INTERVAL_S)
-
-            reporter = asyncio.create_task(report_progress())
+        tasks = [
+            asyncio.create_task(load),
+            asyncio.create_task(recorder.mark_boundaries()),
+            asyncio.create_task(report_progress()),
+        ]
         try:
-            if phase.concurrency is not None:
-                share, extra = divmod(phase.concurrency, config.processes)
-                users = share + (index < extra)
-                first_user = index * share + min(index, extra)
-                await _closed_loop(send, requests, users, first_user, (warm_end, end), recorder)
-            else:
-                assert phase.rate is not None
-                # Process p sends requests p, p+P, p+2P, ... of one global schedule.
-                interval = config.processes / phase.rate
-                first = wall0 + index / phase.rate
-                await _open_loop(send, requests, (first, interval), (warm_end, end), recorder)
+            reported = await _measure(recorder, link)
         finally:
-            if reporter is not None:
-                reporter.cancel()
+            # What is still in flight belongs to no reported window.
+            for task in [*tasks, *pending]:
+                task.cancel()
+            await asyncio.gather(*tasks, *pending, return_exceptions=True)
             for stream in streams:
-                await stream.close()
-        if progress is not None:
-            progress(recorder.done, recorder.failed)
-        return WorkerResult(
-            latencies_s=np.array(recorder.latencies, dtype=np.float64),
-            codes=dict(recorder.codes),
-            cpu_s=time.process_time() - cpu0,
-            wall_s=time.perf_counter() - wall0,
-            replicas=recorder.replicas(),
-            scheduled=recorder.scheduled,
-            sent_by_end=recorder.sent_by_end,
-        )
+                await stream.close(STREAM_CLOSE_GRACE_S)
+        link.progress(recorder.done, recorder.failed)
+        link.finished([recorder.replicas(k) for k in range(reported)])
 
 
 # --- Running phases across processes ----------------------------------------------
 
 
+class _ProcessLink:
+    """A worker process's link to the parent: queue messages out, events in."""
+
+    def __init__(
+        self, index: int, results: Any, go: Any, start: Any, stop: Any, counters: Any
+    ) -> None:
+        self.index = index
+        self.results = results
+        self.go = go
+        self.start = start
+        self.stop = stop
+        self.counters = counters
+
+    def ready(self) -> float:
+        self.results.put(("ready", self.index, None))
+        if not self.go.wait(timeout=SETUP_TIMEOUT_S):
+            raise SetupError("the other generator processes did not get ready in time")
+        return float(self.start.value)
+
+    def report(self, window: int, part: WorkerResult) -> None:
+        self.results.put(("window", self.index, (window, part)))
+
+    def stop_requested(self) -> bool:
+        return bool(self.stop.is_set())
+
+    def progress(self, done: int, failed: int) -> None:
+        self.counters[2 * self.index] = done
+        self.counters[2 * self.index + 1] = failed
+
+    def finished(self, replicas: list[dict[str, int]]) -> None:
+        self.results.put(("done", self.index, replicas))
+
+
 def _process_main(
-    config: BenchConfig,
-    phase: Phase,
-    index: int,
-    barrier: Any,
-    results: Any,
-    counters: Any,
+    config: BenchConfig, phase: Phase, plan: WindowPlan, index: int, link: _ProcessLink
 ) -> None:
     """Entry point of a worker process (spawned, so that no gRPC state is inherited)."""
-
-    def ready() -> None:
-        barrier.wait(timeout=SETUP_TIMEOUT_S)
-
-    def progress(done: int, failed: int) -> None:
-        counters[2 * index] = done
-        counters[2 * index + 1] = failed
-
     try:
-        result = asyncio.run(run_worker(config, phase, index, ready, progress))
-        results.put((index, result, None))
+        asyncio.run(run_worker(config, phase, index, plan, link))
     except BaseException as exc:  # reported to the parent, which decides what to do
-        barrier.abort()
         code = exc.code if isinstance(exc, SetupError) else None
         message = str(exc) if isinstance(exc, SetupError | InputError) else traceback.format_exc()
-        results.put((index, None, (message, code)))
+        link.results.put(("error", index, (message, code)))
 
 
 class Progress:
@@ -728,59 +899,169 @@ def _setup_failure(message: str, code: grpc.StatusCode | None) -> Exception:
     return error_for(code, message)
 
 
-def run_phase(config: BenchConfig, phase: Phase, *, show_progress: bool = False) -> PhaseResult:
-    """Load the server for warm-up + duration; raises ConvServeError / SetupError if it cannot."""
-    bar = Progress(show_progress, config.warmup_s + config.duration_s, phase.label)
+class _Collector:
+    """Merges the processes' shares of each window, in order, and decides when to stop."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        phase: Phase,
+        plan: WindowPlan,
+        enough: Callable[[Sequence[PhaseResult]], bool],
+    ) -> None:
+        self.config = config
+        self.phase = phase
+        self.plan = plan
+        self.enough = enough
+        self.parts: dict[int, dict[int, WorkerResult]] = {}
+        self.measured: list[PhaseResult] = []
+        self.decided = False
+
+    def _merge(self, parts: dict[int, WorkerResult]) -> PhaseResult:
+        ordered = [parts[i] for i in range(self.config.processes)]
+        return merge(self.phase, self.plan.window_s, self.config.images_per_request, ordered)
+
+    def add(self, index: int, window: int, part: WorkerResult) -> None:
+        if self.decided:
+            return  # a window begun after the decision: not measured
+        self.parts.setdefault(window, {})[index] = part
+        while not self.decided and len(self.parts.get(len(self.measured), ())) == (
+            self.config.processes
+        ):
+            self.measured.append(self._merge(self.parts[len(self.measured)]))
+            self.decided = len(self.measured) >= self.plan.max_windows or self.enough(self.measured)
+
+    def windows(self, replicas: dict[int, list[dict[str, int]]]) -> list[PhaseResult]:
+        """The measured windows, with each process's final replica counts (streams resolved)."""
+        for k in range(len(self.measured)):
+            for index, part in self.parts[k].items():
+                final = replicas.get(index, [])
+                if k < len(final):
+                    part.replicas = final[k]
+        return [self._merge(self.parts[k]) for k in range(len(self.measured))]
+
+
+class _LocalLink:
+    """The link of a worker running in this process, on this thread."""
+
+    def __init__(
+        self, collector: _Collector, bar: Progress, on_start: Callable[[float], None] | None
+    ) -> None:
+        self.collector = collector
+        self.bar = bar
+        self.on_start = on_start
+        self.replicas: list[dict[str, int]] = []
+
+    def ready(self) -> float:
+        start = time.perf_counter()
+        if self.on_start is not None:
+            self.on_start(start + self.collector.config.warmup_s)
+        return start
+
+    def report(self, window: int, part: WorkerResult) -> None:
+        self.collector.add(0, window, part)
+
+    def stop_requested(self) -> bool:
+        return self.collector.decided
+
+    def progress(self, done: int, failed: int) -> None:
+        self.bar.show(done, failed)
+
+    def finished(self, replicas: list[dict[str, int]]) -> None:
+        self.replicas = replicas
+
+
+def _never_enough(measured: Sequence[PhaseResult]) -> bool:
+    return False
+
+
+def run_windows(
+    config: BenchConfig,
+    phase: Phase,
+    plan: WindowPlan,
+    enough: Callable[[Sequence[PhaseResult]], bool] = _never_enough,
+    *,
+    on_start: Callable[[float], None] | None = None,
+    show_progress: bool = False,
+) -> list[PhaseResult]:
+    """Load the server with one continuous load and measure it in consecutive windows.
+
+    After `config.warmup_s`, windows of `plan.window_s` follow one another without
+    a pause, until `enough(the windows so far)` or `plan.max_windows`; returns
+    the windows measured, in order. `on_start(t)` is called in this process with
+    the `time.perf_counter()` time the first window starts (every process is
+    ready then). Raises ConvServeError / SetupError if the load cannot start.
+    """
+    collector = _Collector(config, phase, plan, enough)
+    total_s = config.warmup_s + plan.max_windows * plan.window_s
+    bar = Progress(show_progress, total_s, phase.label)
     if config.processes == 1:
+        link = _LocalLink(collector, bar, on_start)
         try:
-            part = asyncio.run(run_worker(config, phase, 0, lambda: None, bar.show))
+            asyncio.run(run_worker(config, phase, 0, plan, link))
         except SetupError as exc:
             raise _setup_failure(str(exc), exc.code) from exc
         finally:
             bar.finish()
-        return merge(phase, config, [part])
+        return collector.windows({0: link.replicas})
 
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(config.processes)
     results = context.Queue()
+    go, stop = context.Event(), context.Event()
+    start = context.Value("d", 0.0, lock=False)
     counters = context.Array("q", 2 * config.processes, lock=False)
     workers = [
         context.Process(
             target=_process_main,
-            args=(config, phase, i, barrier, results, counters),
+            args=(config, phase, plan, i, _ProcessLink(i, results, go, start, stop, counters)),
             daemon=True,
         )
         for i in range(config.processes)
     ]
     for worker in workers:
         worker.start()
-    parts: dict[int, WorkerResult] = {}
+    ready: set[int] = set()
+    finished: dict[int, list[dict[str, int]]] = {}
     failure: tuple[str, grpc.StatusCode | None] | None = None
-    limit = time.monotonic() + SETUP_TIMEOUT_S + config.warmup_s + config.duration_s
-    limit += 2 * config.timeout_s
+    limit = time.monotonic() + SETUP_TIMEOUT_S
     try:
-        while len(parts) < config.processes and failure is None:
+        while len(finished) < config.processes and failure is None:
             if time.monotonic() > limit:
                 failure = ("worker processes did not finish in time", None)
                 break
             try:
-                index, part, error = results.get(timeout=PROGRESS_INTERVAL_S)
+                kind, index, body = results.get(timeout=PROGRESS_INTERVAL_S)
             except queue.Empty:
                 bar.show(sum(counters[0::2]), sum(counters[1::2]))
                 crashed = [
                     i
                     for i, w in enumerate(workers)
-                    if w.exitcode not in (None, 0) and i not in parts
+                    if w.exitcode not in (None, 0) and i not in finished
                 ]
                 if crashed:
                     code = workers[crashed[0]].exitcode
                     failure = (f"worker process {crashed[0]} died (exit code {code})", None)
                 continue
-            if error is not None:
-                failure = error
+            if kind == "ready":
+                ready.add(index)
+                if len(ready) == config.processes:
+                    # A moment ahead, so that every process starts on the same schedule.
+                    start.value = time.perf_counter() + START_MARGIN_S
+                    go.set()
+                    if on_start is not None:
+                        on_start(start.value + config.warmup_s)
+                    limit = time.monotonic() + START_MARGIN_S + total_s + 2 * config.timeout_s
+                    limit += STREAM_CLOSE_GRACE_S + SETUP_TIMEOUT_S
+            elif kind == "window":
+                collector.add(index, *body)
+                if collector.decided:
+                    stop.set()
+            elif kind == "done":
+                finished[index] = body
             else:
-                parts[index] = part
+                failure = body
     finally:
+        stop.set()
         bar.finish()
         for worker in workers:
             worker.join(timeout=5.0 if failure is None else 0.5)
@@ -789,7 +1070,15 @@ def run_phase(config: BenchConfig, phase: Phase, *, show_progress: bool = False)
                 worker.join()
     if failure is not None:
         raise _setup_failure(*failure)
-    return merge(phase, config, [parts[i] for i in range(config.processes)])
+    return collector.windows(finished)
+
+
+def run_phase(config: BenchConfig, phase: Phase, *, show_progress: bool = False) -> PhaseResult:
+    """Load the server for warm-up + duration and measure the duration as one window."""
+    (window,) = run_windows(
+        config, phase, WindowPlan(config.duration_s, 1), show_progress=show_progress
+    )
+    return window
 
 
 def run(

@@ -1,8 +1,11 @@
 """Server-side figures for a bench level, from the server's Prometheus ``/metrics``.
 
-The bench scrapes ``/metrics`` before and after each level and reads the
-difference of three histograms the server keeps (see the server's
-``metrics.py``): ``convserve_batch_size`` (images per model call),
+The bench scrapes ``/metrics`` at every window boundary of a level
+(`WindowScraper`), so that the server's figures cover exactly the windows
+the client's figures pool, and reads the difference of the server's request
+counter (``convserve_requests_total``, successful requests per protocol) and
+three histograms it keeps (see the server's ``metrics.py``):
+``convserve_batch_size`` (images per model call),
 ``convserve_queue_wait_seconds`` (enqueue to the start of the batch) and
 ``convserve_model_execution_seconds`` (one model call). Percentiles come from
 the bucket deltas, interpolated within a bucket as Prometheus'
@@ -16,18 +19,26 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from convserve.client.bench import rounded_ms
 from convserve.client.errors import InputError
 
+REQUESTS = "convserve_requests_total"
 BATCH_SIZE = "convserve_batch_size"
 QUEUE_WAIT = "convserve_queue_wait_seconds"
 MODEL_TIME = "convserve_model_execution_seconds"
 SCRAPE_TIMEOUT_S = 5.0
+# A boundary's scrape later than this share of a window (or than the floor, for
+# short windows) no longer marks the boundary.
+LATE_SCRAPE_FRACTION = 0.25
+LATE_SCRAPE_FLOOR_S = 0.1
 
 # name{labels} value [timestamp]
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(\s+\S+)?\s*$")
@@ -154,8 +165,9 @@ def histogram(samples: Samples, name: str, match: Mapping[str, str] | None = Non
 
 @dataclass(frozen=True)
 class ServerFigures:
-    """What the server saw during one level (histogram deltas between two scrapes)."""
+    """What the server saw during one level's measured windows (deltas between two scrapes)."""
 
+    requests_ok: dict[str, float]  # protocol -> successful requests the server answered
     model_calls: float
     mean_batch_size: float
     queue_wait_p50_s: float
@@ -164,10 +176,9 @@ class ServerFigures:
     model_time_p99_s: float
 
     def as_dict(self) -> dict[str, Any]:
-        def ms(seconds: float) -> float | None:
-            return None if math.isnan(seconds) else round(seconds * 1000.0, 3)
-
+        ms = rounded_ms
         return {
+            "requests_ok": {protocol: int(n) for protocol, n in sorted(self.requests_ok.items())},
             "model_calls": int(self.model_calls),
             "mean_batch_size": None
             if math.isnan(self.mean_batch_size)
@@ -175,6 +186,17 @@ class ServerFigures:
             "queue_wait_ms": {"p50": ms(self.queue_wait_p50_s), "p99": ms(self.queue_wait_p99_s)},
             "model_time_ms": {"p50": ms(self.model_time_p50_s), "p99": ms(self.model_time_p99_s)},
         }
+
+
+def _requests_ok(samples: Samples, match: Mapping[str, str] | None) -> dict[str, float]:
+    """Successful requests per protocol label (of `match`'s series only)."""
+    wanted = {("code", "OK"), *(match or {}).items()}
+    counts: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        if name == REQUESTS and wanted <= set(labels):
+            protocol = dict(labels).get("protocol", "")
+            counts[protocol] = counts.get(protocol, 0.0) + value
+    return counts
 
 
 def server_figures(before: Samples, after: Samples, model: str = "") -> ServerFigures:
@@ -189,7 +211,12 @@ def server_figures(before: Samples, after: Samples, model: str = "") -> ServerFi
         return histogram(after, name, match).minus(histogram(before, name, match))
 
     batch, queue, model_time = delta(BATCH_SIZE), delta(QUEUE_WAIT), delta(MODEL_TIME)
+    requests_before = _requests_ok(before, match)
     return ServerFigures(
+        requests_ok={
+            protocol: n - requests_before.get(protocol, 0.0)
+            for protocol, n in _requests_ok(after, match).items()
+        },
         model_calls=batch.count,
         mean_batch_size=batch.mean,
         queue_wait_p50_s=queue.quantile(0.5),
@@ -197,3 +224,71 @@ def server_figures(before: Samples, after: Samples, model: str = "") -> ServerFi
         model_time_p50_s=model_time.quantile(0.5),
         model_time_p99_s=model_time.quantile(0.99),
     )
+
+
+class WindowScraper:
+    """Scrapes a ``/metrics`` URL at every window boundary of one level, on its own thread.
+
+    Boundary k is ``first_start + k * window_s`` (`time.perf_counter()` time);
+    `figures` reads the deltas between two boundaries, so that the server's
+    figures cover the same windows as the client's.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._scrapes: dict[int, Samples | str] = {}  # boundary -> samples or why none
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, first_start: float, window_s: float) -> None:
+        """Begin scraping at `first_start`, then every `window_s` until `close`."""
+        self._thread = threading.Thread(
+            target=self._run, args=(first_start, window_s), name="metrics-scraper", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, first_start: float, window_s: float) -> None:
+        k = 0
+        while not self._stop.wait(max(0.0, first_start + k * window_s - time.perf_counter())):
+            boundary = first_start + k * window_s
+            result: Samples | str
+            try:
+                result = scrape(self.url)
+            except MetricsError as exc:
+                result = str(exc)
+            # The scrape's time is when the server's counters were read: at the
+            # response, at the latest.
+            late_s = time.perf_counter() - boundary
+            tolerance_s = max(LATE_SCRAPE_FRACTION * window_s, LATE_SCRAPE_FLOOR_S)
+            if isinstance(result, dict) and late_s > tolerance_s:
+                result = (
+                    f"--metrics-url {self.url}: the scrape at a window boundary came "
+                    f"{late_s:.2f} s late"
+                )
+            with self._changed:
+                self._scrapes[k] = result
+                self._changed.notify_all()
+            k += 1
+
+    def _at(self, boundary: int) -> Samples:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: boundary in self._scrapes or self._thread is None,
+                timeout=SCRAPE_TIMEOUT_S + 1.0,
+            )
+            result = self._scrapes.get(boundary)
+        if result is None:
+            raise MetricsError(f"--metrics-url {self.url}: no scrape at window boundary {boundary}")
+        if isinstance(result, str):
+            raise MetricsError(result)
+        return result
+
+    def figures(self, first: int, end: int, model: str = "") -> ServerFigures:
+        """The server's figures over windows `first` to `end` - 1 (MetricsError if unknown)."""
+        return server_figures(self._at(first), self._at(end), model)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=SCRAPE_TIMEOUT_S + 1.0)

@@ -37,6 +37,12 @@ def _import_pyplot() -> Any:
     return plt
 
 
+def check_available() -> None:
+    """ImportError naming the plot extra unless matplotlib loads: checked before a run,
+    so that a missing extra does not cost a whole sweep."""
+    _import_pyplot()
+
+
 def _number(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 4)
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from convserve.client.bench import BenchConfig
+from convserve.client.bench import BenchConfig, rounded_ms
 from convserve.client.bench_sweep import LevelResult, SweepResult
 from convserve.client.errors import InputError
 from convserve.client.table import format_table
@@ -24,7 +24,8 @@ def target_name(config: BenchConfig) -> str:
 
 
 def _ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1000.0:.2f}"
+    ms = rounded_ms(seconds)
+    return "-" if ms is None else f"{ms:.2f}"
 
 
 def _shares(level: LevelResult) -> str:
@@ -35,7 +36,7 @@ def _shares(level: LevelResult) -> str:
 def _windows(level: LevelResult) -> str:
     if level.stable is None:
         return "-"
-    return f"{level.windows} {'stable' if level.stable else 'UNSTABLE'}"
+    return f"{len(level.windows)} {'stable' if level.stable else 'UNSTABLE'}"
 
 
 def summary_table(sweep: SweepResult) -> str:
@@ -99,8 +100,8 @@ def server_table(sweep: SweepResult) -> str | None:
     compare = len(sweep.targets) > 1
     headers = ["target"] if compare else []
     headers += [
-        "load", "model calls", "mean batch", "queue p50 ms", "queue p99 ms", "model p50 ms",
-        "model p99 ms",
+        "load", "req/s", "model calls", "mean batch", "queue p50 ms", "queue p99 ms",
+        "model p50 ms", "model p99 ms",
     ]  # fmt: skip
     rows = []
     for level in levels:
@@ -109,6 +110,7 @@ def server_table(sweep: SweepResult) -> str | None:
         row: list[object] = [TARGET_LETTERS[level.target]] if compare else []
         row += [
             level.result.phase.label,
+            f"{sum(s.requests_ok.values()) / level.result.duration_s:.1f}",
             f"{s.model_calls:.0f}",
             "-" if math.isnan(s.mean_batch_size) else f"{s.mean_batch_size:.2f}",
             _ms(s.queue_wait_p50_s),
@@ -118,12 +120,25 @@ def server_table(sweep: SweepResult) -> str | None:
         ]
         rows.append(row)
     first = 1 if compare else 0
-    return format_table(headers, rows, right=range(first + 1, first + 7))
+    return format_table(headers, rows, right=range(first + 1, first + 8))
 
 
-def report_text(sweep: SweepResult, windows_note: str) -> str:
+def measurement_note(sweep: SweepResult) -> str:
+    """How each level was measured, in words."""
+    first, windows = sweep.targets[0], sweep.windows
+    if windows is None:
+        return f"{first.duration_s:g} s per phase after {first.warmup_s:g} s warm-up"
+    return (
+        f"consecutive windows of {windows.window_s:g} s of one load until "
+        f"{windows.stable_windows} agree within {windows.stability_percent:g}% (at most "
+        f"{windows.max_windows}) after {first.warmup_s:g} s warm-up"
+    )
+
+
+def report_text(sweep: SweepResult) -> str:
     """The whole text report: targets, the table(s), the knee, warnings."""
     first = sweep.targets[0]
+    windows_note = measurement_note(sweep)
     settings = (
         f"{first.images_per_request} image(s)/request, {first.processes} process(es), "
         + (f"{first.streams} stream(s) per process, " if first.streams else "")
@@ -139,7 +154,11 @@ def report_text(sweep: SweepResult, windows_note: str) -> str:
     lines.append(summary_table(sweep))
     server = server_table(sweep)
     if server is not None:
-        lines += ["", "server side (from /metrics, histogram deltas over each level):", server]
+        lines += [
+            "",
+            "server side (from /metrics, deltas over the same windows as the client's):",
+            server,
+        ]
     if sweep.threshold_ms is not None:
         for index, knee in enumerate(sweep.knees):
             prefix = f"{TARGET_LETTERS[index]}: " if len(sweep.targets) > 1 else ""
@@ -158,20 +177,30 @@ def report_text(sweep: SweepResult, windows_note: str) -> str:
     busiest = max(level.result.cpu_cores for level in sweep.levels)
     lines.append(
         f"generator CPU: up to {busiest:.2f} cores ({100.0 * busiest / cpus:.0f}% of "
-        f"{cpus} CPUs); latency percentiles are nearest-rank over successful requests"
+        f"{cpus} CPUs); requests and latency percentiles (nearest-rank): the successful "
+        "requests sent in the measured windows; req/s: successful answers received in them"
     )
     for level in sweep.levels:
+        who = f"{TARGET_LETTERS[level.target]} " if len(sweep.targets) > 1 else ""
         for warning in level.result.generator_warnings():
-            who = f"{TARGET_LETTERS[level.target]} " if len(sweep.targets) > 1 else ""
             lines.append(
                 f"warning: {who}{level.result.phase.label}: the generator may have been the "
                 f"bottleneck: {warning}"
+            )
+        if level.server_error is not None:
+            lines.append(
+                f"warning: {who}{level.result.phase.label}: no server figures: {level.server_error}"
             )
     return "\n".join(lines)
 
 
 def report_dict(sweep: SweepResult) -> dict[str, Any]:
-    """The JSON report. ``phases`` lists every target's levels in the order they ran."""
+    """The JSON report. ``phases`` lists every target's levels in the order they ran.
+
+    ``duration_s`` is the measured time per level when each level is one
+    window (None with ``windows``, whose settings are given instead); each
+    phase's own ``duration_s`` is the time its figures cover.
+    """
     first = sweep.targets[0]
 
     def knee(level: LevelResult | None) -> dict[str, Any] | None:
@@ -191,8 +220,9 @@ def report_dict(sweep: SweepResult) -> dict[str, Any]:
         "model": first.model_name,
         "images_per_request": first.images_per_request,
         "processes": first.processes,
-        "duration_s": first.duration_s,
+        "duration_s": first.duration_s if sweep.windows is None else None,
         "warmup_s": first.warmup_s,
+        "windows": None if sweep.windows is None else sweep.windows.as_dict(),
         "machine_cpus": os.cpu_count(),
         "targets": [
             {
@@ -212,11 +242,11 @@ def report_dict(sweep: SweepResult) -> dict[str, Any]:
 
 CSV_COLUMNS = [
     "target", "address", "protocol", "mode", "concurrency", "rate", "duration_s",
-    "requests_ok", "errors", "requests_per_s", "images_per_s", "p50_ms", "p90_ms", "p99_ms",
-    "max_ms", "generator_cpu_cores", "scheduled", "sent_by_end", "windows", "stable",
-    "ratio_to_first_target", "server_mean_batch_size", "server_queue_wait_p50_ms",
-    "server_queue_wait_p99_ms", "server_model_time_p50_ms", "server_model_time_p99_ms",
-    "replica_shares",
+    "requests_ok", "completed_ok", "errors", "requests_per_s", "images_per_s", "p50_ms",
+    "p90_ms", "p99_ms", "max_ms", "generator_cpu_cores", "scheduled", "sent_by_end", "windows",
+    "stable", "ratio_to_first_target", "server_requests_ok", "server_mean_batch_size",
+    "server_queue_wait_p50_ms", "server_queue_wait_p99_ms", "server_model_time_p50_ms",
+    "server_model_time_p99_ms", "replica_shares",
 ]  # fmt: skip
 
 
@@ -236,6 +266,7 @@ def csv_rows(sweep: SweepResult) -> list[dict[str, Any]]:
                 "rate": data["rate"],
                 "duration_s": data["duration_s"],
                 "requests_ok": data["requests_ok"],
+                "completed_ok": data["completed_ok"],
                 "errors": sum(data["errors"].values()),
                 "requests_per_s": data["requests_per_s"],
                 "images_per_s": data["images_per_s"],
@@ -249,6 +280,7 @@ def csv_rows(sweep: SweepResult) -> list[dict[str, Any]]:
                 "windows": data["windows"],
                 "stable": data["stable"],
                 "ratio_to_first_target": data.get("ratio_to_first_target"),
+                "server_requests_ok": sum(server["requests_ok"].values()) if server else None,
                 "server_mean_batch_size": server.get("mean_batch_size"),
                 "server_queue_wait_p50_ms": server.get("queue_wait_ms", {}).get("p50"),
                 "server_queue_wait_p99_ms": server.get("queue_wait_ms", {}).get("p99"),

@@ -180,11 +180,18 @@ def import_oip() -> tuple[Any, Any]:
 
 @dataclass(frozen=True)
 class OipInput:
-    """The model's first input as its metadata describes it."""
+    """The OIP input requests carry: the model's first declared input, or one given."""
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    # Where it was given, for error messages: the flag and its value (e.g.
+    # "--compare-input x:UINT8:-1,28"); empty when it comes from the model's metadata.
+    given_as: str = ""
+
+    @property
+    def described(self) -> str:
+        return self.given_as or f"model input {self.name!r}"
 
 
 # OIP datatypes that can hold the images: integers get the 0-255 pixels, floats
@@ -214,26 +221,59 @@ def oip_input(metadata: Any) -> OipInput:
     return OipInput(first.name, first.datatype, tuple(int(d) for d in first.shape))
 
 
-def parse_oip_input(text: str) -> OipInput:
-    """``NAME:DTYPE:SHAPE`` (e.g. ``images:FP32:-1,28,28,1``) as an OipInput.
+def parse_oip_input(text: str, flag: str = "--input") -> OipInput:
+    """``NAME:DTYPE:SHAPE`` (e.g. ``images:FP32:-1,28,28,1``) given with `flag` as an OipInput.
 
     Only the syntax is checked here; whether the input can take the images is
-    checked when the requests are made (`oip_requests`).
+    checked by `check_oip_input`.
     """
     parts = text.rsplit(":", 2)
     if len(parts) != 3 or not all(parts):
         raise InputError(
-            f"--input: expected NAME:DTYPE:SHAPE such as images:UINT8:-1,28,28,1, got {text!r}"
+            f"{flag}: expected NAME:DTYPE:SHAPE such as images:UINT8:-1,28,28,1, got {text!r}"
         )
     name, datatype, shape_text = parts
     try:
         shape = tuple(int(d) for d in shape_text.replace("x", ",").split(","))
     except ValueError:
         raise InputError(
-            f"--input: SHAPE must be comma-separated integers such as -1,28,28,1, "
-            f"got {shape_text!r}"
+            f"{flag}: SHAPE must be comma-separated integers such as -1,28,28,1, got {shape_text!r}"
         ) from None
-    return OipInput(name, datatype.upper(), shape)
+    return OipInput(name, datatype.upper(), shape, given_as=f"{flag} {text}")
+
+
+def _image_pool(spec: OipInput, images: np.ndarray) -> np.ndarray:
+    """`images` as [k, *image shape of spec]; InputError naming `spec` if it cannot take them."""
+    if spec.datatype not in _OIP_DTYPES:
+        raise InputError(
+            f"{spec.described}: datatype {spec.datatype} cannot hold image pixels; "
+            f"expected one of {', '.join(_OIP_DTYPES)}"
+        )
+    if not spec.shape or spec.shape[0] != -1:
+        raise InputError(
+            f"{spec.described}: expected a leading batch dimension of -1, "
+            f"got shape {list(spec.shape)}"
+        )
+    image_shape = spec.shape[1:]
+    if any(d < 1 for d in image_shape):
+        raise InputError(
+            f"{spec.described}: shape {list(spec.shape)} has a variable dimension after the batch"
+        )
+    pool = images if images.ndim == 4 else images[..., np.newaxis]
+    if math.prod(image_shape) != math.prod(pool.shape[1:]):
+        if len(image_shape) not in (2, 3):
+            raise InputError(
+                f"{spec.described}: shape {list(spec.shape)} does not hold images of "
+                f"{'x'.join(map(str, pool.shape[1:]))} pixels, and is not [-1,H,W] or [-1,H,W,C]"
+            )
+        h, w, *c = image_shape
+        pool = resize_batch(pool, (h, w, c[0] if c else 1))
+    return pool
+
+
+def check_oip_input(spec: OipInput, images: np.ndarray) -> None:
+    """InputError (naming where `spec` came from) unless requests of `spec` can carry `images`."""
+    _image_pool(spec, images[:1])
 
 
 def oip_requests(
@@ -248,31 +288,8 @@ def oip_requests(
     values in [0, 1]; other datatypes (BOOL, BYTES, INT8) are refused.
     """
     service_pb2, _ = import_oip()
-    if spec.datatype not in _OIP_DTYPES:
-        raise InputError(
-            f"model input {spec.name!r}: datatype {spec.datatype} cannot hold image pixels; "
-            f"expected one of {', '.join(_OIP_DTYPES)}"
-        )
-    if not spec.shape or spec.shape[0] != -1:
-        raise InputError(
-            f"model input {spec.name!r}: expected a leading batch dimension of -1, "
-            f"got shape {list(spec.shape)}"
-        )
+    pool = _image_pool(spec, images)
     image_shape = spec.shape[1:]
-    if any(d < 1 for d in image_shape):
-        raise InputError(
-            f"model input {spec.name!r}: shape {list(spec.shape)} has a variable dimension "
-            "after the batch"
-        )
-    pool = images if images.ndim == 4 else images[..., np.newaxis]
-    if math.prod(image_shape) != math.prod(pool.shape[1:]):
-        if len(image_shape) not in (2, 3):
-            raise InputError(
-                f"model input {spec.name!r}: shape {list(spec.shape)} does not hold images of "
-                f"{'x'.join(map(str, pool.shape[1:]))} pixels, and is not [-1,H,W] or [-1,H,W,C]"
-            )
-        h, w, *c = image_shape
-        pool = resize_batch(pool, (h, w, c[0] if c else 1))
     dtype = _OIP_DTYPES[spec.datatype]
     floats = np.issubdtype(dtype, np.floating)
     requests = []

@@ -2,12 +2,20 @@
 
 * Levels come from a list (``--concurrency 1,4,16``) or a range
   (``--concurrency-range 1:32:4``, ``--rate-range 50:500:50``).
-* With `Windows`, a level is measured in windows of `window_s` seconds until
-  the last `stable_windows` windows agree (each window's throughput and p99
-  within `stability_percent` of their mean, as Triton's perf_analyzer does), or
-  `max_windows` have run and the level is marked unstable. The level's result
-  pools the samples of those last windows. The warm-up runs once per level,
-  before the first window, and is not measured.
+* Each level is one continuous load on one channel: a warm-up, then
+  consecutive windows cut out of it (see `bench.run_windows`). With
+  `Windows`, windows of `window_s` seconds follow one another until the last
+  `stable_windows` agree (each window's throughput and p99 within
+  `stability_percent` of their mean, as Triton's perf_analyzer does), or
+  `max_windows` have run and the level is marked unstable. Since the load
+  never pauses, an overloaded level's queue keeps growing from window to
+  window and its p99 drifts: it does not look stable. The level's result
+  pools the samples of those last windows; without `Windows` a level is one
+  window of the configuration's `duration_s`.
+* With a metrics URL, the server's ``/metrics`` is scraped at every window
+  boundary, and the server's figures cover the same windows as the client's.
+  A scrape that fails leaves that level without server figures (and says
+  why); the sweep goes on.
 * With a latency threshold, a target's sweep stops after the first level
   whose p99 exceeds it; the knee is the last level before that (the highest
   load that stayed under the threshold).
@@ -20,11 +28,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from convserve.client import bench_metrics
-from convserve.client.bench import BenchConfig, Phase, PhaseResult, combine, run_phase
+from convserve.client.bench import (
+    BenchConfig,
+    Phase,
+    PhaseResult,
+    WindowPlan,
+    combine,
+    rounded_ms,
+    run_windows,
+)
 from convserve.client.errors import InputError
 
 MAX_LEVELS = 1000
@@ -73,6 +89,8 @@ class Windows:
     def __post_init__(self) -> None:
         if not self.window_s > 0:
             raise InputError(f"--window-s: expected seconds > 0, got {self.window_s}")
+        if self.max_windows < 1:
+            raise InputError(f"--max-windows: expected at least 1, got {self.max_windows}")
         if not 0 < self.stability_percent < 100:
             raise InputError(
                 f"--stability-percent: expected a percentage in (0, 100), "
@@ -85,6 +103,14 @@ class Windows:
                 f"--max-windows: expected at least {self.stable_windows} (the windows that "
                 f"must agree), got {self.max_windows}"
             )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "window_s": self.window_s,
+            "stability_percent": self.stability_percent,
+            "stable_windows": self.stable_windows,
+            "max_windows": self.max_windows,
+        }
 
 
 def _within(values: Sequence[float], percent: float) -> bool:
@@ -111,10 +137,11 @@ class LevelResult:
     """One target at one level."""
 
     target: int  # index into the sweep's targets
-    result: PhaseResult
-    windows: int  # windows measured (1 without Windows)
-    stable: bool | None  # None: not measured in windows
+    result: PhaseResult  # the windows kept (all of them without Windows), pooled
+    windows: list[PhaseResult]  # every window measured, in order
+    stable: bool | None  # None: not measured in stable windows
     server: bench_metrics.ServerFigures | None = None
+    server_error: str | None = None  # why there are no server figures, when asked for
     ratio: float | None = None  # compare mode, on the second target's rows: B/A req/s
 
     @property
@@ -124,9 +151,20 @@ class LevelResult:
     def as_dict(self) -> dict[str, Any]:
         data = self.result.as_dict()
         data["target_index"] = self.target
-        data["windows"] = self.windows
+        data["windows"] = len(self.windows)
         data["stable"] = self.stable
+        if self.stable is not None:
+            data["window_results"] = [
+                {
+                    "requests_per_s": round(w.requests_per_s, 3),
+                    "p99_ms": rounded_ms(w.percentile_s(99)),
+                    "requests_ok": w.ok,
+                }
+                for w in self.windows
+            ]
         data["server"] = self.server.as_dict() if self.server is not None else None
+        if self.server_error is not None:
+            data["server_error"] = self.server_error
         if self.ratio is not None:
             data["ratio_to_first_target"] = round(self.ratio, 4)
         return data
@@ -139,50 +177,57 @@ class SweepResult:
     threshold_ms: float | None
     stopped: list[bool]  # per target: the threshold ended its sweep early
     knees: list[LevelResult | None]  # per target: the last level under the threshold
+    windows: Windows | None = None  # how levels were measured (None: one duration_s window)
 
     def of(self, target: int) -> list[LevelResult]:
         return [level for level in self.levels if level.target == target]
 
 
 def measure_level(
+    target: int,
     config: BenchConfig,
     phase: Phase,
     windows: Windows | None,
     *,
     metrics_url: str | None = None,
     show_progress: bool = False,
-) -> tuple[PhaseResult, int, bool | None, bench_metrics.ServerFigures | None]:
-    """One level on one target: (result, windows run, stable or None, server figures).
+) -> LevelResult:
+    """One level on one target (index `target`): one continuous load, measured in windows.
 
-    Server figures cover the measured time: the whole phase without windows
-    (its warm-up included), else every window of the level.
+    The server's figures, when `metrics_url` is given, cover the windows kept.
     """
     if windows is None:
-        before = bench_metrics.scrape(metrics_url) if metrics_url else None
-        result = run_phase(config, phase, show_progress=show_progress)
-        server = None
-        if metrics_url and before is not None:
-            server = bench_metrics.server_figures(
-                before, bench_metrics.scrape(metrics_url), config.model_name
-            )
-        return result, 1, None, server
-    if config.warmup_s > 0:
-        warm = replace(config, duration_s=config.warmup_s, warmup_s=0.0)
-        run_phase(warm, phase, show_progress=show_progress)
-    window_config = replace(config, duration_s=windows.window_s, warmup_s=0.0)
-    before = bench_metrics.scrape(metrics_url) if metrics_url else None
-    measured: list[PhaseResult] = []
-    while len(measured) < windows.max_windows:
-        measured.append(run_phase(window_config, phase, show_progress=show_progress))
-        if is_stable(measured, windows):
-            break
-    server = None
-    if metrics_url and before is not None:
-        server = bench_metrics.server_figures(
-            before, bench_metrics.scrape(metrics_url), config.model_name
+        plan = WindowPlan(config.duration_s, 1)
+    else:
+        plan = WindowPlan(windows.window_s, windows.max_windows)
+    settings = windows
+
+    def enough(measured: Sequence[PhaseResult]) -> bool:
+        return settings is not None and is_stable(measured, settings)
+
+    scraper = bench_metrics.WindowScraper(metrics_url) if metrics_url else None
+    server, server_error = None, None
+    try:
+        measured = run_windows(
+            config,
+            phase,
+            plan,
+            enough,
+            on_start=None if scraper is None else lambda at: scraper.start(at, plan.window_s),
+            show_progress=show_progress,
         )
-    stable = is_stable(measured, windows)
-    return combine(measured[-windows.stable_windows :]), len(measured), stable, server
+        kept = measured if windows is None else measured[-windows.stable_windows :]
+        if scraper is not None:
+            try:
+                first_kept = len(measured) - len(kept)
+                server = scraper.figures(first_kept, len(measured), config.model_name)
+            except bench_metrics.MetricsError as exc:
+                server_error = str(exc)
+    finally:
+        if scraper is not None:
+            scraper.close()
+    stable = None if windows is None else is_stable(measured, windows)
+    return LevelResult(target, combine(kept), measured, stable, server, server_error)
 
 
 def sweep(
@@ -196,7 +241,7 @@ def sweep(
 ) -> SweepResult:
     """Run `phases` in order on every target, alternating targets level by level.
 
-    `metrics_urls[i]` (None or missing: none) is scraped around target i's levels.
+    `metrics_urls[i]` (None or missing: none) is scraped during target i's levels.
     """
     if not targets:
         raise InputError("a sweep needs at least one target")
@@ -207,18 +252,17 @@ def sweep(
     stopped = [False] * len(targets)
     knees: list[LevelResult | None] = [None] * len(targets)
     for phase in phases:
-        at_this_level: dict[int, LevelResult] = {}
+        first: LevelResult | None = None
         for index, config in enumerate(targets):
             if stopped[index]:
                 continue
-            result, count, stable, server = measure_level(
-                config, phase, windows, metrics_url=urls[index], show_progress=show_progress
+            level = measure_level(
+                index, config, phase, windows, metrics_url=urls[index], show_progress=show_progress
             )
-            level = LevelResult(index, result, count, stable, server)
-            if index > 0 and 0 in at_this_level:
-                first = at_this_level[0].result.requests_per_s
-                level.ratio = result.requests_per_s / first if first > 0 else None
-            at_this_level[index] = level
+            if index == 0:
+                first = level
+            elif first is not None and first.result.requests_per_s > 0:
+                level.ratio = level.result.requests_per_s / first.result.requests_per_s
             levels.append(level)
             if threshold_ms is not None:
                 p99 = level.p99_ms
@@ -228,4 +272,4 @@ def sweep(
                     knees[index] = level
         if all(stopped):
             break
-    return SweepResult(list(targets), levels, threshold_ms, stopped, knees)
+    return SweepResult(list(targets), levels, threshold_ms, stopped, knees, windows)

@@ -67,6 +67,9 @@ SERVICE_CONFIG = json.dumps(
         "methodConfig": [{"name": [{}], "retryPolicy": RETRY_POLICY}],
     }
 )
+# The same balancing without retries: a load generator must see (and time) every
+# answer the server sends, a CANCELLED one included, not one call for several attempts.
+SERVICE_CONFIG_WITHOUT_RETRIES = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 PemSource = str | os.PathLike[str] | bytes
 
@@ -110,11 +113,17 @@ def channel_options(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     tls: TlsConfig | None = None,
+    retries: bool = True,
 ) -> list[tuple[str, Any]]:
     """gRPC channel arguments: round-robin balancing, DNS re-resolution, keepalive and
-    message size limits."""
+    message size limits.
+
+    `retries=False` leaves out `RETRY_POLICY`, so that every attempt is a call of
+    its own (the load generator counts each server answer).
+    """
+    config = SERVICE_CONFIG if retries else SERVICE_CONFIG_WITHOUT_RETRIES
     options: list[tuple[str, Any]] = [
-        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.service_config", config),
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),

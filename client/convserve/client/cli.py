@@ -636,7 +636,34 @@ def _bench_windows(args: argparse.Namespace) -> bench_sweep.Windows | None:
     )
 
 
+def _bench_single_target(args: argparse.Namespace) -> None:
+    """Refuse --target given twice with different values: argparse keeps the last."""
+    given = list(dict.fromkeys(getattr(args, "targets_given", [])))
+    if len(given) > 1:
+        raise UsageError(
+            f"--target given more than once ({', '.join(given)}); to compare two targets "
+            f"give the second with --compare, e.g. --target {given[0]} bench --compare {given[1]}"
+        )
+
+
+def _bench_oip_input(
+    text: str | None, protocol: str, flag: str, target_flag: str, images: np.ndarray
+) -> bench_requests.OipInput | None:
+    """The parsed --input / --compare-input, checked against its target and the images."""
+    if text is None:
+        return None
+    if protocol != "oip":
+        raise UsageError(
+            f"{flag} applies only to an oip target: give {target_flag} oip@HOST:PORT "
+            f"(or {'--protocol' if target_flag == '--target' else '--compare-protocol'} oip)"
+        )
+    spec = bench_requests.parse_oip_input(text, flag)
+    bench_requests.check_oip_input(spec, images)
+    return spec
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    _bench_single_target(args)
     phases = _bench_phases(args)
     windows = _bench_windows(args)
     if args.latency_threshold_ms is not None and not args.latency_threshold_ms > 0:
@@ -646,20 +673,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for flag, path in (("--csv", args.csv), ("--plot", args.plot)):
         if path is not None:
             bench_report.check_writable(path, flag)
-    if args.plot is not None and not args.plot.lower().endswith(".png"):
-        raise UsageError(f"--plot: expected a FILE.png, got {args.plot!r}")
+    if args.plot is not None:
+        if not args.plot.lower().endswith(".png"):
+            raise UsageError(f"--plot: expected a FILE.png, got {args.plot!r}")
+        from convserve.client import bench_plot
+
+        bench_plot.check_available()
     if args.images:
         images = bench_requests.load_images(args.images)
     else:
         images, _ = bench_requests.synthetic_digits(256)
     address, protocol = _bench_target(args.target, args.protocol, "--target")
-    specs = [(address, protocol, args.model, args.input)]
+    specs = [
+        (
+            address,
+            protocol,
+            args.model,
+            _bench_oip_input(args.input, protocol, "--input", "--target", images),
+        )
+    ]
     if args.compare is not None:
         other, other_protocol = _bench_target(
             args.compare, args.compare_protocol or protocol, "--compare"
         )
         other_model = args.model if args.compare_model is None else args.compare_model
-        specs.append((other, other_protocol, other_model, args.compare_input))
+        other_input = _bench_oip_input(
+            args.compare_input, other_protocol, "--compare-input", "--compare", images
+        )
+        specs.append((other, other_protocol, other_model, other_input))
     else:
         for flag, value in (
             ("--compare-protocol", args.compare_protocol),
@@ -693,37 +734,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             timeout_s=args.timeout_s,
             tls=tls,
             token=token,
-            oip_input=None if spec is None else bench_requests.parse_oip_input(spec),
+            oip_input=spec,
         )
         for target, target_protocol, model, spec in specs
     ]
+    # A URL that cannot be read at all fails now; one that fails later costs only
+    # that level its server figures.
+    for url in dict.fromkeys(urls):
+        try:
+            bench_metrics.scrape(url)
+        except bench_metrics.MetricsError as exc:
+            raise SetupError(str(exc)) from exc
     show_progress = not args.json and not args.no_progress and sys.stderr.isatty()
-    try:
-        result = bench_sweep.sweep(
-            configs,
-            phases,
-            windows=windows,
-            threshold_ms=args.latency_threshold_ms,
-            metrics_urls=urls,
-            show_progress=show_progress,
-        )
-    except bench_metrics.MetricsError as exc:
-        raise SetupError(str(exc)) from exc
+    result = bench_sweep.sweep(
+        configs,
+        phases,
+        windows=windows,
+        threshold_ms=args.latency_threshold_ms,
+        metrics_urls=urls,
+        show_progress=show_progress,
+    )
     if args.csv is not None:
         bench_report.write_csv(result, args.csv)
     if args.plot is not None:
         from convserve.client import bench_plot
 
         bench_plot.plot(result, args.plot)
-    if windows is None:
-        note = f"{duration_s:g} s per phase after {args.warmup_s:g} s warm-up"
-    else:
-        note = (
-            f"windows of {windows.window_s:g} s until {windows.stable_windows} agree within "
-            f"{windows.stability_percent:g}% (at most {windows.max_windows}) after "
-            f"{args.warmup_s:g} s warm-up"
-        )
-    _emit(args, bench_report.report_dict(result), bench_report.report_text(result, note))
+    _emit(args, bench_report.report_dict(result), bench_report.report_text(result))
     return EXIT_OK if all(not level.result.errors for level in result.levels) else EXIT_OTHER
 
 
@@ -739,7 +776,28 @@ examples:
 """
 
 
-def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
+class _TargetAction(argparse.Action):
+    """Stores --target and records every value given, before and after the command, in
+    a list both parsers share: argparse keeps only the last, and bench refuses two."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, given: list[str], **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.given = given
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        self.given.append(values)
+        setattr(namespace, self.dest, values)
+
+
+def _common_options(
+    *, with_defaults: bool, targets_given: list[str] | None = None
+) -> argparse.ArgumentParser:
     """The connection flags and --json, accepted before and after the command.
 
     The top-level parser holds the defaults; a command's parser leaves a flag
@@ -755,6 +813,8 @@ def _common_options(*, with_defaults: bool) -> argparse.ArgumentParser:
     group = common.add_argument_group("connection")
     group.add_argument(
         "--target",
+        action=_TargetAction,
+        given=[] if targets_given is None else targets_given,
         default=default(os.environ.get("CONVSERVE_TARGET", DEFAULT_TARGET)),
         help="host:port, or dns:///name:port to balance over every address "
         f"(default: $CONVSERVE_TARGET or {DEFAULT_TARGET})",
@@ -829,15 +889,17 @@ def _conv_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_options(with_defaults=False)
+    targets_given: list[str] = []
+    common = _common_options(with_defaults=False, targets_given=targets_given)
     parser = argparse.ArgumentParser(
         prog="convserve",
-        parents=[_common_options(with_defaults=True)],
+        parents=[_common_options(with_defaults=True, targets_given=targets_given)],
         description="Image classification and 2-D convolution on a convserve server, "
         "and load tests.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(targets_given=targets_given)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> Any:
@@ -949,8 +1011,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--window-s",
         type=float,
         metavar="S",
-        help="measure each level in windows of S seconds until the last 3 agree (instead of "
-        "one --duration-s phase)",
+        help="measure each level's one continuous load in consecutive windows of S seconds "
+        "until the last 3 agree (instead of one --duration-s window)",
     )
     p.add_argument(
         "--stability-percent",
@@ -995,8 +1057,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-url",
         action="append",
         metavar="URL",
-        help="the server's Prometheus /metrics, scraped around each level for server-side "
-        "batch size, queue wait and model time; once for every target or once per target",
+        help="the server's Prometheus /metrics, scraped at every window boundary for "
+        "server-side requests, batch size, queue wait and model time over the same windows "
+        "as the client's figures; once for every target or once per target",
     )
     p.add_argument("--csv", metavar="FILE", help="also write one row per target and level")
     p.add_argument(
