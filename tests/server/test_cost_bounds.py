@@ -309,7 +309,10 @@ def test_sigterm_with_a_stopped_model_worker_exits_within_the_grace_period(
 ) -> None:
     # The watchdog's batch timeout is longer than the grace period and the margin, so
     # only the shutdown itself can end the stuck batch in time.
-    server = start_server_process(_server_args(model_base_path, "--engine-batch-timeout-s", "60"))
+    # Not inline: an idle model would answer one image on the event loop, without a worker.
+    server = start_server_process(
+        _server_args(model_base_path, "--engine-batch-timeout-s", "60", "--inline-max-images", "0")
+    )
     stopped: list[int] = []
     try:
         workers = _workers(server.process.pid)

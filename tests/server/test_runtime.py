@@ -357,13 +357,14 @@ async def test_queue_limits_and_deadlines(model_base_path: Path, sample_digits: 
             await runtime.predict(
                 types.PredictInput(runtime.check_images(images[:17])), deadline=None
             )
-        # The first request runs at once, the next two fill the queue, the rest are refused.
+        # The first request runs at once, the second (a full batch waiting behind it) in the
+        # spare worker, the next two fill the queue, the rest are refused.
         results = await asyncio.gather(
-            *(runtime.predict(eight, deadline=None) for _ in range(6)), return_exceptions=True
+            *(runtime.predict(eight, deadline=None) for _ in range(7)), return_exceptions=True
         )
         ok = [r for r in results if isinstance(r, types.PredictOutput)]
         refused = [r for r in results if isinstance(r, errors.ResourceExhausted)]
-        assert len(ok) == 3, results
+        assert len(ok) == 4, results
         assert len(refused) == 3, results
         assert all(r.probabilities.shape == (8, 10) for r in ok)
         # Nothing was lost: the queue is empty again and accepts work.
