@@ -26,6 +26,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from convserve.client.tensor import TensorError, from_tensor, to_tensor
+from convserve.server.types import VersionStatus
 from convserve.v1 import convserve_pb2 as pb
 from convserve.v1 import convserve_pb2_grpc, tensor_pb2
 
@@ -148,20 +149,12 @@ def digits_of(images: np.ndarray, classes: int = 10) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class FakeVersion:
-    version: int
-    state: str
-    serving: bool = False
-    error: str = ""
-
-
-@dataclass(frozen=True)
 class FakeModel:
     name: str
     shape: tuple[int, int, int]  # (H, W, C)
     classes: int
     class_names: tuple[str, ...]  # empty: the model names none
-    versions: tuple[FakeVersion, ...]
+    versions: tuple[VersionStatus, ...]
     ready: bool = True
     confusion_matrix: tuple[int, ...] = ()  # row-major [K,K]; empty: none recorded
 
@@ -186,22 +179,22 @@ MODELS = {
             (28, 28, 1),
             10,
             (),
-            (FakeVersion(6, "AVAILABLE"), FakeVersion(7, "AVAILABLE", serving=True)),
+            (VersionStatus(6, "AVAILABLE"), VersionStatus(7, "AVAILABLE", serving=True)),
         ),
-        FakeModel("fashion", (28, 28, 1), 10, FASHION, (FakeVersion(1, "AVAILABLE", True),)),
+        FakeModel("fashion", (28, 28, 1), 10, FASHION, (VersionStatus(1, "AVAILABLE", True),)),
         FakeModel(
             "digits8",
             (8, 8, 1),
             10,
             tuple("0123456789"),
-            (FakeVersion(1, "AVAILABLE", serving=True), FakeVersion(2, "LOADING")),
+            (VersionStatus(1, "AVAILABLE", serving=True), VersionStatus(2, "LOADING")),
         ),
         FakeModel(
             "rgb",
             (4, 4, 3),
             3,
             ("red", "green", "blue"),
-            (FakeVersion(3, "AVAILABLE", serving=True),),
+            (VersionStatus(3, "AVAILABLE", serving=True),),
             confusion_matrix=(5, 1, 0, 0, 6, 0, 1, 0, 4),
         ),
         FakeModel(
@@ -209,7 +202,7 @@ MODELS = {
             (28, 28, 1),
             10,
             (),
-            (FakeVersion(1, "END", error="no serving_default signature"),),
+            (VersionStatus(1, "END", error="no serving_default signature"),),
             ready=False,
         ),
     )

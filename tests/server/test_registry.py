@@ -64,6 +64,12 @@ def test_the_worker_budget_is_shared_across_models() -> None:
     assert budget_for(pinned, 2, cpus=2) == Budget(workers=2, threads=3)
 
 
+async def configure(runtime: Runtime, *models: tuple[str, Path]) -> None:
+    """Apply a configuration of (name, base path) pairs and wait until every model serves."""
+    runtime.apply_config([ModelEntry(name, path) for name, path in models])
+    await until("every configured model ready", lambda: runtime.ready)
+
+
 async def test_a_changed_base_path_serves_the_old_definition_until_the_new_one_loads(
     served: tuple[Runtime, Metrics], digits8_model_dir: Path
 ) -> None:
@@ -110,8 +116,7 @@ async def test_a_removed_model_is_not_found_and_leaves_no_metrics_series(
     served: tuple[Runtime, Metrics], model_base_path: Path, digits8_model_dir: Path
 ) -> None:
     runtime, metrics = served
-    runtime.apply_config([ModelEntry("a", model_base_path), ModelEntry("b", digits8_model_dir)])
-    await until("b loaded", lambda: runtime.ready)
+    await configure(runtime, ("a", model_base_path), ("b", digits8_model_dir))
     await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
     assert any(s.labels.get("model") == "b" for s in samples(metrics))
     # b removed: it is gone at once, a stays the default.
@@ -129,19 +134,13 @@ async def test_configuration_order_decides_the_default_model(
     served: tuple[Runtime, Metrics], model_base_path: Path, digits8_model_dir: Path
 ) -> None:
     runtime, _ = served
-    runtime.apply_config([ModelEntry("b", digits8_model_dir), ModelEntry("a", model_base_path)])
-    await until("b loaded", lambda: runtime.ready)
+    await configure(runtime, ("b", digits8_model_dir), ("a", model_base_path))
     assert runtime.default_model == "b"
     answer = await runtime.predict(predict_input((8, 8, 1), ""), deadline=None)
     assert answer.model_name == "b"
     # A later change elsewhere does not bring the old order back.
-    runtime.apply_config(
-        [
-            ModelEntry("b", digits8_model_dir),
-            ModelEntry("a", model_base_path),
-            ModelEntry("c", digits8_model_dir),
-        ]
+    await configure(
+        runtime, ("b", digits8_model_dir), ("a", model_base_path), ("c", digits8_model_dir)
     )
-    await until("c loaded", lambda: runtime.ready)
     assert [m.name for m in runtime.models()] == ["a", "b", "c"]
     assert runtime.default_model == "b"

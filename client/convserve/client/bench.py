@@ -547,10 +547,16 @@ class WindowPlan:
     max_windows: int = 1
 
     def __post_init__(self) -> None:
-        if not self.window_s > 0:
-            raise InputError(f"window: expected seconds > 0, got {self.window_s}")
-        if self.max_windows < 1:
-            raise InputError(f"windows: expected at least 1, got {self.max_windows}")
+        check_windows(self.window_s, self.max_windows, "window", "windows")
+
+
+def check_windows(window_s: float, max_windows: int, window_name: str, count_name: str) -> None:
+    """InputError naming `window_name` or `count_name` (e.g. the flags they came from)
+    unless windows of `window_s` > 0 seconds, at least one of them."""
+    if not window_s > 0:
+        raise InputError(f"{window_name}: expected seconds > 0, got {window_s}")
+    if max_windows < 1:
+        raise InputError(f"{count_name}: expected at least 1, got {max_windows}")
 
 
 class _Window:

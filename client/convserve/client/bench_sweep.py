@@ -37,6 +37,7 @@ from convserve.client.bench import (
     Phase,
     PhaseResult,
     WindowPlan,
+    check_windows,
     combine,
     rounded_ms,
     run_windows,
@@ -87,10 +88,7 @@ class Windows:
     stable_windows: int = 3
 
     def __post_init__(self) -> None:
-        if not self.window_s > 0:
-            raise InputError(f"--window-s: expected seconds > 0, got {self.window_s}")
-        if self.max_windows < 1:
-            raise InputError(f"--max-windows: expected at least 1, got {self.max_windows}")
+        check_windows(self.window_s, self.max_windows, "--window-s", "--max-windows")
         if not 0 < self.stability_percent < 100:
             raise InputError(
                 f"--stability-percent: expected a percentage in (0, 100), "
