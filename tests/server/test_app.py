@@ -32,7 +32,7 @@ from convserve.server.logs import (
     REQUEST_ID,
     JsonFormatter,
     RequestIdFilter,
-    RequestIdInterceptor,
+    RequestIds,
     configure_logging,
 )
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
@@ -510,11 +510,11 @@ def test_configure_logging_text_format() -> None:
 
 
 def test_request_ids_come_from_the_caller_or_are_made_up() -> None:
-    interceptor = RequestIdInterceptor()
-    assert interceptor.request_id((("x-request-id", "abc-123"),)) == "abc-123"
-    made = {interceptor.request_id(()) for _ in range(3)}
+    ids = RequestIds()
+    assert ids.request_id((("x-request-id", "abc-123"),)) == "abc-123"
+    made = {ids.request_id(()) for _ in range(3)}
     assert len(made) == 3
-    hostile = interceptor.request_id((("x-request-id", "a\nb"),))
+    hostile = ids.request_id((("x-request-id", "a\nb"),))
     assert "\n" not in hostile
 
 
@@ -538,7 +538,9 @@ async def test_every_log_line_of_a_call_carries_its_request_id(
 
     async def logging_predict(value: object, **kwargs: object) -> object:
         logger.info("predicting")
-        return await real(value, **kwargs)  # type: ignore[arg-type]
+        result = await real(value, **kwargs)  # type: ignore[arg-type]
+        logger.info("predicting")  # the same call: the same id, however it was made
+        return result
 
     runtime.predict = logging_predict  # type: ignore[assignment, method-assign]
     try:
@@ -548,8 +550,9 @@ async def test_every_log_line_of_a_call_carries_its_request_id(
             await stub.Predict(PREDICT)
     finally:
         logger.removeHandler(handler)
-    assert seen[0] == "client-id-1"
-    assert seen[1] not in ("client-id-1", "-")
+    assert seen[:2] == ["client-id-1", "client-id-1"]
+    assert seen[2] == seen[3]
+    assert seen[2] not in ("client-id-1", "-")
 
 
 # -- the real server ---------------------------------------------------------

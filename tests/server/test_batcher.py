@@ -553,7 +553,7 @@ async def test_observer_sees_depths_and_batches() -> None:
     clock.now = 2.5
     await run_all(executor)
     await asyncio.gather(first, second)
-    assert observer.depths == [1, 0, 3, 0]
+    assert observer.depths == [3, 0]  # the first ran as a batch of its own, never queued
     assert [(b[0], b[1], b[2]) for b in observer.batches] == [(1, 1, [0.0]), (3, 4, [2.5])]
 
 
@@ -665,11 +665,13 @@ class AsyncModel:
     def __init__(self) -> None:
         self.calls: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         self.deadlines: list[float | None] = []
+        self.tasks: list[asyncio.Task[Any] | None] = []
 
     async def __call__(self, batch: np.ndarray, deadline: float | None) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self.calls.append((batch.copy(), future))
         self.deadlines.append(deadline)
+        self.tasks.append(asyncio.current_task())
         return await future
 
     def answer(self, index: int = 0, result: np.ndarray | BaseException | None = None) -> None:
@@ -888,3 +890,73 @@ def test_a_summing_observer_reports_the_total_depth_and_passes_batches_on() -> N
     shared.on_batch(5, 8, [0.25, 0.5], 0.125)
     assert inner.depths == [7, 4]
     assert inner.batches == [(5, 8, [0.25, 0.5], 0.125)]
+
+
+async def test_a_request_that_makes_a_batch_of_its_own_runs_in_its_callers_task() -> None:
+    """Nothing queued and no batch running, or a request that fills a batch: no queue,
+    no batcher task; the caller's task calls the model (here with its deadline)."""
+    batcher, _, model, observer = make_async(max_concurrent_batches=2, max_batch_size=4)
+    lone = asyncio.ensure_future(batcher.submit(rows(0, 3), deadline=50.0))
+    await settle()
+    full = asyncio.ensure_future(batcher.submit(rows(10, 4)))  # a batch runs; this fills one
+    await settle()
+    assert [b.shape[0] for b, _ in model.calls] == [4, 4]
+    assert model.tasks == [lone, full]
+    assert model.deadlines == [50.0, None]
+    assert batcher.running_batches == 2
+    assert observer.depths == []  # neither was ever queued
+    partial = asyncio.ensure_future(batcher.submit(rows(20, 2)))  # waits to merge
+    await settle()
+    assert len(model.calls) == 2
+    assert batcher.queued_items == 2
+    model.answer(0)
+    model.answer(0)
+    np.testing.assert_array_equal(await lone, rows(0, 3) * 2)
+    np.testing.assert_array_equal(await full, rows(10, 4) * 2)
+    await settle()
+    # A slot came free: the queued request went out through the queue, in a task of its own.
+    assert [b.shape[0] for b, _ in model.calls] == [2]
+    assert model.tasks[-1] is not partial
+    model.answer()
+    np.testing.assert_array_equal(await partial, rows(20, 2) * 2)
+    assert [(size, padded, waits) for size, padded, waits, _ in observer.batches] == [
+        (3, 4, [0.0]),
+        (4, 4, [0.0]),
+        (2, 2, [0.0]),
+    ]
+
+
+async def test_a_caller_that_goes_away_frees_the_slot_of_its_own_batch() -> None:
+    batcher, _, model, _ = make_async(max_concurrent_batches=1, max_batch_size=4)
+    gone = asyncio.ensure_future(batcher.submit(rows(0, 4)))
+    await settle()
+    ((_, call),) = model.calls
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert call.cancelled()  # the model call was the caller's own: it stops too
+    assert batcher.running_batches == 0
+    model.calls.clear()
+    after = asyncio.ensure_future(batcher.submit(rows(10, 1)))
+    await settle()
+    model.answer()
+    np.testing.assert_array_equal(await after, rows(10, 1) * 2)
+
+
+async def test_a_batch_of_its_own_in_a_thread_keeps_its_slot_until_the_thread_is_done() -> None:
+    batcher, executor, recorder, _ = make(max_concurrent_batches=1, max_batch_size=4)
+    gone = asyncio.ensure_future(batcher.submit(rows(0, 4)))
+    await settle()
+    assert len(executor.pending) == 1
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    # The thread still computes: a new request queues instead of taking a second thread.
+    waiting = asyncio.ensure_future(batcher.submit(rows(10, 1)))
+    await settle()
+    assert len(executor.pending) == 1
+    assert batcher.running_batches == 1
+    executor.run_next()  # the abandoned batch ends; its rows reach nobody
+    await run_all(executor)
+    np.testing.assert_array_equal(await waiting, rows(10, 1) * 2)
+    assert [b.shape[0] for b in recorder.batches] == [4, 1]

@@ -275,6 +275,30 @@ async def test_a_deadline_that_passes_during_a_batch_fails_it_at_once_without_a_
     assert watched.exits == 0
 
 
+async def test_a_caller_that_goes_away_mid_batch_leaves_the_worker_serving(
+    supervised: Callable[..., Watched], images: np.ndarray
+) -> None:
+    watched = supervised(workers=1, batch_timeout_s=PATIENCE_S)
+    engine = watched.engine
+    expected = await engine.run(images)
+    (pid,) = engine.pids
+    watched.stop(pid)
+    abandoned = asyncio.ensure_future(engine.run(images[:1]))
+    await asyncio.sleep(0)  # it takes the only worker and sends its batch
+    abandoned.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    # The next batch waits while the worker still owes the abandoned one's answer...
+    following = asyncio.ensure_future(engine.run(images))
+    await asyncio.sleep(0.05)
+    assert not following.done()
+    os.kill(pid, signal.SIGCONT)
+    # ...then gets its own rows, not the answer to the abandoned batch, from the same worker.
+    np.testing.assert_array_equal(await asyncio.wait_for(following, PATIENCE_S), expected)
+    assert engine.pids == [pid]
+    assert watched.exits == 0
+
+
 async def test_a_worker_still_hung_after_its_abandoned_batch_is_replaced(
     supervised: Callable[..., Watched], images: np.ndarray
 ) -> None:

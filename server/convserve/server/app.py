@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from convserve.server import auth, servicer
-from convserve.server.logs import REJECTIONS, RequestIdInterceptor
+from convserve.server.logs import REJECTIONS
 from convserve.server.protocols import ADAPTERS
 from convserve.server.settings import Settings
 
@@ -185,12 +185,13 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     ]
 
 
-def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+def _interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor] | None:
+    # None unless a token is set: with any interceptor, grpc.aio finds every call's
+    # handler through a chain of coroutines (request ids are set by `Calls` instead).
     token = settings.read_auth_token()
-    if token is not None:
-        interceptors.append(auth.BearerTokenInterceptor(token))
-    return interceptors
+    if token is None:
+        return None
+    return [auth.BearerTokenInterceptor(token)]
 
 
 def _add_port(server: grpc.aio.Server, settings: Settings) -> int:

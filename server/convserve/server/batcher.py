@@ -16,6 +16,11 @@ awaits a future. Batches are dispatched without idle waiting:
   splitting a light load into smaller batches;
 * no slot free: wait; requests arriving meanwhile form the next batch.
 
+A request that would be dispatched as a batch of its own (nothing queued, and
+no batch running or the request fills one) skips the queue: its caller's task
+runs the model call itself, which saves the queue's future, task and
+bookkeeping for each large request and for every request on an idle model.
+
 A request larger than ``max_batch_size`` is split across batches and
 reassembled in order. Batches are padded (by repeating their last row) to a
 size from ``pad_sizes`` so that TensorFlow sees few distinct shapes and does
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -132,6 +138,14 @@ def _latest_deadline(slices: Sequence[_Slice]) -> float | None:
         if latest is None or deadline > latest:
             latest = deadline
     return latest
+
+
+def _pad(batch: np.ndarray, padded: int) -> np.ndarray:
+    """`batch` padded to `padded` rows by repeating its last row."""
+    rows = batch.shape[0]
+    if padded <= rows:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], padded - rows, axis=0)], axis=0)
 
 
 def _loop_busy() -> bool:
@@ -225,7 +239,9 @@ class DynamicBatcher:
         self._observer = observer
         self._queue: list[_Request] = []
         self._queued_items = 0
-        self._running: set[asyncio.Task[None]] = set()
+        # What holds a slot: the task running a queued batch, or a token for a request
+        # running as a batch of its own in its caller's task.
+        self._running: set[object] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._draining = False
@@ -265,6 +281,8 @@ class DynamicBatcher:
                 f"{self.name}: the queue is full ({self._queued_items} of "
                 f"{self.max_queued_items} images queued, this request has {n}); retry later"
             )
+        if self._alone(n):
+            return await self._run_alone(items, deadline)
         loop = asyncio.get_running_loop()
         request = _Request(
             items=items, future=loop.create_future(), deadline=deadline, enqueued_at=self._clock()
@@ -345,6 +363,78 @@ class DynamicBatcher:
                     )
                     return
             self._dispatch_one()
+
+    def _alone(self, rows: int) -> bool:
+        """Whether a request of `rows` rows would now be dispatched as a batch of its own
+        (nothing queued, a slot free, and no reason to wait for more rows)."""
+        if self._queue or rows > self.max_batch_size:
+            return False
+        running = len(self._running)
+        if running == 0:
+            return True
+        if rows < self.max_batch_size:
+            return False  # a batch runs: wait to merge with the requests to come
+        return running < self.max_concurrent_batches + self.spare_batches
+
+    async def _run_alone(self, items: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Run a request that makes a batch on its own in the caller's task.
+
+        The same batch the queue would have formed, without a future, a task and
+        the queue's bookkeeping; a caller cancelled meanwhile stops waiting for
+        its batch at once (with `run_batch_async`, the model call is cancelled).
+        """
+        if deadline is not None and self._clock() >= deadline:
+            raise errors.DeadlineExceeded(
+                f"{self.name}: the deadline passed while the request was queued"
+            )
+        rows = int(items.shape[0])
+        padded = self.padded_size(rows)
+        if (
+            rows <= self.inline_max_rows
+            and not self._running
+            and (self._run_batch_async is None or not self._loop_busy())
+        ):
+            output, run_s = self._run_rows(items, padded, prepare=True)
+            self._observe(rows, padded, [0.0], run_s)
+            # Still give the loop a turn, or a caller awaiting submit in a loop would
+            # never let anything else run.
+            await asyncio.sleep(0)
+            return output[:rows] if padded > rows else output
+        slot: object | None = object()
+        self._running.add(slot)
+        try:
+            if self._run_batch_async is not None:
+                output, run_s = await self._run_rows_async(items, padded, deadline)
+            else:
+                job = asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_rows, items, padded, True
+                )
+                try:
+                    output, run_s = await asyncio.shield(job)
+                except asyncio.CancelledError:
+                    # The thread computes on: the slot stays taken until it is done.
+                    job.add_done_callback(functools.partial(self._ran_alone, slot, rows, padded))
+                    slot = None
+                    raise
+            # Before the slot is freed, and with it the next batch started.
+            self._observe(rows, padded, [0.0], run_s)
+        finally:
+            if slot is not None:
+                self._free_slot(slot)
+        return output[:rows] if padded > rows else output
+
+    def _ran_alone(
+        self, slot: object, rows: int, padded: int, job: asyncio.Future[tuple[np.ndarray, float]]
+    ) -> None:
+        """A batch of its own whose caller went away has finished in its thread."""
+        if not job.cancelled() and job.exception() is None:
+            self._observe(rows, padded, [0.0], job.result()[1])
+        self._free_slot(slot)
+
+    def _free_slot(self, slot: object) -> None:
+        self._running.discard(slot)
+        self._maybe_dispatch()
+        self._check_idle()
 
     def _slot_free(self) -> bool:
         running = len(self._running)
@@ -437,14 +527,15 @@ class DynamicBatcher:
             self._maybe_dispatch()
             self._check_idle()
 
-    def _finish(self, slices: list[_Slice], rows: int, output: np.ndarray, run_s: float) -> None:
+    def _observe(self, rows: int, padded: int, waits_s: list[float], run_s: float) -> None:
         if self._observer is not None:
             try:
-                self._observer.on_batch(
-                    rows, self.padded_size(rows), [s.wait_s for s in slices], run_s
-                )
+                self._observer.on_batch(rows, padded, waits_s, run_s)
             except Exception:
                 log.exception("batch observer failed")
+
+    def _finish(self, slices: list[_Slice], rows: int, output: np.ndarray, run_s: float) -> None:
+        self._observe(rows, self.padded_size(rows), [s.wait_s for s in slices], run_s)
         offset = 0
         for part in slices:
             length = part.stop - part.start
@@ -461,11 +552,13 @@ class DynamicBatcher:
             prepare_all or any(p.dtype != pieces[0].dtype for p in pieces)
         ):
             pieces = [self._prepare(piece) for piece in pieces]
+        if len(pieces) == 1:
+            return _pad(pieces[0], padded)
         rows = sum(p.shape[0] for p in pieces)
         if padded > rows:
             last = pieces[-1][-1:]
             pieces.append(np.repeat(last, padded - rows, axis=0))
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+        return np.concatenate(pieces, axis=0)
 
     def _check_output(self, output: np.ndarray, padded: int) -> None:
         if output.ndim < 1 or output.shape[0] != padded:
@@ -481,7 +574,14 @@ class DynamicBatcher:
 
     def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
         """Runs in the executor: assemble, pad, run, check the row count."""
-        batch = self._assemble(slices, padded, prepare_all=True)
+        return self._invoke(self._assemble(slices, padded, prepare_all=True), padded)
+
+    def _run_rows(self, items: np.ndarray, padded: int, prepare: bool) -> tuple[np.ndarray, float]:
+        """`_call_model` for one request's rows (a batch of its own)."""
+        batch = self._prepare(items) if prepare and self._prepare is not None else items
+        return self._invoke(_pad(batch, padded), padded)
+
+    def _invoke(self, batch: np.ndarray, padded: int) -> tuple[np.ndarray, float]:
         started = self._clock()
         output = np.asarray(self._run_batch(batch))
         run_s = self._clock() - started
@@ -492,10 +592,20 @@ class DynamicBatcher:
         self, slices: list[_Slice], padded: int
     ) -> tuple[np.ndarray, float]:
         """`_call_model` through `run_batch_async`, on the event loop."""
-        assert self._run_batch_async is not None
         batch = self._assemble(slices, padded, prepare_all=False)
+        return await self._invoke_async(batch, padded, _latest_deadline(slices))
+
+    async def _run_rows_async(
+        self, items: np.ndarray, padded: int, deadline: float | None
+    ) -> tuple[np.ndarray, float]:
+        return await self._invoke_async(_pad(items, padded), padded, deadline)
+
+    async def _invoke_async(
+        self, batch: np.ndarray, padded: int, deadline: float | None
+    ) -> tuple[np.ndarray, float]:
+        assert self._run_batch_async is not None
         started = self._clock()
-        output = np.asarray(await self._run_batch_async(batch, _latest_deadline(slices)))
+        output = np.asarray(await self._run_batch_async(batch, deadline))
         run_s = self._clock() - started
         self._check_output(output, padded)
         return output, run_s

@@ -43,6 +43,7 @@ one batch and a restart, never a request that waits forever. A batch whose
 callers' deadline passes first fails with `errors.DeadlineExceeded` at once;
 its worker keeps the batch until it answers (and serves on) or until
 ``batch_timeout_s`` (and is replaced): a short deadline does not cost a restart.
+The same holds for a batch whose caller is cancelled (it went away).
 `ProcessEngine.healthy` is False while no worker is usable.
 
     python -m convserve.server.engine_process FD THREADS NICENESS SHARED_FD
@@ -309,6 +310,15 @@ class _Worker:
         self._answer = owed
         answer.set_exception(_Expired(owed))
 
+    def owe(self, answer: _Answer) -> _Answer | None:
+        """The caller of `answer` stopped waiting for it: a future for the answer the
+        worker still owes (None if it came, or the call failed, already)."""
+        if self._answer is not answer or self._loop is None or self._ended:
+            return None
+        owed: _Answer = self._loop.create_future()
+        self._answer = owed
+        return owed
+
     def _writable(self) -> None:
         out = self._out
         if out is None:
@@ -556,7 +566,8 @@ class ProcessEngine:
         errors.DeadlineExceeded once it passes (waiting for a worker or
         computing), errors.Internal if the worker died or hung (it is
         replaced), errors.Unavailable once the engine is closed or while no
-        worker runs.
+        worker runs. A caller cancelled mid-call leaves the worker computing
+        its batch: it serves the next caller once it has answered.
         """
         code = _check_batch(images, self.pixels)
         rows = images.shape[0]
@@ -590,9 +601,18 @@ class ProcessEngine:
             ) from None
         except (OSError, EOFError) as exc:
             raise self._stopped(worker, exc) from exc
+        except asyncio.CancelledError:
+            # The caller went away mid-call: the worker serves on once it has answered
+            # the batch (which must not reach the next caller), as after a deadline.
+            owed = worker.owe(answer)
+            if owed is not None:
+                self._drain(worker, owed, hang_at)
+            elif answer.done() and not answer.cancelled() and answer.exception() is None:
+                self._release(worker)
+            else:
+                self._retire(worker)
+            raise
         except BaseException:
-            # Cancelled mid-call: its answer would reach the next caller, so the
-            # worker cannot be trusted any more.
             self._retire(worker)
             raise
         finally:

@@ -4,9 +4,11 @@
 at DEBUG with its detail, and at most one INFO line per interval counting them.
 
 Every RPC gets a request id, the caller's ``x-request-id`` metadata when it
-sends a usable one, else a fresh one. `RequestIdInterceptor` stores it in a
-context variable for the duration of the call, so every log record emitted
-while serving that call (by any module) carries it as ``request_id``.
+sends a usable one, else a fresh one. `begin_call` (which every convserve
+servicer method calls, through `protocols.calls.Calls`) stores it in a context
+variable for the duration of the call, so every log record emitted while
+serving that call (by any module) carries it as ``request_id``. The id is
+worked out only when a record first needs it.
 """
 
 from __future__ import annotations
@@ -20,16 +22,16 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
 
-import grpc
-
 REQUEST_ID_HEADER = "x-request-id"
 NO_REQUEST = "-"
-REQUEST_ID: ContextVar[str] = ContextVar("convserve_request_id", default=NO_REQUEST)
+REQUEST_ID: ContextVar[str | _CallRequestId] = ContextVar(
+    "convserve_request_id", default=NO_REQUEST
+)
 
 # A caller's id is echoed into logs, so only short, plain ids are taken as they are.
 _USABLE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -42,7 +44,7 @@ class RequestIdFilter(logging.Filter):
     """Adds ``record.request_id`` (``-`` outside any RPC)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
+        record.request_id = str(REQUEST_ID.get())
         return True
 
 
@@ -84,27 +86,49 @@ def configure_logging(log_format: str, log_level: str, stream: IO[str] | None = 
     root.setLevel(log_level.upper())
 
 
-class RequestIdInterceptor(grpc.aio.ServerInterceptor):
-    """Sets `REQUEST_ID` for every RPC (grpc.aio runs the handler in the same context)."""
+class RequestIds:
+    """Makes request ids: the caller's usable ``x-request-id``, else a new process-unique one."""
 
     def __init__(self) -> None:
         self._prefix = f"{os.getpid():x}-"
         self._counter = itertools.count(1)
 
     def request_id(self, metadata: Any) -> str:
-        """The caller's usable ``x-request-id``, else a new process-unique id."""
+        """The caller's usable ``x-request-id`` in `metadata`, else a new process-unique id."""
         for key, value in metadata or ():
             if key == REQUEST_ID_HEADER and isinstance(value, str) and _USABLE_ID.fullmatch(value):
                 return value
         return f"{self._prefix}{next(self._counter):x}"
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        REQUEST_ID.set(self.request_id(handler_call_details.invocation_metadata))
-        return await continuation(handler_call_details)
+
+_IDS = RequestIds()
+
+
+class _CallRequestId:
+    """A call's request id, worked out from its metadata when a log line first needs it:
+    most calls log nothing, and reading a call's metadata costs on every call."""
+
+    __slots__ = ("_context", "_value")
+
+    def __init__(self, context: Any) -> None:
+        self._context = context
+        self._value: str | None = None
+
+    def __str__(self) -> str:
+        if self._value is None:
+            try:
+                metadata = self._context.invocation_metadata()
+            except Exception:  # a call that has ended keeps no metadata
+                metadata = ()
+            self._value = _IDS.request_id(metadata)
+            self._context = None
+        return self._value
+
+
+def begin_call(context: Any) -> None:
+    """Give the running gRPC call (`context`, a ServicerContext) its request id: from now
+    on, in this task and the tasks it starts, every log record carries it."""
+    REQUEST_ID.set(_CallRequestId(context))
 
 
 Schedule = Callable[[float, Callable[[], None]], object]

@@ -275,6 +275,7 @@ class Calls:
         """``await handler()``, counted as one request of `rpc` to `model` (the `model`
         label); its errors become the call's status (`errors.status_of`)."""
         start = time.perf_counter()
+        logs.begin_call(context)
         granted = context.time_remaining()
         code = grpc.StatusCode.OK
         message = ""
@@ -362,9 +363,12 @@ class Calls:
         messages are cancelled too (counted as DEADLINE_EXCEEDED when
         `context`'s deadline has passed).
         """
-        granted = None if context is None else context.time_remaining()
-        if context is not None and self.trailing:
-            context.set_trailing_metadata(self.trailing)
+        granted = None
+        if context is not None:
+            logs.begin_call(context)
+            granted = context.time_remaining()
+            if self.trailing:
+                context.set_trailing_metadata(self.trailing)
         # Every queued answer holds a slot, so the bound is never reached (+1: the end).
         answers: asyncio.Queue[Any] = asyncio.Queue(maxsize=max_in_flight + 1)
         slots = asyncio.Semaphore(max_in_flight)
