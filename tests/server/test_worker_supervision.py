@@ -255,45 +255,35 @@ async def test_deadlines_bound_the_wait_for_a_worker_and_the_batch(
     np.testing.assert_array_equal(await engine.run(images, time.monotonic() + PATIENCE_S), expected)
 
 
-async def test_a_deadline_that_passes_during_a_batch_fails_it_at_once_without_a_restart(
-    supervised: Callable[..., Watched], images: np.ndarray
+@pytest.mark.parametrize("abandoned_by", ["deadline", "cancel"])
+async def test_a_batch_abandoned_mid_call_leaves_the_worker_serving(
+    supervised: Callable[..., Watched], images: np.ndarray, abandoned_by: str
 ) -> None:
+    """Its deadline passed (it fails at once, far ahead of the hang timeout) or its caller
+    went away: either way the worker was slow, not lost, and serves on once it answers."""
     watched = supervised(workers=1, batch_timeout_s=PATIENCE_S)
     engine = watched.engine
     expected = await engine.run(images)
     (pid,) = engine.pids
     watched.stop(pid)
     started = time.monotonic()
-    with pytest.raises(errors.DeadlineExceeded, match="while the model computed the batch"):
-        await engine.run(images, started + 0.2)
-    # By the deadline (0.2 s), far ahead of the hang timeout (30 s).
-    assert time.monotonic() - started < 10.0
-    # The worker was slow, not lost: once it answers the abandoned batch it serves on.
-    os.kill(pid, signal.SIGCONT)
-    np.testing.assert_array_equal(await engine.run(images), expected)
-    assert engine.pids == [pid]
-    assert watched.exits == 0
-
-
-async def test_a_caller_that_goes_away_mid_batch_leaves_the_worker_serving(
-    supervised: Callable[..., Watched], images: np.ndarray
-) -> None:
-    watched = supervised(workers=1, batch_timeout_s=PATIENCE_S)
-    engine = watched.engine
-    expected = await engine.run(images)
-    (pid,) = engine.pids
-    watched.stop(pid)
-    abandoned = asyncio.ensure_future(engine.run(images[:1]))
-    await asyncio.sleep(0)  # it takes the only worker and sends its batch
-    abandoned.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await abandoned
+    if abandoned_by == "deadline":
+        with pytest.raises(errors.DeadlineExceeded, match="while the model computed the batch"):
+            await engine.run(images[:1], started + 0.2)
+        # By the deadline (0.2 s), far ahead of the hang timeout (30 s).
+        assert time.monotonic() - started < 10.0
+    else:
+        abandoned = asyncio.ensure_future(engine.run(images[:1]))
+        await asyncio.sleep(0)  # it takes the only worker and sends its batch
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
     # The next batch waits while the worker still owes the abandoned one's answer...
     following = asyncio.ensure_future(engine.run(images))
     await asyncio.sleep(0.05)
     assert not following.done()
     os.kill(pid, signal.SIGCONT)
-    # ...then gets its own rows, not the answer to the abandoned batch, from the same worker.
+    # ...then gets its own rows, not the abandoned batch's, from the same worker.
     np.testing.assert_array_equal(await asyncio.wait_for(following, PATIENCE_S), expected)
     assert engine.pids == [pid]
     assert watched.exits == 0
