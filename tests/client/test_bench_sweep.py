@@ -448,40 +448,6 @@ def test_input_drives_an_oip_server_whose_metadata_is_empty(
         assert set(inputs) == {("x", "UINT8", (1, 784), 784), ("y", "FP16", (1, 28, 28), 2 * 784)}
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--input", "x:BYTES:-1,28,28"], "--input x:BYTES:-1,28,28: datatype BYTES cannot hold"),
-        (["--input", "x:UINT8:-1,100"], "--input x:UINT8:-1,100: shape [-1, 100] does not hold"),
-        (["--input", "x:UINT8:28,28"], "--input x:UINT8:28,28: expected a leading batch"),
-        (["--input", "x:UINT8"], "--input: expected NAME:DTYPE:SHAPE"),
-        (["--input", "x:UINT8:-1,a"], "--input: SHAPE must be comma-separated integers"),
-        (
-            ["--compare", "oip@127.0.0.1:2", "--compare-input", "x:BYTES:-1,28,28"],
-            "--compare-input x:BYTES:-1,28,28: datatype BYTES cannot hold",
-        ),
-        (
-            ["--compare", "oip@127.0.0.1:2", "--compare-input", "x:UINT8"],
-            "--compare-input: expected NAME:DTYPE:SHAPE",
-        ),
-        (
-            ["--compare", "convserve@127.0.0.1:2", "--compare-input", "x:UINT8:-1,784"],
-            "--compare-input applies only to an oip target: give --compare oip@HOST:PORT "
-            "(or --compare-protocol oip)",
-        ),
-    ],
-)
-def test_input_errors_name_the_flag_they_came_from(
-    capsys: pytest.CaptureFixture[str], flags: list[str], message: str
-) -> None:
-    # Checked against the images before connecting: nothing listens on port 1.
-    code, _, err = run(
-        capsys, "--target", "oip@127.0.0.1:1", "bench", "--model", "m", "--no-progress", *flags
-    )
-    assert code == 2, err
-    assert message in err
-
-
 def test_replica_shares_count_unary_calls_and_streams(capsys: pytest.CaptureFixture[str]) -> None:
     with serve_fake(Behaviour(delay_s=0.002, replicas=("r1", "r2"))) as fake:
         config = BenchConfig(
@@ -513,6 +479,10 @@ def test_replica_shares_count_unary_calls_and_streams(capsys: pytest.CaptureFixt
     assert "r2 " in out.splitlines()[3]
 
 
+# The flags that make the first target an OIP one (for the --input checks).
+OIP = ["--protocol", "oip", "--model", "m"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -542,6 +512,31 @@ def test_replica_shares_count_unary_calls_and_streams(capsys: pytest.CaptureFixt
             "--target given more than once (127.0.0.1:1, 127.0.0.1:2); to compare two targets "
             "give the second with --compare, e.g. --target 127.0.0.1:1 bench --compare "
             "127.0.0.1:2",
+        ),
+        # With an OIP target: --input and --compare-input name the flag they came from.
+        (
+            [*OIP, "--input", "x:BYTES:-1,28,28"],
+            "--input x:BYTES:-1,28,28: datatype BYTES cannot hold",
+        ),
+        (
+            [*OIP, "--input", "x:UINT8:-1,100"],
+            "--input x:UINT8:-1,100: shape [-1, 100] does not hold",
+        ),
+        ([*OIP, "--input", "x:UINT8:28,28"], "--input x:UINT8:28,28: expected a leading batch"),
+        ([*OIP, "--input", "x:UINT8"], "--input: expected NAME:DTYPE:SHAPE"),
+        ([*OIP, "--input", "x:UINT8:-1,a"], "--input: SHAPE must be comma-separated integers"),
+        (
+            [*OIP, "--compare", "oip@127.0.0.1:2", "--compare-input", "x:BYTES:-1,28,28"],
+            "--compare-input x:BYTES:-1,28,28: datatype BYTES cannot hold",
+        ),
+        (
+            [*OIP, "--compare", "oip@127.0.0.1:2", "--compare-input", "x:UINT8"],
+            "--compare-input: expected NAME:DTYPE:SHAPE",
+        ),
+        (
+            [*OIP, "--compare", "convserve@127.0.0.1:2", "--compare-input", "x:UINT8:-1,784"],
+            "--compare-input applies only to an oip target: give --compare oip@HOST:PORT "
+            "(or --compare-protocol oip)",
         ),
     ],
 )
