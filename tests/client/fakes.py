@@ -157,6 +157,8 @@ class FakeModel:
     versions: tuple[VersionStatus, ...]
     ready: bool = True
     confusion_matrix: tuple[int, ...] = ()  # row-major [K,K]; empty: none recorded
+    error: str = ""  # why no version serves
+    memory_bytes: int = 0
 
     @property
     def serving_version(self) -> int | None:
@@ -180,6 +182,7 @@ MODELS = {
             10,
             (),
             (VersionStatus(6, "AVAILABLE"), VersionStatus(7, "AVAILABLE", serving=True)),
+            memory_bytes=96 * 2**20,
         ),
         FakeModel("fashion", (28, 28, 1), 10, FASHION, (VersionStatus(1, "AVAILABLE", True),)),
         FakeModel(
@@ -204,6 +207,7 @@ MODELS = {
             (),
             (VersionStatus(1, "END", error="no serving_default signature"),),
             ready=False,
+            error="no version loads",
         ),
     )
 }
@@ -456,6 +460,8 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
                         )
                         for v in model.versions
                     ],
+                    error=model.error,
+                    memory_bytes=model.memory_bytes,
                 )
                 for model in sorted(MODELS.values(), key=lambda m: m.name)
             ],

@@ -15,6 +15,7 @@ from convserve.client.cli import main
 
 from .fakes import Behaviour, RunningFake, serve_fake
 from .test_client import closed_port, numbered_images
+from .test_images import png_header_only
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -206,6 +207,32 @@ def test_predict_bad_input_files_exit_2(
     # Unreadable files fail before any call; the others once the input shape is known.
     read_against_the_model = content in ("shape", "labels")
     assert fake.behaviour.calls == ({"GetModelMetadata": 1} if read_against_the_model else {})
+
+
+@pytest.mark.parametrize("command", ["predict", "convolve"])
+def test_huge_or_corrupt_images_exit_2_before_any_call(
+    capsys: pytest.CaptureFixture[str], fake: RunningFake, tmp_path: Path, command: str
+) -> None:
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(png_header_only(20000, 10000))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png_header_only(40, 30))
+    for path, message in (
+        (huge, f"{huge}: image is 20000x10000 (200,000,000 pixels), more than the limit of "),
+        (broken, f"{broken}: cannot read image"),
+    ):
+        if command == "predict":
+            argv = [str(path)]
+        else:
+            argv = ["--input", str(path), "--kernel", "[[1]]", "--output", str(tmp_path / "o.npy")]
+        code, out, err = run(capsys, command, *argv, "--target", fake.target)
+        assert code == 2
+        assert err.startswith(f"convserve {command}: error: {message}")
+        assert len(err.strip().splitlines()) == 1
+        assert out == ""
+    assert fake.behaviour.calls == {}
+    code, out, _ = run(capsys, "predict", "--help")
+    assert "at most 50,000,000 pixels" in " ".join(out.split())
 
 
 def _search(pattern: str, text: str) -> bool:
@@ -463,13 +490,14 @@ def test_models_table_and_json(capsys: pytest.CaptureFixture[str], fake: Running
     code, out, _ = run(capsys, "models", "--target", fake.target)
     assert code == 0
     assert out.splitlines() == [
-        "model    ready  serving  versions                  errors",
-        "-------  -----  -------  " + "-" * 24 + "  " + "-" * 31,
-        "broken   no           -  1 END                     1: no serving_default signature",
-        "digits8  yes          1  1 AVAILABLE, 2 LOADING    -",
-        "fake     yes          7  6 AVAILABLE, 7 AVAILABLE  -",
-        "fashion  yes          1  1 AVAILABLE               -",
-        "rgb      yes          3  3 AVAILABLE               -",
+        "model    ready  serving  versions                    memory  errors",
+        "-------  -----  -------  " + "-" * 24 + "  --------  " + "-" * 49,
+        "broken   no           -  1 END                            -  "
+        "no version loads; 1: no serving_default signature",
+        "digits8  yes          1  1 AVAILABLE, 2 LOADING           -  -",
+        "fake     yes          7  6 AVAILABLE, 7 AVAILABLE  96.0 MiB  -",
+        "fashion  yes          1  1 AVAILABLE                      -  -",
+        "rgb      yes          3  3 AVAILABLE                      -  -",
         "default model: fake",
     ]
     code, out, _ = run(capsys, "--json", "models", "--target", fake.target)
@@ -481,6 +509,8 @@ def test_models_table_and_json(capsys: pytest.CaptureFixture[str], fake: Running
         "name": "broken",
         "ready": False,
         "serving_version": None,
+        "error": "no version loads",
+        "memory_bytes": 0,
         "versions": [
             {
                 "version": 1,

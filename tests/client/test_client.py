@@ -393,8 +393,12 @@ def test_list_models(fake: RunningFake) -> None:
     assert len(listing) == 5
     broken, digits8, default = listing.models[:3]
     assert broken == ModelStatus(
-        "broken", False, (VersionStatus(1, "END", False, "no serving_default signature"),)
+        "broken",
+        False,
+        (VersionStatus(1, "END", False, "no serving_default signature"),),
+        error="no version loads",
     )
+    assert default.memory_bytes == 96 * 2**20
     assert broken.serving_version is None
     assert digits8.versions == (
         VersionStatus(1, "AVAILABLE", True, ""),
@@ -423,6 +427,7 @@ async def test_async_list_models_and_models_per_call(fake: RunningFake) -> None:
         "fake",
         True,
         (VersionStatus(6, "AVAILABLE", False, ""), VersionStatus(7, "AVAILABLE", True, "")),
+        memory_bytes=96 * 2**20,
     )
     assert [r.labels for r in results] == [["0"], ["1"], ["2"], ["3"], ["4"]]
     assert meta.class_names[9] == "Ankle boot"

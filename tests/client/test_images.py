@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from PIL import Image
 
 from convserve.client.errors import InputError
 from convserve.client.images import (
+    MAX_IMAGE_PIXELS,
     accepted_shapes,
     image_batch,
     load_grayscale,
@@ -212,3 +215,83 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
         load_grayscale(tmp_path / "missing.png")
     with pytest.raises(InputError, match="image bytes: not an image file"):
         load_grayscale(b"\x00\x01")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and header declaring width x height 8-bit gray pixels, with
+    an image stream far too short for them: any attempt to decode the pixels fails."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\x00"))
+        + _chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "pixels"),
+    [
+        # Beyond pillow's own limit: Image.open itself refuses it.
+        (20000, 10000, "200,000,000"),
+        # Below pillow's limit, above ours.
+        (8000, 7000, "56,000,000"),
+    ],
+)
+def test_huge_images_are_refused_from_the_header(
+    tmp_path: Path, width: int, height: int, pixels: str
+) -> None:
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header_only(width, height))
+    limit = f"{MAX_IMAGE_PIXELS:,}"
+    expected = rf"huge\.png: image is {width}x{height} \({pixels} pixels\), more than the limit "
+    with pytest.raises(InputError, match=expected + rf"of {limit} pixels"):
+        load_grayscale(path)
+    with pytest.raises(InputError, match=rf"image bytes: image is {width}x{height}"):
+        image_batch(path.read_bytes(), MNIST)
+
+
+def test_huge_jpeg_is_refused_from_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "wide.jpg"
+    Image.new("L", (16, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    # The frame header (SOF0) holds the height, then the width, as 16-bit numbers.
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 20000, 60000)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"wide\.jpg: image is 60000x20000 \(1,200,000,000 pix"):
+        load_grayscale(path)
+
+
+def test_images_within_the_limit_still_decode() -> None:
+    side = 1000
+    gray = np.zeros((side, side), np.uint8)
+    assert load_grayscale(_png_bytes(gray)).shape == (side, side)
+    # Below pillow's own warning threshold too, so no image within the limit warns.
+    assert side * side < MAX_IMAGE_PIXELS < Image.MAX_IMAGE_PIXELS
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        # An IHDR chunk shorter than its 13 bytes: pillow raises ValueError.
+        (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", b"\x00\x00\x00\x05\x00"), "cannot read image"),
+        # A valid header over a damaged image stream.
+        (png_header_only(40, 30), "cannot read image"),
+        # A PNG cut off in the middle of its pixels.
+        (_png_bytes(np.arange(64 * 64, dtype=np.uint8).reshape(64, 64))[:60], "cannot read"),
+    ],
+    ids=["short-header", "damaged-stream", "cut-off"],
+)
+def test_corrupt_images_name_the_file(tmp_path: Path, content: bytes, reason: str) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=rf"broken\.png: {reason}"):
+        load_grayscale(path)
+    with pytest.raises(InputError, match=rf"image bytes: {reason}"):
+        load_grayscale(content)

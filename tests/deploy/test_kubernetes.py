@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -166,16 +167,68 @@ def test_namespace_enforces_restricted(objects) -> None:
                 assert doc["metadata"]["namespace"] == namespace["metadata"]["name"]
 
 
+# The health service each probe asks for: liveness never depends on the models (a model
+# that cannot load must not crash-loop the replicas); readiness decides traffic.
+PROBE_SERVICES = {
+    "startupProbe": "liveness",
+    "readinessProbe": "readiness",
+    "livenessProbe": "liveness",
+}
+
+
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
 def test_server_probes_are_native_grpc_on_the_serving_port(name, objects) -> None:
     pod = _server(objects[name])["spec"]["template"]["spec"]
     server = _container(pod, "server")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert server[probe]["grpc"] == {"port": GRPC_PORT}, probe
+    for probe, service in PROBE_SERVICES.items():
+        assert server[probe]["grpc"] == {"port": GRPC_PORT, "service": service}, probe
     # Readiness reacts within one period when the server reports NOT_SERVING.
     assert server["readinessProbe"]["failureThreshold"] == 1
+    # A pod that stops answering is restarted, but never in the middle of its drain.
+    liveness = server["livenessProbe"]
+    unanswered_s = liveness["periodSeconds"] * liveness["failureThreshold"]
+    assert unanswered_s > pod["terminationGracePeriodSeconds"]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+
+
+def _misdirected_probes(docs: list[dict[str, Any]]) -> list[str]:
+    """Every probe that is not a gRPC probe of its own health service, and every probe
+    the server's container lacks."""
+    wrong = []
+    for where, pod in _pod_templates(docs):
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            what = f"{where} container {container['name']}"
+            for probe, service in PROBE_SERVICES.items():
+                if probe not in container:
+                    if what == "Deployment/convserve-server container server":
+                        wrong.append(f"{what}: no {probe}")
+                elif container[probe].get("grpc", {}).get("service") != service:
+                    wrong.append(f"{what}: {probe} is not a gRPC probe of {service!r}")
+    return wrong
+
+
+@pytest.mark.parametrize("name", [*sorted(KUSTOMIZATIONS), "cpu+prometheus-adapter"])
+def test_every_probe_asks_for_its_own_health_service(name, objects, adapter_overlay) -> None:
+    """Whatever an overlay patches: a liveness or startup probe of the overall status ("")
+    would restart every replica whose model cannot load."""
+    docs = adapter_overlay if name == "cpu+prometheus-adapter" else objects[name]
+    assert _misdirected_probes(docs) == []
+
+
+def test_probe_check_catches_a_probe_of_the_overall_status(objects) -> None:
+    docs = copy.deepcopy(objects["gpu"])
+    server = _container(_server(docs)["spec"]["template"]["spec"], "server")
+    del server["livenessProbe"]["grpc"]["service"]
+    server["readinessProbe"]["grpc"]["service"] = "liveness"
+    del server["startupProbe"]
+    assert _misdirected_probes(docs) == [
+        "Deployment/convserve-server container server: no startupProbe",
+        "Deployment/convserve-server container server: readinessProbe is not a gRPC probe of "
+        "'readiness'",
+        "Deployment/convserve-server container server: livenessProbe is not a gRPC probe of "
+        "'liveness'",
+    ]
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])

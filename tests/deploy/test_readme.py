@@ -63,3 +63,17 @@ def test_readme_layout_names_every_panel_in_place() -> None:
         (line,) = [line for line in lines if titles[0] in line and line.startswith("│")]
         positions = [line.index(title) for title in titles]
         assert positions == sorted(positions), titles
+
+
+def test_probes_section_explains_every_health_service_the_manifests_probe() -> None:
+    text = README.read_text()
+    start = text.index("### Probes")
+    section = text[start : text.index("\n### ", start + 1)]
+    (deployment,) = load_yaml_documents((K8S / "base" / "server-deployment.yaml").read_text())
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        service = server[probe]["grpc"]["service"]
+        assert f"`{probe}` (`{service}`," in section, probe
+        assert f"| `{service}`" in section, service
+    for setting in ("CONVSERVE_STRICT_READINESS", "CONVSERVE_EXIT_ON_LOAD_ERROR"):
+        assert f"`{setting}=true`" in section, setting

@@ -211,7 +211,7 @@ async def test_metrics_endpoint_bounds_its_connections_and_their_idle_time(
         for sock in idle:
             sock.close()
     # An idle connection loses its thread after the timeout (10 s; 0.5 s here).
-    monkeypatch.setattr(app._QuietHandler, "timeout", 0.5)
+    monkeypatch.setattr(app, "METRICS_TIMEOUT_S", 0.5)
     with socket.create_connection(("127.0.0.1", port)) as lingering:
         assert await asyncio.to_thread(_closed_by_server, lingering, 10)
     # Scrapes are served again.
@@ -219,6 +219,49 @@ async def test_metrics_endpoint_bounds_its_connections_and_their_idle_time(
         await convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT)
     samples = await asyncio.to_thread(scrape, port)
     assert any(name == "convserve_requests_total" for name, _ in samples)
+
+
+async def test_clients_trickling_their_requests_hold_no_scrape_back(
+    served: tuple[RunningServer, FakeRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 connections sending a byte at a time, each well within a per-read timeout,
+    once held every slot; now each gets one deadline for its whole request."""
+    from convserve.server import app
+
+    monkeypatch.setattr(app, "METRICS_TIMEOUT_S", 1.0)
+    port = served[0].metrics_port
+    async with grpc.aio.insecure_channel(served[0].target) as channel:
+        await convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT)
+    trickling = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+    stop = asyncio.Event()
+
+    async def trickle(sock: socket.socket) -> bool:
+        """Sends a byte every 0.3 s until the server closes the connection."""
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 100
+        for byte in request:
+            if stop.is_set():
+                return False
+            try:
+                await asyncio.to_thread(sock.send, bytes([byte]))
+            except OSError:
+                return True
+            if await asyncio.to_thread(_closed_by_server, sock, 0.3):
+                return True
+        return False
+
+    try:
+        tasks = [asyncio.create_task(trickle(sock)) for sock in trickling]
+        # Scrapes meanwhile: every one answered.
+        for _ in range(5):
+            samples = await asyncio.to_thread(scrape, port)
+            assert any(name == "convserve_requests_total" for name, _ in samples)
+        # Each trickling connection is closed at its deadline (1 s here), not kept.
+        closed = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+        assert all(closed), closed
+    finally:
+        stop.set()
+        for sock in trickling:
+            sock.close()
 
 
 async def test_health_follows_the_runtimes_readiness(
@@ -687,14 +730,15 @@ def test_main_sets_the_switch_interval_before_serving(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.slow
-def test_main_without_a_loadable_model_exits_2(tmp_path: Path) -> None:
+def test_main_without_a_loadable_model_exits_2_with_exit_on_load_error(tmp_path: Path) -> None:
     import subprocess
     import sys
 
     (tmp_path / "1").mkdir()  # a version directory without a SavedModel
     result = subprocess.run(
         [sys.executable, "-m", "convserve.server", "--model-base-path", str(tmp_path),
-         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"],
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+         "--exit-on-load-error", "true"],
         capture_output=True, text=True, timeout=240,
         env={k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")},
     )  # fmt: skip

@@ -4,6 +4,8 @@ writes is read back by the client's."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -548,12 +550,13 @@ def test_list_models_response_read_by_the_client_is_sorted() -> None:
             ready=False,
             versions=(types.VersionStatus(1, "END", error="no serving signature"),),
         ),
-        types.ModelStatus("digits8", ready=False),
+        types.ModelStatus("digits8", ready=False, error="the base path does not exist"),
     ]
+    models[0] = dataclasses.replace(models[0], memory_bytes=123_456_789_012)
     message = cv.list_models_response_to_proto(models, "mnist")
     assert convert.list_models_result(message) == ModelList(
         models=(
-            ModelStatus("digits8", False, ()),
+            ModelStatus("digits8", False, (), error="the base path does not exist"),
             ModelStatus(
                 "fashion", False, (VersionStatus(1, "END", False, "no serving signature"),)
             ),
@@ -561,6 +564,7 @@ def test_list_models_response_read_by_the_client_is_sorted() -> None:
                 "mnist",
                 True,
                 (VersionStatus(1, "AVAILABLE", False, ""), VersionStatus(2, "AVAILABLE", True, "")),
+                memory_bytes=123_456_789_012,
             ),
         ),
         default_model="mnist",

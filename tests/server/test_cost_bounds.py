@@ -20,6 +20,12 @@ one, because the machine (2 cores) is shared with other work:
   refused up front or stopped, one of many cheap steps must stop at its deadline.
 * SIGTERM with a stopped model worker holding a batch: the process exits
   within grace (2 s) + `EXIT_MARGIN_S` (8 s), exit code 0. Broken, it never exits.
+
+And why expired work stopped: back-to-back calls whose deadline passes while
+their work runs are all counted as `deadline` stops and DEADLINE_EXCEEDED, one
+whose caller leaves early as `cancelled` and CANCELLED. Broken, gRPC's
+cancellation at the deadline, which often comes a little before the server's
+own clock reaches it, labelled 5 to 11 of 24 such stops `cancelled`.
 """
 
 from __future__ import annotations
@@ -295,6 +301,78 @@ def test_expired_fits_stop_burning_cpu(
     for code, latency in (outcome.small_convolve, outcome.predict):
         assert code == grpc.StatusCode.OK
         assert latency < SMALL_REQUEST_BOUND_S
+
+
+# Back-to-back calls stopped at their deadline: enough that the broken labelling (a
+# fifth to nearly half of them `cancelled`) shows up in every run.
+BACK_TO_BACK_CALLS = 24
+BACK_TO_BACK_DEADLINE_S = 0.3
+STOP_REASONS = ("cancelled", "deadline")
+CALL_CODES = ("CANCELLED", "DEADLINE_EXCEEDED")
+
+
+def _long_convolve() -> convserve_pb2.ConvolveRequest:
+    """A Convolve of a few CPU seconds that reaches the server in milliseconds (2 MiB)."""
+    rng = np.random.default_rng(2)
+    return convserve_pb2.ConvolveRequest(
+        input=to_tensor(rng.random((512, 512))),
+        kernel=to_tensor(rng.random((64, 64))),
+        options=convolution_options(strides=2, dilations=2),
+    )
+
+
+def _stops_and_codes(metrics_port: int) -> dict[str, float]:
+    """Convolve work stopped by reason, and Convolve calls by status."""
+    samples = scrape(metrics_port)
+    counts = {
+        reason: sample_value(samples, "convserve_work_stopped_total", rpc="Convolve", reason=reason)
+        for reason in STOP_REASONS
+    }
+    for code in CALL_CODES:
+        counts[code] = sample_value(samples, "convserve_requests_total", rpc="Convolve", code=code)
+    return counts
+
+
+def _admitted_s(metrics_port: int) -> float:
+    return sample_value(scrape(metrics_port), "convserve_admitted_work_cpu_seconds", rpc="Convolve")
+
+
+def test_work_stopped_at_its_deadline_is_labelled_deadline_and_a_caller_gone_cancelled(
+    server: ServerProcess,
+) -> None:
+    request = _long_convolve()
+    before = _stops_and_codes(server.metrics_port)
+
+    def counted(stops: int) -> Callable[[], dict[str, float] | None]:
+        def change() -> dict[str, float] | None:
+            now = _stops_and_codes(server.metrics_port)
+            changed = {key: now[key] - before[key] for key in now}
+            # A stop is counted once its thread has ended.
+            return changed if sum(changed[r] for r in STOP_REASONS) >= stops else None
+
+        return change
+
+    with grpc.insecure_channel(server.target, options=CHANNEL_OPTIONS) as channel:
+        stub = convserve_pb2_grpc.ConvServeStub(channel)
+        # One after the other: two op slots, so none waits for a thread.
+        codes = [
+            _code(stub.Convolve.future(request, timeout=BACK_TO_BACK_DEADLINE_S))
+            for _ in range(BACK_TO_BACK_CALLS)
+        ]
+        poll(counted(BACK_TO_BACK_CALLS), timeout_s=10, what="the expired Convolves to stop")
+        # A caller that goes away long before its deadline, once its work is admitted.
+        left = stub.Convolve.future(request, timeout=30)
+        poll(lambda: _admitted_s(server.metrics_port) > 1e-6, timeout_s=10,
+             what="the Convolve to be admitted")  # fmt: skip
+        left.cancel()
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * BACK_TO_BACK_CALLS
+    change = poll(counted(BACK_TO_BACK_CALLS + 1), timeout_s=10, what="the last stop")
+    assert change == {
+        "cancelled": 1,
+        "deadline": BACK_TO_BACK_CALLS,
+        "CANCELLED": 1,
+        "DEADLINE_EXCEEDED": BACK_TO_BACK_CALLS,
+    }
 
 
 def _batch_held(metrics_port: int) -> bool:

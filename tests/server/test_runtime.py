@@ -46,17 +46,47 @@ async def test_work_before_start_is_unavailable(unstarted: Runtime) -> None:
         )
 
 
-async def test_start_without_a_loadable_version_is_unavailable(tmp_path: Path) -> None:
+async def test_start_without_a_loadable_version_is_unavailable_with_exit_on_load_error(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "1").mkdir()
     (tmp_path / "1" / "saved_model.pb").write_bytes(b"broken")
     (tmp_path / ".export-2").mkdir()
     metrics = Metrics()
-    runtime = Runtime(make_settings(tmp_path), metrics)
+    runtime = Runtime(make_settings(tmp_path, exit_on_load_error=True), metrics)
     with pytest.raises(errors.Unavailable, match=r"no loadable version.*\[1\]"):
         await runtime.start()
     assert not runtime.ready
     assert value(metrics, "convserve_model_loads_total", model="mnist", result="failure") == 1
     await runtime.stop(1)
+
+
+async def test_start_without_a_loadable_version_reports_it_and_keeps_looking(
+    tmp_path: Path, model_base_path: Path
+) -> None:
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"broken")
+    metrics = Metrics()
+    runtime = Runtime(make_settings(tmp_path, poll_interval_s=0.1), metrics)
+    await runtime.start()
+    try:
+        assert not runtime.ready  # its only model has no version
+        status = runtime.model_status("mnist")
+        assert not status.ready
+        assert status.error.startswith("no version loads (version 1: cannot load the SavedModel")
+        assert [(v.version, v.state) for v in status.versions] == [(1, "END")]
+        assert value(metrics, "convserve_model_ready", model="mnist") == 0
+        # A good version copied in later is found by the background retry.
+        shutil.copytree(model_base_path / "1", tmp_path / "2")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 120
+        while not runtime.ready:
+            assert loop.time() < end, "the retried model never became ready"
+            await asyncio.sleep(0.05)
+        assert runtime.model_status("mnist").error == ""
+        assert value(metrics, "convserve_model_ready", model="mnist") == 1
+    finally:
+        await runtime.stop(1)
 
 
 class _Context:

@@ -195,28 +195,63 @@ async def test_close_stops_running_work_and_reports_threads_that_would_not_stop(
     assert await ignoring == "late"
 
 
-async def test_a_caller_cancelled_at_its_deadline_counts_as_a_deadline_stop() -> None:
+@pytest.mark.parametrize(
+    ("cancelled_at", "reason", "raised"),
+    [
+        (101.5, "deadline", errors.DeadlineExceeded),
+        # gRPC's cancellation at the deadline often comes before our clock reaches it,
+        # by up to tens of milliseconds on a busy server (see `work.DEADLINE_SLACK_S`).
+        (100.998, "deadline", errors.DeadlineExceeded),
+        (100.95, "deadline", errors.DeadlineExceeded),
+        (100.5, "cancelled", errors.Cancelled),  # the caller went away well before
+    ],
+)
+async def test_a_caller_cancelled_about_at_its_deadline_counts_as_a_deadline_stop(
+    cancelled_at: float, reason: str, raised: type[errors.ServeError]
+) -> None:
     # gRPC cancels a handler whose deadline passed before the thread's next check.
     now = [100.0]
     recorder = Recorder()
     pool = pool_for(recorder, clock=lambda: now[0])
     entered, release = threading.Event(), threading.Event()
+    seen: list[Exception] = []
 
     def compute(work: Work) -> int:
         entered.set()
         release.wait(30)
-        work.check()  # the first check after the cancellation
+        try:
+            work.check()  # the first check after the cancellation
+        except Exception as exc:
+            seen.append(exc)
+            raise
         return 1
 
     work = Work("Convolve", 1.0, 101.0, clock=lambda: now[0])
     task = asyncio.create_task(pool.run(work, 1, compute))
     await asyncio.to_thread(entered.wait, 10)
-    now[0] = 101.5
+    now[0] = cancelled_at
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert work.stop_reason == "deadline"
+    assert work.stop_reason == reason
     release.set()
     assert await pool.drain(10)
-    assert recorder.stopped == [("Convolve", "deadline")]
+    assert recorder.stopped == [("Convolve", reason)]
+    assert [type(exc) for exc in seen] == [raised]
     assert await pool.close(0)
+
+
+def test_the_first_stop_reason_holds_and_is_the_one_raised() -> None:
+    # The event loop stops the work while its thread is finding the deadline passed.
+    work: Work
+
+    def clock() -> float:
+        work.cancel("shutdown")
+        return 101.0
+
+    work = Work("Convolve", 1.0, 100.0, clock=clock, granted_s=1.0)
+    with pytest.raises(errors.Unavailable, match="shutting down"):
+        work.check()
+    assert work.stop_reason == "shutdown"
+    work.cancel("cancelled")
+    assert work.stop_reason == "shutdown"

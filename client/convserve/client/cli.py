@@ -21,6 +21,7 @@ from convserve.client.channel import TlsConfig
 from convserve.client.config import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_TARGET
 from convserve.client.errors import ConvServeError, InputError
 from convserve.client.images import (
+    MAX_IMAGE_PIXELS,
     ImageShape,
     image_batch,
     load_grayscale,
@@ -555,10 +556,17 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 "yes" if model.ready else "no",
                 "-" if serving is None else serving,
                 ", ".join(f"{v.version} {v.state}" for v in model.versions) or "-",
-                "; ".join(f"{v.version}: {v.error}" for v in model.versions if v.error) or "-",
+                _mib(model.memory_bytes),
+                "; ".join(
+                    ([model.error] if model.error else [])
+                    + [f"{v.version}: {v.error}" for v in model.versions if v.error]
+                )
+                or "-",
             ]
         )
-    text = format_table(["model", "ready", "serving", "versions", "errors"], rows, right=(2,))
+    text = format_table(
+        ["model", "ready", "serving", "versions", "memory", "errors"], rows, right=(2, 4)
+    )
     text += f"\ndefault model: {listing.default_model or '-'}"
     data = {
         "default_model": listing.default_model,
@@ -567,6 +575,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 "name": model.name,
                 "ready": model.ready,
                 "serving_version": model.serving_version,
+                "error": model.error,
+                "memory_bytes": model.memory_bytes,
                 "versions": [asdict(v) for v in model.versions],
             }
             for model in listing
@@ -574,6 +584,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     }
     _emit(args, data, text)
     return EXIT_OK
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count else "-"
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
@@ -921,9 +935,10 @@ def build_parser() -> argparse.ArgumentParser:
         "files",
         nargs="+",
         metavar="FILE",
-        help="image files (prepared the MNIST way at the model's input size), .npy arrays "
-        "shaped as the model's input, or .npz files with 'images' (and optional 'labels', "
-        "the expected class indices, then the match is shown)",
+        help="image files (prepared the MNIST way at the model's input size; at most "
+        f"{MAX_IMAGE_PIXELS:,} pixels), .npy arrays shaped as the model's input, or .npz "
+        "files with 'images' (and optional 'labels', the expected class indices, then the "
+        "match is shown)",
     )
     p.add_argument(
         "--batch-size",
@@ -934,7 +949,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", type=int, help="pin a loaded model version")
 
     p = command("convolve", _cmd_convolve, "apply a kernel to an image or array")
-    p.add_argument("--input", required=True, help="PNG/JPEG (gray levels in [0,1]) or .npy")
+    p.add_argument(
+        "--input",
+        required=True,
+        help=f"PNG/JPEG (gray levels in [0,1]; at most {MAX_IMAGE_PIXELS:,} pixels) or .npy",
+    )
     p.add_argument("--kernel", required=True, help="JSON such as '[[1,-1]]', or a .npy file")
     p.add_argument("--bias", help="a number, a JSON list (one per output channel), or .npy")
     _conv_options(p)

@@ -354,6 +354,8 @@ def list_models_result(response: pb.ListModelsResponse) -> ModelList:
                     )
                     for v in model.versions
                 ),
+                error=model.error,
+                memory_bytes=int(model.memory_bytes),
             )
             for model in response.models
         ),

@@ -14,7 +14,8 @@ every array is read against that shape; what goes on the wire is decided here:
   quantized to uint8, so the server sees exactly the values given.
 * Image files and encoded PNG/JPEG bytes are decoded with pillow (the
   ``images`` extra) and prepared the MNIST way at the model's size by
-  `prepare_image`; they become uint8.
+  `prepare_image`; they become uint8. Images of more than `MAX_IMAGE_PIXELS`
+  (50 megapixels) are refused from their header, before any pixel is decoded.
 * A list mixing uint8 and float inputs is sent as float32 (uint8 / 255).
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -44,6 +46,10 @@ DIGIT_BOX = 20
 # After contrast stretching, pixels darker than this share of full ink are
 # paper texture or sensor noise, not stroke; they must not widen the crop.
 NOISE_FLOOR = 0.15
+# Largest image file read, in pixels: room for a full-resolution 48 MP phone
+# photo. Decoding one costs several float64 copies (8 bytes a pixel each), so
+# far larger images would exhaust memory long before their digit was found.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 def require_pillow() -> Any:
@@ -205,7 +211,8 @@ def load_grayscale(source: str | bytes | os.PathLike[str]) -> np.ndarray:
     """Decode a PNG/JPEG file (path) or its bytes into float64 gray levels in [0, 255].
 
     Transparent pixels count as white paper; phone photos are turned upright
-    by their EXIF orientation.
+    by their EXIF orientation. Images of more than `MAX_IMAGE_PIXELS` are
+    refused from their header, before any pixel is decoded.
     """
     Image = require_pillow()
     from PIL import ImageOps, UnidentifiedImageError
@@ -213,20 +220,79 @@ def load_grayscale(source: str | bytes | os.PathLike[str]) -> np.ndarray:
     name = "image bytes" if isinstance(source, bytes) else str(source)
     try:
         opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
-        with opened as img:
+    except FileNotFoundError as exc:
+        raise InputError(f"{name}: no such file") from exc
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses images far beyond its own limit before telling their size.
+        size = _header_size(source)
+        if size is not None and size[0] * size[1] <= MAX_IMAGE_PIXELS:
+            raise InputError(f"{name}: cannot read image ({exc})") from exc
+        raise _too_large(name, size) from exc
+    except UnidentifiedImageError as exc:
+        raise InputError(f"{name}: not an image file pillow can read (PNG or JPEG)") from exc
+    except _DECODE_ERRORS as exc:
+        raise InputError(f"{name}: cannot read image ({_reason(exc)})") from exc
+    with opened as img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _too_large(name, (width, height))
+        try:
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
                 rgba = img.convert("RGBA")
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(paper, rgba)
             gray = np.asarray(img.convert("L"), dtype=np.float64)
-    except FileNotFoundError as exc:
-        raise InputError(f"{name}: no such file") from exc
-    except UnidentifiedImageError as exc:
-        raise InputError(f"{name}: not an image file pillow can read (PNG or JPEG)") from exc
-    except OSError as exc:
-        raise InputError(f"{name}: cannot read image ({exc})") from exc
+        except _DECODE_ERRORS as exc:
+            raise InputError(f"{name}: cannot read image ({_reason(exc)})") from exc
     return gray
+
+
+# What pillow raises on damaged files besides OSError: broken chunks and
+# headers surface as ValueError, SyntaxError, IndexError, struct.error or
+# EOFError. MemoryError: an image within the limit can still outgrow a small
+# machine's memory.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    IndexError,
+    struct.error,
+    MemoryError,
+)
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _too_large(name: str, size: tuple[int, int] | None) -> InputError:
+    limit = f"the limit of {MAX_IMAGE_PIXELS:,} pixels"
+    if size is None:
+        return InputError(f"{name}: image too large to decode, more than {limit}")
+    width, height = size
+    return InputError(
+        f"{name}: image is {width}x{height} ({width * height:,} pixels), more than {limit}; "
+        "scale it down first"
+    )
+
+
+def _header_size(source: str | bytes | os.PathLike[str]) -> tuple[int, int] | None:
+    """(width, height) that a PNG or JPEG header declares, or None.
+
+    The format classes read the header without pillow's own pixel limit, which
+    `Image.open` enforces by refusing to return the image at all.
+    """
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    for image_class in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+        try:
+            with image_class(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+                return (int(img.size[0]), int(img.size[1]))
+        except _DECODE_ERRORS:
+            continue
+    return None
 
 
 def prepare_image(gray: np.ndarray, shape: ImageShape) -> np.ndarray:

@@ -177,6 +177,8 @@ class ModelStatus:
     name: str
     ready: bool  # a version is serving and its engine is usable
     versions: tuple[VersionStatus, ...]  # ascending by version
+    error: str = ""  # why no version serves; empty while one does (or is loading)
+    memory_bytes: int = 0  # what the loaded versions' batch buffers are sized for
 
     @property
     def serving_version(self) -> int | None:

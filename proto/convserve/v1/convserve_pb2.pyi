@@ -828,9 +828,19 @@ class ModelStatus(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ready: _builtins.bool
     """A version is serving and its engine is usable."""
+    error: _builtins.str
+    """Why no version serves (the base path is missing, no version loads, ...); empty
+    while one serves or the first one is still loading.
+    """
+    memory_bytes: _builtins.int
+    """Bytes the loaded versions' batch buffers are sized for (engine copies in the server
+    and its worker processes, shared regions), each within --max-model-memory-bytes.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]:
         """Ascending by version."""
@@ -841,10 +851,12 @@ class ModelStatus(_message.Message):
         name: _builtins.str = ...,
         ready: _builtins.bool = ...,
         versions: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
+        error: _builtins.str = ...,
+        memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ready", b"ready", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "memory_bytes", b"memory_bytes", "name", b"name", "ready", b"ready", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,10 +20,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from convserve.server import errors
-from convserve.server.logs import configure_logging
-from convserve.server.settings import Settings, SettingsError
+# The rest of the server is imported in the functions below, after `main` has taken
+# SIGTERM over: those imports take a second or more, and a signal meanwhile must still
+# be a clean stop.
+if TYPE_CHECKING:
+    from convserve.server.settings import Settings
 
 log = logging.getLogger("convserve.server")
 
@@ -42,7 +45,9 @@ def _fail(message: str) -> int:
 
 async def serve(settings: Settings) -> int:
     """Start, serve until SIGTERM/SIGINT, stop within grace_period_s; returns the exit code."""
+    from convserve.server import errors
     from convserve.server.app import StartupError, start_server
+    from convserve.server.settings import SettingsError
 
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -84,9 +89,55 @@ async def serve(settings: Settings) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+            # A second signal while the process winds down changes nothing; without a
+            # handler it would end the process with -15 instead of its exit code.
+            signal.signal(sig, _ignore_signal)
+
+
+class _StopBeforeServing(BaseException):
+    """SIGTERM/SIGINT before the event loop took the signals over."""
+
+
+def _stop_before_serving(signum: int, frame: object) -> None:
+    raise _StopBeforeServing
+
+
+def _ignore_signal(signum: int, frame: object) -> None:
+    """The stop is already under way."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Until `serve` installs the loop's handlers (imports and settings take seconds), a
+    # SIGTERM would kill the process with -15: stopping before serving is a clean stop.
+    previous = {
+        sig: signal.signal(sig, _stop_before_serving) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        code = _main(argv)
+    except _StopBeforeServing:
+        code = EXIT_OK
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    from convserve.server import blocking
+
+    if code == EXIT_STUCK or blocking.pending():
+        # Python joins every non-daemon thread at exit, and finalizing the interpreter
+        # under a thread still inside TensorFlow or a blocked file read can crash or
+        # hang: a thread one of those still holds is abandoned with the process.
+        if blocking.pending():
+            log.warning("%d blocked file system call(s) abandoned at exit", blocking.pending())
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from convserve.server.logs import configure_logging
+    from convserve.server.settings import Settings, SettingsError
+
     try:
         settings = Settings.from_argv(argv)
     except SettingsError as exc:
@@ -102,17 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.setswitchinterval(settings.switch_interval_us / 1e6)
     try:
         code = asyncio.run(serve(settings))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _StopBeforeServing):
         code = EXIT_OK
     except Exception:
         log.exception("convserve-server failed")
         code = EXIT_FAILED
-    if code == EXIT_STUCK:
-        # Python joins every non-daemon thread at exit: one still inside a TensorFlow
-        # call would keep the stopped server alive. Abandon it with the process.
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(code)
     return code
 
 

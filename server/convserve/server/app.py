@@ -16,6 +16,7 @@ connected before a scale-up re-resolve DNS and spread over the new replicas.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import socket
 import threading
@@ -26,7 +27,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import grpc
 import prometheus_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Health service names of the server itself. Liveness: SERVING from the moment the
+# server listens until it stops, whatever its models do (a blocked event loop fails it
+# by not answering), so that a model that cannot load never gets a replica restarted.
+# Readiness, also the overall name "": the runtime's `ready` (see runtime.Runtime).
+LIVENESS = "liveness"
+READINESS = "readiness"
 
 
 class StartupError(RuntimeError):
@@ -54,7 +60,7 @@ class RunningServer:
         *,
         settings: Settings,
         server: grpc.aio.Server,
-        health: health_aio.HealthServicer,
+        health: auth.GuardedHealthServicer,
         runtime: Any,
         metrics: Any,
         port: int,
@@ -99,10 +105,12 @@ class RunningServer:
         return self._stopped.is_set()
 
     async def set_serving(self, serving: bool) -> None:
-        """The overall status and every service's; each model's own status under its name
-        (SERVING while it is ready; NOT_SERVING once it is removed or while stopping)."""
+        """Readiness (the overall status, `READINESS` and every service's), liveness, and
+        each model's own status under its name (SERVING while it is ready; NOT_SERVING
+        once it is removed or while stopping)."""
         status = SERVING if serving else NOT_SERVING
-        for name in ("", *self.services):
+        await self.health.set(LIVENESS, SERVING)
+        for name in ("", READINESS, *self.services):
             await self.health.set(name, status)
         statuses = getattr(self.runtime, "models", None)
         models = statuses() if statuses is not None and not self.stopping else []
@@ -213,14 +221,39 @@ def _add_port(server: grpc.aio.Server, settings: Settings) -> int:
 
 
 # Connections the /metrics endpoint serves at once (each has a thread); more are closed.
-METRICS_MAX_CONNECTIONS = 16
-# Seconds a /metrics connection may stay idle or take to send its request.
+METRICS_MAX_CONNECTIONS = 64
+# Seconds one /metrics connection gets for its request, however it trickles in: a
+# per-read timeout alone lets a client sending a byte every few seconds keep its
+# thread (and with a few more like it, every slot) for good.
 METRICS_TIMEOUT_S = 10.0
 
 
+class _DeadlineSocketReader(io.RawIOBase):
+    """A socket's reads, each given only what is left of one deadline for them all."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no request within {METRICS_TIMEOUT_S} s")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
 class _QuietHandler(WSGIRequestHandler):
-    # Applied to the connection's socket: an idle or slow client loses its thread.
+    # Applied to the connection's socket: also bounds writing the answer to a slow reader.
     timeout = METRICS_TIMEOUT_S
+
+    def setup(self) -> None:
+        super().setup()
+        deadline = time.monotonic() + METRICS_TIMEOUT_S
+        self.rfile = io.BufferedReader(_DeadlineSocketReader(self.connection, deadline))
 
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not worth a log line each."""
@@ -228,6 +261,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _BoundedServer(ThreadingWSGIServer):
     """A thread per connection, at most METRICS_MAX_CONNECTIONS of them at once."""
+
+    # socketserver's default backlog of 5 would leave connections past it waiting for
+    # SYN retries (seconds) instead of being accepted and served, or closed at once.
+    request_queue_size = 128
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
@@ -321,11 +358,15 @@ async def start_server(
             max_typed_payload_bytes=settings.max_typed_payload_bytes,
             replica=replica,
         )
-    health = health_aio.HealthServicer()
+    token = settings.read_auth_token()
+    health = auth.GuardedHealthServicer(
+        auth.BearerTokenInterceptor(token).check if token is not None else None
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [*services, HEALTH_SERVICE, reflection.SERVICE_NAME], server
     )
+    health.public |= {LIVENESS, READINESS, *services}
     port = _add_port(server, settings)
     metrics_http = _start_metrics_http(settings, metrics.registry)
 

@@ -3,7 +3,9 @@
 `server_credentials` builds TLS (optionally mutual TLS) credentials from the
 settings. `BearerTokenInterceptor` requires ``authorization: Bearer <token>``
 on every call except health checks and reflection, compares it in constant
-time and answers UNAUTHENTICATED otherwise. The token is never logged; rejected
+time and answers UNAUTHENTICATED otherwise. `GuardedHealthServicer` keeps
+health checks open for the server's own names (what probes ask) but asks for
+the token before it tells whether a model name exists. The token is never logged; rejected
 calls go to the shared `logs.REJECTIONS` summary (DEBUG each, INFO counts).
 """
 
@@ -14,6 +16,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
 
 from convserve.server import errors, logs
 from convserve.server.settings import Settings, SettingsError
@@ -137,3 +141,44 @@ def _rejecting(handler: grpc.RpcMethodHandler | None, problem: Exception) -> Any
     if handler.request_streaming:
         return grpc.stream_stream_rpc_method_handler(streaming)
     return grpc.unary_stream_rpc_method_handler(streaming)
+
+
+class GuardedHealthServicer(health_aio.HealthServicer):
+    """gRPC health whose per-model statuses need the bearer token.
+
+    Health is exempt from the token so that probes work, but a status per
+    model name tells an unauthenticated caller which models exist. With a
+    `check` (the interceptor's `BearerTokenInterceptor.check`), any name but
+    `public` ones (the overall "", liveness, readiness, the gRPC services)
+    is answered UNAUTHENTICATED without a valid token, whether or not the
+    model exists.
+    """
+
+    def __init__(self, check: Callable[[Any], errors.Unauthenticated | None] | None = None) -> None:
+        super().__init__()
+        self._check = check
+        self.public: set[str] = {""}
+
+    async def _guard(self, service: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self._check is None or service in self.public:
+            return
+        problem = self._check(context.invocation_metadata())
+        if problem is not None:
+            logs.REJECTIONS.rejected(problem.code.name, "health", str(problem))
+            await context.abort(*errors.status_of(problem))
+
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> health_pb2.HealthCheckResponse:
+        await self._guard(request.service, context)
+        return await super().Check(request, context)
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        await self._guard(request.service, context)
+        await super().Watch(request, context)

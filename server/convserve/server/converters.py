@@ -48,19 +48,6 @@ _MODE_FROM_PROTO: dict[int, types.Mode] = {
     convserve_pb2.CONVOLUTION_MODE_CROSS_CORRELATION: "CROSS_CORRELATION",
     convserve_pb2.CONVOLUTION_MODE_CONVOLUTION: "CONVOLUTION",
 }
-# TrainingRecord fields and the Python type each is read as from training_record.json.
-_TRAINING_FIELDS: dict[str, type] = {
-    "dataset": str,
-    "architecture": str,
-    "test_accuracy": float,
-    "train_examples": int,
-    "test_examples": int,
-    "training_time_s": float,
-    "exported_at": str,
-    "tensorflow_version": str,
-    "fixed_kernel": str,
-    "total_parameters": int,
-}
 
 
 # -- shared pieces ------------------------------------------------------------
@@ -329,7 +316,7 @@ def training_to_proto(record: Mapping[str, object]) -> convserve_pb2.TrainingRec
     confusion matrix goes flattened row-major (`confusion_matrix_values`).
     """
     values: dict[str, Any] = {}
-    for name, kind in _TRAINING_FIELDS.items():
+    for name, kind in types.TRAINING_FIELDS.items():
         raw = record.get(name)
         if raw is not None:
             values[name] = kind(raw)
@@ -370,6 +357,8 @@ def model_status_to_proto(status: types.ModelStatus) -> convserve_pb2.ModelStatu
             )
             for v in sorted(status.versions, key=lambda v: v.version)
         ],
+        error=status.error,
+        memory_bytes=status.memory_bytes,
     )
 
 

@@ -163,6 +163,14 @@ class Metrics:
             ["device", "kind"],
             registry=reg,
         )
+        self.model_memory = Gauge(
+            "convserve_model_memory_bytes",
+            "Bytes the model's loaded versions' batch buffers are sized for (engine copies "
+            "in the server and its worker processes, shared regions), within "
+            "--max-model-memory-bytes per version.",
+            ["model"],
+            registry=reg,
+        )
         self.versions_loaded = Gauge(
             "convserve_model_versions_loaded",
             "Model versions loaded in memory (serving or pinnable).",
@@ -267,6 +275,7 @@ class Metrics:
             self.versions_loaded,
             self.worker_exits,
             self.model_ready,
+            self.model_memory,
         )
         for metric in per_model:
             with contextlib.suppress(KeyError):

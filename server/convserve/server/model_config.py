@@ -46,12 +46,17 @@ MAX_VERSION = 2**63 - 1
 # More versions than this in memory at once is a typo, not a plan.
 MAX_NUM_VERSIONS = 1000
 MAX_NAME_LENGTH = 128
+# A model config file larger than this is refused (a config of thousands of models
+# is a few hundred KB).
+MAX_CONFIG_BYTES = 16 << 20
 # Names become Prometheus label values, gRPC health service names and URL path
 # parts, so they are kept to characters that need no escaping in any of them.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The OIP adapter serves a built-in convolution model under this name
 # (convserve.server.protocols.oip_convert.CONV_MODEL).
 RESERVED_NAMES = frozenset({"conv2d"})
+# gRPC health service names of the server itself (see convserve.server.app).
+HEALTH_NAMES = frozenset({"liveness", "readiness"})
 _PLATFORMS = ("", "tensorflow")
 # ModelConfig.model_type (deprecated): MODEL_TYPE_UNSPECIFIED and TENSORFLOW.
 _MODEL_TYPE_UNSPECIFIED = 0
@@ -215,10 +220,19 @@ def read_model_config_file(path: Path) -> list[ModelEntry]:
     directory; an absolute ``base_path`` means the same in both. Unreadable
     files and non-UTF-8 text raise `ModelConfigError` like bad contents.
     """
+    return model_config_entries(read_config_text(path), path)
+
+
+def read_config_text(path: Path) -> str:
+    """A model config file's text (at most `MAX_CONFIG_BYTES`); raises `ModelConfigError`."""
     source = str(path)
     try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ModelConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes")
         # utf-8-sig: a byte order mark, as some Windows editors write, is not text.
-        text = path.read_text(encoding="utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ModelConfigError(
             f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})"
@@ -227,10 +241,15 @@ def read_model_config_file(path: Path) -> list[ModelEntry]:
         raise ModelConfigError(
             f"{source}: cannot read the model config file: {exc.strerror or exc}"
         ) from exc
+
+
+def model_config_entries(text: str, path: Path) -> list[ModelEntry]:
+    """The models of a config file's `text`, relative base paths resolved against the
+    directory holding `path`."""
     directory = path.absolute().parent
     return [
         ModelEntry(name=entry.name, base_path=directory / entry.base_path, policy=entry.policy)
-        for entry in parse_model_config(text, source=source)
+        for entry in parse_model_config(text, source=str(path))
     ]
 
 
@@ -339,11 +358,16 @@ def _name_problem(name: object) -> str | None:
             f"{name!r} is reserved (the Open Inference Protocol adapter serves a built-in"
             " convolution model by that name); choose another name"
         )
+    if name in HEALTH_NAMES:
+        return (
+            f"{name!r} is reserved (the server's own gRPC health service of that name);"
+            " choose another name"
+        )
     return None
 
 
 def _check_base_path(base_path: str, source: str, field: str) -> None:
-    if not base_path:
+    if not base_path.strip():
         raise ModelConfigError(
             f"{source}: {field}: missing; the directory holding the model's numbered"
             " versions expected"

@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from convserve.server import errors, types
+from convserve.server.blocking import run_detached
 from convserve.server.inputs import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -55,23 +57,44 @@ ENGINES = ("litert", "tensorflow")
 MAX_ERROR_CHARS = 500
 # Largest |LiteRT - SavedModel| probability difference a converted model may show.
 PARITY_TOLERANCE = 1e-5
+# Bytes of a training record read at most; a larger one refuses the version.
+MAX_RECORD_BYTES = 1 << 20
+# Characters of one class name at most: names go out with every prediction, so a long one
+# multiplies every answer (1,024 images x 100 KB names would be a 100 MB answer).
+MAX_CLASS_NAME_CHARS = 256
+# Seconds nothing in a new version directory may have changed (by change time, which
+# copying tools cannot backdate) before it is loaded: a version copied in file by file
+# is loaded whole, not while its assets are still arriving.
+VERSION_SETTLE_S = 1.0
+# Rounds of waiting for a version that keeps changing, per poll; after them the poll
+# moves on and the next one looks again.
+SETTLE_ROUNDS = 5
 
 
 def discover_versions(base_path: Path) -> list[int]:
-    """The version numbers under `base_path`, ascending.
+    """The version numbers under `base_path`, ascending (see `version_dirs`)."""
+    return sorted(version_dirs(base_path))
+
+
+def version_dirs(base_path: Path) -> dict[int, str]:
+    """{version number: directory name} of the versions under `base_path`.
 
     Only directories named by a positive integer that fits int64 count (TF
     Serving's version numbers are int64, and so are every protocol's version
-    fields); anything else is ignored, as TF Serving ignores it.
+    fields); anything else is ignored, as TF Serving ignores it. Leading zeros
+    are allowed, as TF Serving parses the name as a number (``0002/`` is
+    version 2); when two directories name the same number, the one without
+    leading zeros is the version, and padded twins without it are ignored with a
+    warning (which one was meant cannot be told).
     """
     try:
         entries = list(base_path.iterdir())
     except (FileNotFoundError, NotADirectoryError):
-        return []
+        return {}
     except OSError as exc:  # e.g. no permission: nothing loadable, and say why
         log.warning("cannot list %s: %s", base_path, exc)
-        return []
-    versions = []
+        return {}
+    found: dict[int, list[str]] = {}
     for entry in entries:
         name = entry.name
         if not name.isascii() or not name.isdigit() or not entry.is_dir():
@@ -81,19 +104,49 @@ def discover_versions(base_path: Path) -> list[int]:
             continue
         number = int(name)
         if 0 < number <= MAX_VERSION:
-            versions.append(number)
-    return sorted(versions)
+            found.setdefault(number, []).append(name)
+    versions: dict[int, str] = {}
+    for number, names in found.items():
+        canonical = str(number)
+        if canonical in names or len(names) == 1:
+            versions[number] = canonical if canonical in names else names[0]
+        else:
+            log.warning("%s: directories %s all name version %d; ignored until one remains",
+                        base_path, sorted(names), number)  # fmt: skip
+    return versions
 
 
-def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
+def base_path_problem(base_path: Path) -> str:
+    """Why `base_path` holds no version directories, for operators and clients (no path)."""
+    try:
+        if not base_path.exists():
+            return "the base path does not exist"
+        if not base_path.is_dir():
+            return "the base path is not a directory"
+        next(iter(base_path.iterdir()), None)
+    except OSError as exc:
+        return f"the base path cannot be read ({exc.strerror or type(exc).__name__})"
+    return "no version directories (<base_path>/<version>/) under the base path"
+
+
+Marker = tuple[tuple[str, int, int, int], ...]
+
+
+def _signature(path: Path) -> Marker:
     """A change marker for a version dir: a failed version is retried once it changes.
 
-    Every entry below it counts (path, mtime, size), not saved_model.pb
-    alone: a version refused because it was read while still being copied
-    in becomes eligible again once any of its files changes. At most
-    `SIGNATURE_MAX_ENTRIES` entries are read.
+    Every entry below it counts (path, mtime, change time, size), the
+    directory itself included, not saved_model.pb alone: a version refused
+    because it was read while still being copied in becomes eligible again
+    once any of its files changes. At most `SIGNATURE_MAX_ENTRIES` entries
+    are read.
     """
-    entries: list[tuple[str, int, int]] = []
+    entries: list[tuple[str, int, int, int]] = []
+    try:
+        top = os.lstat(path)
+    except OSError:
+        return ()
+    entries.append((".", top.st_mtime_ns, top.st_ctime_ns, 0))
     for root, dirs, files in os.walk(path):
         for name in (*dirs, *files):
             full = os.path.join(root, name)
@@ -101,10 +154,33 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
                 stat = os.lstat(full)
             except OSError:
                 continue
-            entries.append((os.path.relpath(full, path), stat.st_mtime_ns, stat.st_size))
+            entries.append(
+                (os.path.relpath(full, path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
+            )
             if len(entries) >= SIGNATURE_MAX_ENTRIES:
                 return tuple(sorted(entries))
     return tuple(sorted(entries))
+
+
+def settled_marker(path: Path, settle_s: float = VERSION_SETTLE_S) -> Marker | None:
+    """The version's marker once nothing in it has changed for `settle_s` (blocking).
+
+    Returns at once when its newest change time is `settle_s` old; else waits
+    and looks again: a marker unchanged over a whole wait also counts as
+    settled (a file server whose clock runs ahead never looks settled by its
+    times alone). None if it still changes after `SETTLE_ROUNDS` waits.
+    """
+    marker = _signature(path)
+    for _ in range(SETTLE_ROUNDS):
+        newest = max((entry[2] for entry in marker), default=0) / 1e9
+        if time.time() - newest >= settle_s:
+            return marker
+        time.sleep(settle_s)
+        again = _signature(path)
+        if again == marker:
+            return marker
+        marker = again
+    return None
 
 
 def _discard(model: LoadedModel) -> None:
@@ -188,13 +264,97 @@ def read_signature(module: Any) -> ModelSignature:
 
 
 def class_names_of(record: dict[str, Any], classes: int) -> tuple[str, ...]:
-    """The training record's class names if they name each of `classes` classes, else ()."""
+    """The training record's class names if they name each of `classes` classes, else ().
+
+    A list of another length is ignored with a warning (the version serves
+    class indices); a name that is not text, too long or not valid Unicode
+    refuses the version (ModelLoadError), since it would go out with every
+    prediction of that class.
+    """
     names = record.get("class_names")
     if not isinstance(names, list) or len(names) != classes:
         if names is not None:
-            log.warning("training record: %d class_names expected, ignoring %r", classes, names)
+            shown = f"{len(names)} names" if isinstance(names, list) else type(names).__name__
+            log.warning("training record: %d class_names expected, ignoring %s", classes, shown)
         return ()
-    return tuple(str(n) for n in names)
+    out = []
+    for index, name in enumerate(names):
+        where = f"{TRAINING_RECORD}: class_names[{index}]"
+        if isinstance(name, (dict, list)) or name is None:
+            raise ModelLoadError(f"{where}: a string expected, got {type(name).__name__}")
+        text = str(name)
+        if not 0 < len(text) <= MAX_CLASS_NAME_CHARS:
+            raise ModelLoadError(
+                f"{where}: 1 to {MAX_CLASS_NAME_CHARS} characters expected, got {len(text)}"
+            )
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            raise ModelLoadError(f"{where}: control characters are not allowed in a class name")
+        out.append(text)
+    return tuple(out)
+
+
+def check_record(record: dict[str, Any]) -> None:
+    """Refuse (ModelLoadError) a training record that clients could not be sent.
+
+    Every string in it must be valid Unicode (JSON can spell a lone surrogate,
+    which no protocol can encode), the typed fields (`types.TRAINING_FIELDS`)
+    must read as their types within int64, and the layer table must be rows of
+    a name, a type, an output shape of non-negative integers, a parameter count
+    and a trainable flag. Fields convserve does not know are kept as they are.
+    """
+    _check_text(record, TRAINING_RECORD.as_posix())
+    for name, kind in types.TRAINING_FIELDS.items():
+        raw = record.get(name)
+        if raw is None:
+            continue
+        where = f"{TRAINING_RECORD}: {name}"
+        if isinstance(raw, (dict, list)):
+            raise ModelLoadError(f"{where}: a {kind.__name__} expected, got {type(raw).__name__}")
+        try:
+            value = kind(raw)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ModelLoadError(f"{where}: a {kind.__name__} expected: {exc}") from exc
+        if kind is int and not -(2**63) <= value < 2**63:
+            raise ModelLoadError(f"{where}: {value} does not fit int64")
+    layers = record.get("layers", [])
+    if not isinstance(layers, list):
+        raise ModelLoadError(f"{TRAINING_RECORD}: layers: a list expected")
+    for index, row in enumerate(layers):
+        where = f"{TRAINING_RECORD}: layers[{index}]"
+        if not isinstance(row, dict):
+            raise ModelLoadError(f"{where}: an object expected, got {type(row).__name__}")
+        shape = row.get("output_shape", [])
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ModelLoadError(f"{where}.output_shape: a list of non-negative integers expected")
+        if not _is_count(row.get("parameters", 0)):
+            raise ModelLoadError(f"{where}.parameters: a non-negative integer expected")
+        for key in ("name", "type"):
+            if isinstance(row.get(key, ""), (dict, list)):
+                raise ModelLoadError(f"{where}.{key}: a string expected")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _check_text(value: object, where: str) -> None:
+    """Every string in a JSON value encodes as UTF-8 (iteratively: depth is the file's)."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ModelLoadError(
+                    f"{at}: not valid Unicode text ({exc.reason} at character {exc.start})"
+                ) from None
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((key, f"{at} (a key)"))
+                stack.append((child, f"{at}.{key}" if isinstance(key, str) else at))
+        elif isinstance(item, list):
+            stack.extend((child, f"{at}[{i}]") for i, child in enumerate(item))
 
 
 class LiteRtEngine:
@@ -285,6 +445,12 @@ class LoadedModel:
     # The same LiteRT model in worker processes, when the server runs it there
     # (`engine_process.ProcessEngine`); `predict` stays in-process either way.
     workers: Any = field(default=None, repr=False)
+    # Most images one batch may hold, and the bytes its buffers are sized for at that
+    # size (see `plan_memory`).
+    max_rows: int = 64
+    memory_bytes: int = 0
+    # The training record's (mtime, change time, size) when it was read.
+    record_marker: tuple[int, int, int] | None = None
     leases: int = 0
     retired: bool = False
     # Called once the version is retired and its last lease is gone.
@@ -358,17 +524,36 @@ class LoadedModel:
         )
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
+    """The version's training record ({} without one), checked (`check_record`).
+
+    Raises ModelLoadError for an unreadable, oversized (`MAX_RECORD_BYTES`),
+    malformed or unsendable record.
+    """
     record_path = path / TRAINING_RECORD
     if not record_path.exists():
         return {}  # a SavedModel from elsewhere: served without a training record
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        with record_path.open("rb") as file:
+            raw = file.read(MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            raise ModelLoadError(f"{TRAINING_RECORD} is larger than {MAX_RECORD_BYTES} bytes")
+        record = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
         raise ModelLoadError(f"cannot read {TRAINING_RECORD}: {exc}") from exc
     if not isinstance(record, dict):
         raise ModelLoadError(f"{TRAINING_RECORD} must hold a JSON object")
+    check_record(record)
     return record
+
+
+def record_marker(path: Path) -> tuple[int, int, int] | None:
+    """(mtime, change time, size) of the version's training record; None without one."""
+    try:
+        stat = os.stat(path / TRAINING_RECORD)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
 
 
 def read_warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -395,6 +580,81 @@ def read_warmup_requests(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
     return requests
 
 
+@dataclass(frozen=True)
+class MemoryLimits:
+    """What one version's buffers may use, and how many copies of them the server makes."""
+
+    budget_bytes: int  # the server's max_model_memory_bytes
+    max_batch_size: int  # the server's; a version may get fewer rows
+    engine_copies: int = 1  # in-process interpreters
+    worker_copies: int = 0  # worker processes: an interpreter and a shared region each
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How many images one batch of a version may hold, and the bytes that takes."""
+
+    rows: int
+    bytes: int
+
+
+def plan_memory(
+    signature: ModelSignature,
+    limits: MemoryLimits,
+    *,
+    row_bytes: int = 0,
+    fixed_bytes: int = 0,
+) -> MemoryPlan:
+    """The largest batch (up to `limits.max_batch_size`) whose buffers fit the budget.
+
+    Each engine copy holds `fixed_bytes` plus, per row, `row_bytes` (its
+    tensors: input, activations, output) and at least the row's float32 input
+    and output; each worker's shared region and the server's batch assembly (two
+    buffers) hold the input and output rows again. Raises ModelLoadError when
+    not even one image fits, naming the input and the budget.
+    """
+    h, w, c = signature.image_shape
+    io_row = 4 * (h * w * c + signature.classes)
+    copy_row = max(row_bytes, io_row)
+    copies = max(1, limits.engine_copies + limits.worker_copies)
+    fixed = copies * max(0, fixed_bytes)
+    per_row = copies * copy_row + (limits.worker_copies + 2) * io_row
+    if fixed + per_row > limits.budget_bytes:
+        raise ModelLoadError(
+            f"input {h}x{w}x{c} needs {fixed + per_row:,} bytes of buffers for one image "
+            f"({copies} engine copies of {copy_row:,} bytes per image"
+            + (f" and {fixed_bytes:,} fixed" if fixed_bytes else "")
+            + f"), over the memory budget of {limits.budget_bytes:,} bytes "
+            "(--max-model-memory-bytes)"
+        )
+    rows = max(1, min(limits.max_batch_size, (limits.budget_bytes - fixed) // per_row))
+    return MemoryPlan(rows, fixed + rows * per_row)
+
+
+def litert_tensor_bytes(flatbuffer: bytes, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(bytes per image, fixed bytes) of a LiteRT model's tensors (blocking).
+
+    Every tensor counts, as if none shared memory: an upper bound of what an
+    interpreter allocates. Measured at batch sizes 1 and 2.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+    index = interpreter.get_input_details()[0]["index"]
+    totals = []
+    for rows in (1, 2):
+        interpreter.resize_tensor_input(index, (rows, *image_shape), strict=True)
+        interpreter.allocate_tensors()
+        totals.append(
+            sum(
+                int(np.prod(d["shape"])) * np.dtype(d["dtype"]).itemsize
+                for d in interpreter.get_tensor_details()
+            )
+        )
+    per_row = max(0, totals[1] - totals[0])
+    return per_row, max(0, totals[0] - per_row)
+
+
 def load_model(
     name: str,
     version: int,
@@ -405,6 +665,7 @@ def load_model(
     engine: str = "tensorflow",
     engine_threads: int = 1,
     engine_copies: int = 1,
+    memory: MemoryLimits | None = None,
 ) -> LoadedModel:
     """Load and warm up one version (blocking; run it in a thread).
 
@@ -418,12 +679,19 @@ def load_model(
     SavedModel's on the warm-up images within PARITY_TOLERANCE; if the
     conversion fails or the results differ, the version is served by
     TensorFlow and a warning says why. GPU devices always use TensorFlow.
+    With `memory`, batches are limited to the rows whose buffers fit its
+    budget (`plan_memory`, with the LiteRT model's own tensor sizes when it is
+    converted), checked before anything runs at a large size; warm-up sizes
+    above that are skipped, and `max_rows` and `memory_bytes` say the outcome.
     Raises ModelLoadError when the SavedModel cannot be loaded, lacks a
-    required signature, or any warm-up request fails or gives a wrong result.
+    required signature, has a training record clients could not be sent, does
+    not fit the memory budget with one image, or any warm-up request fails or
+    gives a wrong result.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    record = _read_record(path)
+    marker = record_marker(path)
+    record = read_record(path)
     try:
         with tf.device(device):
             module = tf.saved_model.load(str(path))
@@ -441,7 +709,27 @@ def load_model(
         module=module,
         signature=signature,
         class_names=class_names_of(record, signature.classes),
+        record_marker=marker,
     )
+    limits = memory or MemoryLimits(2**62, max(warm_batch_sizes, default=64), engine_copies)
+    # Before anything runs: an input too large for one image is refused here.
+    plan = plan_memory(signature, limits)
+    flatbuffer: bytes | None = None
+    if engine == "litert" and "GPU" not in device.upper():
+        try:
+            flatbuffer = convert_to_litert(module)
+            row_bytes, fixed_bytes = litert_tensor_bytes(flatbuffer, shape)
+        except Exception as exc:
+            log.warning("%s version %d: LiteRT conversion failed, TensorFlow serves it: %s",
+                        name, version, exc)  # fmt: skip
+            flatbuffer = None
+        else:
+            plan = plan_memory(signature, limits, row_bytes=row_bytes, fixed_bytes=fixed_bytes)
+    if plan.rows < limits.max_batch_size:
+        log.warning("%s version %d: batches limited to %d images by the memory budget "
+                    "(%d bytes)", name, version, plan.rows, limits.budget_bytes)  # fmt: skip
+    model.max_rows = plan.rows
+    model.memory_bytes = plan.bytes
     warmup = read_warmup_requests(path)
     if not warmup:
         log.warning(
@@ -470,11 +758,14 @@ def load_model(
         if "GPU" in device.upper():
             log.info("%s version %d: TensorFlow computes on %s (LiteRT is for CPUs)",
                      name, version, device)  # fmt: skip
-        else:
+        elif flatbuffer is not None:
             key = signature.input_name
             probe = [v[key] for s, v in warmup if s == SERVING_SIGNATURE and key in v]
-            _use_litert(model, probe, threads=engine_threads, copies=engine_copies)
-    for size in sorted(set(warm_batch_sizes)):
+            _use_litert(model, flatbuffer, probe, threads=engine_threads, copies=engine_copies)
+    sizes = {size for size in warm_batch_sizes if size <= plan.rows}
+    if warm_batch_sizes:
+        sizes.add(plan.rows)
+    for size in sorted(sizes):
         # FIFO pool: `copies` calls in a row warm every interpreter at this size.
         for _ in range(model.litert.copies if model.litert is not None else 1):
             try:
@@ -496,8 +787,11 @@ def load_model(
     return model
 
 
-def _use_litert(model: LoadedModel, probe: list[np.ndarray], *, threads: int, copies: int) -> None:
-    """Switch `model.predict` to LiteRT if the converted graph agrees with the SavedModel."""
+def _use_litert(
+    model: LoadedModel, flatbuffer: bytes, probe: list[np.ndarray], *, threads: int, copies: int
+) -> None:
+    """Switch `model.predict` to LiteRT if the converted graph agrees with the SavedModel
+    (compared in batches of at most `model.max_rows` images)."""
     rng = np.random.default_rng(0)
     shape = model.signature.image_shape
     # The trainer's warm-up images, blank and saturated images and noise.
@@ -510,8 +804,13 @@ def _use_litert(model: LoadedModel, probe: list[np.ndarray], *, threads: int, co
         ]
     )
     try:
-        candidate = LiteRtEngine(convert_to_litert(model.module), threads=threads, copies=copies)
-        difference = float(np.max(np.abs(candidate(images) - model.predict_tensorflow(images))))
+        candidate = LiteRtEngine(flatbuffer, threads=threads, copies=copies)
+        gaps = [
+            np.abs(candidate(part) - model.predict_tensorflow(part))
+            for part in np.array_split(images, -(-len(images) // model.max_rows))
+        ]
+        # np.max, not max(): a NaN anywhere must fail the comparison below.
+        difference = float(np.max(np.concatenate(gaps)))
     except Exception as exc:
         log.warning("%s version %d: LiteRT conversion failed, TensorFlow serves it: %s",
                     model.name, model.version, exc)  # fmt: skip
@@ -549,6 +848,7 @@ class ModelManager:
         keep_versions: int = KEEP_VERSIONS,
         loader: Callable[[str, int, Path, str], LoadedModel] = load_model,
         policy: Any = None,
+        settle_s: float = VERSION_SETTLE_S,
     ) -> None:
         self.base_path = Path(base_path)
         self.name = name
@@ -560,9 +860,14 @@ class ModelManager:
         self._loader = loader
         self._loaded: dict[int, LoadedModel] = {}
         self._serving: LoadedModel | None = None
+        self.settle_s = settle_s
         # Versions that failed, with the marker of the files that failed, and why.
-        self._failed: dict[int, tuple[tuple[str, int, int], ...]] = {}
+        self._failed: dict[int, Marker] = {}
         self._errors: dict[int, str] = {}
+        # Each version's directory name, from the last listing (``0002/`` is version 2).
+        self._dirs: dict[int, str] = {}
+        # What is wrong with the base path itself ("" while it lists versions).
+        self._path_problem = ""
         self._loading: int | None = None
         self._closed = False
         # Retired versions some request still holds.
@@ -603,9 +908,13 @@ class ModelManager:
             states[loading] = types.VersionStatus(loading, "LOADING")
         return tuple(states[v] for v in sorted(states))
 
+    def path_of(self, version: int) -> Path:
+        """The directory of `version` (as the last listing named it)."""
+        return self.base_path / self._dirs.get(version, str(version))
+
     def _known_bad(self, version: int) -> bool:
         failed = self._failed.get(version)
-        return failed is not None and failed == _signature(self.base_path / str(version))
+        return failed is not None and failed == _signature(self.path_of(version))
 
     def _candidates(self, available: list[int]) -> list[int]:
         """Versions to load now, newest first (not loaded and not known to fail)."""
@@ -627,16 +936,25 @@ class ModelManager:
 
         Tries newer versions newest first until one loads; returns the
         version now serving if it changed, else None. Failures are logged and
-        counted; the serving version is untouched by them.
+        counted; the serving version is untouched by them. A version is loaded
+        once its directory has settled (`settled_marker`); one whose files
+        change while it loads is loaded again at the next poll. Loaded
+        versions pick up a training record that changed since they loaded, and
+        without a policy, a serving version whose directory was deleted gives
+        way to the newest one left on disk.
         """
         async with self._poll_lock:
             if self._closed:
                 return None
             swapped: int | None = None
             # Listed once per poll (every decision below sees the same versions), and
-            # off the event loop, as are the change markers.
-            available = await asyncio.to_thread(discover_versions, self.base_path)
-            for version in await asyncio.to_thread(self._candidates, available):
+            # off the event loop, as are the change markers: in threads that cannot
+            # hold the process at exit (a hung file system).
+            self._dirs = await run_detached(version_dirs, self.base_path, name="list-versions")
+            available = sorted(self._dirs)
+            await self._note_problem(available)
+            await self._refresh_records()
+            for version in await run_detached(self._candidates, available, name="candidates"):
                 model = await self._load(version)
                 if model is None:
                     continue
@@ -650,20 +968,91 @@ class ModelManager:
                     swapped = version
             if self.policy is not None:
                 swapped = self._apply_policy(available) or swapped
+            elif available and self._serving is not None and self._serving.version not in available:
+                swapped = await self._roll_back(available)
             return swapped
 
+    async def _note_problem(self, available: list[int]) -> None:
+        """Keep the base path's problem current; log it at ERROR when it changes."""
+        if available:
+            problem = ""
+        else:
+            problem = await run_detached(base_path_problem, self.base_path, name="base-path")
+        if problem and problem != self._path_problem:
+            log.error("%s: %s (%s)", self.name, problem, self.base_path)
+        self._path_problem = problem
+
+    def why_not_serving(self) -> str:
+        """Why no version serves, as clients may see it (no server paths); "" while one
+        does, or while the first one is still loading."""
+        if self._serving is not None:
+            return ""
+        if self._path_problem:
+            return self._path_problem
+        if self._errors:
+            newest = max(self._errors)
+            return f"no version loads (version {newest}: {self._errors[newest]})"
+        return ""
+
+    async def _refresh_records(self) -> None:
+        """Read again the training record of a loaded version whose record changed (its
+        assets were copied in after its variables): class names and metadata follow it.
+        A record that cannot be used now is logged and the one read at load is kept."""
+        for model in self.loaded:
+            marker = await run_detached(record_marker, model.path, name="record")
+            if marker == model.record_marker:
+                continue
+            try:
+                record = await run_detached(read_record, model.path, name="record")
+                names = class_names_of(record, model.signature.classes)
+            except ModelLoadError as exc:
+                log.error("%s version %d: the changed training record is not used: %s",
+                          self.name, model.version, exc)  # fmt: skip
+            else:
+                model.record, model.class_names = record, names
+                log.info("%s version %d: training record read again (%d class names)",
+                         self.name, model.version, len(names))  # fmt: skip
+            model.record_marker = marker
+
+    async def _roll_back(self, available: list[int]) -> int | None:
+        """The serving version's directory is gone: the newest version left serves (loaded
+        if it is not yet); until one does, the gone one serves on."""
+        gone = self._serving
+        assert gone is not None
+        for version in reversed(available):
+            model = self._loaded.get(version) or await self._load(version)
+            if model is None:
+                continue
+            if self._closed:
+                return None
+            log.warning("%s: version %d was deleted from disk; rolling back to version %d",
+                        self.name, gone.version, version)  # fmt: skip
+            self._loaded[version] = model
+            for old in [v for v in self._loaded if v not in available]:
+                self._retire(self._loaded.pop(old))
+            self._serving = model
+            if self._on_serving is not None:
+                self._on_serving(model, len(self._loaded))
+            return version
+        return None
+
     async def _load(self, version: int) -> LoadedModel | None:
-        """Load one version (None: refused, logged and counted)."""
-        path = self.base_path / str(version)
-        marker = await asyncio.to_thread(_signature, path)
+        """Load one version once it has settled (None: refused, logged and counted, or
+        still being written)."""
+        path = self.path_of(version)
+        marker = await run_detached(settled_marker, path, self.settle_s, name="settle")
+        if marker is None:
+            log.info("%s version %d is still being written; loading it later", self.name, version)
+            return None
         self._loading = version
         # A thread cannot be stopped: if this poll is cancelled, the load runs on and
         # its result is released when it ends.
         loading = asyncio.ensure_future(
-            asyncio.to_thread(self._loader, self.name, version, path, self.device)
+            run_detached(self._loader, self.name, version, path, self.device, name="load")
         )
         try:
             model = await asyncio.shield(loading)
+            after = await run_detached(_signature, path, name="settle")
         except asyncio.CancelledError:
             loading.add_done_callback(_discard_load)
             raise
@@ -676,6 +1065,12 @@ class ModelManager:
             return None
         finally:
             self._loading = None
+        if after != marker:
+            # Files arrived or changed while it loaded: what loaded may be half of it.
+            _discard(model)
+            log.info("%s version %d changed while it loaded; loading it again later",
+                     self.name, version)  # fmt: skip
+            return None
         self._failed.pop(version, None)
         self._errors.pop(version, None)
         log.info("%s version %d loaded and warmed up from %s", self.name, version, path)

@@ -12,7 +12,18 @@ Models come from ``--model NAME=BASE_PATH`` flags, ``--model-config-file``
 (TF Serving's ModelServerConfig text, re-read every
 ``model_config_file_poll_wait_s``: models added are loaded, removed ones
 drained and unloaded) or, by default, ``--model-name``/``--model-base-path``.
-A request with an empty model name gets the first configured model.
+A request with an empty model name gets the default model: the first model
+configured. A later configuration may reorder the models (the first becomes
+the default), but one that removes the default model does not hand its
+requests to another model: they get NOT_FOUND naming it until it is
+configured again.
+
+Readiness (`ready`): by default, started, not stopping and at least one model
+serving; a model that cannot load is reported (its `ModelStatus.error`, its
+health, ``convserve_model_ready``) and retried in the background with backoff
+while the others serve. ``--strict-readiness``: every configured model must be
+ready. ``--exit-on-load-error``: start-up fails when a model configured at
+start-up has no loadable version.
 
 Deadlines are absolute `time.monotonic()` values (None: no deadline); use
 `deadline_of(context)` to get one from a gRPC call.
@@ -26,6 +37,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +45,7 @@ import numpy as np
 
 from convserve.server import costs, errors, inputs, model_config, types
 from convserve.server import device as device_mod
+from convserve.server.blocking import run_detached
 from convserve.server.metrics import Metrics
 from convserve.server.operations import Operations, check_deadline
 from convserve.server.served import Budget, HeapState, ServedModel, as_float, budget_for
@@ -45,6 +58,12 @@ log = logging.getLogger(__name__)
 FEATURE_MAPS_S = 0.01
 # The `model` metrics label of requests naming a model that is not configured.
 UNKNOWN_MODEL_LABEL = "_unknown"
+# Seconds between looks at a model that has no loadable version: doubling from the
+# version poll interval up to this.
+LOAD_RETRY_MAX_S = 30.0
+# A changed model config file is read again this long after (at most the poll wait) and
+# applied only if both reads agree: an edit written in place is not applied half-written.
+CONFIG_SETTLE_S = 1.0
 
 
 def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
@@ -62,8 +81,12 @@ class Runtime:
         self.device = "/CPU:0"
         self._closing = False
         self._started = False
-        # Configured models, in configuration order (the first is the default).
+        # Configured models, in configuration order.
         self._models: dict[str, ServedModel] = {}
+        # The model requests with an empty model name get (see the module docstring).
+        self._default = ""
+        # The model config file's text as last applied.
+        self._config_text: str | None = None
         self._entries: dict[str, model_config.ModelEntry] = {}
         # What a changed model was, until its new definition has loaded.
         self._previous_entries: dict[str, model_config.ModelEntry] = {}
@@ -82,8 +105,8 @@ class Runtime:
 
     @property
     def default_model(self) -> str:
-        """The first configured model ("" before any is configured)."""
-        return next(iter(self._models), "")
+        """The model requests with an empty model name get ("" before any is configured)."""
+        return self._default
 
     @property
     def model_name(self) -> str:
@@ -95,10 +118,14 @@ class Runtime:
         Raises errors.NotFound naming the served models.
         """
         name = ref.name if isinstance(ref, types.ModelRef) else ref
-        name = name or self.default_model
-        model = self._models.get(name)
+        model = self._models.get(name or self._default)
         if model is None:
             served = ", ".join(repr(n) for n in self._models) or "none yet"
+            if not name and self._default:
+                raise errors.NotFound(
+                    f"the default model {self._default!r} was removed from the model "
+                    f"configuration; name a model (served: {served})"
+                )
             raise errors.NotFound(
                 f"model {errors.shown(name)} is not served here (served: {served})"
             )
@@ -112,9 +139,8 @@ class Runtime:
         return self.served().manager
 
     def model_label(self, requested: str) -> str:
-        if not requested:
-            return self.default_model
-        return requested if requested in self._models else UNKNOWN_MODEL_LABEL
+        name = requested or self._default
+        return name if name in self._models else UNKNOWN_MODEL_LABEL
 
     def models(self) -> list[types.ModelStatus]:
         return [self._models[name].status() for name in sorted(self._models)]
@@ -126,10 +152,12 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        """Started, not stopping, and every configured model is ready."""
+        """Started, not stopping, and at least one model ready (with strict_readiness:
+        every configured model ready)."""
         if self._closing or not self._started or not self._models:
             return False
-        return all(model.ready for model in self._models.values())
+        check = all if self.settings.strict_readiness else any
+        return check(model.ready for model in self._models.values())
 
     def add_ready_listener(self, listener: Callable[[bool], None]) -> None:
         """Call `listener(ready)` on the event loop whenever readiness (overall or of one
@@ -153,33 +181,49 @@ class Runtime:
     async def start(self) -> None:
         """Choose the device, load every configured model, start polling.
 
-        Raises errors.Unavailable when a configured model has no loadable
-        version (naming it) or the model configuration cannot be read.
+        A model with no loadable version is logged at ERROR and retried in the
+        background while the others serve. Raises errors.Unavailable when the
+        model configuration cannot be read, or (with exit_on_load_error) when a
+        configured model has no loadable version (naming it).
         """
         try:
-            choice = await asyncio.to_thread(device_mod.configure_device, self.settings.device)
+            choice = await run_detached(
+                device_mod.configure_device, self.settings.device, name="device"
+            )
         except ValueError as exc:
             raise errors.Unavailable(str(exc)) from exc
         self.device = choice.name
         try:
-            entries = await asyncio.to_thread(self.settings.model_entries)
+            entries = await run_detached(self.settings.model_entries, name="model-config")
+            if self.settings.model_config_file is not None:
+                self._config_text = await run_detached(
+                    _read_text, self.settings.model_config_file, name="model-config"
+                )
         except model_config.ModelConfigError as exc:
             raise errors.Unavailable(str(exc)) from exc
         budget = self._budget(len(entries))
+        unloaded: list[ServedModel] = []
         try:
             for entry in entries:
                 model = self._new_model(entry, budget)
                 self._models[entry.name] = model
                 self._entries[entry.name] = entry
+                self._default = self._default or entry.name
                 await model.start()
                 if model.manager.serving is None:
-                    # As TF Serving does: every model configured at start-up must load.
-                    raise errors.Unavailable(self._not_loadable(model))
+                    if self.settings.exit_on_load_error:
+                        raise errors.Unavailable(self._not_loadable(model))
+                    log.error("%s; serving the other models and retrying it in the background",
+                              self._not_loadable(model))  # fmt: skip
+                    unloaded.append(model)
         except BaseException:
             # The models already loaded must not leave worker processes behind.
             await self.stop(0)
             raise
         self._started = True
+        for model in unloaded:
+            task = asyncio.create_task(self._load_added(model), name=f"load {model.name}")
+            self._loading[model.name] = task
         self._notify_ready()
         if self.settings.poll_interval_s > 0:
             self._pollers.append(asyncio.create_task(self._poll_versions(), name="model-poller"))
@@ -206,9 +250,10 @@ class Runtime:
     @staticmethod
     def _not_loadable(model: ServedModel) -> str:
         found = [s.version for s in model.manager.status()]
+        why = model.manager.why_not_serving()
         return (
             f"no loadable version of model {model.name!r} under {model.base_path} "
-            f"(versions found: {found or 'none'})"
+            f"(versions found: {found or 'none'}{'; ' + why if why else ''})"
         )
 
     async def poll_once(self, name: str | None = None) -> int | None:
@@ -227,20 +272,49 @@ class Runtime:
                     log.exception("polling %s failed", model.base_path)
 
     async def _poll_config(self) -> None:
-        path = self.settings.model_config_file
-        assert path is not None
+        wait_s = self.settings.model_config_file_poll_wait_s
         while not self._closing:
-            await asyncio.sleep(self.settings.model_config_file_poll_wait_s)
+            await asyncio.sleep(wait_s)
             try:
-                entries = await asyncio.to_thread(model_config.read_model_config_file, path)
-            except model_config.ModelConfigError as exc:
-                # As TF Serving does: a bad edit leaves the models as they are.
-                log.error("model config file not applied, keeping the models served: %s", exc)
-                continue
-            try:
-                self.apply_config(entries)
+                await self.read_config_once(settle_s=min(CONFIG_SETTLE_S, wait_s))
             except Exception:
                 log.exception("applying the model config file failed")
+
+    async def read_config_once(self, *, settle_s: float = CONFIG_SETTLE_S) -> bool:
+        """Read the model config file and apply it if it changed; returns whether it did.
+
+        Atomic in effect: the text must read the same twice, `settle_s` apart
+        (a file written in place is not applied half-written); text equal to
+        what was last applied changes nothing; an unreadable or malformed edit,
+        and one that lists no models (a file truncated before it is written
+        again reads so), is logged and ignored, keeping the models served. The
+        reads run in threads that cannot hold the process at exit.
+        """
+        path = self.settings.model_config_file
+        assert path is not None
+        try:
+            text = await run_detached(_read_text, path, name="model-config")
+            if text == self._config_text:
+                return False
+            await asyncio.sleep(settle_s)
+            if await run_detached(_read_text, path, name="model-config") != text:
+                log.info("model config file %s is being written; reading it again later", path)
+                return False
+            entries = model_config.model_config_entries(text, path)
+        except model_config.ModelConfigError as exc:
+            # As TF Serving does: a bad edit leaves the models as they are.
+            log.error("model config file not applied, keeping the models served: %s", exc)
+            return False
+        if not entries and self._models:
+            log.error(
+                "model config file %s lists no models; not applied, keeping the %d models "
+                "served (an empty read is taken for a file being rewritten: remove models "
+                "one by one, or stop the server)", path, len(self._models)
+            )  # fmt: skip
+            return False
+        self.apply_config(entries)
+        self._config_text = text
+        return True
 
     def apply_config(self, entries: list[model_config.ModelEntry]) -> None:
         """Serve exactly `entries` from now on (on the event loop).
@@ -273,7 +347,16 @@ class Runtime:
             task = asyncio.create_task(self._load_added(model), name=f"load {entry.name}")
             self._loading[entry.name] = task
         previous = self._entries
-        # Configuration order decides the default model.
+        # Configuration order decides the default model, but a removed default is not
+        # replaced: its unnamed requests would reach a model they were not meant for.
+        if entries and (not self._default or self._default in wanted):
+            self._default = entries[0].name
+        elif self._default and self._default in self._entries:
+            log.warning(
+                "model %s, the default model, was removed: requests without a model name "
+                "get NOT_FOUND until it is configured again",
+                self._default,
+            )
         self._entries = dict(wanted)
         self._previous_entries = {n: e for n, e in previous.items() if wanted.get(n) != e}
         self._models = {name: self._models[name] for name in wanted if name in self._models}
@@ -281,10 +364,14 @@ class Runtime:
 
     async def _load_added(self, model: ServedModel) -> None:
         try:
-            await model.start()
+            if not model.started:
+                await model.start()
+            delay = min(self.settings.poll_interval_s, LOAD_RETRY_MAX_S)
             while model.manager.serving is None and not self._closing:
-                # No loadable version yet: look again, as a new model's versions may arrive.
-                await asyncio.sleep(max(1.0, self.settings.poll_interval_s))
+                # No loadable version yet: look again, as a new model's versions may arrive
+                # (a version that failed is tried again only once its files change).
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, LOAD_RETRY_MAX_S)
                 await model.poll_once()
         except asyncio.CancelledError:
             self._retire(model)
@@ -459,3 +546,8 @@ class Runtime:
         Raises errors.NotFound for an unknown model or a version not loaded.
         """
         return self.served(ref).metadata(ref)
+
+
+def _read_text(path: Path) -> str:
+    """The model config file's text (`model_config.read_config_text`); blocking."""
+    return model_config.read_config_text(path)

@@ -133,6 +133,7 @@ class ServedModel:
             on_serving=self._on_available,
             loader=self._load,
             policy=policy,
+            settle_s=settings.version_settle_s,
         )
 
     # -- state ------------------------------------------------------------------
@@ -149,9 +150,25 @@ class ServedModel:
         return workers is None or workers.healthy
 
     def status(self) -> types.ModelStatus:
-        return types.ModelStatus(self.name, self.ready, self.manager.status())
+        return types.ModelStatus(
+            self.name,
+            self.ready,
+            self.manager.status(),
+            error=self.manager.why_not_serving(),
+            memory_bytes=self.memory_bytes,
+        )
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the loaded versions' buffers are sized for (see `models.plan_memory`)."""
+        return sum(model.memory_bytes for model in self.manager.loaded)
 
     # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """`start` has run (its first look at the versions is done)."""
+        return self._started
 
     async def start(self) -> None:
         """Load and warm up the versions to serve now (no error if none loads yet)."""
@@ -211,6 +228,11 @@ class ServedModel:
     def _load(self, name: str, version: int, path: Path, device: str) -> models.LoadedModel:
         """`models.load_model` with the server's settings, then `settle_heap` (blocking)."""
         settings = self.settings
+        serving = self.manager.serving
+        newest = serving is None or version > serving.version
+        # Worker processes for the version that will serve; an older one a policy keeps
+        # for pinned requests computes in-process, so versions do not multiply them.
+        in_workers = settings.engine_workers == "process" and newest
         model = models.load_model(
             name,
             version,
@@ -220,12 +242,14 @@ class ServedModel:
             engine=settings.cpu_engine,
             engine_threads=self.budget.threads,
             engine_copies=self.budget.workers,
+            memory=models.MemoryLimits(
+                budget_bytes=settings.max_model_memory_bytes,
+                max_batch_size=settings.max_batch_size,
+                engine_copies=self.budget.workers,
+                worker_copies=self.budget.workers + SPARE_WORKERS if in_workers else 0,
+            ),
         )
-        serving = self.manager.serving
-        newest = serving is None or version > serving.version
-        # Worker processes for the version that will serve; an older one a policy keeps
-        # for pinned requests computes in-process, so versions do not multiply them.
-        if model.litert is not None and settings.engine_workers == "process" and newest:
+        if model.litert is not None and in_workers:
             model.workers = self._start_workers(model)
         settle_heap(reclaim=self._heap.retired)
         self._heap.retired = False
@@ -254,9 +278,9 @@ class ServedModel:
                 on_worker_exit=lambda: self.metrics.worker_exited(model.name),
                 batch_timeout_s=self.settings.engine_batch_timeout_s,
                 on_health_change=lambda healthy: self._on_workers_health(model, healthy),
-                max_rows=self.settings.max_batch_size,
+                max_rows=model.max_rows,
             )
-            for size in default_pad_sizes(self.settings.max_batch_size):
+            for size in default_pad_sizes(model.max_rows):
                 images = np.zeros((size, *signature.image_shape), np.float32)
                 for _ in range(engine.workers):  # round robin: every worker sees each size
                     if engine(images).shape != (size, signature.classes):
@@ -291,7 +315,7 @@ class ServedModel:
                 DynamicBatcher(
                     model.predict,
                     name=f"{model.name} v{model.version}",
-                    max_batch_size=self.settings.max_batch_size,
+                    max_batch_size=model.max_rows,
                     batch_timeout_s=self.settings.batch_timeout_s,
                     max_queued_items=self.settings.max_queued_images,
                     max_concurrent_batches=self.budget.workers,
@@ -305,6 +329,7 @@ class ServedModel:
                     run_batch_async=workers.run if workers is not None else None,
                 ),
             )
+        self.metrics.model_memory.labels(model=self.name).set(self.memory_bytes)
         if serving:
             self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
             self.metrics.update_device_memory(model.device)
@@ -339,6 +364,8 @@ class ServedModel:
         del self._batchers[model.version]
         # Leases end on the event loop; the callback also works from another thread.
         loop.call_soon_threadsafe(self._close_later, owner[1])
+        if not self._closing:
+            self.metrics.model_memory.labels(model=self.name).set(self.memory_bytes)
         log.info("%s version %d released", model.name, model.version)
 
     def _close_later(self, batcher: DynamicBatcher) -> None:

@@ -139,6 +139,45 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds between scans of the base path for new model versions",
     )
+    version_settle_s: float = Field(
+        1.0,
+        ge=0,
+        le=600,
+        description=(
+            "seconds nothing in a new version directory may have changed before it is loaded "
+            "(by change time, which copying tools cannot backdate), so a version copied in "
+            "file by file is loaded whole; a version whose files change while it loads is "
+            "loaded again (0: load at once)"
+        ),
+    )
+    max_model_memory_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        le=1 << 42,
+        description=(
+            "bytes one model version's batch buffers may take (its engine copies in the "
+            "server and the worker processes, their tensors at the batch size, the shared "
+            "regions): batches are made smaller to fit, and a version that does not fit with "
+            "one image is refused"
+        ),
+    )
+    strict_readiness: bool = Field(
+        False,
+        description=(
+            'readiness (gRPC health "" and "readiness") only while every configured model '
+            "is ready; by default the server is ready while it serves at least one model, and "
+            "a model that cannot load is reported (per-model health, ListModels, "
+            "convserve_model_ready) and retried without taking the replica out of service"
+        ),
+    )
+    exit_on_load_error: bool = Field(
+        False,
+        description=(
+            "fail start-up (exit code 2) when a model configured at start-up has no loadable "
+            "version; by default the server starts with the models that load and keeps "
+            "retrying the others"
+        ),
+    )
 
     # Network
     host: str = Field(
@@ -373,6 +412,13 @@ class Settings(BaseSettings):
             model_config_mod.check_unique(entries, source="--model")
         except model_config_mod.ModelConfigError as exc:
             raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("model_base_path")
+    @classmethod
+    def _check_base_path(cls, value: Path) -> Path:
+        if not str(value).strip():
+            raise ValueError("a directory path expected, got only white space")
         return value
 
     @field_validator("device")

@@ -166,6 +166,21 @@ class ModelMetadata:
 
 VersionState = Literal["LOADING", "AVAILABLE", "UNLOADING", "END"]
 
+# The training record's fields that travel typed (convserve.v1 TrainingRecord), and the
+# Python type each is read as from training_record.json; checked when a version loads.
+TRAINING_FIELDS: dict[str, type] = {
+    "dataset": str,
+    "architecture": str,
+    "test_accuracy": float,
+    "train_examples": int,
+    "test_examples": int,
+    "training_time_s": float,
+    "exported_at": str,
+    "tensorflow_version": str,
+    "fixed_kernel": str,
+    "total_parameters": int,
+}
+
 
 @dataclass(frozen=True)
 class VersionStatus:
@@ -179,11 +194,17 @@ class VersionStatus:
 
 @dataclass(frozen=True)
 class ModelStatus:
-    """A configured model: ready when a version serves and its engine is usable."""
+    """A configured model: ready when a version serves and its engine is usable.
+
+    `error` says why no version serves (empty while one does); `memory_bytes` is
+    what its loaded versions' buffers are sized for (see `models.MemoryPlan`).
+    """
 
     name: str
     ready: bool
     versions: tuple[VersionStatus, ...] = ()
+    error: str = ""
+    memory_bytes: int = 0
 
 
 def class_labels(indices: np.ndarray, class_names: tuple[str, ...]) -> list[str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +65,18 @@ DIGITS8_DEFAULTS: dict[str, dict[str, object]] = {
 }
 
 
+# Upper bounds of the numeric flags. Beyond them a value is a typo, not a plan:
+# 10,000 epochs would train for days even on the sample, a batch of a million
+# images is larger than any data set here, and no optimizer here converges
+# with a learning rate above 10. Seeds feed NumPy's legacy seeding, which takes
+# 32 bits; versions are TensorFlow Serving's int64.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 1_000_000
+MAX_LEARNING_RATE = 10.0
+MAX_SEED = 2**32 - 1
+MAX_VERSION = 2**63 - 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convserve-train",
@@ -88,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--epochs",
         type=int,
-        help="default: 5 (keras), 2 (tutorial); 12 on the sample, 20 on digits8",
+        help=f"1 to {MAX_EPOCHS:,}; default: 5 (keras), 2 (tutorial); 12 on the sample, "
+        "20 on digits8",
     )
     parser.add_argument(
         "--batch-size",
         type=int,
-        help="default: 64 (keras), 50 (tutorial); 16 on the sample and digits8",
+        help=f"1 to {MAX_BATCH_SIZE:,}; default: 64 (keras), 50 (tutorial); 16 on the sample "
+        "and digits8",
     )
     parser.add_argument(
         "--optimizer",
@@ -103,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--learning-rate",
         type=float,
-        help="initial learning rate; default 0.001 (keras; 0.002 on the sample and digits8), "
-        "0.0001 (tutorial)",
+        help=f"initial learning rate, above 0 and at most {MAX_LEARNING_RATE:g}; default 0.001 "
+        "(keras; 0.002 on the sample and digits8), 0.0001 (tutorial)",
     )
     parser.add_argument(
         "--lr-schedule",
@@ -117,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="randomly shift training images by up to 2 pixels (default: on for the sample only)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed, 0 to 2**32-1 (default: %(default)s)"
+    )
     parser.add_argument(
         "--fixed-kernel",
         metavar="NAME|FILE.npy",
@@ -130,15 +148,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save-samples",
         metavar="PATH.npz",
-        help="write some held-out images (uint8 [k,height,width], labels) to this file",
+        help="write some held-out images (uint8 [k,height,width], labels) to this file "
+        "(.npz is appended when missing)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
     return parser
 
 
-def _positive(parser: argparse.ArgumentParser, name: str, value: int | float | None) -> None:
-    if value is not None and value <= 0:
-        parser.error(f"{name} must be positive, got {value}")
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse numeric flags out of range (a usage error, exit 2) before anything is loaded."""
+    rate = args.learning_rate
+    if rate is not None and not math.isfinite(rate):
+        # NaN passes every comparison below and would train and export a NaN model.
+        parser.error(f"--learning-rate must be a finite number, got {rate}")
+    for name in ("epochs", "batch_size", "learning_rate", "limit_train", "version"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"{_flag(name)} must be positive, got {value}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
+    highest: dict[str, int | float] = {
+        "epochs": MAX_EPOCHS,
+        "batch_size": MAX_BATCH_SIZE,
+        "learning_rate": MAX_LEARNING_RATE,
+        "seed": MAX_SEED,
+        "version": MAX_VERSION,
+    }
+    for name, high in highest.items():
+        value = getattr(args, name)
+        if value is not None and value > high:
+            limit = f"{high:g}" if isinstance(high, float) else f"{high:,}"
+            parser.error(f"{_flag(name)} must be at most {limit}, got {value}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def make_config(args: argparse.Namespace, dataset: str) -> TrainConfig:
@@ -175,10 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``convserve-train``; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "learning_rate", "limit_train", "version"):
-        _positive(parser, "--" + name.replace("_", "-"), getattr(args, name))
-    if args.seed < 0:
-        parser.error(f"--seed must be >= 0, got {args.seed}")
+    check_numbers(parser, args)
+    base = Path(args.model_base_path)
+    samples = samples_path(args.save_samples) if args.save_samples else None
+    # Found now rather than after minutes of training: an export or samples file
+    # that cannot be written would throw the trained model away.
+    problem = unwritable("--model-base-path", base, directory=True)
+    if problem is None and samples is not None:
+        problem = unwritable("--save-samples", samples, directory=False)
+    if problem is None and args.version is not None and (base / str(args.version)).exists():
+        problem = f"{base / str(args.version)} already exists; choose another --version or omit it"
+    if problem is not None:
+        print(f"convserve-train: error: {problem}", file=sys.stderr)
+        return 2
 
     def say(message: str) -> None:
         if not args.quiet:
@@ -203,14 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convserve-train: error: {exc}", file=sys.stderr)
         return 2
     config = make_config(args, data.name)
-    base = Path(args.model_base_path)
-    if args.version is not None and (base / str(args.version)).exists():
-        print(
-            f"convserve-train: error: {base / str(args.version)} already exists; "
-            "choose another --version or omit it",
-            file=sys.stderr,
-        )
-        return 2
 
     with deterministic(config.seed):
         try:
@@ -241,13 +286,91 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     say(f"exported {args.model_name} version {target.name} to {target}")
 
-    if args.save_samples:
+    if samples is not None:
         images, labels = held_out_samples(data, per_class=2)
-        samples = Path(args.save_samples)
-        samples.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(samples, images=images.astype(np.uint8), labels=labels.astype(np.int64))
+        try:
+            save_samples(samples, images, labels)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            # A failing parent directory is named, or the reason would seem to be the file's.
+            if exc.filename and Path(exc.filename) != samples:
+                reason += f": {exc.filename}"
+            print(
+                f"convserve-train: error: --save-samples: cannot write {samples}: {reason} "
+                f"(the model was exported to {target})",
+                file=sys.stderr,
+            )
+            return 2
         say(f"saved {len(images)} held-out images to {samples}")
     return 0
+
+
+def samples_path(text: str) -> Path:
+    """The file ``np.savez`` writes for ``text``: it appends .npz when missing."""
+    return Path(text if text.endswith(".npz") else text + ".npz")
+
+
+def unwritable(flag: str, path: Path, *, directory: bool) -> str | None:
+    """Why ``path`` cannot be written, or None.
+
+    ``directory``: ``path`` is a directory to fill (created when missing), else a file
+    to create or replace. Missing parents count as writable when the nearest existing
+    one is a writable directory, since they are created on the way.
+    """
+    expected = "a writable directory" if directory else "a writable file path"
+    try:
+        if path.exists():
+            if path.is_dir() != directory:
+                kind = "a directory" if path.is_dir() else "not a directory"
+                return f"{flag}: {path} is {kind}; expected {expected}"
+            access = os.W_OK | os.X_OK if directory else os.W_OK
+            failure = None if os.access(path, access) else "permission denied"
+            failure = failure or _write_probe(path, directory=directory)
+            if failure:
+                return f"{flag}: {path} is not writable ({failure}); expected {expected}"
+            return None
+        ancestor = path.absolute().parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+    except OSError as exc:
+        return f"{flag}: cannot check {path}: {exc.strerror or exc}; expected {expected}"
+    if not ancestor.is_dir():
+        return f"{flag}: cannot create {path}: {ancestor} is not a directory"
+    failure = None if os.access(ancestor, os.W_OK | os.X_OK) else "permission denied"
+    failure = failure or _write_probe(ancestor, directory=True)
+    if failure:
+        return f"{flag}: cannot create {path}: directory {ancestor} is not writable ({failure})"
+    return None
+
+
+def _write_probe(path: Path, *, directory: bool) -> str | None:
+    """Why writing to ``path`` fails, found by trying, or None.
+
+    os.access answers yes to root everywhere, yet root cannot write into /sys or a
+    read-only bind mount; only an actual write tells.
+    """
+    try:
+        if directory:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".convserve-train-probe-"):
+                pass
+        else:
+            # Appending nothing leaves the file as it is.
+            with path.open("ab"):
+                pass
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
+
+
+def save_samples(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write the held-out samples; a failed write leaves no partial file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        try:
+            np.savez(handle, images=images.astype(np.uint8), labels=labels.astype(np.int64))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
 
 
 if __name__ == "__main__":

@@ -142,12 +142,18 @@ def export_model(
     ``version`` None picks the next integer. An existing version is never overwritten.
     """
     base_path = Path(base)
-    base_path.mkdir(parents=True, exist_ok=True)
     if version is not None and version <= 0:
         raise ExportError(f"--version must be a positive integer, got {version}")
-    chosen = version if version is not None else next_version(base_path)
-    _check_free(base_path, chosen)
-    tmp = Path(tempfile.mkdtemp(prefix=f".export-{chosen}-", dir=base_path))
+    check_finite(model)
+    try:
+        base_path.mkdir(parents=True, exist_ok=True)
+        chosen = version if version is not None else next_version(base_path)
+        _check_free(base_path, chosen)
+        tmp = Path(tempfile.mkdtemp(prefix=f".export-{chosen}-", dir=base_path))
+    except OSError as exc:
+        raise ExportError(
+            f"--model-base-path: cannot write to {base_path}: {exc.strerror or exc}"
+        ) from exc
     try:
         write_signatures(model, tmp)
         extra = tmp / ASSETS_EXTRA
@@ -167,7 +173,28 @@ def export_model(
             os.rename(tmp, target)
         except OSError as exc:
             raise ExportError(f"cannot move the export into {target}: {exc}") from exc
+    except (OSError, tf.errors.OpError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # TensorFlow's messages can run on with op details; the first line says what failed.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExportError(
+            f"--model-base-path: cannot write the export under {base_path}: {reason}"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def check_finite(model: keras.Model) -> None:
+    """ExportError unless every weight of ``model`` is finite.
+
+    A diverged training run (too high a learning rate) leaves NaN or infinite
+    weights; served, such a model answers NaN for every image.
+    """
+    for weight in model.weights:
+        if not np.all(np.isfinite(keras.ops.convert_to_numpy(weight))):
+            raise ExportError(
+                f"weight {weight.path} is not finite (NaN or infinity): training diverged, "
+                "nothing was exported; try a smaller --learning-rate"
+            )

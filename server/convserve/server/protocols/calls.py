@@ -31,6 +31,7 @@ from convserve.client.tensor import TensorError
 from convserve.server import errors, logs, types
 from convserve.server.runtime import UNKNOWN_MODEL_LABEL, deadline_of
 from convserve.server.settings import Settings
+from convserve.server.work import at_deadline
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -203,24 +204,16 @@ def add_servicer(
         server.add_registered_method_handlers(service, swapped)
 
 
-# A cancellation this close to the call's deadline is taken as the deadline's. gRPC
-# clients send their timeout rounded up (to 10 ms between 1 and 10 s, 100 ms up to
-# 100 s, at most about 1%), so a client gives up, and cancels, a little before the
-# deadline the server sees.
-_DEADLINE_SLACK_S = 0.005
-_DEADLINE_ROUNDING = 0.01
-
-
 def cancelled_code(
     context: grpc.aio.ServicerContext[Any, Any] | None, granted_s: float | None
 ) -> grpc.StatusCode:
     """The status of a call whose handler was cancelled: DEADLINE_EXCEEDED once its
     deadline has (about) passed, else CANCELLED (the caller went away). `granted_s` is
-    ``context.time_remaining()`` as the call started."""
-    if context is None or granted_s is None:
+    ``context.time_remaining()`` as the call started. The rule is `work.at_deadline`,
+    the one that labels the call's stopped work, so that status and label agree."""
+    if context is None:
         return grpc.StatusCode.CANCELLED
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= _DEADLINE_SLACK_S + _DEADLINE_ROUNDING * granted_s:
+    if at_deadline(context.time_remaining(), granted_s):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 
