@@ -19,7 +19,7 @@ from convserve.server.app import RunningServer, start_server
 from convserve.server.auth import BearerTokenInterceptor, service_of
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from tests.conftest import require_tool
-from tests.fake_runtime import FakeRuntime
+from tests.fake_runtime import FakeModel, FakeRuntime
 from tests.server.wire_helpers import StubMetrics, settings_for
 
 TOKEN = "t0ken-for-tests-5d1e"
@@ -215,3 +215,118 @@ async def test_mutual_tls_needs_a_client_certificate(pki: Path) -> None:
             assert reply.model_name == "mnist"
     finally:
         await running.stop(0)
+
+
+# -- health: open for probes, but no list of the models without the token ------------
+
+BEARER = (("authorization", f"Bearer {TOKEN}"),)
+WRONG = (("authorization", "Bearer wrong-token"),)
+MISSING = "missing credentials: send metadata 'authorization: Bearer <token>'"
+OK = grpc.StatusCode.OK
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_check(
+    health: health_pb2_grpc.HealthStub, service: str, metadata: tuple[tuple[str, str], ...] = ()
+) -> tuple[grpc.StatusCode, str, int | None]:
+    """(code, details, status) of a Check; status None when the call failed."""
+    try:
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service=service), metadata=metadata
+        )
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or "", None
+    return OK, "", reply.status
+
+
+async def test_the_servers_own_health_names_need_no_token(authed: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(authed.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", "liveness", "readiness", "convserve.v1.ConvServe"):
+            assert await health_check(health, name) == (OK, "", SERVING), name
+            # Nor does a wrong token matter where none is needed.
+            assert await health_check(health, name, WRONG) == (OK, "", SERVING), name
+
+
+async def test_model_health_needs_the_token_whether_or_not_the_model_exists(
+    authed: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    caplog.set_level(logging.DEBUG, logger=REJECTIONS_LOGGER)
+    async with grpc.aio.insecure_channel(authed.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        # The same answers for a model that exists and one that does not: without the
+        # token, health cannot be used to list the models.
+        for name in ("mnist", "no-such-model"):
+            assert await health_check(health, name) == (unauthenticated, MISSING, None)
+            assert await health_check(health, name, WRONG) == (
+                unauthenticated,
+                "invalid bearer token",
+                None,
+            )
+        assert await health_check(health, "mnist", BEARER) == (OK, "", SERVING)
+        assert await health_check(health, "no-such-model", BEARER) == (
+            grpc.StatusCode.NOT_FOUND,
+            "",
+            None,
+        )
+    debug = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == REJECTIONS_LOGGER and r.levelno == logging.DEBUG
+    ]
+    # One line per rejected call, without the name asked about.
+    rejected = [
+        f"rejected health with UNAUTHENTICATED: {MISSING}",
+        "rejected health with UNAUTHENTICATED: invalid bearer token",
+    ]
+    assert debug == rejected * 2
+    assert "wrong-token" not in caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_watching_model_health_needs_the_token(authed: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(authed.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("mnist", "no-such-model"):
+            call = health.Watch(health_pb2.HealthCheckRequest(service=name))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call.read()
+            assert (caught.value.code(), caught.value.details()) == (
+                grpc.StatusCode.UNAUTHENTICATED,
+                MISSING,
+            )
+        for name, metadata in (("mnist", BEARER), ("readiness", ())):
+            call = health.Watch(health_pb2.HealthCheckRequest(service=name), metadata=metadata)
+            reply = await call.read()
+            call.cancel()
+            assert reply.status == SERVING, name
+
+
+async def test_liveness_stays_serving_while_no_model_is_ready() -> None:
+    runtime = FakeRuntime([FakeModel("mnist", ready=False)])
+    running = await start_server(
+        settings_for(auth_token=TOKEN), runtime=runtime, metrics=StubMetrics()
+    )
+    try:
+        async with grpc.aio.insecure_channel(running.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert await health_check(health, "liveness") == (OK, "", SERVING)
+            assert await health_check(health, "readiness") == (OK, "", NOT_SERVING)
+            assert await health_check(health, "") == (OK, "", NOT_SERVING)
+            assert await health_check(health, "mnist", BEARER) == (OK, "", NOT_SERVING)
+            code, _, _ = await health_check(health, "mnist")
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await running.stop(0)
+
+
+async def test_without_a_token_model_health_is_open(
+    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+) -> None:
+    running, _, _ = stub
+    async with grpc.aio.insecure_channel(running.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert await health_check(health, "mnist") == (OK, "", SERVING)
+        assert await health_check(health, "no-such-model") == (grpc.StatusCode.NOT_FOUND, "", None)

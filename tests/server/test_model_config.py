@@ -142,6 +142,15 @@ def test_flag_needs_name_and_path(text: str) -> None:
     assert str(caught.value) == f"--model: NAME=BASE_PATH expected, got {text!r}"
 
 
+@pytest.mark.parametrize("text", ["mnist=   ", "mnist=\t", "mnist= \n "])
+def test_flag_refuses_a_blank_path(text: str) -> None:
+    with pytest.raises(ModelConfigError) as caught:
+        parse_model_flag(text)
+    assert str(caught.value) == (
+        "--model: BASE_PATH: missing; the directory holding the model's numbered versions expected"
+    )
+
+
 def test_flag_name_rules_apply() -> None:
     with pytest.raises(ModelConfigError, match=r"^--model: NAME: 'my model' is not a valid"):
         parse_model_flag("my model=/m")
@@ -199,6 +208,40 @@ def test_reserved_name_is_the_oip_built_in_model() -> None:
 def test_model_entry_checks_its_name() -> None:
     with pytest.raises(ModelConfigError, match=r"^model name: 'a b' is not a valid model name"):
         ModelEntry("a b", Path("/m"))
+
+
+HEALTH_RESERVED = (
+    "is reserved (the server's own gRPC health service of that name); choose another name"
+)
+
+
+@pytest.mark.parametrize("name", ["liveness", "readiness"])
+def test_health_service_names_are_reserved(name: str) -> None:
+    message = error_of(
+        'model_config_list { config { name: "ok" base_path: "/m" }'
+        f' config {{ name: "{name}" base_path: "/m" }} }}'
+    )
+    assert message == f"models.conf: model_config_list.config[1].name: {name!r} {HEALTH_RESERVED}"
+    with pytest.raises(ModelConfigError) as caught:
+        parse_model_flag(f"{name}=/m")
+    assert str(caught.value) == f"--model: NAME: {name!r} {HEALTH_RESERVED}"
+    with pytest.raises(ModelConfigError) as caught:
+        ModelEntry(name, Path("/m"))
+    assert str(caught.value) == f"model name: {name!r} {HEALTH_RESERVED}"
+
+
+@pytest.mark.parametrize("name", ["Liveness", "READINESS", "liveness2", "readiness-v2"])
+def test_names_near_the_health_names_are_fine(name: str) -> None:
+    # Health service names are compared exactly, so only the exact names would collide.
+    assert ModelEntry(name, Path("/m")).name == name
+    assert parse_model_flag(f"{name}=/m").name == name
+
+
+def test_health_names_are_the_servers() -> None:
+    from convserve.server.app import LIVENESS, READINESS
+    from convserve.server.model_config import HEALTH_NAMES
+
+    assert {LIVENESS, READINESS} == HEALTH_NAMES
 
 
 # --- config text -----------------------------------------------------------------------
@@ -330,6 +373,19 @@ def test_deprecated_model_type() -> None:
 
 def test_missing_base_path_names_the_field() -> None:
     text = 'model_config_list { config { name: "a" base_path: "/a" } config { name: "b" } }'
+    assert error_of(text) == (
+        "models.conf: model_config_list.config[1].base_path: missing; the directory holding"
+        " the model's numbered versions expected"
+    )
+
+
+# base_path as written in the text format: blanks, a tab, a newline.
+@pytest.mark.parametrize("base_path", ["   ", "\\t", " \\n "])
+def test_blank_base_path_names_the_field(base_path: str) -> None:
+    text = (
+        'model_config_list { config { name: "a" base_path: "/a" }'
+        f' config {{ name: "b" base_path: "{base_path}" }} }}'
+    )
     assert error_of(text) == (
         "models.conf: model_config_list.config[1].base_path: missing; the directory holding"
         " the model's numbered versions expected"
@@ -484,6 +540,34 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
     assert str(caught.value).startswith(
         f"{path}: model_config_list.config[0].name: 'conv2d' is reserved"
     )
+
+
+def test_blank_base_path_in_a_file_names_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "models.conf"
+    path.write_text('model_config_list { config { name: "a" base_path: "   " } }')
+    with pytest.raises(ModelConfigError) as caught:
+        read_model_config_file(path)
+    # Resolved against the file's directory, "   " would have named a directory beside it.
+    assert str(caught.value) == (
+        f"{path}: model_config_list.config[0].base_path: missing; the directory holding"
+        " the model's numbered versions expected"
+    )
+
+
+def test_a_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    from convserve.server.model_config import MAX_CONFIG_BYTES
+
+    path = tmp_path / "models.conf"
+    # Comments only: at the limit it is read (and lists no models); a byte more is not.
+    line = "#" * 1023 + "\n"
+    path.write_text(line * (MAX_CONFIG_BYTES // 1024))
+    assert path.stat().st_size == MAX_CONFIG_BYTES == 16 << 20
+    assert read_model_config_file(path) == []
+    with path.open("a") as out:
+        out.write("#")
+    with pytest.raises(ModelConfigError) as caught:
+        read_model_config_file(path)
+    assert str(caught.value) == f"{path}: larger than 16777216 bytes"
 
 
 def test_missing_file(tmp_path: Path) -> None:

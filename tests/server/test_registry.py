@@ -151,3 +151,22 @@ async def test_configuration_order_decides_the_default_model(
     )
     assert [m.name for m in runtime.models()] == ["a", "b", "c"]
     assert runtime.default_model == "b"
+
+
+async def test_a_removed_default_model_is_not_replaced_by_another(
+    served: tuple[Runtime, Metrics], model_base_path: Path, digits8_model_dir: Path
+) -> None:
+    runtime, _ = served
+    await configure(runtime, ("a", model_base_path), ("b", digits8_model_dir))
+    assert runtime.default_model == "a"
+    runtime.apply_config([ModelEntry("b", digits8_model_dir)])
+    # Unnamed requests were meant for "a": they are told so, not sent to "b".
+    with pytest.raises(errors.NotFound, match=r"the default model 'a' was removed.*'b'"):
+        await runtime.predict(predict_input((28, 28, 1), ""), deadline=None)
+    assert runtime.model_label("") == "_unknown"
+    answer = await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
+    assert answer.model_name == "b"
+    # Once "a" is configured again, configuration order decides again: "b" comes first.
+    await configure(runtime, ("b", digits8_model_dir), ("a", model_base_path))
+    answer = await runtime.predict(predict_input((8, 8, 1), ""), deadline=None)
+    assert answer.model_name == "b"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from convserve.server.model_config import ModelConfigError
 from convserve.server.settings import Settings, SettingsError, env_name, flag_name
 
 COMMON_FIELDS = [
@@ -20,7 +21,8 @@ COMMON_FIELDS = [
     "max_request_cpu_s", "engine_batch_timeout_s", "max_typed_payload_bytes",
     "max_connection_age_s", "max_connection_age_grace_s", "keepalive_time_s",
     "keepalive_timeout_s", "keepalive_min_client_ping_interval_s",
-    "keepalive_permit_without_calls", "replica_name",
+    "keepalive_permit_without_calls", "replica_name", "strict_readiness",
+    "exit_on_load_error", "version_settle_s", "max_model_memory_bytes",
 ]  # fmt: skip
 
 
@@ -61,6 +63,15 @@ def test_every_documented_field_has_a_flag_with_help() -> None:
     assert "--auth-token\n" not in help_text
 
 
+def test_every_field_but_the_token_has_a_flag_with_help() -> None:
+    help_text = Settings.argument_parser().format_help()
+    for name in Settings.model_fields:
+        assert env_name(name) in help_text, name
+        assert Settings.model_fields[name].description, name
+        if name != "auth_token":
+            assert flag_name(name) in help_text, name
+
+
 def test_environment_variables_fill_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CONVSERVE_PORT", "9100")
     monkeypatch.setenv("CONVSERVE_MAX_BATCH_SIZE", "8")
@@ -73,6 +84,38 @@ def test_environment_variables_fill_fields(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.batch_timeout_s == pytest.approx(0.0025)
     assert settings.log_format == "json"
     assert settings.device == "gpu:1"
+
+
+def test_loading_settings_defaults() -> None:
+    settings = Settings.from_argv([])
+    assert settings.strict_readiness is False
+    assert settings.exit_on_load_error is False
+    assert settings.version_settle_s == 1.0
+    assert settings.max_model_memory_bytes == 1 << 30
+
+
+def test_loading_settings_from_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_STRICT_READINESS", "true")
+    monkeypatch.setenv("CONVSERVE_EXIT_ON_LOAD_ERROR", "1")
+    monkeypatch.setenv("CONVSERVE_VERSION_SETTLE_S", "0.25")
+    monkeypatch.setenv("CONVSERVE_MAX_MODEL_MEMORY_BYTES", str(2 << 20))
+    from_env = Settings.from_argv([])
+    assert from_env.strict_readiness is True
+    assert from_env.exit_on_load_error is True
+    assert from_env.version_settle_s == 0.25
+    assert from_env.max_model_memory_bytes == 2 << 20
+    from_flags = Settings.from_argv(
+        [
+            "--strict-readiness", "false",
+            "--exit-on-load-error", "no",
+            "--version-settle-s", "0",
+            "--max-model-memory-bytes", str(1 << 42),
+        ]
+    )  # fmt: skip
+    assert from_flags.strict_readiness is False
+    assert from_flags.exit_on_load_error is False
+    assert from_flags.version_settle_s == 0.0
+    assert from_flags.max_model_memory_bytes == 1 << 42
 
 
 def test_engine_threads_default_to_a_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,6 +169,34 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (
             ["--keepalive-permit-without-calls", "sometimes"],
             "--keepalive-permit-without-calls / CONVSERVE_KEEPALIVE_PERMIT_WITHOUT_CALLS",
+        ),
+        (
+            ["--version-settle-s", "-1"],
+            "--version-settle-s / CONVSERVE_VERSION_SETTLE_S: Input should be greater than or "
+            "equal to 0",
+        ),
+        (
+            ["--version-settle-s", "601"],
+            "--version-settle-s / CONVSERVE_VERSION_SETTLE_S: Input should be less than or "
+            "equal to 600",
+        ),
+        (
+            ["--max-model-memory-bytes", str((1 << 20) - 1)],
+            "--max-model-memory-bytes / CONVSERVE_MAX_MODEL_MEMORY_BYTES: Input should be "
+            "greater than or equal to 1048576",
+        ),
+        (
+            ["--max-model-memory-bytes", str((1 << 42) + 1)],
+            "--max-model-memory-bytes / CONVSERVE_MAX_MODEL_MEMORY_BYTES: Input should be "
+            "less than or equal to 4398046511104",
+        ),
+        (
+            ["--strict-readiness", "sometimes"],
+            "--strict-readiness / CONVSERVE_STRICT_READINESS: Input should be a valid boolean",
+        ),
+        (
+            ["--exit-on-load-error", "maybe"],
+            "--exit-on-load-error / CONVSERVE_EXIT_ON_LOAD_ERROR: Input should be a valid boolean",
         ),
         (
             ["--replica-name", "pod one"],
@@ -227,6 +298,30 @@ def test_models_come_from_repeated_flags_or_a_comma_separated_variable(
         (["--model", "mnist"], "--model / CONVSERVE_MODEL: --model: NAME=BASE_PATH expected"),
         (["--model", "a=/x", "--model", "a=/y"], "'a' is given more than once"),
         (["--model", "conv2d=/x"], "reserved"),
+        (
+            ["--model", "mnist=   "],
+            "--model / CONVSERVE_MODEL: --model: BASE_PATH: missing; the directory holding "
+            "the model's numbered versions expected",
+        ),
+        (
+            ["--model", "liveness=/x"],
+            "--model / CONVSERVE_MODEL: --model: NAME: 'liveness' is reserved (the server's "
+            "own gRPC health service of that name)",
+        ),
+        (
+            ["--model", "a=/a", "--model", "readiness=/x"],
+            "--model: NAME: 'readiness' is reserved (the server's own gRPC health service",
+        ),
+        (
+            ["--model-base-path", "  "],
+            "--model-base-path / CONVSERVE_MODEL_BASE_PATH: a directory path expected, got "
+            "only white space",
+        ),
+        (
+            ["--model-base-path", "\t"],
+            "--model-base-path / CONVSERVE_MODEL_BASE_PATH: a directory path expected, got "
+            "only white space",
+        ),
         (["--model-config-file", "/nowhere.config"], "no such file: /nowhere.config"),
         (["--model-config-file-poll-wait-s", "-1"], "--model-config-file-poll-wait-s"),
     ],
@@ -234,6 +329,29 @@ def test_models_come_from_repeated_flags_or_a_comma_separated_variable(
 def test_bad_model_settings_name_the_flag(argv: list[str], message: str) -> None:
     with pytest.raises(SettingsError, match=re.escape(message)):
         Settings.from_argv(argv)
+
+
+def test_a_blank_base_path_variable_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVSERVE_MODEL_BASE_PATH", "   ")
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_argv([])
+    assert (
+        "--model-base-path / CONVSERVE_MODEL_BASE_PATH: a directory path expected, got only "
+        "white space"
+    ) in str(caught.value)
+    # A blank entry of the comma-separated variable has no path at all.
+    monkeypatch.delenv("CONVSERVE_MODEL_BASE_PATH")
+    monkeypatch.setenv("CONVSERVE_MODEL", "a=/a, mnist=   ")
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_argv([])
+    assert "--model: NAME=BASE_PATH expected, got 'mnist='" in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["liveness", "readiness"])
+def test_a_health_name_is_refused_as_the_model_name(name: str) -> None:
+    # Whether the settings or the models they give refuse it, it never reaches health.
+    with pytest.raises((SettingsError, ModelConfigError), match=f"'{name}' is reserved"):
+        Settings.from_argv(["--model-name", name]).model_entries()
 
 
 def test_model_flags_and_a_config_file_exclude_each_other(tmp_path: Path) -> None:

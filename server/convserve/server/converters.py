@@ -302,7 +302,7 @@ def confusion_matrix_values(raw: object) -> list[int]:
             return []
         for count in row:
             # bool is an int to Python, but a flag in a confusion matrix is a broken record.
-            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count < 2**63:
                 return []
             values.append(count)
     return values

@@ -15,9 +15,9 @@ version policy):
   editing the file.
 
 A base path is the directory holding the model's numbered versions
-(``<base>/<version>/``). Parsing does not require it to exist: every model
-configured at start-up must then load, while one added to the file later may
-wait for its versions to appear.
+(``<base>/<version>/``). Parsing does not require it to exist: a model whose
+base path is missing is reported and waits for its versions to appear (unless
+the server runs with ``--exit-on-load-error``).
 
 Version policies, as in TF Serving's ``ServableVersionPolicy``: ``latest
 { num_versions: N }`` serves the newest N versions found (N = 0 or unset means

@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,10 @@ MAX_CLASS_NAME_CHARS = 256
 # copying tools cannot backdate) before it is loaded: a version copied in file by file
 # is loaded whole, not while its assets are still arriving.
 VERSION_SETTLE_S = 1.0
+# What a class name may not contain: it is printed in tables and logs (C0/C1 controls,
+# line and paragraph separators, and the bidirectional overrides that reorder text).
+_CONTROL_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # Rounds of waiting for a version that keeps changing, per poll; after them the poll
 # moves on and the next one looks again.
 SETTLE_ROUNDS = 5
@@ -287,7 +292,8 @@ def class_names_of(record: dict[str, Any], classes: int) -> tuple[str, ...]:
             raise ModelLoadError(
                 f"{where}: 1 to {MAX_CLASS_NAME_CHARS} characters expected, got {len(text)}"
             )
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        if any(unicodedata.category(c) in _CONTROL_CATEGORIES or c in _BIDI for c in text):
+            # Line separators and text direction overrides count as control characters here.
             raise ModelLoadError(f"{where}: control characters are not allowed in a class name")
         out.append(text)
     return tuple(out)
@@ -489,7 +495,11 @@ class LoadedModel:
             return ()
         names = self.record.get("feature_map_layers")
         outputs = self.module.signatures[FEATURE_MAPS_SIGNATURE].structured_outputs
-        if isinstance(names, list) and set(names) == set(outputs):
+        if (
+            isinstance(names, list)
+            and all(isinstance(n, str) for n in names)
+            and set(names) == set(outputs)
+        ):
             return tuple(str(n) for n in names)
         return tuple(sorted(outputs))
 
@@ -637,9 +647,15 @@ def litert_tensor_bytes(flatbuffer: bytes, image_shape: tuple[int, int, int]) ->
     Every tensor counts, as if none shared memory: an upper bound of what an
     interpreter allocates. Measured at batch sizes 1 and 2.
     """
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_content=flatbuffer, num_threads=1)
+    # Without the default XNNPACK delegate: the tensors it takes over keep their batch-1
+    # shapes in the interpreter's view after a resize, and would go uncounted.
+    interpreter = Interpreter(
+        model_content=flatbuffer,
+        num_threads=1,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     index = interpreter.get_input_details()[0]["index"]
     totals = []
     for rows in (1, 2):

@@ -383,7 +383,7 @@ class Settings(BaseSettings):
         None,
         description=(
             "file holding the bearer token clients must send (or set CONVSERVE_AUTH_TOKEN); "
-            "health checks stay open"
+            'health checks of "", liveness and readiness stay open, a model\'s needs the token'
         ),
     )
     auth_token: SecretStr | None = Field(
