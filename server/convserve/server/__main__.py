@@ -134,8 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def configure_logging(log_format: str, level: str) -> None:
+    """`logs.configure_logging`, imported only once `main` runs."""
+    from convserve.server import logs
+
+    logs.configure_logging(log_format, level)
+
+
 def _main(argv: Sequence[str] | None) -> int:
-    from convserve.server.logs import configure_logging
     from convserve.server.settings import Settings, SettingsError
 
     try:
