@@ -86,6 +86,18 @@ def processes() -> Iterator[list[ServerProcess]]:
         kill_process(server)
 
 
+@pytest.fixture
+def mnist_server(
+    tmp_path: Path, mnist_base: Path, processes: list[ServerProcess]
+) -> tuple[ServerProcess, Path]:
+    """A server process for `mnist_base` from a model config file; the file's path."""
+    config = tmp_path / "models.config"
+    config.write_text(config_text(("mnist", mnist_base)))
+    server = start_server_process(server_args(config))
+    processes.append(server)
+    return server, config
+
+
 def health(channel: grpc.Channel, service: str) -> str:
     reply = health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=10
@@ -168,7 +180,7 @@ def test_a_model_that_cannot_load_leaves_the_replica_serving_the_others(
     server = start_server_process(server_args(config))
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "readiness") == "SERVING", what="ready", timeout_s=120)
+        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
         with Load(server.target, {"mnist": (28, 28, 1), "digits8": (8, 8, 1)}) as load:
             poll(lambda: min(load.ok.values()) > 5, what="both models answering")
             config.write_text(
@@ -254,7 +266,7 @@ def test_an_empty_or_rewritten_config_file_unloads_nothing(
     server = start_server_process(server_args(config))
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "readiness") == "SERVING", what="ready", timeout_s=120)
+        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
         with Load(server.target, {"mnist": (28, 28, 1)}) as load:
             poll(lambda: load.ok["mnist"] > 5, what="answers")
             # Truncated, then written again a second later (five polls read it empty).
@@ -280,12 +292,9 @@ def test_an_empty_or_rewritten_config_file_unloads_nothing(
 
 
 def test_a_version_whose_assets_arrive_last_serves_its_class_names(
-    tmp_path: Path, mnist_base: Path, processes: list[ServerProcess]
+    mnist_base: Path, mnist_server: tuple[ServerProcess, Path]
 ) -> None:
-    config = tmp_path / "models.config"
-    config.write_text(config_text(("mnist", mnist_base)))
-    server = start_server_process(server_args(config))
-    processes.append(server)
+    server, _ = mnist_server
     source = mnist_base / "1"
     with grpc.insecure_channel(server.target) as channel:
         poll(lambda: serving_version(channel, "mnist") == 1, what="v1", timeout_s=120)
@@ -309,12 +318,9 @@ def test_a_version_whose_assets_arrive_last_serves_its_class_names(
 
 
 def test_class_names_no_protocol_can_send_refuse_the_version(
-    tmp_path: Path, mnist_base: Path, processes: list[ServerProcess]
+    tmp_path: Path, mnist_base: Path, mnist_server: tuple[ServerProcess, Path]
 ) -> None:
-    config = tmp_path / "models.config"
-    config.write_text(config_text(("mnist", mnist_base)))
-    server = start_server_process(server_args(config))
-    processes.append(server)
+    server, _ = mnist_server
     bad = mnist_base / "2"
     shutil.copytree(mnist_base / "1", tmp_path / "staging")
     record_path = tmp_path / "staging" / "assets.extra" / "training_record.json"
@@ -374,7 +380,7 @@ def test_a_model_whose_input_exceeds_the_memory_budget_is_refused(
     )
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "readiness") == "SERVING", what="ready", timeout_s=120)
+        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
         large = listing(channel)["large"]
         assert not large.ready
         (refused,) = large.versions
@@ -389,14 +395,11 @@ def test_a_model_whose_input_exceeds_the_memory_budget_is_refused(
 
 
 def test_sigterm_ends_the_server_while_a_config_read_is_blocked(
-    tmp_path: Path, mnist_base: Path, processes: list[ServerProcess]
+    mnist_server: tuple[ServerProcess, Path],
 ) -> None:
-    config = tmp_path / "models.config"
-    config.write_text(config_text(("mnist", mnist_base)))
-    server = start_server_process(server_args(config))
-    processes.append(server)
+    server, config = mnist_server
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "readiness") == "SERVING", what="ready", timeout_s=120)
+        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
     # The file becomes a FIFO nobody writes: the next read blocks for good.
     config.unlink()
     os.mkfifo(config)

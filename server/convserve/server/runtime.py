@@ -85,8 +85,9 @@ class Runtime:
         self._models: dict[str, ServedModel] = {}
         # The model requests with an empty model name get (see the module docstring).
         self._default = ""
-        # The model config file's text as last applied.
+        # The model config file's text as last applied, and as last refused (said once).
         self._config_text: str | None = None
+        self._refused_text: str | None = None
         self._entries: dict[str, model_config.ModelEntry] = {}
         # What a changed model was, until its new definition has loaded.
         self._previous_entries: dict[str, model_config.ModelEntry] = {}
@@ -292,9 +293,10 @@ class Runtime:
         """
         path = self.settings.model_config_file
         assert path is not None
+        text: str | None = None
         try:
             text = await run_detached(_read_text, path, name="model-config")
-            if text == self._config_text:
+            if text in (self._config_text, self._refused_text):
                 return False
             await asyncio.sleep(settle_s)
             if await run_detached(_read_text, path, name="model-config") != text:
@@ -304,13 +306,16 @@ class Runtime:
         except model_config.ModelConfigError as exc:
             # As TF Serving does: a bad edit leaves the models as they are.
             log.error("model config file not applied, keeping the models served: %s", exc)
+            # Refused texts are not read twice nor logged again; an unreadable file is.
+            self._refused_text = text
             return False
         if not entries and self._models:
             log.error(
                 "model config file %s lists no models; not applied, keeping the %d models "
-                "served (an empty read is taken for a file being rewritten: remove models "
-                "one by one, or stop the server)", path, len(self._models)
+                "served (an empty read is taken for a file being rewritten; to serve no "
+                "models, stop the server)", path, len(self._models)
             )  # fmt: skip
+            self._refused_text = text
             return False
         self.apply_config(entries)
         self._config_text = text
