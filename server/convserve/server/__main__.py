@@ -1,10 +1,11 @@
 """``convserve-server``: run the server until SIGTERM or SIGINT.
 
-Exit codes: 0 after a graceful stop; 2 for unusable settings, a port that
-cannot be bound or no loadable model (the reason is printed to stderr and
-logged); 1 for anything unexpected; 3 when the stop took longer than the
-grace period plus `STOP_MARGIN_S` (work that would not stop was abandoned,
-and the process exited anyway).
+Exit codes: 0 after a graceful stop (also when SIGTERM comes during start-up);
+2 for unusable settings, a port that cannot be bound or, with
+--exit-on-load-error, a model without a loadable version (the reason is
+printed to stderr and logged); 1 for anything unexpected; 3 when the stop took
+longer than the grace period plus `STOP_MARGIN_S` (work that would not stop was
+abandoned, and the process exited anyway).
 
 Stopping never waits for stuck work beyond that bound: model workers that
 hang are killed, operations are stopped between their units of work, and

@@ -325,12 +325,15 @@ def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, 
 async def start_server(
     settings: Settings, *, runtime: Any = None, metrics: Any = None
 ) -> RunningServer:
-    """Start serving `settings`; returns once the model is warmed up and health is SERVING.
+    """Start serving `settings`; returns once every configured model has had its first
+    load (a model that cannot load is retried in the background) and health follows the
+    runtime's readiness.
 
     `runtime` and `metrics` default to a new `runtime.Runtime` and
     `metrics.Metrics`; tests may pass stand-ins with the same interface.
     Raises StartupError (port unavailable), SettingsError (unreadable TLS
-    or token files) or the runtime's errors (no loadable model).
+    or token files) or the runtime's errors (e.g. no loadable model with
+    exit_on_load_error).
     """
     if metrics is None:
         from convserve.server.metrics import Metrics
