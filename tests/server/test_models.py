@@ -720,6 +720,10 @@ def test_a_lone_surrogate_class_name_refuses_the_version(tmp_path: Path) -> None
             f"{RECORD}: layers[0].output_shape: a list of non-negative integers expected",
         ),
         ({"layers": "x"}, f"{RECORD}: layers: a list expected"),
+        (
+            {"layers": [{"trainable": "no"}]},
+            f"{RECORD}: layers[0].trainable: true or false expected",
+        ),
         ({"layers": [5]}, f"{RECORD}: layers[0]: an object expected, got int"),
         (
             {"layers": [{"parameters": 1.5}]},

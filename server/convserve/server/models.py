@@ -334,6 +334,8 @@ def check_record(record: dict[str, Any]) -> None:
             raise ModelLoadError(f"{where}.output_shape: a list of non-negative integers expected")
         if not _is_count(row.get("parameters", 0)):
             raise ModelLoadError(f"{where}.parameters: a non-negative integer expected")
+        if not isinstance(row.get("trainable", True), bool):
+            raise ModelLoadError(f"{where}.trainable: true or false expected")
         for key in ("name", "type"):
             if isinstance(row.get(key, ""), (dict, list)):
                 raise ModelLoadError(f"{where}.{key}: a string expected")
