@@ -90,28 +90,31 @@ def test_non_numbers_are_usage_errors(capsys: pytest.CaptureFixture[str], tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("target", "message"),
+    ("flag", "target", "message"),
     [
         # A regular file where a parent directory should be: unwritable even for root.
-        ("file.txt/x.npz", "--save-samples: cannot create {p}: {f} is not a directory"),
-        ("file.txt/deeper/x.npz", "--save-samples: cannot create {p}: {f} is not a directory"),
-        ("adir.npz", "--save-samples: {p} is a directory; expected a writable file path"),
+        ("--save-samples", "file.txt/x.npz", "cannot create {p}: {f} is not a directory"),
+        ("--save-samples", "file.txt/deeper/x.npz", "cannot create {p}: {f} is not a directory"),
+        ("--save-samples", "adir.npz", "{p} is a directory; expected a writable file path"),
+        ("--model-base-path", "file.txt", "{p} is not a directory; expected a writable directory"),
+        ("--model-base-path", "file.txt/models", "cannot create {p}: {f} is not a directory"),
     ],
 )
 @pytest.mark.usefixtures("no_training")
-def test_unwritable_save_samples_fails_before_training(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, target: str, message: str
+def test_unwritable_destinations_fail_before_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, target: str, message: str
 ) -> None:
     (tmp_path / "file.txt").write_text("not a directory")
     (tmp_path / "adir.npz").mkdir()
-    samples = tmp_path / target
-    base = tmp_path / "m"
-    assert main([*TINY, "--model-base-path", str(base), "--save-samples", str(samples)]) == 2
+    path = tmp_path / target
+    base = path if flag == "--model-base-path" else tmp_path / "m"
+    samples = ["--save-samples", str(path)] if flag == "--save-samples" else []
+    assert main([*TINY, "--model-base-path", str(base), *samples]) == 2
     out, err = capsys.readouterr()
-    expected = message.format(p=samples, f=tmp_path / "file.txt")
-    assert err == f"convserve-train: error: {expected}\n"
+    expected = message.format(p=path, f=tmp_path / "file.txt")
+    assert err == f"convserve-train: error: {flag}: {expected}\n"
     assert out == ""
-    assert not base.exists()
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.usefixtures("no_training")
@@ -182,24 +185,6 @@ def test_directories_refusing_writes_fail_before_training(
     expected = f"--save-samples: cannot create {samples}: directory {mounted} is not writable"
     assert err == f"convserve-train: error: {expected} (read-only file system)\n"
     assert not (tmp_path / "m").exists()
-
-
-@pytest.mark.parametrize(
-    ("target", "message"),
-    [
-        ("file.txt", "--model-base-path: {p} is not a directory; expected a writable directory"),
-        ("file.txt/models", "--model-base-path: cannot create {p}: {f} is not a directory"),
-    ],
-)
-@pytest.mark.usefixtures("no_training")
-def test_unwritable_model_base_path_fails_before_training(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, target: str, message: str
-) -> None:
-    (tmp_path / "file.txt").write_text("not a directory")
-    base = tmp_path / target
-    assert main([*TINY, "--model-base-path", str(base)]) == 2
-    expected = message.format(p=base, f=tmp_path / "file.txt")
-    assert capsys.readouterr().err == f"convserve-train: error: {expected}\n"
 
 
 @pytest.mark.usefixtures("no_training")
