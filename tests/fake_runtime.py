@@ -56,7 +56,12 @@ class FakeModel:
         return max(self.versions)
 
     def version(self, ref: types.ModelRef) -> int:
-        """The version `ref` gets: its pinned one if loaded, else the serving one."""
+        """The version `ref` gets: its pinned one if loaded, else the serving one (a fake
+        model has the implicit labels only: "latest" and "stable")."""
+        if ref.label is not None and ref.label not in ("latest", "stable"):
+            raise errors.NotFound(
+                f"model {self.name!r} has no version label {errors.shown(ref.label)} (labels: none)"
+            )
         if ref.version is None:
             return self.serving_version
         if ref.version not in self.versions:
@@ -172,6 +177,9 @@ class FakeRuntime:
                 for v in sorted(model.versions)
             ),
         )
+
+    def version_of(self, ref: types.ModelRef) -> int:
+        return self.model(ref).version(ref)
 
     def metadata(self, ref: types.ModelRef) -> types.ModelMetadata:
         model = self.model(ref)

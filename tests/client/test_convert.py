@@ -39,6 +39,38 @@ def test_predict_requests_split_in_order_with_the_model_spec() -> None:
     assert not convert.model_spec().HasField("version")
 
 
+def test_model_spec_by_version_label() -> None:
+    spec = convert.model_spec("mnist", version_label="canary")
+    assert (spec.name, spec.version_label, spec.HasField("version")) == ("mnist", "canary", False)
+    # None and "" both mean no label: the field stays empty.
+    assert convert.model_spec("mnist", 2, None) == pb.ModelSpec(name="mnist", version=2)
+    assert convert.model_spec("mnist", 2, "") == pb.ModelSpec(name="mnist", version=2)
+    with pytest.raises(InputError, match=r"version 2 and version label 'canary': give one"):
+        convert.model_spec("mnist", 2, "canary")
+
+
+def test_list_models_result_reads_version_labels() -> None:
+    response = pb.ListModelsResponse(
+        models=[
+            pb.ModelStatus(
+                name="mnist",
+                ready=True,
+                versions=[pb.ModelVersionStatus(version=1, state="AVAILABLE", serving=True)],
+                version_labels={"stable": 1, "canary": 2, "a": 1},
+                label_errors=["model mnist: version label 'next' -> 9 not applied: ..."],
+            ),
+            pb.ModelStatus(name="plain", ready=False),
+        ],
+        default_model="mnist",
+    )
+    mnist, plain = convert.list_models_result(response)
+    # Sorted by label, whatever order the map arrives in.
+    assert mnist.labels == (("a", 1), ("canary", 2), ("stable", 1))
+    assert dict(mnist.labels)["canary"] == 2
+    assert mnist.label_errors == ("model mnist: version label 'next' -> 9 not applied: ...",)
+    assert (plain.labels, plain.label_errors) == ((), ())
+
+
 def _response(digits: list[int], version: int = 3, classes: int = 10) -> pb.PredictResponse:
     probs = np.full((len(digits), classes), 0.05, np.float32)
     probs[np.arange(len(digits)), digits] = 0.55

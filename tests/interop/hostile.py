@@ -76,6 +76,9 @@ UINT32_EXTREMES = (0, 1, 255, 256, 2**31, 2**32 - 1)
 SPECIAL_FLOATS = (math.nan, math.inf, -math.inf, -1.0, 2.0, 1e30, -1e30, 5e-324, -0.0)
 FLOAT_EXTREMES = (0.0, -0.0, 1.0, -1.0, 0.5, math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324)
 NAMES = ("", MODEL, CONV_MODEL, LONG, "MNIST", " mnist", "mnist\x00", "../mnist", "ü", "*")
+# Version labels: the implicit ones (the hostile server configures none), ones the model
+# does not have (NOT_FOUND) and ones no model can have (INVALID_ARGUMENT).
+LABELS = ("stable", "latest", "canary", "", "x y", "-a", "a/b", "ü", "a" * 65, LONG)
 VERSION_STRINGS = (
     "", "1", "2", "0", "-1", "01", " 1", "1.0", "1e3", "abc", LONG,
     str(2**31), str(2**63 - 1), str(2**63), str(2**64), "99999999999999999999",
@@ -257,6 +260,9 @@ def cs_model_specs(draw: st.DrawFn) -> convserve_pb2.ModelSpec:
     spec = convserve_pb2.ModelSpec(name=draw(texts(MODEL, MODEL, "")))
     if draw(st.booleans()):
         spec.version = draw(int64s())
+    if draw(st.booleans()):
+        # With a version too, sometimes: both together are refused.
+        spec.version_label = draw(st.one_of(st.sampled_from(LABELS), st.text(max_size=12)))
     return spec
 
 
@@ -710,7 +716,7 @@ def tf_model_specs(draw: st.DrawFn, signature: str = "") -> Any:
     if choice == "version":
         spec.version.value = draw(int64s())
     elif choice == "label":
-        spec.version_label = draw(st.sampled_from(("stable", "latest", "", "canary", LONG)))
+        spec.version_label = draw(st.one_of(st.sampled_from(LABELS), st.text(max_size=12)))
     return spec
 
 
@@ -835,8 +841,12 @@ def expect_probabilities(ref: Reference, digits: Digits, got: np.ndarray) -> Non
 @st.composite
 def cs_valid_specs(draw: st.DrawFn) -> convserve_pb2.ModelSpec:
     spec = convserve_pb2.ModelSpec(name=draw(st.sampled_from(("", MODEL))))
-    if draw(st.booleans()):
+    choice = draw(st.sampled_from(("none", "version", "label")))
+    if choice == "version":
         spec.version = 1
+    elif choice == "label":
+        # The implicit labels: the serving version, with no labels configured.
+        spec.version_label = draw(st.sampled_from(("stable", "latest")))
     return spec
 
 

@@ -258,12 +258,14 @@ def test_tfserving_predict_equals_convserve(channel: grpc.Channel, digits: np.nd
     typed.ClearField("tensor_content")
     typed.float_val.extend(floats.ravel().tolist())
     request = tf_predict_request(typed)
+    # No labels are configured: "stable" and "latest" name the serving version.
     request.model_spec.version_label = "stable"
     response = stub.Predict(request, timeout=60)
     assert_same_predictions(
         tf.make_ndarray(response.outputs["probabilities"]),
         convserve_probabilities(channel, floats),
     )
+    assert response.model_spec.version.value == 1
 
     typed_uint8 = tf.make_tensor_proto(digits)
     typed_uint8.ClearField("tensor_content")
@@ -274,6 +276,47 @@ def test_tfserving_predict_equals_convserve(channel: grpc.Channel, digits: np.nd
     assert_same_predictions(
         tf.make_ndarray(response.outputs["probabilities"]), convserve_probabilities(channel, digits)
     )
+    assert response.model_spec.version.value == 1
+
+
+@pytest.mark.parametrize(
+    ("label", "code", "message"),
+    [
+        (
+            "canary",
+            grpc.StatusCode.NOT_FOUND,
+            "model 'mnist' has no version label 'canary' (its labels: none; 'latest' names "
+            "the serving version)",
+        ),
+        (
+            "x y",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model_spec.version_label: not a valid version label; 1 to 64 letters, digits, "
+            "'_', '.' or '-', starting with a letter or digit expected, got 'x y'",
+        ),
+    ],
+)
+def test_tfserving_labels_the_model_lacks(
+    channel: grpc.Channel, digits: np.ndarray, label: str, code: grpc.StatusCode, message: str
+) -> None:
+    prediction = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    predict = tf_predict_request(digits, "predict_uint8")
+    predict.model_spec.version_label = label
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    metadata.model_spec.name = "mnist"
+    metadata.model_spec.version_label = label
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = "mnist"
+    status.model_spec.version_label = label
+    calls = [
+        (prediction.Predict, predict),
+        (prediction.GetModelMetadata, metadata),
+        (model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus, status),
+    ]
+    for call, request in calls:
+        with pytest.raises(grpc.RpcError) as exc:
+            call(request, timeout=60)
+        assert (exc.value.code(), exc.value.details()) == (code, message)
 
 
 def test_tfserving_metadata_and_status(channel: grpc.Channel) -> None:
@@ -289,6 +332,18 @@ def test_tfserving_metadata_and_status(channel: grpc.Channel) -> None:
 
     status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
         get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "mnist"}), timeout=60
+    )
+    assert [(s.version, s.state) for s in status.model_version_status] == [
+        (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+    ]
+    # By an implicit label: the serving version's metadata and status.
+    request.model_spec.version_label = "latest"
+    assert stub.GetModelMetadata(request, timeout=60).model_spec.version.value == 1
+    status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+        get_model_status_pb2.GetModelStatusRequest(
+            model_spec={"name": "mnist", "version_label": "stable"}
+        ),
+        timeout=60,
     )
     assert [(s.version, s.state) for s in status.model_version_status] == [
         (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)

@@ -37,7 +37,7 @@ def predict_request(
     name: str = "mnist",
     signature: str = "",
     version: int | None = None,
-    label: str = "",
+    label: str | None = None,
     outputs: tuple[str, ...] = (),
 ) -> Any:
     request = predict_pb2.PredictRequest()
@@ -45,7 +45,7 @@ def predict_request(
     request.model_spec.signature_name = signature
     if version is not None:
         request.model_spec.version.value = version
-    if label:
+    if label is not None:
         request.model_spec.version_label = label
     proto = tf.make_tensor_proto(images) if isinstance(images, np.ndarray) else images
     request.inputs["images"].CopyFrom(proto)
@@ -93,13 +93,44 @@ def test_predict_request_decodes_content_and_typed_values(images: Any, signature
     ("kwargs", "ref"),
     [
         ({"version": 2}, types.ModelRef("mnist", 2)),
-        ({"label": "stable"}, types.ModelRef("mnist", None)),
-        ({"label": "latest"}, types.ModelRef("mnist", None)),
+        # Labels go to the runtime as they are: it knows each model's labels.
+        ({"label": "stable"}, types.ModelRef("mnist", label="stable")),
+        ({"label": "latest"}, types.ModelRef("mnist", label="latest")),
+        ({"label": "canary"}, types.ModelRef("mnist", label="canary")),
+        ({"label": "v2.1-rc_3"}, types.ModelRef("mnist", label="v2.1-rc_3")),
+        ({"name": "", "label": "canary"}, types.ModelRef(None, label="canary")),
         ({"name": ""}, types.ModelRef(None, None)),
     ],
 )
 def test_model_spec_versions_and_labels(kwargs: dict[str, Any], ref: types.ModelRef) -> None:
     assert tc.predict_request(predict_request(**kwargs))[1] == ref
+
+
+def test_the_version_and_the_label_are_one_oneof() -> None:
+    # Setting one clears the other, as in TF Serving's ModelSpec: both cannot arrive.
+    spec = model_pb2.ModelSpec(name="mnist")
+    spec.version.value = 2
+    spec.version_label = "canary"
+    assert tc.model_ref(spec) == types.ModelRef("mnist", label="canary")
+    spec.version.value = 3
+    assert tc.model_ref(spec) == types.ModelRef("mnist", 3)
+
+
+@pytest.mark.parametrize(
+    ("label", "problem"),
+    [
+        ("", "empty; "),
+        ("x y", "not a valid version label; "),
+        ("-canary", "not a valid version label; "),
+        ("canary/1", "not a valid version label; "),
+        ("c" * 65, "65 characters is too long; "),
+    ],
+)
+def test_labels_no_model_could_have_are_invalid(label: str, problem: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as exc:
+        tc.predict_request(predict_request(label=label))
+    invalid(exc, "model_spec.version_label")
+    assert problem in str(exc.value)
 
 
 def _two_inputs() -> Any:
@@ -139,7 +170,7 @@ def _unknown_rank() -> Any:
         (lambda: predict_request(FLOATS, signature="predict_uint8"), "inputs[images].dtype"),
         (lambda: predict_request(FLOATS.astype(np.float64)), "inputs[images].dtype"),
         (lambda: predict_request(signature="feature_maps"), "model_spec.signature_name"),
-        (lambda: predict_request(label="canary"), "model_spec.version_label"),
+        (lambda: predict_request(label="not a label"), "model_spec.version_label"),
         (lambda: predict_request(version=0), "model_spec.version"),
         (lambda: predict_request(version=-1), "model_spec.version"),
         (lambda: predict_request(outputs=("logits",)), "output_filter"),

@@ -52,6 +52,50 @@ def test_model_spec_version_must_be_positive(version: int) -> None:
         cv.model_ref_from_proto(convserve_pb2.ModelSpec(version=version))
 
 
+def test_model_spec_version_labels_from_the_client() -> None:
+    spec = convert.model_spec("mnist", version_label="canary")
+    assert cv.model_ref_from_proto(spec) == types.ModelRef("mnist", label="canary")
+    spec = convert.model_spec(version_label="stable")
+    assert cv.model_ref_from_proto(spec) == types.ModelRef(None, label="stable")
+    # An empty label is no label, as proto3 cannot tell it from an absent one.
+    spec = convert.model_spec("mnist", version_label="")
+    assert cv.model_ref_from_proto(spec) == types.ModelRef("mnist")
+    assert cv.model_ref_from_proto(convserve_pb2.ModelSpec(version_label="")) is types.DEFAULT_MODEL
+
+
+def test_a_version_and_a_label_together_are_invalid() -> None:
+    spec = convserve_pb2.ModelSpec(name="mnist", version=2, version_label="canary")
+    with pytest.raises(errors.InvalidArgument) as exc:
+        cv.model_ref_from_proto(spec)
+    assert str(exc.value) == (
+        "model_spec: a version or a version_label expected, not both "
+        "(got version 2 and version_label 'canary')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("label", "problem"),
+    [
+        ("x y", "not a valid version label; {rule}, got 'x y'"),
+        ("../canary", "not a valid version label; {rule}, got '../canary'"),
+        ("c" * 65, "65 characters is too long; {rule}, got 'ccc"),
+    ],
+)
+def test_labels_no_model_could_have_are_invalid(label: str, problem: str) -> None:
+    rule = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit expected"
+    with pytest.raises(errors.InvalidArgument) as exc:
+        cv.model_ref_from_proto(convserve_pb2.ModelSpec(version_label=label))
+    expected = "model_spec.version_label: " + problem.format(rule=rule)
+    assert str(exc.value).startswith(expected), str(exc.value)
+
+
+def test_a_long_label_is_cut_in_the_message() -> None:
+    with pytest.raises(errors.InvalidArgument) as exc:
+        cv.model_ref_from_proto(convserve_pb2.ModelSpec(version_label="x" * 9000))
+    assert "(9000 characters)" in str(exc.value)
+    assert len(str(exc.value)) < 300
+
+
 def test_options_from_the_client() -> None:
     message = convert.convolution_options(
         mode="convolution", strides=(2, 3), padding=(1, 0, 2, 1), dilations=(1, 2)
@@ -552,8 +596,14 @@ def test_list_models_response_read_by_the_client_is_sorted() -> None:
         ),
         types.ModelStatus("digits8", ready=False, error="the base path does not exist"),
     ]
-    models[0] = dataclasses.replace(models[0], memory_bytes=123_456_789_012)
+    models[0] = dataclasses.replace(
+        models[0],
+        memory_bytes=123_456_789_012,
+        labels=(("canary", 2), ("stable", 1)),
+        label_errors=("model mnist: version label 'next' -> 3 not applied: ...",),
+    )
     message = cv.list_models_response_to_proto(models, "mnist")
+    assert dict(message.models[2].version_labels) == {"canary": 2, "stable": 1}
     assert convert.list_models_result(message) == ModelList(
         models=(
             ModelStatus("digits8", False, (), error="the base path does not exist"),
@@ -565,6 +615,8 @@ def test_list_models_response_read_by_the_client_is_sorted() -> None:
                 True,
                 (VersionStatus(1, "AVAILABLE", False, ""), VersionStatus(2, "AVAILABLE", True, "")),
                 memory_bytes=123_456_789_012,
+                labels=(("canary", 2), ("stable", 1)),
+                label_errors=("model mnist: version label 'next' -> 3 not applied: ...",),
             ),
         ),
         default_model="mnist",

@@ -12,6 +12,7 @@ from convserve.server.model_config import (
     ModelEntry,
     VersionPolicy,
     check_unique,
+    label_problem,
     parse_model_config,
     parse_model_flag,
     read_model_config_file,
@@ -420,12 +421,125 @@ def test_names_differing_in_case_are_distinct() -> None:
     assert [entry.name for entry in parse_model_config(text)] == ["a", "A"]
 
 
-def test_version_labels_are_refused() -> None:
-    body = 'version_labels { key: "stable" value: 1 }'
-    assert error_of(one(body)) == (
-        "models.conf: model_config_list.config[0].version_labels: not supported by convserve;"
-        " address versions by number"
+# --- version labels ----------------------------------------------------------------
+
+
+def labels_of(body: str) -> tuple[tuple[str, int], ...]:
+    [entry] = parse_model_config(one(body))
+    return entry.labels
+
+
+def test_version_labels_are_read_sorted_by_label() -> None:
+    body = (
+        "model_version_policy { specific { versions: 1 versions: 2 } }"
+        ' version_labels { key: "stable" value: 1 }'
+        ' version_labels { key: "canary" value: 2 }'
+        ' version_labels { key: "Z.9_x-y" value: 2 }'
     )
+    assert labels_of(body) == (("Z.9_x-y", 2), ("canary", 2), ("stable", 1))
+
+
+def test_no_version_labels_is_none() -> None:
+    assert labels_of("") == ()
+    assert parse_model_flag("m=/models/m").labels == ()
+
+
+def test_a_repeated_label_takes_its_last_value() -> None:
+    # The text format's rule for map entries: the last one written wins.
+    body = 'version_labels { key: "canary" value: 1 } version_labels { key: "canary" value: 3 }'
+    assert labels_of(body) == (("canary", 3),)
+
+
+@pytest.mark.parametrize("label", ["a", "7", "stable", "latest", "v1.2-rc_3", "A" * 64, "x-", "x."])
+def test_valid_label_names(label: str) -> None:
+    assert labels_of(f'version_labels {{ key: "{label}" value: 1 }}') == ((label, 1),)
+    assert label_problem(label) is None
+
+
+LABEL_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit expected"
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ('"x y"', '["x y"]: not a valid version label; ' + LABEL_RULE),
+        ('""', '[""]: empty; ' + LABEL_RULE),
+        ('"-canary"', '["-canary"]: not a valid version label; ' + LABEL_RULE),
+        ('"_canary"', '["_canary"]: not a valid version label; ' + LABEL_RULE),
+        ('"a/b"', '["a/b"]: not a valid version label; ' + LABEL_RULE),
+        ('"caf\\303\\251"', '["caf\\u00e9"]: not a valid version label; ' + LABEL_RULE),
+        ('"a\\nb"', '["a\\nb"]: not a valid version label; ' + LABEL_RULE),
+        ('"' + "a" * 65 + '"', f'["{"a" * 65}"]: 65 characters is too long; ' + LABEL_RULE),
+    ],
+)
+def test_bad_label_names_name_the_field(key: str, expected: str) -> None:
+    body = f"version_labels {{ key: {key} value: 1 }}"
+    prefix = "models.conf: model_config_list.config[0].version_labels"
+    assert error_of(one(body)) == prefix + expected
+
+
+def test_a_very_long_label_is_cut_in_the_message() -> None:
+    message = error_of(one(f'version_labels {{ key: "{"a" * 5000}" value: 1 }}'))
+    assert '…" (5000 characters)]: 5000 characters is too long' in message
+    assert len(message) < 400
+
+
+@pytest.mark.parametrize("version", [0, -1, -(2**63)])
+def test_label_versions_must_be_positive(version: int) -> None:
+    body = f'version_labels {{ key: "canary" value: {version} }}'
+    assert error_of(one(body)) == (
+        'models.conf: model_config_list.config[0].version_labels["canary"]:'
+        f" {version} is not a model version; 1..{MAX_VERSION} expected"
+    )
+
+
+def test_the_largest_label_version_is_accepted() -> None:
+    assert labels_of(f'version_labels {{ key: "far" value: {MAX_VERSION} }}') == (
+        ("far", MAX_VERSION),
+    )
+
+
+def test_label_errors_name_the_model_they_belong_to() -> None:
+    text = (
+        'model_config_list { config { name: "a" base_path: "/a" }'
+        ' config { name: "b" base_path: "/b" version_labels { key: "ok" value: 1 }'
+        ' version_labels { key: "not ok" value: 2 } } }'
+    )
+    assert error_of(text).startswith(
+        'models.conf: model_config_list.config[1].version_labels["not ok"]: '
+    )
+
+
+def test_model_entry_checks_and_sorts_its_labels() -> None:
+    entry = ModelEntry("m", Path("/m"), labels=(("stable", 1), ("canary", 2)))
+    assert entry.labels == (("canary", 2), ("stable", 1))
+    assert entry == ModelEntry("m", Path("/m"), labels=(("canary", 2), ("stable", 1)))
+    with pytest.raises(ModelConfigError, match=r'version label "x y": not a valid'):
+        ModelEntry("m", Path("/m"), labels=(("x y", 1),))
+    with pytest.raises(ModelConfigError, match=r'"canary": a version in 1\.\..* expected, got 0'):
+        ModelEntry("m", Path("/m"), labels=(("canary", 0),))
+    with pytest.raises(ModelConfigError, match=r'"canary": given more than once'):
+        ModelEntry("m", Path("/m"), labels=(("canary", 1), ("canary", 2)))
+
+
+def test_entries_differing_only_in_labels() -> None:
+    base = ModelEntry("m", Path("/m"), VersionPolicy("all"), labels=(("canary", 1),))
+    assert base.same_but_labels(ModelEntry("m", Path("/m"), VersionPolicy("all")))
+    assert base.same_but_labels(base)
+    assert not base.same_but_labels(ModelEntry("m", Path("/n"), VersionPolicy("all")))
+    assert not base.same_but_labels(ModelEntry("m", Path("/m"), labels=(("canary", 1),)))
+    assert not base.same_but_labels(ModelEntry("n", Path("/m"), VersionPolicy("all")))
+
+
+def test_labels_survive_reading_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "models.conf"
+    path.write_text(
+        'model_config_list { config { name: "a" base_path: "a"'
+        ' version_labels { key: "canary" value: 2 } } }',
+        encoding="utf-8",
+    )
+    [entry] = read_model_config_file(path)
+    assert (entry.base_path, entry.labels) == (tmp_path / "a", (("canary", 2),))
 
 
 def test_logging_config_is_refused() -> None:

@@ -95,12 +95,17 @@ class AsyncConvServeClient(AsyncClosing):
         return model or self._config.model_name
 
     async def _input_shape(
-        self, model: str, version: int | None, deadline: Deadline | None = None
+        self,
+        model: str,
+        version: int | None,
+        deadline: Deadline | None = None,
+        version_label: str | None = None,
     ) -> ImageShape:
-        """The model's (H, W, C), asked for once per model name (again after a failure)."""
+        """The model's (H, W, C), asked for (of the version named) once per model name
+        (again after a failure)."""
         known = self._input_shapes.get(model)
         if known is None or (known.done() and (known.cancelled() or known.exception())):
-            request = convert.metadata_request(convert.model_spec(model, version))
+            request = convert.metadata_request(convert.model_spec(model, version, version_label))
             call_deadline = deadline or self._config.deadline(None)
 
             async def fetch() -> ImageShape:
@@ -131,21 +136,24 @@ class AsyncConvServeClient(AsyncClosing):
         *,
         model: str = "",
         model_version: int | None = None,
+        version_label: str | None = None,
         timeout_s: float | None = None,
     ) -> PredictResult:
         """Classify images: an array, a list of arrays, or image files / PNG or JPEG bytes.
 
         `model`: empty for the client's `model_name` (by default the server's
-        default model). See `convserve.client.images` for the accepted shapes
-        and what is sent.
+        default model). `model_version` or `version_label` (a label of the
+        server's model config file) pins a version; neither: the serving one.
+        See `convserve.client.images` for the accepted shapes and what is sent.
         """
         model = self._model(model)
         deadline = self._config.deadline(timeout_s)
+        spec = convert.model_spec(model, model_version, version_label)
         requests = convert.predict_requests(
             images,
             max_batch_images=self._config.max_batch_images,
-            spec=convert.model_spec(model, model_version),
-            shape=await self._input_shape(model, model_version, deadline),
+            spec=spec,
+            shape=await self._input_shape(model, model_version, deadline, version_label),
         )
         limit = asyncio.Semaphore(ASYNC_SPLIT_CONCURRENCY)
 
@@ -239,26 +247,39 @@ class AsyncConvServeClient(AsyncClosing):
         layers: Sequence[str] = (),
         model: str = "",
         model_version: int | None = None,
+        version_label: str | None = None,
         timeout_s: float | None = None,
     ) -> FeatureMapsResult:
-        """The convolution layers' activations for one image (all layers when `layers` is empty)."""
+        """The convolution layers' activations for one image (all layers when `layers` is empty).
+
+        `model_version` or `version_label` pins a version, as for `predict`.
+        """
         model = self._model(model)
         deadline = self._config.deadline(timeout_s)
+        spec = convert.model_spec(model, model_version, version_label)
         request = convert.feature_maps_request(
             image,
             layers,
-            convert.model_spec(model, model_version),
-            await self._input_shape(model, model_version, deadline),
+            spec,
+            await self._input_shape(model, model_version, deadline, version_label),
         )
         response = await self._call(self._stub.GetFeatureMaps, request, deadline)
         return convert.feature_maps_result(response)
 
     async def metadata(
-        self, *, model: str = "", model_version: int | None = None, timeout_s: float | None = None
+        self,
+        *,
+        model: str = "",
+        model_version: int | None = None,
+        version_label: str | None = None,
+        timeout_s: float | None = None,
     ) -> ModelMetadata:
-        """What the model is: versions, input shape, layers, class names, training record."""
+        """What the model is: versions, input shape, layers, class names, training record.
+
+        `model_version` or `version_label` names the version described, as for `predict`.
+        """
         model = self._model(model)
-        request = convert.metadata_request(convert.model_spec(model, model_version))
+        request = convert.metadata_request(convert.model_spec(model, model_version, version_label))
         response = await self._call(
             self._stub.GetModelMetadata, request, self._config.deadline(timeout_s)
         )

@@ -46,8 +46,16 @@ MODES = {
 PADDINGS = {"valid": pb.PADDING_VALID, "same": pb.PADDING_SAME}
 
 
-def model_spec(name: str = "", version: int | None = None) -> pb.ModelSpec:
-    spec = pb.ModelSpec(name=name)
+def model_spec(
+    name: str = "", version: int | None = None, version_label: str | None = None
+) -> pb.ModelSpec:
+    """A model (empty: the server's default) and a version by number or by version label
+    (neither: the serving version); InputError for both."""
+    if version is not None and version_label:
+        raise InputError(
+            f"model version {version} and version label {version_label!r}: give one or neither"
+        )
+    spec = pb.ModelSpec(name=name, version_label=version_label or "")
     if version is not None:
         spec.version = version
     return spec
@@ -356,6 +364,8 @@ def list_models_result(response: pb.ListModelsResponse) -> ModelList:
                 ),
                 error=model.error,
                 memory_bytes=int(model.memory_bytes),
+                labels=tuple(sorted((label, int(v)) for label, v in model.version_labels.items())),
+                label_errors=tuple(model.label_errors),
             )
             for model in response.models
         ),

@@ -179,6 +179,10 @@ class ModelStatus:
     versions: tuple[VersionStatus, ...]  # ascending by version
     error: str = ""  # why no version serves; empty while one does (or is loading)
     memory_bytes: int = 0  # what the loaded versions' batch buffers are sized for
+    # The version labels in effect, (label, version) by label: dict(labels) maps them.
+    labels: tuple[tuple[str, int], ...] = ()
+    # Why a configured version label is not in effect (one line per label).
+    label_errors: tuple[str, ...] = ()
 
     @property
     def serving_version(self) -> int | None:

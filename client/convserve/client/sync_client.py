@@ -113,12 +113,18 @@ class ConvServeClient:
     def _model(self, model: str) -> str:
         return model or self._config.model_name
 
-    def _input_shape(self, model: str, version: int | None, deadline: Deadline) -> ImageShape:
-        """The model's (H, W, C), asked for once per model name."""
+    def _input_shape(
+        self,
+        model: str,
+        version: int | None,
+        deadline: Deadline,
+        version_label: str | None = None,
+    ) -> ImageShape:
+        """The model's (H, W, C), asked for (of the version named) once per model name."""
         with self._shapes_lock:
             shape = self._input_shapes.get(model)
         if shape is None:
-            request = convert.metadata_request(convert.model_spec(model, version))
+            request = convert.metadata_request(convert.model_spec(model, version, version_label))
             response = self._call(self._stub.GetModelMetadata, request, deadline)
             shape = self._remember(model, convert.metadata_result(response)).input_shape
         return shape
@@ -139,21 +145,24 @@ class ConvServeClient:
         *,
         model: str = "",
         model_version: int | None = None,
+        version_label: str | None = None,
         timeout_s: float | None = None,
     ) -> PredictResult:
         """Classify images: an array, a list of arrays, or image files / PNG or JPEG bytes.
 
         `model`: empty for the client's `model_name` (by default the server's
-        default model). See `convserve.client.images` for the accepted shapes
-        and what is sent.
+        default model). `model_version` or `version_label` (a label of the
+        server's model config file) pins a version; neither: the serving one.
+        See `convserve.client.images` for the accepted shapes and what is sent.
         """
         model = self._model(model)
         deadline = self._config.deadline(timeout_s)
+        spec = convert.model_spec(model, model_version, version_label)
         requests = convert.predict_requests(
             images,
             max_batch_images=self._config.max_batch_images,
-            spec=convert.model_spec(model, model_version),
-            shape=self._input_shape(model, model_version, deadline),
+            spec=spec,
+            shape=self._input_shape(model, model_version, deadline, version_label),
         )
         responses = [self._call(self._stub.Predict, r, deadline) for r in requests]
         return convert.predict_result(requests, responses)
@@ -223,26 +232,36 @@ class ConvServeClient:
         layers: Sequence[str] = (),
         model: str = "",
         model_version: int | None = None,
+        version_label: str | None = None,
         timeout_s: float | None = None,
     ) -> FeatureMapsResult:
-        """The convolution layers' activations for one image (all layers when `layers` is empty)."""
+        """The convolution layers' activations for one image (all layers when `layers` is empty).
+
+        `model_version` or `version_label` pins a version, as for `predict`.
+        """
         model = self._model(model)
         deadline = self._config.deadline(timeout_s)
+        spec = convert.model_spec(model, model_version, version_label)
         request = convert.feature_maps_request(
-            image,
-            layers,
-            convert.model_spec(model, model_version),
-            self._input_shape(model, model_version, deadline),
+            image, layers, spec, self._input_shape(model, model_version, deadline, version_label)
         )
         response = self._call(self._stub.GetFeatureMaps, request, deadline)
         return convert.feature_maps_result(response)
 
     def metadata(
-        self, *, model: str = "", model_version: int | None = None, timeout_s: float | None = None
+        self,
+        *,
+        model: str = "",
+        model_version: int | None = None,
+        version_label: str | None = None,
+        timeout_s: float | None = None,
     ) -> ModelMetadata:
-        """What the model is: versions, input shape, layers, class names, training record."""
+        """What the model is: versions, input shape, layers, class names, training record.
+
+        `model_version` or `version_label` names the version described, as for `predict`.
+        """
         model = self._model(model)
-        request = convert.metadata_request(convert.model_spec(model, model_version))
+        request = convert.metadata_request(convert.model_spec(model, model_version, version_label))
         response = self._call(
             self._stub.GetModelMetadata, request, self._config.deadline(timeout_s)
         )

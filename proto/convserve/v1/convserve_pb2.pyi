@@ -70,25 +70,33 @@ Global___Padding: _TypeAlias = Padding  # noqa: Y015
 
 @_typing.final
 class ModelSpec(_message.Message):
-    """Selects a model and, optionally, one of its loaded versions."""
+    """Selects a model and, optionally, one of its loaded versions: by number or by a
+    version label of the server's model config file (at most one of the two).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    VERSION_LABEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Empty means the server's default model."""
     version: _builtins.int
     """Absent means the newest loaded version."""
+    version_label: _builtins.str
+    """A version label (e.g. "canary"); empty means none. "latest" means the serving
+    version, and so does "stable" unless the model config file defines it.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int | None = ...,
+        version_label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_version", b"_version", "name", b"name", "version", b"version", "version_label", b"version_label"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__version: _TypeAlias = _typing.Literal["version"]  # noqa: Y015
     _WhichOneofArgType__version: _TypeAlias = _typing.Literal["_version", b"_version"]  # noqa: Y015
@@ -825,11 +833,33 @@ Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
 class ModelStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class VersionLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    VERSION_LABELS_FIELD_NUMBER: _builtins.int
+    LABEL_ERRORS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     ready: _builtins.bool
     """A version is serving and its engine is usable."""
@@ -845,6 +875,16 @@ class ModelStatus(_message.Message):
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]:
         """Ascending by version."""
 
+    @_builtins.property
+    def version_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The version labels in effect: label -> version."""
+
+    @_builtins.property
+    def label_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why a configured version label is not in effect (its version is not loaded), one
+        line per label; such a label keeps the version it had, if that is still loaded.
+        """
+
     def __init__(
         self,
         *,
@@ -853,10 +893,12 @@ class ModelStatus(_message.Message):
         versions: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
         error: _builtins.str = ...,
         memory_bytes: _builtins.int = ...,
+        version_labels: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        label_errors: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "memory_bytes", b"memory_bytes", "name", b"name", "ready", b"ready", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "label_errors", b"label_errors", "memory_bytes", b"memory_bytes", "name", b"name", "ready", b"ready", "version_labels", b"version_labels", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor, to_tensor
-from convserve.server import errors, types
+from convserve.server import errors, model_config, types
 from convserve.v1 import convserve_pb2
 
 
@@ -71,8 +71,10 @@ def optional_tensor_field(message: Any, name: str, field: str | None = None) -> 
 def model_ref_from_proto(
     spec: convserve_pb2.ModelSpec, field: str = "model_spec"
 ) -> types.ModelRef:
-    """ModelSpec -> ModelRef: an empty name is the default model, no version the serving one."""
-    if not spec.name and not spec.HasField("version"):
+    """ModelSpec -> ModelRef: an empty name is the default model, no version and no version
+    label the serving one; a version and a label together are refused."""
+    label = spec.version_label
+    if not spec.name and not spec.HasField("version") and not label:
         return types.DEFAULT_MODEL
     version: int | None = None
     if spec.HasField("version"):
@@ -81,7 +83,23 @@ def model_ref_from_proto(
             raise errors.InvalidArgument(
                 f"{field}.version", f"a positive version number expected, got {version}"
             )
-    return types.ModelRef(name=spec.name or None, version=version)
+    if label:
+        check_label(label, f"{field}.version_label")
+        if version is not None:
+            raise errors.InvalidArgument(
+                field,
+                f"a version or a version_label expected, not both (got version {version} "
+                f"and version_label {errors.shown(label)})",
+            )
+    return types.ModelRef(name=spec.name or None, version=version, label=label or None)
+
+
+def check_label(label: str, field: str) -> None:
+    """Raise errors.InvalidArgument naming `field` unless `label` could be a version label
+    (`model_config.label_problem`); whether the model has it is the runtime's to say."""
+    problem = model_config.label_problem(label)
+    if problem:
+        raise errors.InvalidArgument(field, f"{problem}, got {errors.shown(label)}")
 
 
 def _pair(values: Any, field: str, meaning: str) -> tuple[int, int]:
@@ -359,6 +377,8 @@ def model_status_to_proto(status: types.ModelStatus) -> convserve_pb2.ModelStatu
         ],
         error=status.error,
         memory_bytes=status.memory_bytes,
+        version_labels=dict(status.labels),
+        label_errors=list(status.label_errors),
     )
 
 

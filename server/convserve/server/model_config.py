@@ -1,11 +1,11 @@
 """Which models to serve: the ``--model`` flag and the model config file, as typed values.
 
 There are two sources, and each gives a list of `ModelEntry` (name, base path,
-version policy):
+version policy, version labels):
 
 - ``--model NAME=BASE_PATH`` (repeatable), read by `parse_model_flag`. The path
   is kept as given, so a relative one is relative to the working directory. A
-  flag has no version policy: the server's default applies.
+  flag has no version policy (the server's default applies) and no labels.
 - ``--model-config-file FILE``, read by `read_model_config_file`: TensorFlow
   Serving's ``ModelServerConfig`` in protobuf text format (``model_config_list {
   config { name: ... base_path: ... model_version_policy { ... } } }``). A
@@ -26,13 +26,23 @@ those of the listed versions that exist. An empty ``model_version_policy {}``
 is TF Serving's default, the newest version; no ``model_version_policy`` at all
 leaves the choice to the server (``policy=None``).
 
+Version labels, as in TF Serving: ``version_labels { key: "canary" value: 2 }``
+(repeatable) names a version, and requests may address it by the label instead
+of its number. A label name is 1 to `MAX_LABEL_LENGTH` letters, digits, ``_``,
+``.`` or ``-``, starting with a letter or digit (labels appear in URL paths and
+logs); its version is in 1..`MAX_VERSION`. The labels are kept sorted by name
+(`ModelEntry.labels`). Which versions they may point at is the runtime's
+concern: by default only loaded ones, so a label usually goes with a version
+policy that loads the version (``specific { versions: 1 versions: 2 }``).
+
 Anything convserve cannot honour is refused with a `ModelConfigError` naming the
-source and the field (``custom_model_config``, ``version_labels``,
-``logging_config``, a model platform other than TensorFlow) rather than ignored.
+source and the field (``custom_model_config``, ``logging_config``, a model
+platform other than TensorFlow) rather than ignored.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,12 +56,17 @@ MAX_VERSION = 2**63 - 1
 # More versions than this in memory at once is a typo, not a plan.
 MAX_NUM_VERSIONS = 1000
 MAX_NAME_LENGTH = 128
+MAX_LABEL_LENGTH = 64
 # A model config file larger than this is refused (a config of thousands of models
 # is a few hundred KB).
 MAX_CONFIG_BYTES = 16 << 20
 # Names become Prometheus label values, gRPC health service names and URL path
 # parts, so they are kept to characters that need no escaping in any of them.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Version labels appear in URL paths (/v1/models/NAME/labels/LABEL) and logs too.
+_LABEL = _NAME
+# Characters of a refused label name quoted in an error message, at most.
+_QUOTED_LABEL_CHARS = 70
 # The OIP adapter serves a built-in convolution model under this name
 # (convserve.server.protocols.oip_convert.CONV_MODEL).
 RESERVED_NAMES = frozenset({"conv2d"})
@@ -147,17 +162,40 @@ class VersionPolicy:
 class ModelEntry:
     """One model to serve: the name clients address it by and its versioned directory.
 
-    ``policy`` None means the server's default version policy.
+    ``policy`` None means the server's default version policy. ``labels`` are
+    its version labels, (label, version) pairs, stored sorted by label whatever
+    order they are given in.
     """
 
     name: str
     base_path: Path
     policy: VersionPolicy | None = None
+    labels: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         problem = _name_problem(self.name)
         if problem:
             raise ModelConfigError(f"model name: {problem}")
+        labels = tuple(sorted(self.labels))
+        for index, (label, version) in enumerate(labels):
+            where = f"model {self.name!r}: version label {_quoted(label)}"
+            problem = label_problem(label)
+            if problem:
+                raise ModelConfigError(f"{where}: {problem}")
+            if not _is_int(version) or not 1 <= version <= MAX_VERSION:
+                raise ModelConfigError(
+                    f"{where}: a version in 1..{MAX_VERSION} expected, got {version!r}"
+                )
+            if index and labels[index - 1][0] == label:
+                raise ModelConfigError(f"{where}: given more than once")
+        # Frozen, so normalised through object.__setattr__: equal label sets compare equal.
+        object.__setattr__(self, "labels", labels)
+
+    def same_but_labels(self, other: ModelEntry) -> bool:
+        """Whether `other` differs from this entry in its version labels only (or not at
+        all): what is loaded stays, only the labels change."""
+        mine = (self.name, self.base_path, self.policy)
+        return mine == (other.name, other.base_path, other.policy)
 
 
 def parse_model_flag(text: str) -> ModelEntry:
@@ -248,7 +286,12 @@ def model_config_entries(text: str, path: Path) -> list[ModelEntry]:
     directory holding `path`."""
     directory = path.absolute().parent
     return [
-        ModelEntry(name=entry.name, base_path=directory / entry.base_path, policy=entry.policy)
+        ModelEntry(
+            name=entry.name,
+            base_path=directory / entry.base_path,
+            policy=entry.policy,
+            labels=entry.labels,
+        )
         for entry in parse_model_config(text, source=str(path))
     ]
 
@@ -286,11 +329,6 @@ def _entry_from_proto(
             f"{source}: {field}.model_type: set together with model_platform;"
             " give model_platform only (model_type is deprecated)"
         )
-    if model.version_labels:
-        raise ModelConfigError(
-            f"{source}: {field}.version_labels: not supported by convserve;"
-            " address versions by number"
-        )
     if model.HasField("logging_config"):
         raise ModelConfigError(
             f"{source}: {field}.logging_config: not supported by convserve;"
@@ -301,7 +339,52 @@ def _entry_from_proto(
         policy = _policy_from_proto(
             model.model_version_policy, source, f"{field}.model_version_policy"
         )
-    return ModelEntry(name=model.name, base_path=Path(model.base_path), policy=policy)
+    labels = _labels_from_proto(model.version_labels, source, f"{field}.version_labels")
+    return ModelEntry(
+        name=model.name, base_path=Path(model.base_path), policy=policy, labels=labels
+    )
+
+
+def _labels_from_proto(labels: Any, source: str, field: str) -> tuple[tuple[str, int], ...]:
+    # `labels` is the map<string, int64> version_labels (keys are unique by construction).
+    pairs: list[tuple[str, int]] = []
+    for label in sorted(labels):
+        version = int(labels[label])
+        where = f"{source}: {field}[{_quoted(label)}]"
+        problem = label_problem(label)
+        if problem:
+            raise ModelConfigError(f"{where}: {problem}")
+        if not 1 <= version <= MAX_VERSION:
+            raise ModelConfigError(
+                f"{where}: {version} is not a model version; 1..{MAX_VERSION} expected"
+            )
+        pairs.append((label, version))
+    return tuple(pairs)
+
+
+def label_problem(label: object) -> str | None:
+    """Why `label` cannot be a version label, or None if it can."""
+    rule = (
+        f"1 to {MAX_LABEL_LENGTH} letters, digits, '_', '.' or '-', starting with a letter"
+        " or digit expected"
+    )
+    if not isinstance(label, str):
+        return f"a string expected, got {type(label).__name__}"
+    if not label:
+        return f"empty; {rule}"
+    if len(label) > MAX_LABEL_LENGTH:
+        return f"{len(label)} characters is too long; {rule}"
+    if not _LABEL.fullmatch(label):
+        return f"not a valid version label; {rule}"
+    return None
+
+
+def _quoted(label: object) -> str:
+    """A label name as a double-quoted string (escaped, cut when long) for messages."""
+    text = label if isinstance(label, str) else repr(label)
+    if len(text) > _QUOTED_LABEL_CHARS:
+        return f'{json.dumps(text[:_QUOTED_LABEL_CHARS])[:-1]}…" ({len(text)} characters)'
+    return json.dumps(text)
 
 
 def _policy_from_proto(policy: Any, source: str, field: str) -> VersionPolicy:

@@ -11,7 +11,9 @@ anything else (hidden export temp dirs, files, other names) is ignored. The
 `ModelManager` serves the newest version that loaded and warmed up, keeps the
 `keep_versions` newest loaded versions pinnable, and hands out leases: a
 request holds a lease on its version while it runs, so a version swapped out
-is released only after its last request has finished.
+is released only after its last request has finished. A request names its
+version by number, by a version label of the model config file
+(`ModelManager.set_labels`), or neither (the serving version).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import queue
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,13 @@ _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # Rounds of waiting for a version that keeps changing, per poll; after them the poll
 # moves on and the next one looks again.
 SETTLE_ROUNDS = 5
+# Version labels that mean the serving version unless the model config file defines
+# them: "latest" as its name says, "stable" for clients written before labels existed.
+IMPLICIT_LABELS = ("latest", "stable")
+_LABEL_HINT = (
+    "a label may point only at a loaded version unless the server runs with "
+    "--allow-version-labels-for-unavailable-models"
+)
 
 
 def discover_versions(base_path: Path) -> list[int]:
@@ -845,6 +854,20 @@ def _use_litert(
              difference)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LabelState:
+    """A model's version labels: as configured, as in effect, and why some are not.
+
+    Replaced whole (one assignment), so that a request resolving a label sees
+    one configuration of them, never half of an update.
+    """
+
+    configured: Mapping[str, int] = field(default_factory=dict)
+    effective: Mapping[str, int] = field(default_factory=dict)
+    # label -> why it does not point at its configured version.
+    problems: Mapping[str, str] = field(default_factory=dict)
+
+
 class ModelManager:
     """Serves the newest good version under `base_path`; loads new ones in the background.
 
@@ -853,6 +876,14 @@ class ModelManager:
     when it is newer than the serving one). With a `model_config.VersionPolicy`
     (TF Serving's latest N / all / specific), exactly the versions it selects
     among those on disk are loaded; the newest loaded one serves.
+
+    Version labels (`labels`, `set_labels`) follow TF Serving's rule: a label
+    points only at a loaded version, unless `allow_unavailable_labels` (then
+    requests by it get UNAVAILABLE until its version loads). A label whose
+    version is not loaded is refused (logged once at ERROR, reported in
+    `label_errors`) and keeps the version it had, if that is still loaded;
+    labels are checked again after every poll, so a refused one takes effect
+    once its version has loaded.
     """
 
     def __init__(
@@ -867,6 +898,8 @@ class ModelManager:
         loader: Callable[[str, int, Path, str], LoadedModel] = load_model,
         policy: Any = None,
         settle_s: float = VERSION_SETTLE_S,
+        labels: Sequence[tuple[str, int]] = (),
+        allow_unavailable_labels: bool = False,
     ) -> None:
         self.base_path = Path(base_path)
         self.name = name
@@ -892,6 +925,12 @@ class ModelManager:
         self._unloading: dict[int, LoadedModel] = {}
         self._poll_lock = asyncio.Lock()
         self._state_lock = threading.Lock()
+        self.allow_unavailable_labels = allow_unavailable_labels
+        # Checked against the loaded versions at the end of the first poll: before it,
+        # nothing is loaded and every label would be refused.
+        self._labels = LabelState(configured=dict(labels))
+        # label -> the version its refusal was logged for (logged once per version).
+        self._refused: dict[str, int] = {}
 
     @property
     def serving(self) -> LoadedModel | None:
@@ -925,6 +964,66 @@ class ModelManager:
         if loading is not None:
             states[loading] = types.VersionStatus(loading, "LOADING")
         return tuple(states[v] for v in sorted(states))
+
+    @property
+    def labels(self) -> tuple[tuple[str, int], ...]:
+        """The version labels in effect, (label, version) by label."""
+        return tuple(sorted(self._labels.effective.items()))
+
+    @property
+    def label_errors(self) -> tuple[str, ...]:
+        """Why configured labels are not in effect as configured, one line each, by label."""
+        problems = self._labels.problems
+        return tuple(problems[label] for label in sorted(problems))
+
+    def set_labels(self, labels: Sequence[tuple[str, int]]) -> None:
+        """Configure the version labels (label, version) and apply them at once, as far as
+        the loaded versions allow (see the class docstring). Call on the event loop."""
+        configured = dict(labels)
+        for label in sorted(set(self._labels.configured) - set(configured)):
+            log.info("model %s: version label %r removed", self.name, label)
+        self._update_labels(configured)
+
+    def _update_labels(self, configured: Mapping[str, int] | None = None) -> None:
+        """Point each label `configured` (None: as configured so far) at its version if it
+        may (see the class docstring), and swap the new labels in at once."""
+        before = self._labels
+        if configured is None:
+            configured = before.configured
+        loaded = sorted(self._loaded)
+        effective: dict[str, int] = {}
+        problems: dict[str, str] = {}
+        for label, version in sorted(configured.items()):
+            previous = before.effective.get(label)
+            if version in self._loaded or self.allow_unavailable_labels:
+                effective[label] = version
+                was = f" (was {previous})" if previous is not None else ""
+                if self._refused.pop(label, None) == version:
+                    log.info("model %s: version label %r -> %d now in effect%s: version %d "
+                             "has loaded", self.name, label, version, was, version)  # fmt: skip
+                elif previous != version and version not in self._loaded:
+                    log.warning("model %s: version label %r -> %d%s, a version that is not "
+                                "loaded: requests by the label get UNAVAILABLE until it is",
+                                self.name, label, version, was)  # fmt: skip
+                elif previous != version:
+                    log.info("model %s: version label %r -> %d%s", self.name, label, version, was)
+                continue
+            kept = previous if previous in self._loaded else None
+            stays = f"stays on version {kept}" if kept is not None else "is not in effect"
+            problems[label] = (
+                f"model {self.name}: version label {label!r} -> {version} not applied: version "
+                f"{version} is not loaded (loaded: {', '.join(map(str, loaded)) or 'none'}); "
+                f"{label!r} {stays}"
+            )
+            if kept is not None:
+                effective[label] = kept
+            if self._refused.get(label) != version:
+                self._refused[label] = version
+                log.error("%s (%s)", problems[label], _LABEL_HINT)
+        for label in [name for name in self._refused if name not in configured]:
+            del self._refused[label]
+        # One assignment: a request sees the labels before or after, never a mixture.
+        self._labels = LabelState(configured=configured, effective=effective, problems=problems)
 
     def path_of(self, version: int) -> Path:
         """The directory of `version` (as the last listing named it)."""
@@ -962,33 +1061,42 @@ class ModelManager:
         way to the newest one left on disk.
         """
         async with self._poll_lock:
+            try:
+                return await self._poll()
+            finally:
+                # The loaded versions may have changed: the labels follow.
+                if not self._closed:
+                    self._update_labels()
+
+    async def _poll(self) -> int | None:
+        """One `poll_once`, under its lock."""
+        if self._closed:
+            return None
+        swapped: int | None = None
+        # Listed once per poll (every decision below sees the same versions), and
+        # off the event loop, as are the change markers: in threads that cannot
+        # hold the process at exit (a hung file system).
+        self._dirs = await run_detached(version_dirs, self.base_path, name="list-versions")
+        available = sorted(self._dirs)
+        await self._note_problem(available)
+        await self._refresh_records()
+        for version in await run_detached(self._candidates, available, name="candidates"):
+            model = await self._load(version)
+            if model is None:
+                continue
             if self._closed:
+                _discard(model)  # released while it loaded
                 return None
-            swapped: int | None = None
-            # Listed once per poll (every decision below sees the same versions), and
-            # off the event loop, as are the change markers: in threads that cannot
-            # hold the process at exit (a hung file system).
-            self._dirs = await run_detached(version_dirs, self.base_path, name="list-versions")
-            available = sorted(self._dirs)
-            await self._note_problem(available)
-            await self._refresh_records()
-            for version in await run_detached(self._candidates, available, name="candidates"):
-                model = await self._load(version)
-                if model is None:
-                    continue
-                if self._closed:
-                    _discard(model)  # released while it loaded
-                    return None
-                changed = self._swap_in(model)
-                if self.policy is None:
-                    return version
-                if changed:
-                    swapped = version
-            if self.policy is not None:
-                swapped = self._apply_policy(available) or swapped
-            elif available and self._serving is not None and self._serving.version not in available:
-                swapped = await self._roll_back(available)
-            return swapped
+            changed = self._swap_in(model)
+            if self.policy is None:
+                return version
+            if changed:
+                swapped = version
+        if self.policy is not None:
+            swapped = self._apply_policy(available) or swapped
+        elif available and self._serving is not None and self._serving.version not in available:
+            swapped = await self._roll_back(available)
+        return swapped
 
     async def _note_problem(self, available: list[int]) -> None:
         """Keep the base path's problem current; log it at ERROR when it changes."""
@@ -1166,28 +1274,70 @@ class ModelManager:
             callback(model)
 
     def resolve(self, ref: types.ModelRef) -> LoadedModel:
-        """The loaded version `ref` names (the serving one when unpinned).
+        """The loaded version `ref` names: pinned by number, by version label, or the
+        serving one when neither is given.
 
-        Raises errors.NotFound for another model name or a version not loaded,
-        errors.Unavailable when nothing serves yet.
+        Raises errors.NotFound for another model name, a version not loaded or
+        a label the model does not have, errors.InvalidArgument when both a
+        version and a label are given, errors.Unavailable when nothing serves
+        yet or a configured label's version is not loaded.
         """
         if ref.name not in (None, "", self.name):
             raise errors.NotFound(
                 f"model_spec.name: model {errors.shown(ref.name)} is not served here "
                 f"(this serves {self.name!r})"
             )
-        if ref.version is None or ref.version == 0:
+        version = ref.version or None
+        if ref.label:
+            if version is not None:
+                raise errors.InvalidArgument(
+                    "model_spec",
+                    f"a version or a version label expected, not both (got version {version} "
+                    f"and version label {errors.shown(ref.label)})",
+                )
+            version = self._label_version(ref.label)
+        if version is None:
             model = self._serving
             if model is None:
                 raise errors.Unavailable(f"model {self.name!r} has no version ready yet")
             return model
-        pinned = self._loaded.get(ref.version)
+        pinned = self._loaded.get(version)
         if pinned is None:
+            loaded = list(self.loaded_versions)
+            if ref.label:
+                # Only a label the server was told to allow before its version loads.
+                raise errors.Unavailable(
+                    f"model {self.name!r} version label {errors.shown(ref.label)} -> {version}: "
+                    f"version {version} is not loaded yet (loaded versions: {loaded})"
+                )
             raise errors.NotFound(
-                f"model {self.name!r} version {ref.version} is not loaded "
-                f"(loaded versions: {list(self.loaded_versions)})"
+                f"model {self.name!r} version {version} is not loaded (loaded versions: {loaded})"
             )
         return pinned
+
+    def _label_version(self, label: str) -> int | None:
+        """The version `label` points at (None: the serving version, for an implicit label).
+
+        Raises errors.NotFound for a label the model does not have and
+        errors.Unavailable for a configured one that is not in effect.
+        """
+        labels = self._labels  # once: the labels as of one update, whatever happens meanwhile
+        version = labels.effective.get(label)
+        if version is not None:
+            return version
+        if label in labels.configured:
+            wanted = labels.configured[label]
+            raise errors.Unavailable(
+                f"model {self.name!r} version label {label!r} -> {wanted} is not in effect: "
+                f"version {wanted} is not loaded (loaded versions: {list(self.loaded_versions)})"
+            )
+        if label in IMPLICIT_LABELS:
+            return None
+        known = ", ".join(repr(name) for name in sorted(labels.configured)) or "none"
+        raise errors.NotFound(
+            f"model {self.name!r} has no version label {errors.shown(label)} (its labels: "
+            f"{known}; 'latest' names the serving version)"
+        )
 
     @contextlib.contextmanager
     def lease(self, ref: types.ModelRef) -> Iterator[LoadedModel]:

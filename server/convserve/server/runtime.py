@@ -12,6 +12,10 @@ Models come from ``--model NAME=BASE_PATH`` flags, ``--model-config-file``
 (TF Serving's ModelServerConfig text, re-read every
 ``model_config_file_poll_wait_s``: models added are loaded, removed ones
 drained and unloaded) or, by default, ``--model-name``/``--model-base-path``.
+A config file edit that changes only a model's ``version_labels`` reloads
+nothing: the labels of the model serving move at once (see
+`models.ModelManager` for which versions a label may point at).
+
 A request with an empty model name gets the default model: the first model
 configured. A later configuration may reorder the models (the first becomes
 the default), but one that removes the default model does not hand its
@@ -37,6 +41,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +96,9 @@ class Runtime:
         self._entries: dict[str, model_config.ModelEntry] = {}
         # What a changed model was, until its new definition has loaded.
         self._previous_entries: dict[str, model_config.ModelEntry] = {}
-        # Models added or replaced while serving, still loading.
+        # Models added or replaced while serving, still loading, and the models they load.
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._pending: dict[str, ServedModel] = {}
         # Models removed or replaced while serving, draining.
         self._removing: dict[asyncio.Task[None], ServedModel] = {}
         self._pollers: list[asyncio.Task[None]] = []
@@ -223,8 +229,7 @@ class Runtime:
             raise
         self._started = True
         for model in unloaded:
-            task = asyncio.create_task(self._load_added(model), name=f"load {model.name}")
-            self._loading[model.name] = task
+            self._start_loading(model)
         self._notify_ready()
         if self.settings.poll_interval_s > 0:
             self._pollers.append(asyncio.create_task(self._poll_versions(), name="model-poller"))
@@ -244,6 +249,7 @@ class Runtime:
             device=self.device,
             budget=budget,
             policy=entry.policy,
+            labels=entry.labels,
             on_ready_change=self._notify_ready,
             heap=self._heap,
         )
@@ -328,7 +334,9 @@ class Runtime:
         and unload; added ones load in the background (UNAVAILABLE until
         their first version serves); a model whose base path or version
         policy changed keeps serving from its old definition until the new
-        one has loaded. The other models are untouched.
+        one has loaded; a model whose version labels alone changed keeps
+        everything loaded and its labels move at once. The other models are
+        untouched.
         """
         if self._closing:
             return
@@ -340,8 +348,14 @@ class Runtime:
             self._retire(self._models.pop(name), removed=True)
         for name in [n for n in self._loading if n not in wanted]:
             self._cancel_loading(name)
+        relabelled: set[str] = set()
         for entry in entries:
-            if self._entries.get(entry.name) == entry:
+            current = self._entries.get(entry.name)
+            if current == entry:
+                continue
+            if current is not None and current.same_but_labels(entry):
+                self._relabel(entry)
+                relabelled.add(entry.name)
                 continue
             log.info("model %s: loading from %s (%s)", entry.name, entry.base_path,
                      entry.policy.describe() if entry.policy else "newest")  # fmt: skip
@@ -349,9 +363,9 @@ class Runtime:
             model = self._new_model(entry, budget)
             if entry.name not in self._models:
                 self._models[entry.name] = model  # UNAVAILABLE until loaded
-            task = asyncio.create_task(self._load_added(model), name=f"load {entry.name}")
-            self._loading[entry.name] = task
+            self._start_loading(model)
         previous = self._entries
+        before = self._previous_entries
         # Configuration order decides the default model, but a removed default is not
         # replaced: its unnamed requests would reach a model they were not meant for.
         if entries and (not self._default or self._default in wanted):
@@ -363,9 +377,29 @@ class Runtime:
                 self._default,
             )
         self._entries = dict(wanted)
-        self._previous_entries = {n: e for n, e in previous.items() if wanted.get(n) != e}
+        self._previous_entries = {
+            n: e for n, e in previous.items() if wanted.get(n) != e and n not in relabelled
+        }
+        for name in relabelled:
+            # What a model still loading would go back to, with the labels it now has.
+            if name in before:
+                self._previous_entries[name] = replace(before[name], labels=wanted[name].labels)
         self._models = {name: self._models[name] for name in wanted if name in self._models}
         self._notify_ready()
+
+    def _relabel(self, entry: model_config.ModelEntry) -> None:
+        """Only `entry`'s labels changed: move them on the model serving and on the one
+        loading its definition, if any; nothing reloads."""
+        shown = " ".join(f"{label}={version}" for label, version in entry.labels)
+        log.info("model %s: version labels now %s", entry.name, shown or "none")
+        serving, loading = self._models.get(entry.name), self._pending.get(entry.name)
+        for model in {id(m): m for m in (serving, loading) if m is not None}.values():
+            model.set_labels(entry.labels)
+
+    def _start_loading(self, model: ServedModel) -> None:
+        task = asyncio.create_task(self._load_added(model), name=f"load {model.name}")
+        self._loading[model.name] = task
+        self._pending[model.name] = model
 
     async def _load_added(self, model: ServedModel) -> None:
         try:
@@ -396,6 +430,7 @@ class Runtime:
         finally:
             if self._loading.get(model.name) is asyncio.current_task():
                 del self._loading[model.name]
+                self._pending.pop(model.name, None)
         if self._closing:
             return
         current = self._models.get(model.name)
@@ -410,6 +445,7 @@ class Runtime:
 
     def _cancel_loading(self, name: str) -> None:
         task = self._loading.pop(name, None)
+        self._pending.pop(name, None)
         if task is not None:
             task.cancel()
 
@@ -444,6 +480,7 @@ class Runtime:
                 await task
         self._pollers.clear()
         self._loading.clear()
+        self._pending.clear()
         draining = list(self._removing.values())
         served = list(self._models.values())
         closing: list[asyncio.Future[Any]] = []
@@ -551,6 +588,12 @@ class Runtime:
         Raises errors.NotFound for an unknown model or a version not loaded.
         """
         return self.served(ref).metadata(ref)
+
+    def version_of(self, ref: types.ModelRef) -> int:
+        """The loaded version `ref` names: its pinned version, its label's, or the serving
+        one (`models.ModelManager.resolve`). Raises errors.NotFound (unknown model,
+        version or label), InvalidArgument (a version and a label), Unavailable."""
+        return self.served(ref).manager.resolve(ref).version
 
 
 def _read_text(path: Path) -> str:

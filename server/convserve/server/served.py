@@ -5,7 +5,8 @@ path, loaded by its version policy), one `DynamicBatcher` per loaded version
 for Predict, and, with ``engine_workers=process``, each version's LiteRT
 worker processes. What it takes (image shape, dtype) and answers (K class
 probabilities, class names) comes from each version's serving signature.
-The runtime holds one per configured model (`runtime.Runtime`).
+Its version labels can change while it serves (`set_labels`), without a
+reload. The runtime holds one per configured model (`runtime.Runtime`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,7 @@ class ServedModel:
         device: str,
         budget: Budget,
         policy: Any = None,
+        labels: Sequence[tuple[str, int]] = (),
         on_ready_change: Callable[[], None] | None = None,
         heap: HeapState | None = None,
     ) -> None:
@@ -134,6 +136,8 @@ class ServedModel:
             loader=self._load,
             policy=policy,
             settle_s=settings.version_settle_s,
+            labels=labels,
+            allow_unavailable_labels=settings.allow_version_labels_for_unavailable_models,
         )
 
     # -- state ------------------------------------------------------------------
@@ -156,7 +160,14 @@ class ServedModel:
             self.manager.status(),
             error=self.manager.why_not_serving(),
             memory_bytes=self.memory_bytes,
+            labels=self.manager.labels,
+            label_errors=self.manager.label_errors,
         )
+
+    def set_labels(self, labels: Sequence[tuple[str, int]]) -> None:
+        """Point the version labels (label, version) at their versions from now on, as far
+        as the loaded versions allow (`models.ModelManager.set_labels`); nothing reloads."""
+        self.manager.set_labels(labels)
 
     @property
     def memory_bytes(self) -> int:

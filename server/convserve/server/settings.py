@@ -170,6 +170,15 @@ class Settings(BaseSettings):
             "convserve_model_ready) and retried without taking the replica out of service"
         ),
     )
+    allow_version_labels_for_unavailable_models: bool = Field(
+        False,
+        description=(
+            "let a version label of the model config file point at a version that is not "
+            "loaded (requests by that label get UNAVAILABLE until it is); by default such a "
+            "label is refused, logged and shown in ListModels, and the label keeps its "
+            "previous version, as TF Serving's flag of the same name"
+        ),
+    )
     exit_on_load_error: bool = Field(
         False,
         description=(
@@ -183,9 +192,28 @@ class Settings(BaseSettings):
     host: str = Field(
         "0.0.0.0",
         min_length=1,
-        description="address the gRPC and metrics servers listen on",
+        description="address the gRPC, HTTP and metrics servers listen on",
     )
     port: int = Field(8500, ge=0, le=65535, description="gRPC port (0: pick a free port)")
+    rest_port: int = Field(
+        8501,
+        ge=-1,
+        le=65535,
+        description=(
+            "HTTP port of the REST APIs (TF Serving's REST API, KServe v2 over HTTP and "
+            "convserve's JSON API); 0: no HTTP server (as TF Serving's --rest_api_port), "
+            "-1: pick a free port"
+        ),
+    )
+    rest_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "seconds an HTTP request may take, from its headers to its answer (the "
+            "deadline its work gets, as TF Serving's --rest_api_timeout_in_ms)"
+        ),
+    )
     metrics_port: int = Field(
         8502,
         ge=0,
@@ -196,7 +224,10 @@ class Settings(BaseSettings):
         64 * 1024 * 1024,
         ge=1024,
         le=2**31 - 1,
-        description="largest gRPC message accepted or sent, in bytes",
+        description=(
+            "largest gRPC message accepted or sent, and largest HTTP request body accepted, "
+            "in bytes"
+        ),
     )
     max_typed_payload_bytes: int = Field(
         4 * 1024 * 1024,

@@ -13,15 +13,18 @@ import numpy as np
 
 Padding = Literal["VALID", "SAME", "EXPLICIT"]
 Mode = Literal["CROSS_CORRELATION", "CONVOLUTION"]
-Protocol = Literal["convserve", "oip", "tfserving"]
+# The `protocol` label of every request: the gRPC APIs, then their HTTP counterparts.
+Protocol = Literal["convserve", "oip", "tfserving", "convserve-http", "oip-http", "tfserving-rest"]
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model name (None: the default model) and an optional pinned version."""
+    """A model name (None: the default model) and an optional pinned version, given by
+    number or by a version label of the model config file (at most one of the two)."""
 
     name: str | None = None
     version: int | None = None
+    label: str | None = None
 
 
 # The server's default model, newest version.
@@ -205,6 +208,10 @@ class ModelStatus:
     versions: tuple[VersionStatus, ...] = ()
     error: str = ""
     memory_bytes: int = 0
+    # The version labels in effect (label -> version), by label name.
+    labels: tuple[tuple[str, int], ...] = ()
+    # Why a configured label is not in effect (one line per refused label).
+    label_errors: tuple[str, ...] = ()
 
 
 def class_labels(indices: np.ndarray, class_names: tuple[str, ...]) -> list[str]:

@@ -84,7 +84,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         tfserving_convert.check_metadata_fields(request)
         ref = tfserving_convert.model_ref(request.model_spec)
         meta = self._runtime.metadata(ref)
-        return tfserving_convert.model_metadata_response(meta, ref.version)
+        # The same turn of the event loop, where labels move: the version `metadata` used.
+        version = self._runtime.version_of(ref) if ref.label else ref.version
+        return tfserving_convert.model_metadata_response(meta, version)
 
 
 @unimplemented_answered(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])
@@ -97,7 +99,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         ref = tfserving_convert.model_ref(request.model_spec)
         status = self._runtime.model_status(ref.name or self._runtime.default_model)
-        return tfserving_convert.model_status_response(status, ref.version)
+        # A label is the runtime's to resolve: NOT_FOUND for one the model does not have,
+        # UNAVAILABLE while its version is not loaded.
+        version = self._runtime.version_of(ref) if ref.label else ref.version
+        return tfserving_convert.model_status_response(status, version)
 
 
 class TfServingAdapter:

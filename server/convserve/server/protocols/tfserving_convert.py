@@ -9,8 +9,11 @@ Conventions (as TF Serving serves the exported SavedModel):
 - ``model_spec.name``: the model (empty: the default model); each configured
   image classifier is served under its name. [H,W,C] is the model's input
   shape and K its class count (ModelMetadata; [28,28,1] and 10 for MNIST).
-  ``model_spec.version`` pins a loaded version; ``version_label`` ``"stable"``
-  or ``"latest"`` means the serving version (they are one oneof).
+  ``model_spec.version`` pins a loaded version; ``version_label`` names one by
+  a version label of the model config file (they are one oneof). ``"latest"``
+  means the serving version, and so does ``"stable"`` unless the model config
+  file defines it (`models.ModelManager.resolve`). Responses name the version
+  that served, as TF Serving's do, not the label.
 - ``model_spec.signature_name``: ``"serving_default"`` (or empty), input
   ``images`` DT_FLOAT in [0, 1]; or ``"predict_uint8"``, input ``images``
   DT_UINT8 in [0, 255]. Shape ``[N,H,W,C]`` (single-channel models also take
@@ -46,6 +49,7 @@ from tensorflow_serving.apis import (
 
 from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
 from convserve.server import errors, types
+from convserve.server.converters import check_label
 from convserve.server.protocols.oip_convert import MAX_RANK, shown_names
 from convserve.server.protocols.wire import (
     WireReader,
@@ -65,7 +69,6 @@ SIGNATURES: dict[str, int] = {
     DEFAULT_SIGNATURE: types_pb2.DT_FLOAT,
     "predict_uint8": types_pb2.DT_UINT8,
 }
-VERSION_LABELS = ("stable", "latest")
 PREDICT_METHOD = "tensorflow/serving/predict"
 SIGNATURE_DEF_FIELD = "signature_def"
 
@@ -100,20 +103,21 @@ def dtype_name(dtype: int) -> str:
 
 
 def model_ref(spec: Any) -> types.ModelRef:
-    """A ModelSpec -> the model and pinned version (labels mean the serving version)."""
+    """A ModelSpec -> the model and its version: pinned by number, by version label, or
+    neither (the serving version). Whether the model has the label is the runtime's to
+    say (NotFound); a label that no model could have is refused here."""
     choice = spec.WhichOneof("version_choice")
-    if choice == "version_label" and spec.version_label not in VERSION_LABELS:
-        raise errors.InvalidArgument(
-            "model_spec.version_label",
-            f"one of {', '.join(VERSION_LABELS)} expected, got {errors.shown(spec.version_label)}",
-        )
+    label = spec.version_label if choice == "version_label" else None
+    if label is not None:
+        # Set but empty is a label too, as for TF Serving: one no model can have.
+        check_label(label, "model_spec.version_label")
     version = spec.version.value if choice == "version" else None
     # Versions are positive, as in convserve.v1's ModelSpec.
     if version is not None and version < 1:
         raise errors.InvalidArgument(
             "model_spec.version", f"a positive version number expected, got {version}"
         )
-    return types.ModelRef(name=spec.name or None, version=version)
+    return types.ModelRef(name=spec.name or None, version=version, label=label)
 
 
 def signature_of(spec: Any) -> str:
@@ -343,7 +347,8 @@ def signature_def_map(meta: types.ModelMetadata) -> Any:
 
 
 def model_metadata_response(meta: types.ModelMetadata, version: int | None) -> Any:
-    """A GetModelMetadataResponse: the signature_def map packed in an Any."""
+    """A GetModelMetadataResponse of `version` (None: the serving one): the signature_def
+    map packed in an Any."""
     response = get_model_metadata_pb2.GetModelMetadataResponse(
         model_spec=served_spec(
             meta.model_name, meta.serving_version if version is None else version
