@@ -40,7 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,14 +108,38 @@ def this_checkout() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(roots)}
 
 
-def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+@dataclass(frozen=True)
+class Ports:
+    """The ports a started server announced."""
+
+    grpc: int
+    rest: int | None  # None: no HTTP server (--rest-port 0, or the no-op server)
+
+
+# The start-up line, e.g. "convserve-server listening on 0.0.0.0:8500 metrics on :8502
+# rest on :8501" (the no-op server's is "listening on 127.0.0.1:PORT"); read once complete.
+LISTENING = re.compile(r"listening on \S+:(\d+)([^\n]*)\n")
+REST_PORT = re.compile(r"\brest on :(\d+)")
+
+
+def listening_ports(log: str) -> Ports | None:
+    """The ports of the start-up line in `log`, or None while it has not been written."""
+    found = LISTENING.search(log)
+    if found is None:
+        return None
+    rest = REST_PORT.search(found.group(2))
+    # "rest on :0" would be a server without an HTTP server, as --rest-port 0 asks.
+    return Ports(int(found.group(1)), (int(rest.group(1)) or None) if rest else None)
+
+
+def start_server(command: list[str], log_path: Path) -> tuple[subprocess.Popen[bytes], Ports]:
     log = log_path.open("wb")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=this_checkout())
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        found = re.search(r"listening on \S+:(\d+)", log_path.read_text(errors="replace"))
-        if found:
-            return server, int(found.group(1))
+        ports = listening_ports(log_path.read_text(errors="replace"))
+        if ports is not None:
+            return server, ports
         if server.poll() is not None:
             break
         time.sleep(0.2)
@@ -208,11 +233,11 @@ def drive(
     With `rates` (requests/s per phase), each phase is also run open loop at that
     rate; returns (closed-loop phases, open-loop phases).
     """
-    server, port = start_server(command, log_path)
+    server, ports = start_server(command, log_path)
     closed, opened = [], []
     try:
         for n, (concurrency, images, streams) in enumerate(phases):
-            phase = run_bench(port, server.pid, closed_loop(concurrency, images, streams),
+            phase = run_bench(ports.grpc, server.pid, closed_loop(concurrency, images, streams),
                               duration_s, protocol)  # fmt: skip
             closed.append(phase)
             own = sum(phase["server_cpu_us"][p] for p in ("loop", "grpc", "threads"))
@@ -222,7 +247,7 @@ def drive(
             if rates is not None:
                 load = ["--rate", f"{rates[n]:.1f}", "--images-per-request", str(images),
                         "--streams", str(streams)]  # fmt: skip
-                paced = run_bench(port, server.pid, load, duration_s, protocol)
+                paced = run_bench(ports.grpc, server.pid, load, duration_s, protocol)
                 opened.append(paced)
                 own = sum(paced["server_cpu_us"][p] for p in ("loop", "grpc", "threads"))
                 print(f"    at {rates[n]:,.0f} req/s: {own:,.0f} us/request", flush=True)
@@ -232,7 +257,7 @@ def drive(
     return closed, opened
 
 
-def print_table(table: list[tuple[str, ...]]) -> None:
+def print_table(table: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for n, row in enumerate(table):
         cells = zip(row, widths, strict=True)
@@ -256,7 +281,7 @@ def cpu_table(
 ) -> list[tuple[str, ...]]:  # fmt: skip
     header = ("load", "loop", "gRPC", "threads", "workers", "own", "no-op own",
               "no-op at same rate", "x no-op")  # fmt: skip
-    table = [header]
+    table: list[tuple[str, ...]] = [header]
     for (concurrency, images, streams), p, c, q in zip(phases, rows, ceiling, paced, strict=True):
         cpu = p["server_cpu_us"]
         table.append((
@@ -308,8 +333,9 @@ def main() -> int:
         tf_limit = rates["tensorflow"][tf_best]
 
         print("2. served, through convserve bench:", flush=True)
+        # No HTTP server: these phases are gRPC's (bench_protocols.py compares HTTP).
         serve = [sys.executable, "-m", "convserve.server", "--model-base-path", str(base),
-                 "--port", "0", "--metrics-port", "0"]  # fmt: skip
+                 "--port", "0", "--metrics-port", "0", "--rest-port", "0"]  # fmt: skip
         rows, _ = drive(serve, Path(tmp) / "server.log", args.duration_s, args.protocol, phases)
         print("3. the same load against a server that does no work, then at convserve's rates:",
               flush=True)  # fmt: skip

@@ -137,6 +137,7 @@ def typed_conv2d_request(mib: float) -> Any:
 
 def tree_env(tree: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    env["CONVSERVE_REST_PORT"] = "0"  # the fixed default port may be taken
     env["PYTHONPATH"] = os.pathsep.join(
         str(tree / d) for d in ("client", "server", "trainer", "proto")
     )

@@ -9,6 +9,9 @@ import pytest
 
 # TensorFlow's C++ start-up chatter drowns test output; warnings still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Test servers listen on ports of their own (port 0), never on the fixed default REST
+# port 8501: the HTTP server is off unless a test asks for it (rest_port=-1, any port).
+os.environ.setdefault("CONVSERVE_REST_PORT", "0")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

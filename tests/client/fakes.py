@@ -159,6 +159,8 @@ class FakeModel:
     confusion_matrix: tuple[int, ...] = ()  # row-major [K,K]; empty: none recorded
     error: str = ""  # why no version serves
     memory_bytes: int = 0
+    labels: tuple[tuple[str, int], ...] = ()  # version labels in effect
+    label_errors: tuple[str, ...] = ()
 
     @property
     def serving_version(self) -> int | None:
@@ -183,6 +185,8 @@ MODELS = {
             (),
             (VersionStatus(6, "AVAILABLE"), VersionStatus(7, "AVAILABLE", serving=True)),
             memory_bytes=96 * 2**20,
+            labels=(("canary", 7), ("stable", 6)),
+            label_errors=("label 'next' -> 8 not applied: version 8 is not loaded",),
         ),
         FakeModel("fashion", (28, 28, 1), 10, FASHION, (VersionStatus(1, "AVAILABLE", True),)),
         FakeModel(
@@ -462,6 +466,8 @@ class FakeConvServe(convserve_pb2_grpc.ConvServeServicer):
                     ],
                     error=model.error,
                     memory_bytes=model.memory_bytes,
+                    version_labels=dict(model.labels),
+                    label_errors=model.label_errors,
                 )
                 for model in sorted(MODELS.values(), key=lambda m: m.name)
             ],

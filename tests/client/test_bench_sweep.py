@@ -503,7 +503,7 @@ OIP = ["--protocol", "oip", "--model", "m"]
         (["--csv", "/no/such/dir/out.csv"], "--csv /no/such/dir/out.csv: directory"),
         (
             ["--input", "x:UINT8:-1,28,28"],
-            "--input applies only to an oip target: give --target oip@HOST:PORT "
+            "--input applies only to an oip or oip-http target: give --target oip@HOST:PORT "
             "(or --protocol oip)",
         ),
         (["--compare", "oip@"], "--compare: expected [PROTOCOL@]HOST:PORT"),
@@ -535,8 +535,39 @@ OIP = ["--protocol", "oip", "--model", "m"]
         ),
         (
             [*OIP, "--compare", "convserve@127.0.0.1:2", "--compare-input", "x:UINT8:-1,784"],
-            "--compare-input applies only to an oip target: give --compare oip@HOST:PORT "
-            "(or --compare-protocol oip)",
+            "--compare-input applies only to an oip or oip-http target: give --compare "
+            "oip@HOST:PORT (or --compare-protocol oip)",
+        ),
+        # The HTTP protocols.
+        (["--protocol", "soap"], "argument --protocol: invalid choice: 'soap'"),
+        (["--protocol", "rest"], "--protocol rest needs --model NAME"),
+        (["--compare", "oip-http@127.0.0.1:2"], "--protocol oip-http needs --model NAME"),
+        (
+            ["--protocol", "oip-http", "--model", "m", "--streams", "2"],
+            "--streams needs --protocol convserve",
+        ),
+        (
+            ["--protocol", "rest", "--model", "m", "--rpc", "convolve"],
+            "--protocol rest supports only --rpc predict",
+        ),
+        (
+            ["--protocol", "rest", "--model", "m", "--input", "x:UINT8:-1,784"],
+            "--input applies only to an oip or oip-http target",
+        ),
+        (
+            ["--compare", "http://127.0.0.1:2"],
+            "--compare: 'http://127.0.0.1:2' is an HTTP URL, and convserve runs over gRPC: "
+            "give rest@http://127.0.0.1:2 or oip-http@http://127.0.0.1:2",
+        ),
+        (
+            ["--compare", "rest@dns:///x:2"],
+            "--compare: expected HOST:PORT or an http:// or https:// URL, got 'dns:///x:2'",
+        ),
+        (["--compare", "oip-http@localhost"], "--compare: expected HOST:PORT or an http://"),
+        (["--compare", "rest@127.0.0.1:99999"], "--compare: expected HOST:PORT or an http://"),
+        (
+            ["--tls", "--model", "m", "--compare", "rest@http://127.0.0.1:2"],
+            "--compare: TLS settings given for the http:// URL 'http://127.0.0.1:2'; use https://",
         ),
     ],
 )
@@ -663,12 +694,12 @@ def test_metrics_url_that_cannot_be_read_fails_the_run_at_once(
     assert "--metrics-url http://127.0.0.1:1/metrics: cannot read it" in err
 
 
-def test_the_bench_imports_no_plotting_or_metrics_library() -> None:
+def test_the_bench_imports_no_plotting_metrics_or_http_library() -> None:
     code = (
         "import sys\n"
         "import convserve.client.cli, convserve.client.bench_plot, convserve.client.bench_metrics\n"
-        "print(sorted(m for m in ('matplotlib', 'prometheus_client', 'tensorflow') "
-        "if m in sys.modules))\n"
+        "print(sorted(m for m in ('matplotlib', 'prometheus_client', 'tensorflow', 'aiohttp', "
+        "'orjson') if m in sys.modules))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60

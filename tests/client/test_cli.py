@@ -490,14 +490,15 @@ def test_models_table_and_json(capsys: pytest.CaptureFixture[str], fake: Running
     code, out, _ = run(capsys, "models", "--target", fake.target)
     assert code == 0
     assert out.splitlines() == [
-        "model    ready  serving  versions                    memory  errors",
-        "-------  -----  -------  " + "-" * 24 + "  --------  " + "-" * 49,
-        "broken   no           -  1 END                            -  "
+        "model    ready  serving  versions                  labels               memory  errors",
+        "-------  -----  -------  " + "-" * 24 + "  " + "-" * 17 + "  --------  " + "-" * 54,
+        "broken   no           -  1 END                     -                         -  "
         "no version loads; 1: no serving_default signature",
-        "digits8  yes          1  1 AVAILABLE, 2 LOADING           -  -",
-        "fake     yes          7  6 AVAILABLE, 7 AVAILABLE  96.0 MiB  -",
-        "fashion  yes          1  1 AVAILABLE                      -  -",
-        "rgb      yes          3  3 AVAILABLE                      -  -",
+        "digits8  yes          1  1 AVAILABLE, 2 LOADING    -                         -  -",
+        "fake     yes          7  6 AVAILABLE, 7 AVAILABLE  canary=7 stable=6  96.0 MiB  "
+        "label 'next' -> 8 not applied: version 8 is not loaded",
+        "fashion  yes          1  1 AVAILABLE               -                         -  -",
+        "rgb      yes          3  3 AVAILABLE               -                         -  -",
         "default model: fake",
     ]
     code, out, _ = run(capsys, "--json", "models", "--target", fake.target)
@@ -511,6 +512,8 @@ def test_models_table_and_json(capsys: pytest.CaptureFixture[str], fake: Running
         "serving_version": None,
         "error": "no version loads",
         "memory_bytes": 0,
+        "labels": {},
+        "label_errors": [],
         "versions": [
             {
                 "version": 1,
@@ -525,6 +528,10 @@ def test_models_table_and_json(capsys: pytest.CaptureFixture[str], fake: Running
         {"version": 2, "state": "LOADING", "serving": False, "error": ""},
     ]
     assert data["models"][1]["serving_version"] == 1
+    assert data["models"][2]["labels"] == {"canary": 7, "stable": 6}
+    assert data["models"][2]["label_errors"] == [
+        "label 'next' -> 8 not applied: version 8 is not loaded"
+    ]
     assert fake.behaviour.calls == {"ListModels": 2}
 
 

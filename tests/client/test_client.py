@@ -36,6 +36,7 @@ from convserve.client.channel import channel_options
 from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2 as pb
 
+from . import fakes
 from .conftest import Certs
 from .fakes import Behaviour, RunningFake, serve_fake
 
@@ -344,6 +345,73 @@ def test_each_call_names_its_model_and_reads_images_in_its_shape(fake: RunningFa
     ]
 
 
+@pytest.fixture
+def sent_specs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, pb.ModelSpec]]:
+    """(method, ModelSpec) of every call the fake server reads a model spec from."""
+    seen: list[tuple[str, pb.ModelSpec]] = []
+    resolve = fakes.FakeConvServe._model
+
+    def recording(self: Any, method: str, spec: pb.ModelSpec, context: Any) -> Any:
+        seen.append((method, pb.ModelSpec.FromString(spec.SerializeToString())))
+        return resolve(self, method, spec, context)
+
+    monkeypatch.setattr(fakes.FakeConvServe, "_model", recording)
+    return seen
+
+
+def test_calls_by_version_label_send_the_label(
+    fake: RunningFake, sent_specs: list[tuple[str, pb.ModelSpec]]
+) -> None:
+    canary = pb.ModelSpec(name="digits8", version_label="canary")
+    with ConvServeClient(fake.target) as client:
+        client.predict(np.zeros((8, 8), np.uint8), model="digits8", version_label="canary")
+        client.feature_maps(np.zeros((8, 8), np.uint8), model="digits8", version_label="canary")
+        client.metadata(model="digits8", version_label="stable")
+        client.predict(np.zeros((8, 8), np.uint8), model="digits8", model_version=1)
+    assert sent_specs == [
+        ("GetModelMetadata", canary),  # the input shape, of the labelled version
+        ("Predict", canary),
+        ("GetFeatureMaps", canary),
+        ("GetModelMetadata", pb.ModelSpec(name="digits8", version_label="stable")),
+        ("Predict", pb.ModelSpec(name="digits8", version=1)),
+    ]
+
+
+async def test_async_calls_by_version_label_send_the_label(
+    fake: RunningFake, sent_specs: list[tuple[str, pb.ModelSpec]]
+) -> None:
+    image = np.zeros((8, 8), np.uint8)
+    async with AsyncConvServeClient(fake.target) as client:
+        await client.predict(image, model="digits8", version_label="canary")
+        await client.feature_maps(image, model="digits8", version_label="canary")
+        await client.metadata(model="digits8", version_label="canary")
+    canary = pb.ModelSpec(name="digits8", version_label="canary")
+    assert sent_specs == [
+        ("GetModelMetadata", canary),
+        ("Predict", canary),
+        ("GetFeatureMaps", canary),
+        ("GetModelMetadata", canary),
+    ]
+
+
+async def test_a_version_and_a_label_together_are_refused_before_sending(
+    fake: RunningFake,
+) -> None:
+    image = np.zeros((8, 8), np.uint8)
+    with ConvServeClient(fake.target) as client:
+        for call in (client.predict, client.feature_maps):
+            with pytest.raises(InputError, match="give one or neither"):
+                call(image, model="digits8", model_version=1, version_label="canary")
+        with pytest.raises(InputError, match="give one or neither"):
+            client.metadata(model="digits8", model_version=1, version_label="canary")
+    async with AsyncConvServeClient(fake.target) as aclient:
+        with pytest.raises(InputError, match="give one or neither"):
+            await aclient.predict(image, model="digits8", model_version=1, version_label="c")
+        with pytest.raises(InputError, match="give one or neither"):
+            await aclient.metadata(model="digits8", model_version=1, version_label="c")
+    assert sum(fake.behaviour.calls.values()) == 0
+
+
 def test_client_model_name_is_the_default_for_every_call(fake: RunningFake) -> None:
     image = np.zeros((4, 4, 3), np.uint8)
     image[0, 0, 0] = 5  # class 5 % 3 = 2
@@ -428,6 +496,8 @@ async def test_async_list_models_and_models_per_call(fake: RunningFake) -> None:
         True,
         (VersionStatus(6, "AVAILABLE", False, ""), VersionStatus(7, "AVAILABLE", True, "")),
         memory_bytes=96 * 2**20,
+        labels=(("canary", 7), ("stable", 6)),
+        label_errors=("label 'next' -> 8 not applied: version 8 is not loaded",),
     )
     assert [r.labels for r in results] == [["0"], ["1"], ["2"], ["3"], ["4"]]
     assert meta.class_names[9] == "Ankle boot"

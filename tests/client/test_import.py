@@ -13,7 +13,7 @@ import convserve.client
 import convserve.client.cli
 import convserve.client.bench
 forbidden = [m for m in ("tensorflow", "keras", "convserve.server", "convserve.trainer", "PIL",
-                         "tritonclient") if m in sys.modules]
+                         "tritonclient", "aiohttp", "orjson") if m in sys.modules]
 print(",".join(forbidden))
 """
 

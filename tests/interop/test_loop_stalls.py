@@ -1,4 +1,5 @@
-"""Large typed Open Inference Protocol and TF Serving payloads must not stall the event loop.
+"""Large typed Open Inference Protocol and TF Serving payloads, and large HTTP bodies,
+must not stall the event loop.
 
 A real server (port 0, the shared trained model) answers health checks, sent
 every few milliseconds from another thread, while it converts a request or a
@@ -46,16 +47,22 @@ N_IMAGES = 8192  # 24.5 MiB of float32 pixels
 
 
 @pytest.fixture(scope="module")
-def target(model_base_path: Path) -> Iterator[str]:
+def server(model_base_path: Path) -> Iterator[Any]:
     settings = large_message_settings(
         model_base_path,
         N_IMAGES,
         # Parsing these typed payloads holds the loop too (about 0.1 s for 60 MiB of
         # floats), but the conversions are what these tests measure.
         max_typed_payload_bytes=96 * MIB,
+        rest_port=-1,
     )
-    with serving(settings) as server:
-        yield f"127.0.0.1:{server.port}"
+    with serving(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def target(server: Any) -> str:
+    return f"127.0.0.1:{server.port}"
 
 
 class HealthProbe:
@@ -242,4 +249,65 @@ def test_small_conv2d_request_with_a_large_typed_answer(target: str) -> None:
     assert output.shape == (1, 4001, 4001, 1)
     assert output[0, 2000, 2000, 0] == 1.5
     assert np.count_nonzero(output) == 1
+    assert stall < MAX_STALL_S
+
+
+# -- HTTP: JSON parsed and converted off the event loop, a slice at a time ---------------
+
+
+def post_bytes(target: str, url: str, body: bytes, headers: dict[str, str]) -> tuple[Any, float]:
+    """POST a prepared body while health checks run; (response, worst stall)."""
+    import requests
+
+    with requests.Session() as session:
+        session.post(url, data=body, headers=headers, timeout=120).raise_for_status()  # warm
+        with HealthProbe(target) as probe:
+            answer = session.post(url, data=body, headers=headers, timeout=120)
+        assert probe.checks > 3, probe.checks
+    print(f"{url}: {len(body) / MIB:.1f} MiB in, {len(answer.content) / MIB:.1f} MiB out, "
+          f"worst health check {probe.worst_s * 1000:.0f} ms")  # fmt: skip
+    return answer, probe.worst_s
+
+
+def test_large_tfserving_rest_json(server: Any, target: str, expected: np.ndarray) -> None:
+    pixels = np.resize(np.arange(256, dtype=np.uint8), (N_IMAGES, 28, 28, 1))
+    body = b'{"signature_name": "predict_uint8", "instances": %s}' % (
+        str(pixels.tolist()).replace(" ", "").encode()
+    )
+    answer, stall = post_bytes(
+        target,
+        f"{server.rest_url}/v1/models/mnist:predict",
+        body,
+        {"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 200, answer.text[:500]
+    assert len(answer.json()["predictions"]) == N_IMAGES
+    assert stall < MAX_STALL_S
+
+
+def test_large_oip_http_json(
+    server: Any, target: str, images: np.ndarray, expected: np.ndarray
+) -> None:
+    import json
+
+    request = {
+        "inputs": [
+            {"name": "images", "datatype": "FP32", "shape": list(images.shape),
+             "data": images.ravel().tolist()}
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }  # fmt: skip
+    body = json.dumps(request).encode()
+    answer, stall = post_bytes(
+        target,
+        f"{server.rest_url}/v2/models/mnist/infer",
+        body,
+        {"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 200, answer.text[:500]
+    header_length = int(answer.headers["Inference-Header-Content-Length"])
+    header = json.loads(answer.content[:header_length])
+    assert header["outputs"][0]["parameters"]["binary_data_size"] == N_IMAGES * 10 * 4
+    probabilities = np.frombuffer(answer.content[header_length:], "<f4")
+    _check_probabilities(probabilities, expected)
     assert stall < MAX_STALL_S

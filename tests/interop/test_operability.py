@@ -39,6 +39,7 @@ from tests.server.wire_helpers import (
     poll,
     sample_value,
     scrape,
+    server_env,
     start_server_process,
 )
 
@@ -250,7 +251,7 @@ def test_strict_readiness_and_exit_on_load_error_keep_the_old_behaviour(
         [sys.executable, "-m", "convserve.server",
          *server_args(config, "--exit-on-load-error", "true")],
         capture_output=True, text=True, timeout=240,
-        env={k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")},
+        env=server_env(),
     )  # fmt: skip
     assert failed.returncode == 2, failed.stderr[-2000:]
     assert "no loadable version of model 'typo'" in failed.stderr
@@ -419,7 +420,7 @@ def test_sigterm_during_start_up_exits_0(after_s: float, tmp_path: Path, mnist_b
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")},
+        env=server_env(),
     )
     try:
         time.sleep(after_s)

@@ -42,6 +42,7 @@ from tests.server.wire_helpers import (
     StubMetrics,
     kill_process,
     scrape,
+    server_env,
     settings_for,
     start_server_process,
 )
@@ -740,7 +741,7 @@ def test_main_without_a_loadable_model_exits_2_with_exit_on_load_error(tmp_path:
          "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
          "--exit-on-load-error", "true"],
         capture_output=True, text=True, timeout=240,
-        env={k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")},
+        env=server_env(),
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert "cannot start" in result.stderr

@@ -115,6 +115,15 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
 
+def server_env() -> dict[str, str]:
+    """The environment of a server subprocess: this one's without convserve's settings,
+    but with the HTTP server off (as tests/conftest.py sets it): its fixed default port
+    8501 may be taken by another server on the machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    env["CONVSERVE_REST_PORT"] = "0"
+    return env
+
+
 def start_server_process(
     args: list[str], *, env: dict[str, str] | None = None, timeout_s: float = 240.0
 ) -> ServerProcess:
@@ -124,7 +133,7 @@ def start_server_process(
     """
     import threading
 
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    full_env = server_env()
     full_env.update(env or {})
     process = subprocess.Popen(
         [sys.executable, "-m", "convserve.server", *args],

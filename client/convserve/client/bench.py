@@ -27,11 +27,12 @@ awaited even when it ends after the window, so that no slow answer escapes;
 the throughput is the successful answers *received* in it, which a
 saturated server keeps at its capacity however much load is offered.
 
-Each worker process runs one asyncio loop with grpc.aio and sends
-pre-serialized requests (see `bench_requests`); `processes` > 1 spreads the
-load over several processes on one common schedule, whose raw latency
-samples are merged exactly, window by window. The channel has no retry
-policy, so every answer of the server is one request timed and counted.
+Each worker process runs one asyncio loop with grpc.aio (or, for the HTTP
+protocols, one aiohttp session: see `bench_http`) and sends pre-serialized
+requests (see `bench_requests`); `processes` > 1 spreads the load over
+several processes on one common schedule, whose raw latency samples are
+merged exactly, window by window. Nothing retries, so every answer of the
+server is one request timed and counted.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ from convserve.client.channel import TlsConfig, aio_channel, auth_metadata, chan
 from convserve.client.errors import ConvServeError, InputError, error_for
 from convserve.v1 import convserve_pb2
 
+# convserve.v1 and the Open Inference Protocol over gRPC; TF Serving's REST API and
+# KServe v2 (the Open Inference Protocol) over HTTP, see `bench_http`.
+PROTOCOLS = ("convserve", "oip", "rest", "oip-http")
+HTTP_PROTOCOLS = ("rest", "oip-http")
 PROGRESS_INTERVAL_S = 0.25
 # How often a worker checks whether a window has settled or it should stop.
 SETTLE_POLL_S = 0.01
@@ -80,14 +85,16 @@ class BenchConfig:
     `images` is the uint8 [k,H,W] or [k,H,W,C] pool requests are made from;
     predict requests resize it to the model's declared input shape.
     `model_name` is the convserve model (empty: the server's default) or,
-    with oip, the OIP model_name (required).
+    with the other protocols, the model's name in theirs (required). The HTTP
+    protocols take ``HOST:PORT`` or an ``http://`` / ``https://`` URL as
+    `target` (see `bench_http`).
     """
 
     target: str
     images: np.ndarray
-    protocol: str = "convserve"  # or "oip"
+    protocol: str = "convserve"  # one of PROTOCOLS
     rpc: str = "predict"  # or "convolve" (convserve only)
-    model_name: str = ""  # required with oip
+    model_name: str = ""  # required except with convserve
     images_per_request: int = 1
     duration_s: float = 10.0  # `run_phase`'s one window (`run_windows` is given its own)
     warmup_s: float = 1.0
@@ -102,12 +109,23 @@ class BenchConfig:
     oip_input: bench_requests.OipInput | None = None
 
     def __post_init__(self) -> None:
-        if self.protocol not in ("convserve", "oip"):
-            raise InputError(f"protocol: expected convserve or oip, got {self.protocol!r}")
-        if self.protocol == "oip" and not self.model_name:
-            raise InputError("--protocol oip needs --model NAME")
-        if self.protocol == "oip" and self.rpc != "predict":
-            raise InputError("--protocol oip supports only --rpc predict (model inference)")
+        if self.protocol not in PROTOCOLS:
+            raise InputError(
+                f"protocol: expected one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        if self.protocol != "convserve" and not self.model_name:
+            raise InputError(f"--protocol {self.protocol} needs --model NAME")
+        if self.protocol != "convserve" and self.rpc != "predict":
+            raise InputError(
+                f"--protocol {self.protocol} supports only --rpc predict (model inference)"
+            )
+        if self.protocol in HTTP_PROTOCOLS:
+            from convserve.client import bench_http
+
+            try:
+                bench_http.base_url(self.target, self.tls)
+            except InputError as exc:
+                raise InputError(f"target: {exc}") from None
         if self.images_per_request < 1:
             raise InputError("images per request must be >= 1")
         if self.duration_s <= 0 or self.warmup_s < 0 or self.timeout_s <= 0:
@@ -118,9 +136,9 @@ class BenchConfig:
             raise InputError(f"streams must be >= 0, got {self.streams}")
         if self.streams and (self.protocol != "convserve" or self.rpc != "predict"):
             raise InputError("--streams needs --protocol convserve and --rpc predict")
-        if self.oip_input is not None and self.protocol != "oip":
+        if self.oip_input is not None and self.protocol not in ("oip", "oip-http"):
             given = self.oip_input.given_as.split(" ")[0] or "an OIP input"
-            raise InputError(f"{given} applies only to an oip target")
+            raise InputError(f"{given} applies only to an oip or oip-http target")
 
 
 @dataclass(frozen=True)
@@ -752,11 +770,28 @@ async def _measure(recorder: _Recorder, link: WorkerLink) -> int:
     return len(recorder.windows)
 
 
+def _users(concurrency: int, processes: int, index: int) -> tuple[int, int]:
+    """(users, first user's number) of process `index` in a closed loop of `concurrency`."""
+    share, extra = divmod(concurrency, processes)
+    return share + (index < extra), index * share + min(index, extra)
+
+
 async def run_worker(
     config: BenchConfig, phase: Phase, index: int, plan: WindowPlan, link: WorkerLink
 ) -> None:
     """Run worker `index` of `config.processes` for one phase: set up, then one
     continuous load (warm-up, then the windows of `plan`) until `link` says stop."""
+    if config.protocol in HTTP_PROTOCOLS:
+        from convserve.client import bench_http
+
+        # One connection per user; an open loop sends whenever its schedule says.
+        connections = 0
+        if phase.concurrency is not None:
+            connections, _ = _users(phase.concurrency, config.processes, index)
+        async with bench_http.open_load(config, connections) as (send, requests):
+            await _load(config, phase, index, plan, link, send, requests)
+        return
+
     metadata = auth_metadata(config.token)
     # No retry policy: every answer the server sends is a request of its own,
     # timed and counted as such (a retried call would hide a CANCELLED answer).
@@ -768,8 +803,6 @@ async def run_worker(
         async def unary(request: bytes) -> Answer:
             return await _send(call, request, config.timeout_s, metadata)
 
-        send: Callable[[bytes], Awaitable[Answer]] = unary
-
         # One request first: a server that is down or rejects the request
         # fails the run now, not with a table of errors.
         try:
@@ -778,50 +811,66 @@ async def run_worker(
             raise SetupError(
                 f"the first request failed: {exc.code().name}: {exc.details()}", exc.code()
             ) from exc
-        start = link.ready()
-        recorder = _Recorder(start + config.warmup_s, plan, open_loop=phase.rate is not None)
 
-        streams: list[_Stream] = []
-        if config.streams:
-            # The whole load on each stream; a request's own wait is bounded by the stream's.
-            lifetime_s = recorder.end - time.perf_counter() + 2 * config.timeout_s
-            streams = [_Stream(channel, metadata, lifetime_s) for _ in range(config.streams)]
-            requests = bench_requests.stream_requests(requests)
-            send = _round_robin([stream.send for stream in streams])
+        def streams(lifetime_s: float) -> list[_Stream]:
+            return [_Stream(channel, metadata, lifetime_s) for _ in range(config.streams)]
 
-        pending: set[asyncio.Task[None]] = set()
-        if phase.concurrency is not None:
-            share, extra = divmod(phase.concurrency, config.processes)
-            users = share + (index < extra)
-            first_user = index * share + min(index, extra)
-            load = _closed_loop(send, requests, users, first_user, recorder)
-        else:
-            assert phase.rate is not None
-            # Process p sends requests p, p+P, p+2P, ... of one global schedule.
-            schedule = (start + index / phase.rate, config.processes / phase.rate)
-            load = _open_loop(send, requests, schedule, recorder, pending)
+        await _load(config, phase, index, plan, link, unary, requests, streams)
 
-        async def report_progress() -> None:
-            while True:
-                link.progress(recorder.done, recorder.failed)
-                await asyncio.sleep(PROGRESS_INTERVAL_S)
 
-        tasks = [
-            asyncio.create_task(load),
-            asyncio.create_task(recorder.mark_boundaries()),
-            asyncio.create_task(report_progress()),
-        ]
-        try:
-            reported = await _measure(recorder, link)
-        finally:
-            # What is still in flight belongs to no reported window.
-            for task in [*tasks, *pending]:
-                task.cancel()
-            await asyncio.gather(*tasks, *pending, return_exceptions=True)
-            for stream in streams:
-                await stream.close(STREAM_CLOSE_GRACE_S)
-        link.progress(recorder.done, recorder.failed)
-        link.finished([recorder.replicas(k) for k in range(reported)])
+async def _load(
+    config: BenchConfig,
+    phase: Phase,
+    index: int,
+    plan: WindowPlan,
+    link: WorkerLink,
+    send: Callable[[bytes], Awaitable[Answer]],
+    requests: list[bytes],
+    open_streams: Callable[[float], list[_Stream]] | None = None,
+) -> None:
+    """The load of a worker that is set up: `send` takes one of `requests` and answers
+    its status; with `config.streams`, `open_streams(lifetime_s)` opens the streams."""
+    start = link.ready()
+    recorder = _Recorder(start + config.warmup_s, plan, open_loop=phase.rate is not None)
+
+    streams: list[_Stream] = []
+    if config.streams and open_streams is not None:
+        # The whole load on each stream; a request's own wait is bounded by the stream's.
+        streams = open_streams(recorder.end - time.perf_counter() + 2 * config.timeout_s)
+        requests = bench_requests.stream_requests(requests)
+        send = _round_robin([stream.send for stream in streams])
+
+    pending: set[asyncio.Task[None]] = set()
+    if phase.concurrency is not None:
+        users, first_user = _users(phase.concurrency, config.processes, index)
+        load = _closed_loop(send, requests, users, first_user, recorder)
+    else:
+        assert phase.rate is not None
+        # Process p sends requests p, p+P, p+2P, ... of one global schedule.
+        schedule = (start + index / phase.rate, config.processes / phase.rate)
+        load = _open_loop(send, requests, schedule, recorder, pending)
+
+    async def report_progress() -> None:
+        while True:
+            link.progress(recorder.done, recorder.failed)
+            await asyncio.sleep(PROGRESS_INTERVAL_S)
+
+    tasks = [
+        asyncio.create_task(load),
+        asyncio.create_task(recorder.mark_boundaries()),
+        asyncio.create_task(report_progress()),
+    ]
+    try:
+        reported = await _measure(recorder, link)
+    finally:
+        # What is still in flight belongs to no reported window.
+        for task in [*tasks, *pending]:
+            task.cancel()
+        await asyncio.gather(*tasks, *pending, return_exceptions=True)
+        for stream in streams:
+            await stream.close(STREAM_CLOSE_GRACE_S)
+    link.progress(recorder.done, recorder.failed)
+    link.finished([recorder.replicas(k) for k in range(reported)])
 
 
 # --- Running phases across processes ----------------------------------------------
@@ -1091,3 +1140,29 @@ def run(
     config: BenchConfig, phases: Sequence[Phase], *, show_progress: bool = False
 ) -> list[PhaseResult]:
     return [run_phase(config, phase, show_progress=show_progress) for phase in phases]
+
+
+def measure(
+    target: str,
+    protocol: str,
+    model: str,
+    images: np.ndarray,
+    concurrency: int,
+    seconds: float,
+    **options: Any,
+) -> PhaseResult:
+    """One closed-loop phase of `concurrency` users for `seconds` (after the warm-up).
+
+    `protocol` is one of `PROTOCOLS` (the HTTP ones take ``HOST:PORT`` or an
+    http(s):// URL as `target`); `options` are further `BenchConfig` fields
+    (``images_per_request``, ``warmup_s``, ``token``, ``tls``, ...).
+    """
+    config = BenchConfig(
+        target=target,
+        images=images,
+        protocol=protocol,
+        model_name=model,
+        duration_s=seconds,
+        **options,
+    )
+    return run_phase(config, Phase(concurrency=concurrency))

@@ -9,6 +9,7 @@ images are resized to the model's declared input shape when it differs
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,15 +211,20 @@ _OIP_DTYPES: dict[str, type[np.generic]] = {
 }
 
 
-def oip_input(metadata: Any) -> OipInput:
-    """Read the first input of a ModelMetadataResponse."""
-    if not metadata.inputs:
+def first_input(model: str, inputs: Sequence[OipInput]) -> OipInput:
+    """The input requests carry: the first `model` declares (InputError if it declares none)."""
+    if not inputs:
         raise InputError(
-            f"model {metadata.name!r} declares no inputs; give the input to send with "
+            f"model {model!r} declares no inputs; give the input to send with "
             "--input NAME:DTYPE:SHAPE (e.g. --input images:UINT8:-1,28,28,1)"
         )
-    first = metadata.inputs[0]
-    return OipInput(first.name, first.datatype, tuple(int(d) for d in first.shape))
+    return inputs[0]
+
+
+def oip_input(metadata: Any) -> OipInput:
+    """Read the first input of a ModelMetadataResponse."""
+    inputs = [OipInput(i.name, i.datatype, tuple(int(d) for d in i.shape)) for i in metadata.inputs]
+    return first_input(metadata.name, inputs)
 
 
 def parse_oip_input(text: str, flag: str = "--input") -> OipInput:
@@ -276,10 +282,8 @@ def check_oip_input(spec: OipInput, images: np.ndarray) -> None:
     _image_pool(spec, images[:1])
 
 
-def oip_requests(
-    model_name: str, spec: OipInput, images: np.ndarray, per_request: int
-) -> tuple[str, list[bytes]]:
-    """(method path, serialized ModelInferRequests) with the images as raw input contents.
+def oip_arrays(spec: OipInput, images: np.ndarray, per_request: int) -> list[np.ndarray]:
+    """The request pool's batches as arrays of `spec`: [per_request, *spec.shape[1:]].
 
     The batch dimension (the leading -1) becomes `per_request`. The other
     dimensions are [H,W] or [H,W,C] (the pool is resized to them when they
@@ -287,20 +291,33 @@ def oip_requests(
     flat [H*W]). Integer inputs get 0-255 pixels, floating-point inputs get
     values in [0, 1]; other datatypes (BOOL, BYTES, INT8) are refused.
     """
-    service_pb2, _ = import_oip()
     pool = _image_pool(spec, images)
-    image_shape = spec.shape[1:]
-    dtype = _OIP_DTYPES[spec.datatype]
+    shape = (per_request, *spec.shape[1:])
+    dtype = np.dtype(_OIP_DTYPES[spec.datatype])
     floats = np.issubdtype(dtype, np.floating)
-    requests = []
+    arrays = []
     for batch in _batches(pool, per_request):
-        values = batch.astype(dtype) / 255.0 if floats else batch.astype(dtype)
-        shape = [per_request, *image_shape]
+        values = batch.astype(dtype) / 255.0 if floats else batch
+        arrays.append(np.ascontiguousarray(values, dtype=dtype).reshape(shape))
+    return arrays
+
+
+def little_endian_bytes(array: np.ndarray) -> bytes:
+    """An array's elements as the protocols carry them: little-endian, C order."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def oip_requests(
+    model_name: str, spec: OipInput, images: np.ndarray, per_request: int
+) -> tuple[str, list[bytes]]:
+    """(method path, serialized ModelInferRequests) with the images as raw input contents
+    (see `oip_arrays` for the shapes and values)."""
+    service_pb2, _ = import_oip()
+    requests = []
+    for values in oip_arrays(spec, images, per_request):
         request = service_pb2.ModelInferRequest(model_name=model_name)
         tensor = request.inputs.add(name=spec.name, datatype=spec.datatype)
-        tensor.shape.extend(shape)
-        request.raw_input_contents.append(
-            np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
-        )
+        tensor.shape.extend(values.shape)
+        request.raw_input_contents.append(little_endian_bytes(values))
         requests.append(request.SerializeToString())
     return OIP_INFER_METHOD, requests

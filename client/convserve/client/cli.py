@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from convserve.client import bench_metrics, bench_report, bench_requests, bench_sweep
-from convserve.client.bench import BenchConfig, Phase, SetupError
+from convserve.client import bench_http, bench_metrics, bench_report, bench_requests, bench_sweep
+from convserve.client.bench import HTTP_PROTOCOLS, PROTOCOLS, BenchConfig, Phase, SetupError
 from convserve.client.channel import TlsConfig
 from convserve.client.config import DEFAULT_MAX_BATCH_IMAGES, DEFAULT_TARGET
 from convserve.client.errors import ConvServeError, InputError
@@ -247,9 +247,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     raws = [_read_source(Path(f)) for f in args.files]
     with _client(args, max_batch_images=args.batch_size) as client:
         # The input shape says how to read the files; the class names label the top 3.
-        meta = client.metadata(model_version=args.model_version)
+        pin = _pin(args)
+        meta = client.metadata(**pin)
         sources = [_source(raw, meta.input_shape) for raw in raws]
-        result = client.predict([s.images for s in sources], model_version=args.model_version)
+        result = client.predict([s.images for s in sources], **pin)
     with_labels = any(s.labels is not None for s in sources)
     rows: list[list[object]] = []
     records: list[dict[str, Any]] = []
@@ -456,9 +457,10 @@ def _cmd_feature_maps(args: argparse.Namespace) -> int:
     raw = _read_source(Path(args.image))
     layers = [name for name in args.layers.split(",") if name] if args.layers else []
     with _client(args) as client:
-        meta = client.metadata(model_version=args.model_version)
+        pin = _pin(args)
+        meta = client.metadata(**pin)
         image = _single_image(raw, meta.input_shape)
-        result = client.feature_maps(image, layers=layers, model_version=args.model_version)
+        result = client.feature_maps(image, layers=layers, **pin)
     output.mkdir(parents=True, exist_ok=True)
     rows, records = [], []
     for i, (layer, maps) in enumerate(result.maps.items()):
@@ -481,9 +483,15 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "(" + ", ".join("None" if d < 0 else str(d) for d in shape) + ")"
 
 
+def _pin(args: argparse.Namespace) -> dict[str, Any]:
+    """The version a command names: --model-version or --version-label (argparse allows
+    one of the two)."""
+    return {"model_version": args.model_version, "version_label": args.version_label}
+
+
 def _cmd_metadata(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        meta = client.metadata(model_version=args.model_version)
+        meta = client.metadata(**_pin(args))
     layer_rows = [
         [
             f"{layer.name} ({layer.type})",
@@ -556,16 +564,20 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 "yes" if model.ready else "no",
                 "-" if serving is None else serving,
                 ", ".join(f"{v.version} {v.state}" for v in model.versions) or "-",
+                " ".join(f"{label}={version}" for label, version in model.labels) or "-",
                 _mib(model.memory_bytes),
                 "; ".join(
                     ([model.error] if model.error else [])
                     + [f"{v.version}: {v.error}" for v in model.versions if v.error]
+                    + list(model.label_errors)
                 )
                 or "-",
             ]
         )
     text = format_table(
-        ["model", "ready", "serving", "versions", "memory", "errors"], rows, right=(2, 4)
+        ["model", "ready", "serving", "versions", "labels", "memory", "errors"],
+        rows,
+        right=(2, 5),
     )
     text += f"\ndefault model: {listing.default_model or '-'}"
     data = {
@@ -578,6 +590,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
                 "error": model.error,
                 "memory_bytes": model.memory_bytes,
                 "versions": [asdict(v) for v in model.versions],
+                "labels": dict(model.labels),
+                "label_errors": list(model.label_errors),
             }
             for model in listing
         ],
@@ -603,16 +617,33 @@ def _cmd_health(args: argparse.Namespace) -> int:
 # --- bench ------------------------------------------------------------------------------
 
 
-_BENCH_PROTOCOLS = ("convserve", "oip")
+_BENCH_PROTOCOLS = PROTOCOLS
+# Where an HTTP protocol goes when neither --target nor $CONVSERVE_TARGET says:
+# the server's default --rest-port.
+DEFAULT_REST_TARGET = "localhost:8501"
 
 
-def _bench_target(text: str, protocol: str, flag: str) -> tuple[str, str]:
-    """(address, protocol) from ``[PROTOCOL@]ADDRESS``; the prefix wins over `protocol`."""
+def _bench_target(text: str, protocol: str, flag: str, tls: TlsConfig | None) -> tuple[str, str]:
+    """(address, protocol) from ``[PROTOCOL@]ADDRESS``; the prefix wins over `protocol`.
+
+    An HTTP protocol's address is ``HOST:PORT`` or an http(s):// URL; a URL
+    for a gRPC protocol is refused.
+    """
     prefix, at, address = text.partition("@")
     if at and prefix in _BENCH_PROTOCOLS:
         if not address:
             raise UsageError(f"{flag}: expected [PROTOCOL@]HOST:PORT, got {text!r}")
-        return address, prefix
+        text, protocol = address, prefix
+    if protocol in HTTP_PROTOCOLS:
+        try:
+            bench_http.base_url(text, tls)
+        except InputError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+    elif text.startswith(("http://", "https://")):
+        raise UsageError(
+            f"{flag}: {text!r} is an HTTP URL, and {protocol} runs over gRPC: give "
+            f"rest@{text} or oip-http@{text} (or --protocol rest / oip-http)"
+        )
     return text, protocol
 
 
@@ -666,10 +697,11 @@ def _bench_oip_input(
     """The parsed --input / --compare-input, checked against its target and the images."""
     if text is None:
         return None
-    if protocol != "oip":
+    if protocol not in ("oip", "oip-http"):
+        protocol_flag = "--protocol" if target_flag == "--target" else "--compare-protocol"
         raise UsageError(
-            f"{flag} applies only to an oip target: give {target_flag} oip@HOST:PORT "
-            f"(or {'--protocol' if target_flag == '--target' else '--compare-protocol'} oip)"
+            f"{flag} applies only to an oip or oip-http target: give {target_flag} "
+            f"oip@HOST:PORT (or {protocol_flag} oip)"
         )
     spec = bench_requests.parse_oip_input(text, flag)
     bench_requests.check_oip_input(spec, images)
@@ -697,7 +729,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         images = bench_requests.load_images(args.images)
     else:
         images, _ = bench_requests.synthetic_digits(256)
-    address, protocol = _bench_target(args.target, args.protocol, "--target")
+    tls, token = _tls(args), _read_token(args)
+    target = args.target
+    if args.protocol in HTTP_PROTOCOLS and not args.targets_given:
+        target = os.environ.get("CONVSERVE_TARGET", DEFAULT_REST_TARGET)
+    address, protocol = _bench_target(target, args.protocol, "--target", tls)
     specs = [
         (
             address,
@@ -708,7 +744,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     ]
     if args.compare is not None:
         other, other_protocol = _bench_target(
-            args.compare, args.compare_protocol or protocol, "--compare"
+            args.compare, args.compare_protocol or protocol, "--compare", tls
         )
         other_model = args.model if args.compare_model is None else args.compare_model
         other_input = _bench_oip_input(
@@ -731,7 +767,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
     if len(urls) == 1:
         urls *= len(specs)
-    tls, token = _tls(args), _read_token(args)
+    # A missing extra fails now, not in the middle of a sweep.
+    for _, target_protocol, _, _ in specs:
+        if target_protocol in HTTP_PROTOCOLS:
+            bench_http.import_http(target_protocol)
     duration_s = 10.0 if args.duration_s is None else args.duration_s
     configs = [
         BenchConfig(
@@ -786,6 +825,8 @@ examples:
   convserve bench --rate-range 100:1000:100 --latency-threshold-ms 20 --plot sweep.png
   convserve --target H:8500 bench --compare oip@H:8500 --model mnist --concurrency 1,8,32
   convserve --target oip@H:8081 bench --model m --input images:FP32:-1,28,28,1
+  convserve --target rest@H:8501 bench --model mnist --compare convserve@H:8500 --concurrency 16
+  convserve --target https://H:8501 bench --protocol oip-http --model mnist --images-per-request 32
   convserve bench --concurrency 1,8 --metrics-url http://H:8502/metrics --csv out.csv
 """
 
@@ -883,12 +924,22 @@ def _common_options(
         metavar="NAME",
         default=default(""),
         help="the model to call (default: the server's default model; see 'convserve models'); "
-        "with bench --protocol oip, the OIP model_name",
+        "bench with another protocol than convserve needs it: the model's name there",
     )
     common.add_argument(
         "--json", action="store_true", default=default(False), help="print JSON instead of a table"
     )
     return common
+
+
+def _version_options(p: argparse.ArgumentParser) -> None:
+    """--model-version and --version-label: a version other than the serving one."""
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--model-version", type=int, help="pin a loaded model version")
+    pin.add_argument(
+        "--version-label",
+        help="pin the version a label of the server's model config file names (e.g. canary)",
+    )
 
 
 def _conv_options(parser: argparse.ArgumentParser) -> None:
@@ -946,7 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_BATCH_IMAGES,
         help="images per request; larger inputs are split (default %(default)s)",
     )
-    p.add_argument("--model-version", type=int, help="pin a loaded model version")
+    _version_options(p)
 
     p = command("convolve", _cmd_convolve, "apply a kernel to an image or array")
     p.add_argument(
@@ -977,10 +1028,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for one PNG grid per layer")
     p.add_argument("--layers", help="comma-separated layer names (default: all)")
     p.add_argument("--scale", type=int, default=4, help="pixel size of the grids (default 4)")
-    p.add_argument("--model-version", type=int, help="pin a loaded model version")
+    _version_options(p)
 
     p = command("metadata", _cmd_metadata, "show the model's layers, classes and training record")
-    p.add_argument("--model-version", type=int, help="a loaded version other than the serving one")
+    _version_options(p)
 
     p = command(
         "models", _cmd_models, "list the server's models, their versions and which one serves"
@@ -1051,12 +1102,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol",
         choices=_BENCH_PROTOCOLS,
         default="convserve",
-        help="protocol of --target (or prefix it: --target oip@HOST:PORT)",
+        help="protocol of --target (or prefix it: --target oip@HOST:PORT): convserve or oip "
+        "over gRPC; rest (TF Serving's REST API, JSON) or oip-http (KServe v2 over HTTP, binary "
+        "tensors), whose target is HOST:PORT or an http(s):// URL (default "
+        f"{DEFAULT_REST_TARGET}) and which need the http extra: pip install 'convserve[http]'",
     )
     p.add_argument(
         "--input",
         metavar="NAME:DTYPE:SHAPE",
-        help="with --protocol oip: the input to send, e.g. images:FP32:-1,28,28,1 (for "
+        help="with --protocol oip or oip-http: the input to send, e.g. images:FP32:-1,28,28,1 (for "
         "servers whose model metadata declares no inputs, such as MLServer's default)",
     )
     p.add_argument(

@@ -21,6 +21,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -31,8 +32,11 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from convserve.server import auth, servicer
+from convserve.server.json_worker import JsonParser
 from convserve.server.logs import REJECTIONS
 from convserve.server.protocols import ADAPTERS
+from convserve.server.protocols.http import HttpApi, HttpServer
+from convserve.server.protocols.oip import OipModels
 from convserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ class RunningServer:
         port: int,
         metrics_http: tuple[WSGIServer, threading.Thread] | None,
         services: list[str],
+        http: HttpServer | None = None,
     ) -> None:
         self.settings = settings
         self.server = server
@@ -76,6 +81,9 @@ class RunningServer:
         self.metrics_port = metrics_http[0].server_port if metrics_http is not None else 0
         self.services = services
         self._metrics_http = metrics_http
+        # The HTTP APIs' server (None: --rest-port 0); `rest_port` is its bound port.
+        self.http = http
+        self.rest_port = http.port if http is not None else 0
         self.stopping = False  # set when a graceful stop begins
         self.stopped_cleanly = True  # False: the stop abandoned work that would not stop
         self._stop_lock = asyncio.Lock()
@@ -95,10 +103,24 @@ class RunningServer:
     @property
     def listening_line(self) -> str:
         """The line announcing the bound ports (subprocess callers parse it)."""
-        return (
+        line = (
             f"convserve-server listening on {self.settings.host}:{self.port} "
             f"metrics on :{self.metrics_port}"
         )
+        return line + (f" rest on :{self.rest_port}" if self.http is not None else "")
+
+    @property
+    def rest_url(self) -> str:
+        """The base URL a local client reaches the HTTP APIs at ("" without them)."""
+        if self.http is None:
+            return ""
+        scheme = "https" if self.settings.tls_enabled else "http"
+        return f"{scheme}://{self.target.rsplit(':', 1)[0]}:{self.rest_port}"
+
+    @property
+    def serving(self) -> bool:
+        """Ready and not stopping: what the HTTP readiness endpoint answers."""
+        return not self.stopping and bool(getattr(self.runtime, "ready", True))
 
     @property
     def stopped(self) -> bool:
@@ -151,8 +173,12 @@ class RunningServer:
             await self.health.enter_graceful_shutdown()
             try:
                 # grpc core's shutdown sends GOAWAY first and only cancels the calls
-                # still running when the grace ends.
-                await self.server.stop(grace)
+                # still running when the grace ends; the HTTP server stops listening and
+                # lets its running requests finish within the same grace period.
+                stops = [self.server.stop(grace)]
+                if self.http is not None:
+                    stops.append(self.http.stop())
+                await asyncio.gather(*stops)
                 stopped = await self.runtime.stop(max(0.0, deadline - time.monotonic()))
                 # Work the runtime had to abandon (a thread that would not stop).
                 self.stopped_cleanly = stopped is not False
@@ -177,7 +203,7 @@ class RunningServer:
         thread.join()
 
 
-def _bind_host(host: str) -> str:
+def bind_host(host: str) -> str:
     # gRPC wants IPv6 literals in brackets; the HTTP server wants them bare.
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
@@ -298,7 +324,7 @@ def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, 
     Built here rather than with `prometheus_client.start_http_server` for a
     short shutdown poll: stopping the server must not stall for half a second.
     """
-    host = _bind_host(settings.host)
+    host = bind_host(settings.host)
 
     class Server(_BoundedServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -320,6 +346,47 @@ def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, 
     )
     thread.start()
     return httpd, thread
+
+
+def _http_server(
+    settings: Settings,
+    runtime: Any,
+    metrics: Any,
+    token: str | None,
+    replica: str,
+    serving: Callable[[], bool],
+) -> HttpServer:
+    """The HTTP server of the three HTTP APIs over `runtime` (not listening yet)."""
+    from convserve.server.protocols import convserve_http, oip_http, tfserving_rest
+
+    check = auth.BearerTokenInterceptor(token).check if token is not None else None
+    parser = JsonParser()
+
+    def http_api(protocol: Any, model_label: Any) -> HttpApi:
+        return HttpApi(
+            protocol,
+            metrics,
+            settings=settings,
+            model_label=model_label,
+            check_token=check,
+            replica=replica,
+            parser=parser,
+        )
+
+    oip_models = OipModels(runtime)
+    oip = oip_http.OipHttp(
+        oip_models, http_api(oip_http.PROTOCOL, oip_models.model_label), serving=serving
+    )
+    apis: list[Any] = [
+        tfserving_rest.TfServingRest(
+            runtime, http_api(tfserving_rest.PROTOCOL, runtime.model_label)
+        ),
+        oip,
+        convserve_http.ConvserveHttp(
+            runtime, http_api(convserve_http.PROTOCOL, runtime.model_label)
+        ),
+    ]
+    return HttpServer(settings, [api.add_routes for api in apis], parser)
 
 
 async def start_server(
@@ -372,6 +439,10 @@ async def start_server(
     health.public |= {LIVENESS, READINESS, *services}
     port = _add_port(server, settings)
     metrics_http = _start_metrics_http(settings, metrics.registry)
+    http = None
+    if settings.rest_port != 0:
+        # `running` is assigned below, before any request can reach the server.
+        http = _http_server(settings, runtime, metrics, token, replica, lambda: running.serving)
 
     running = RunningServer(
         settings=settings,
@@ -382,14 +453,19 @@ async def start_server(
         port=port,
         metrics_http=metrics_http,
         services=services,
+        http=http,
     )
     try:
         # Probes may connect while the model loads; they must see NOT_SERVING, not an error.
         await running.set_serving(False)
         await server.start()
+        if http is not None:
+            running.rest_port = await http.start()
         await runtime.start()
     except BaseException:
         await server.stop(0)
+        if http is not None:
+            await http.stop()
         running._stop_metrics_http()
         raise
     # Ready unless a model configured at start-up is not (e.g. an empty config file).

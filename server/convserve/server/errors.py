@@ -70,6 +70,24 @@ class Unauthenticated(ServeError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PayloadTooLarge(ResourceExhausted):
+    """An HTTP request body over the server's limit (refused before it is parsed)."""
+
+    http_status = 413
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """An HTTP request body of a content type the endpoint does not read."""
+
+    http_status = 415
+
+
+class Unimplemented(ServeError):
+    """A method the protocol defines that convserve does not offer; the message says why."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Internal(ServeError):
     """A bug or an unexpected model failure; the detail goes to the log."""
 
@@ -96,6 +114,25 @@ def shown(value: object, limit: int = 64) -> str:
     return f"{text[:limit]}… ({len(text)} characters)"
 
 
+def json_type(value: object, *, empty: bool = False) -> str:
+    """The JSON type of a parsed JSON value, for messages: ``an object``, ``an array``,
+    ``a string``, ``a number``, ``a boolean`` or ``null`` (`empty`: ``an empty array``
+    for [])."""
+    if empty and isinstance(value, list) and not value:
+        return "an empty array"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
 def _capped(message: str) -> str:
     if len(message) <= MAX_MESSAGE_CHARS:
         return message
@@ -114,3 +151,35 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TensorError):
         return grpc.StatusCode.INVALID_ARGUMENT, _capped(str(exc))
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+# The HTTP status of each gRPC status code, as TF Serving's REST API and Google's API
+# design guide map them; the HTTP APIs answer every error through `http_status_of`.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+
+
+def http_status_of(exc: BaseException) -> tuple[int, grpc.StatusCode, str]:
+    """The HTTP status, the status code (the metrics' `code` label) and the message a
+    client of the HTTP APIs gets for `exc` (`status_of`, mapped by `HTTP_STATUS`)."""
+    code, message = status_of(exc)
+    # A few HTTP statuses have no gRPC code of their own (413, 415).
+    status = getattr(exc, "http_status", None)
+    return status if isinstance(status, int) else HTTP_STATUS[code], code, message

@@ -61,36 +61,29 @@ _MODELS_ARE_CONFIGURED = (
 )
 
 
-@unimplemented_answered(_SERVICE)
-class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: api.RuntimeApi, metrics: Any, *, replica: str = "") -> None:
-        self._runtime = runtime
-        self._calls = Calls(PROTOCOL, metrics, model_label=self._model_label, replica=replica)
+class OipModels:
+    """What the protocol's methods do, over the shared runtime, in its gRPC messages:
+    the gRPC servicer and the HTTP API (`oip_http`) both translate to and from these."""
 
-    def _model_label(self, requested: str) -> str:
-        # conv2d is an operation, not a model: counted without one, as convserve.v1's Convolve.
+    def __init__(self, runtime: api.RuntimeApi) -> None:
+        self._runtime = runtime
+
+    def model_label(self, requested: str) -> str:
+        """The `model` metrics label; conv2d is an operation, not a model: counted without
+        one, as convserve.v1's Convolve."""
         return "" if requested == oip_convert.CONV_MODEL else self._runtime.model_label(requested)
 
-    @unary("ServerLive")
-    async def ServerLive(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerLiveResponse(live=True)
+    @property
+    def server_ready(self) -> bool:
+        return self._runtime.ready
 
-    @unary("ServerReady")
-    async def ServerReady(self, request: Any, context: Any) -> Any:
-        return service_pb2.ServerReadyResponse(ready=self._runtime.ready)
-
-    @unary("ModelReady", model=lambda request: request.name)
-    async def ModelReady(self, request: Any, context: Any) -> Any:
-        return service_pb2.ModelReadyResponse(
-            ready=self._model_ready(request.name, request.version)
-        )
-
-    def _model_ready(self, name: str, version: str) -> bool:
-        # As Triton does, an unknown model or version is simply not ready.
+    def model_ready(self, name: str, version: str) -> bool:
+        """Whether the model (pinned version) can serve; as Triton does, an unknown model or
+        version is simply not ready."""
         try:
             if name == oip_convert.CONV_MODEL:
                 oip_convert.check_conv_version(version)
-                return self._conv_ready()
+                return self.conv_ready()
             ref = oip_convert.model_ref(name, version)
             status = self._runtime.model_status(ref.name or self._runtime.default_model)
         except (errors.NotFound, errors.InvalidArgument):
@@ -102,41 +95,31 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             v.version == ref.version and v.state == "AVAILABLE" for v in status.versions
         )
 
-    def _conv_ready(self) -> bool:
-        # conv2d needs no model of its own: it is served while the runtime is up, which
-        # a ready model shows (one model that cannot serve must not take conv2d down).
+    def conv_ready(self) -> bool:
+        """conv2d needs no model of its own: it is served while the runtime is up, which a
+        ready model shows (one model that cannot serve must not take conv2d down)."""
         return any(status.ready for status in self._runtime.models())
 
-    @unary("ServerMetadata")
-    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+    def server_metadata(self) -> Any:
         return service_pb2.ServerMetadataResponse(name="convserve", version=server_version())
 
-    @unary("ModelMetadata", model=lambda request: request.name)
-    async def ModelMetadata(self, request: Any, context: Any) -> Any:
-        if request.name == oip_convert.CONV_MODEL:
-            oip_convert.check_conv_version(request.version)
+    def model_metadata(self, name: str, version: str) -> Any:
+        if name == oip_convert.CONV_MODEL:
+            oip_convert.check_conv_version(version)
             return oip_convert.conv_metadata_response()
-        ref = oip_convert.model_ref(request.name, request.version, "version")
+        ref = oip_convert.model_ref(name, version, "version")
         meta = self._runtime.metadata(ref)
         return oip_convert.model_metadata_response(meta, ref.version)
 
-    @unary("RepositoryIndex")
-    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        oip_convert.check_repository_name(request.repository_name)
+    def repository_index(self, repository_name: str, ready_only: bool) -> Any:
+        oip_convert.check_repository_name(repository_name)
         return oip_convert.repository_index_response(
-            self._runtime.models(), self._conv_ready(), ready_only=request.ready
+            self._runtime.models(), self.conv_ready(), ready_only=ready_only
         )
 
-    RepositoryModelLoad = _not_offered("RepositoryModelLoad", _MODELS_ARE_CONFIGURED)
-    RepositoryModelUnload = _not_offered("RepositoryModelUnload", _MODELS_ARE_CONFIGURED)
-
-    @unary("ModelInfer", model=lambda request: request.model_name)
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
-        # Converting a large payload runs in a thread (`off_loop`), so that it cannot
-        # stall the other calls on the event loop.
-        if isinstance(request, RefusedRequest):
-            raise request.error
-        deadline = self._calls.deadline(context)
+    async def infer(self, request: Any, *, deadline: float | None, protocol: types.Protocol) -> Any:
+        """A ModelInferRequest's answer. Converting a large payload runs in a thread
+        (`off_loop`), so that it cannot stall the other calls on the event loop."""
         size = oip_convert.request_bytes(request)
         if request.model_name == oip_convert.CONV_MODEL:
             conv, raw = await off_loop(oip_convert.convolve_request, request, size_bytes=size)
@@ -145,7 +128,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 oip_convert.convolve_response, request, result, raw, size_bytes=result.output.nbytes
             )
         value, outputs, raw = await off_loop(self._predict_input, request, size_bytes=size)
-        output = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
+        output = await self._runtime.predict(value, deadline=deadline, protocol=protocol)
         return await off_loop(
             oip_convert.predict_response,
             request,
@@ -159,6 +142,52 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         images, ref, outputs, raw = oip_convert.predict_request(request)
         checked = self._runtime.check_images(images, field="inputs[images]", model=ref)
         return types.PredictInput(checked, ref), outputs, raw
+
+
+@unimplemented_answered(_SERVICE)
+class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, runtime: api.RuntimeApi, metrics: Any, *, replica: str = "") -> None:
+        self._models = OipModels(runtime)
+        self._calls = Calls(
+            PROTOCOL, metrics, model_label=self._models.model_label, replica=replica
+        )
+
+    @unary("ServerLive")
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    @unary("ServerReady")
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ServerReadyResponse(ready=self._models.server_ready)
+
+    @unary("ModelReady", model=lambda request: request.name)
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        return service_pb2.ModelReadyResponse(
+            ready=self._models.model_ready(request.name, request.version)
+        )
+
+    @unary("ServerMetadata")
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return self._models.server_metadata()
+
+    @unary("ModelMetadata", model=lambda request: request.name)
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        return self._models.model_metadata(request.name, request.version)
+
+    @unary("RepositoryIndex")
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        return self._models.repository_index(request.repository_name, request.ready)
+
+    RepositoryModelLoad = _not_offered("RepositoryModelLoad", _MODELS_ARE_CONFIGURED)
+    RepositoryModelUnload = _not_offered("RepositoryModelUnload", _MODELS_ARE_CONFIGURED)
+
+    @unary("ModelInfer", model=lambda request: request.model_name)
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        if isinstance(request, RefusedRequest):
+            raise request.error
+        return await self._models.infer(
+            request, deadline=self._calls.deadline(context), protocol=PROTOCOL
+        )
 
 
 class OipAdapter:
