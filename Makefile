@@ -6,6 +6,7 @@ PY := $(BIN)/python
 # Where `make demo` keeps its model and samples, and the ports it serves on.
 DEMO_DIR ?= .demo
 DEMO_PORT ?= 8500
+DEMO_REST_PORT ?= 8501
 DEMO_METRICS_PORT ?= 8502
 
 .PHONY: setup demo test lint format generate bench clean
@@ -22,7 +23,8 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 
 # Train MNIST (default data), Fashion-MNIST (when its Debian package is installed) and
-# the 8x8 digits, serve all of them from one server, predict held-out images of each, stop.
+# the 8x8 digits, serve all of them from one server, predict held-out images of each
+# (and one MNIST image through TF Serving's REST API with curl), stop.
 demo: setup
 	@set -eu; \
 	rm -rf $(DEMO_DIR); mkdir -p $(DEMO_DIR); \
@@ -39,7 +41,8 @@ demo: setup
 		--model-base-path $(DEMO_DIR)/models/digits8 --save-samples $(DEMO_DIR)/digits8.npz; \
 	models="$$models --model digits8=$(DEMO_DIR)/models/digits8"; \
 	$(BIN)/convserve-server $$models \
-		--port $(DEMO_PORT) --metrics-port $(DEMO_METRICS_PORT) > $(DEMO_DIR)/server.log 2>&1 & \
+		--port $(DEMO_PORT) --rest-port $(DEMO_REST_PORT) --metrics-port $(DEMO_METRICS_PORT) \
+		> $(DEMO_DIR)/server.log 2>&1 & \
 	server=$$!; \
 	trap 'kill -TERM $$server 2>/dev/null || true' EXIT; \
 	echo "server started (pid $$server, log $(DEMO_DIR)/server.log)"; \
@@ -51,6 +54,20 @@ demo: setup
 			$(BIN)/convserve --target localhost:$(DEMO_PORT) predict --model $$model $(DEMO_DIR)/$$model.npz; \
 		fi; \
 	done; \
+	echo; echo "== mnist over HTTP: TF Serving's REST API (curl)"; \
+	if command -v curl > /dev/null 2>&1; then \
+		label=$$($(PY) -c 'import json, numpy as np; \
+			samples = np.load("$(DEMO_DIR)/mnist.npz"); \
+			body = {"signature_name": "predict_uint8", "instances": samples["images"][:1].tolist()}; \
+			open("$(DEMO_DIR)/rest-request.json", "w").write(json.dumps(body)); \
+			print(samples["labels"][0])'); \
+		curl -sS --fail-with-body -H 'Content-Type: application/json' \
+			--data-binary @$(DEMO_DIR)/rest-request.json \
+			localhost:$(DEMO_REST_PORT)/v1/models/mnist:predict; \
+		echo; echo "(class probabilities of one held-out image labelled $$label)"; \
+	else \
+		echo "skipped: curl is not installed"; \
+	fi; \
 	kill -TERM $$server; wait $$server; trap - EXIT; \
 	echo "server stopped cleanly"
 

@@ -17,6 +17,7 @@ from tests.deploy.common import (
     DOCKERFILE,
     GRPC_PORT,
     METRICS_PORT,
+    REST_PORT,
     constraint_version,
     dockerfile_stages,
 )
@@ -111,7 +112,20 @@ def test_server_environment_names_real_settings_and_stops_after_the_drain(compos
             f"{_default(host)}:{container}"
             for host, _, container in (port.rpartition(":") for port in service["ports"])
         ]
-        assert ports == [f"{GRPC_PORT}:{GRPC_PORT}", f"{METRICS_PORT}:{METRICS_PORT}"]
+        assert ports == [
+            f"{GRPC_PORT}:{GRPC_PORT}",
+            f"{REST_PORT}:{REST_PORT}",
+            f"{METRICS_PORT}:{METRICS_PORT}",
+        ]
+        # The server in the container listens on the published container ports.
+        for field, port in (
+            ("port", GRPC_PORT),
+            ("rest_port", REST_PORT),
+            ("metrics_port", METRICS_PORT),
+        ):
+            default = Settings.model_fields[field].default
+            listens = _default(service["environment"].get(f"CONVSERVE_{field.upper()}", default))
+            assert int(listens) == port, f"{name}: {field} {listens}"
 
 
 def test_third_party_images_are_pinned(compose) -> None:

@@ -227,6 +227,23 @@ def test_the_model_variable_selects_models_and_all_keeps_the_model_less_series()
         assert all_value.fullmatch(value), value
 
 
+def test_the_protocol_variable_lists_every_protocol_the_server_labels_requests_with() -> None:
+    from typing import get_args
+
+    from convserve.server.types import Protocol
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    (protocol,) = [v for v in dashboard["templating"]["list"] if v["name"] == "protocol"]
+    assert protocol["type"] == "custom"
+    listed = protocol["query"].split(",")
+    assert sorted(listed) == sorted(get_args(Protocol))
+    assert "tfserving-rest" in listed
+    # One choice selects its own protocol only: "oip" is not "oip-http".
+    for value in listed:
+        assert [other for other in listed if re.fullmatch(value, other)] == [value]
+        assert re.fullmatch(protocol["allValue"], value)
+
+
 def test_every_query_of_a_model_labelled_metric_filters_on_the_model() -> None:
     model_labelled = _model_labelled()
     # The request, batching and per-model metrics all carry the label.

@@ -162,8 +162,9 @@ def stack(
     docker_client: Any, images: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict]:
     # Host port 0: the engine picks free ones (read back once the stack is up).
-    published = ("CONVSERVE_GRPC_HOST_PORT", "CONVSERVE_METRICS_HOST_PORT",
-                 "PROMETHEUS_HOST_PORT", "GRAFANA_HOST_PORT")  # fmt: skip
+    published = ("CONVSERVE_GRPC_HOST_PORT", "CONVSERVE_REST_HOST_PORT",
+                 "CONVSERVE_METRICS_HOST_PORT", "PROMETHEUS_HOST_PORT",
+                 "GRAFANA_HOST_PORT")  # fmt: skip
     env = {
         **os.environ,
         **dict.fromkeys(published, "0"),
@@ -202,6 +203,7 @@ def stack(
         )
         ports = {
             "CONVSERVE_GRPC_HOST_PORT": _host_port(docker_client, "server", 8500),
+            "CONVSERVE_REST_HOST_PORT": _host_port(docker_client, "server", 8501),
             "CONVSERVE_METRICS_HOST_PORT": _host_port(docker_client, "server", 8502),
             "PROMETHEUS_HOST_PORT": _host_port(docker_client, "prometheus", 9090),
         }
@@ -256,6 +258,8 @@ def _http_json(url: str) -> Any:
 
 
 def test_the_stack_trains_serves_predicts_is_scraped_and_stops_cleanly(stack: dict) -> None:
+    import json
+
     from convserve.client import ConvServeClient
 
     started = time.monotonic()
@@ -281,6 +285,20 @@ def test_the_stack_trains_serves_predicts_is_scraped_and_stops_cleanly(stack: di
         result = client.predict(images)
     accuracy = float(np.mean(np.asarray(result.digits) == labels))
     assert accuracy >= 0.6, f"accuracy {accuracy:.2f} on {len(labels)} held-out digits"
+
+    # The same digits through TF Serving's REST API on the published HTTP port.
+    rest = f"http://127.0.0.1:{stack['ports']['CONVSERVE_REST_HOST_PORT']}"
+    with urllib.request.urlopen(f"{rest}/v2/health/ready", timeout=5) as ready:
+        assert ready.status == 200
+    request = urllib.request.Request(
+        f"{rest}/v1/models/mnist:predict",
+        data=json.dumps({"signature_name": "predict_uint8", "instances": images.tolist()}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        predictions = np.asarray(json.load(answer)["predictions"])
+    assert predictions.shape == (len(labels), 10)
+    assert np.argmax(predictions, axis=1).tolist() == np.asarray(result.digits).tolist()
 
     # The request counter through the server's own endpoint, then through Prometheus,
     # which found the server by its name on the compose network.

@@ -14,6 +14,7 @@ from tests.deploy.common import (
     DOCKERFILE,
     GRPC_PORT,
     METRICS_PORT,
+    REST_PORT,
     constraint_version,
     dockerfile_stages,
     run,
@@ -114,9 +115,21 @@ def test_server_healthcheck_uses_grpc_health_on_the_configured_port() -> None:
     assert f"localhost:${{CONVSERVE_PORT:-{GRPC_PORT}}}" in healthcheck
     # Docker reserves exit code 2; the CLI's "unavailable" (4) is mapped to 1.
     assert "|| exit 1" in healthcheck
-    assert _instructions("server", "EXPOSE") == [f"{GRPC_PORT} {METRICS_PORT}"]
     assert _instructions("server", "ENTRYPOINT") == ['["convserve-server"]']
     assert _instructions("trainer", "ENTRYPOINT") == ['["convserve-train"]']
+
+
+def test_server_image_exposes_the_ports_the_server_listens_on_by_default() -> None:
+    from convserve.server.settings import Settings
+
+    defaults = {name: Settings.model_fields[name].default for name in Settings.model_fields}
+    assert (defaults["port"], defaults["rest_port"], defaults["metrics_port"]) == (
+        GRPC_PORT,
+        REST_PORT,
+        METRICS_PORT,
+    )
+    assert _instructions("server", "EXPOSE") == [f"{GRPC_PORT} {REST_PORT} {METRICS_PORT}"]
+    assert _instructions("trainer", "EXPOSE") == []
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:

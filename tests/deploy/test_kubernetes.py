@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from convserve.server.settings import Settings
 from tests.conftest import REPO_ROOT, require_tool
@@ -19,6 +20,7 @@ from tests.deploy.common import (
     KUBERNETES_VERSION,
     KUSTOMIZATIONS,
     METRICS_PORT,
+    REST_PORT,
     dockerfile_stages,
     load_yaml_documents,
     run,
@@ -189,12 +191,33 @@ def test_server_probes_are_native_grpc_on_the_serving_port(name, objects) -> Non
     unanswered_s = liveness["periodSeconds"] * liveness["failureThreshold"]
     assert unanswered_s > pod["terminationGracePeriodSeconds"]
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
-    assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
+    assert ports == {"grpc": GRPC_PORT, "rest": REST_PORT, "metrics": METRICS_PORT}
+    # The server listens where the container ports say.
+    config = _config(objects[name])
+    for field, port in ports.items():
+        setting = "port" if field == "grpc" else f"{field}_port"
+        listens = config.get(f"CONVSERVE_{setting.upper()}", Settings.model_fields[setting].default)
+        assert int(listens) == port, setting
+
+
+# The HTTP form of the readiness probe deploy/README offers (KServe v2 server readiness).
+HTTP_READINESS_PATH = "/v2/health/ready"
+
+
+def _asks_its_own_service(probe: str, spec: dict[str, Any]) -> bool:
+    if "grpc" in spec:
+        return bool(spec["grpc"].get("service") == PROBE_SERVICES[probe])
+    http = spec.get("httpGet", {})
+    return (
+        probe == "readinessProbe"
+        and http.get("path") == HTTP_READINESS_PATH
+        and http.get("port") in ("rest", REST_PORT)
+    )
 
 
 def _misdirected_probes(docs: list[dict[str, Any]]) -> list[str]:
-    """Every probe that is not a gRPC probe of its own health service, and every probe
-    the server's container lacks."""
+    """Every probe that is not a gRPC probe of its own health service (or, for readiness,
+    the HTTP readiness endpoint), and every probe the server's container lacks."""
     wrong = []
     for where, pod in _pod_templates(docs):
         for container in pod.get("initContainers", []) + pod["containers"]:
@@ -203,7 +226,7 @@ def _misdirected_probes(docs: list[dict[str, Any]]) -> list[str]:
                 if probe not in container:
                     if what == "Deployment/convserve-server container server":
                         wrong.append(f"{what}: no {probe}")
-                elif container[probe].get("grpc", {}).get("service") != service:
+                elif not _asks_its_own_service(probe, container[probe]):
                     wrong.append(f"{what}: {probe} is not a gRPC probe of {service!r}")
     return wrong
 
@@ -229,6 +252,48 @@ def test_probe_check_catches_a_probe_of_the_overall_status(objects) -> None:
         "Deployment/convserve-server container server: livenessProbe is not a gRPC probe of "
         "'liveness'",
     ]
+
+
+def test_probe_check_catches_an_http_readiness_probe_of_liveness(objects) -> None:
+    docs = copy.deepcopy(objects["cpu"])
+    server = _container(_server(docs)["spec"]["template"]["spec"], "server")
+    server["readinessProbe"] = {"httpGet": {"path": "/v2/health/live", "port": "rest"}}
+    assert _misdirected_probes(docs) == [
+        "Deployment/convserve-server container server: readinessProbe is not a gRPC probe of "
+        "'readiness'"
+    ]
+
+
+def _readme_http_readiness_probe() -> dict[str, Any]:
+    """The HTTP readinessProbe deploy/README's Probes section shows."""
+    text = (REPO_ROOT / "deploy" / "README.md").read_text()
+    start = text.index("### Probes")
+    section = text[start : text.index("\n### ", start + 1)]
+    snippets = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    (probe,) = [s["readinessProbe"] for s in snippets if "httpGet" in s.get("readinessProbe", {})]
+    return dict(probe)
+
+
+@pytest.mark.parametrize("scheme", ["HTTP", "HTTPS"])
+def test_the_readmes_http_readiness_probe_fits_the_server(scheme, objects, tmp_path) -> None:
+    """deploy/README offers GET /v2/health/ready on the REST port instead of the gRPC
+    readiness probe (HTTPS with TLS): patched in, it validates and asks for readiness."""
+    probe = _readme_http_readiness_probe()
+    assert probe["httpGet"]["scheme"] == "HTTP"
+    probe["httpGet"]["scheme"] = scheme
+    docs = copy.deepcopy(objects["cpu"])
+    server = _container(_server(docs)["spec"]["template"]["spec"], "server")
+    grpc_probe = server["readinessProbe"]
+    server["readinessProbe"] = probe
+    assert _misdirected_probes(docs) == []
+    assert probe["httpGet"]["port"] in {p["name"] for p in server["ports"]}
+    # The same timing as the gRPC probe it replaces.
+    timing = ("periodSeconds", "timeoutSeconds", "failureThreshold")
+    assert {k: probe[k] for k in timing} == {k: grpc_probe[k] for k in timing}
+    manifest = tmp_path / "http-readiness.yaml"
+    manifest.write_text(yaml.safe_dump_all(docs))
+    report = run([VALIDATE, "--strict", "-k", KUBERNETES_VERSION, str(manifest)])
+    assert "passed for resource deployment/convserve-server" in report
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
@@ -320,7 +385,11 @@ def test_services_hpa_pdb_and_policy_select_the_server_pods(name, objects) -> No
     for service in (cluster_ip, headless):
         assert selects(service["spec"]["selector"])
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
-    assert {p["port"] for p in cluster_ip["spec"]["ports"]} == {GRPC_PORT, METRICS_PORT}
+    assert {(p["name"], p["port"], p["appProtocol"]) for p in cluster_ip["spec"]["ports"]} == {
+        ("grpc", GRPC_PORT, "grpc"),
+        ("rest", REST_PORT, "http"),
+        ("metrics", METRICS_PORT, "http"),
+    }
 
     hpa = _one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {
@@ -337,8 +406,12 @@ def test_services_hpa_pdb_and_policy_select_the_server_pods(name, objects) -> No
     policy = _one(docs, "NetworkPolicy")
     assert selects(policy["spec"]["podSelector"]["matchLabels"])
     allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert allowed == {"grpc", "metrics"}
+    assert allowed == {"grpc", "rest", "metrics"}
     assert allowed <= container_ports
+    # HTTP serves the same APIs as gRPC: the same peers may reach both.
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule["ports"]}
+        assert ("grpc" in ports) == ("rest" in ports), rule
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])

@@ -1,15 +1,24 @@
-"""deploy/README.md documents every knob and shows a real picture of the dashboard."""
+"""deploy/README.md documents every knob and shows a real picture of the dashboard; the
+top README's HTTP facts and its quick start's curl match the server and `make demo`."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from tests.deploy.common import COMPOSE, DASHBOARD, DEPLOY, K8S, load_yaml_documents
+from convserve.server.settings import Settings
+from tests.conftest import REPO_ROOT, require_tool
+from tests.deploy.common import COMPOSE, DASHBOARD, DEPLOY, K8S, REST_PORT, load_yaml_documents
 
 README = DEPLOY / "README.md"
+TOP_README = REPO_ROOT / "README.md"
+MAKEFILE = REPO_ROOT / "Makefile"
 
 
 def test_every_compose_variable_is_documented() -> None:
@@ -77,3 +86,117 @@ def test_probes_section_explains_every_health_service_the_manifests_probe() -> N
         assert f"| `{service}`" in section, service
     for setting in ("CONVSERVE_STRICT_READINESS", "CONVSERVE_EXIT_ON_LOAD_ERROR"):
         assert f"`{setting}=true`" in section, setting
+
+
+# --- the top README's HTTP facts and the demo's REST prediction ------------------------------
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def _make_variable(name: str) -> str:
+    (value,) = re.findall(rf"^{name} \?= (\S+)$", MAKEFILE.read_text(), flags=re.MULTILINE)
+    return value
+
+
+def test_http_section_names_real_server_flags_with_their_defaults() -> None:
+    section = _section(TOP_README.read_text(), "## HTTP/REST")
+    flags = set(re.findall(r"`(--[a-z0-9-]+)`", section))
+    assert {"--rest-port", "--rest-timeout-s", "--max-message-bytes"} <= flags
+    fields = Settings.model_fields
+    unknown = sorted(f for f in flags if f.removeprefix("--").replace("-", "_") not in fields)
+    assert not unknown, f"the HTTP/REST section names flags the server does not have: {unknown}"
+    assert fields["rest_port"].default == REST_PORT
+    assert f"`--rest-port` (default {REST_PORT};" in section
+    assert f"`--rest-timeout-s` (default {fields['rest_timeout_s'].default:g} s" in section
+    assert f"`--max-message-bytes` ({fields['max_message_bytes'].default >> 20} MiB" in section
+    # The protocol label values the section lists are the server's.
+    from typing import get_args
+
+    from convserve.server.types import Protocol
+
+    metrics = section[section.index("`protocol` values") + len("`protocol` values") :]
+    listed = set(re.findall(r"`([a-z-]+)`", metrics))
+    assert listed == set(get_args(Protocol))
+
+
+def test_http_section_maps_grpc_codes_to_the_servers_http_statuses() -> None:
+    from convserve.server.errors import HTTP_STATUS
+
+    section = _section(TOP_README.read_text(), "## HTTP/REST")
+    errors = section[section.index("**Errors.**") : section.index("**Not supported.**")]
+    documented = {
+        code: int(status)
+        for codes, status in re.findall(r"((?:[A-Z_]{5,}(?: and )?)+) (\d{3})", errors)
+        for code in codes.split(" and ")
+    }
+    assert len(documented) >= 10
+    assert documented == {
+        code.name: HTTP_STATUS[code] for code in HTTP_STATUS if code.name in documented
+    }
+
+
+def _demo_samples(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A few held-out samples, written where and as `make demo` writes them."""
+    from convserve.trainer.__main__ import save_samples
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    labels = np.array([7, 2, 1, 0])
+    save_samples(directory / ".demo" / "mnist.npz", images, labels)
+    return images, labels
+
+
+def test_the_quick_starts_curl_predicts_one_image_of_the_demo(tmp_path) -> None:
+    """The optional third step of the quick start works on what `make demo` leaves."""
+    quick_start = _section(TOP_README.read_text(), "## Quick start")
+    (curl,) = [line for line in quick_start.splitlines() if line.startswith("curl ")]
+    demo_dir = _make_variable("DEMO_DIR")
+    assert f"localhost:{_make_variable('DEMO_REST_PORT')}/v1/models/mnist:predict" in curl
+    recipe = MAKEFILE.read_text()
+    # The server the README starts serves the model the demo trained, under its name.
+    assert "--model-base-path $(DEMO_DIR)/models/mnist --save-samples $(DEMO_DIR)/mnist.npz" in (
+        recipe
+    )
+    assert f"convserve-server --model mnist={demo_dir}/models/mnist &" in quick_start
+    # The request body: the README's Python run as the shell would, on the demo's samples.
+    (code,) = re.findall(r"python -c '([^']+)'", curl)
+    assert f'"{demo_dir}/mnist.npz"' in code
+    images, _ = _demo_samples(tmp_path)
+    printed = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    body_template = re.search(r'-d "(.*)" localhost', curl)
+    assert body_template is not None
+    body = json.loads(
+        re.sub(r"\$\(.*\)", lambda _: printed.strip(), body_template.group(1)).replace('\\"', '"')
+    )
+    # serving_default: float pixels in [0, 1], one [28, 28] image.
+    assert set(body) == {"instances"}
+    np.testing.assert_allclose(np.asarray(body["instances"]), images[:1] / 255)
+
+
+def test_make_demo_posts_one_sample_to_the_rest_port_it_serves_on(tmp_path) -> None:
+    demo_dir = tmp_path / ".demo"
+    plan = subprocess.run(
+        [require_tool("make"), "-n", "demo", f"DEMO_DIR={demo_dir}", "DEMO_REST_PORT=18501"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--rest-port 18501" in plan
+    assert "command -v curl" in plan
+    assert f"@{demo_dir}/rest-request.json" in plan
+    assert "localhost:18501/v1/models/mnist:predict" in plan
+    # The body the recipe writes, from samples as the trainer saves them.
+    (code,) = re.findall(r"label=\$\(\S*python -c '([^']+)'\)", plan)
+    images, labels = _demo_samples(tmp_path)
+    printed = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert printed.strip() == str(labels[0])
+    body = json.loads((demo_dir / "rest-request.json").read_text())
+    assert body == {"signature_name": "predict_uint8", "instances": images[:1].tolist()}
