@@ -89,7 +89,7 @@ def post(url: str, body: Any, **kwargs: Any) -> requests.Response:
     ("signature", "scale"),
     [(None, True), ("serving_default", True), ("predict_uint8", False)],
 )
-@pytest.mark.parametrize("path", ["mnist", "mnist/versions/1"])
+@pytest.mark.parametrize("path", ["mnist", "mnist/versions/1", "mnist/labels/latest"])
 def test_tfserving_row_format(
     url: str,
     digits: np.ndarray,

@@ -122,6 +122,15 @@ def test_moving_a_label_under_load_fails_no_request(
     image = np.asarray(sample_digits[0][:1], np.uint8)[..., np.newaxis]
     body = {"signature_name": "predict_uint8", "instances": image.tolist()}
     wait_for(lambda: label_version(url, "canary") == "1")
+    # By label, the answer is the model's own: the same as by version number.
+    by_number = requests.post(
+        f"{url}/v1/models/mnist/versions/1:predict", json=body, timeout=30
+    ).json()
+    by_label = requests.post(
+        f"{url}/v1/models/mnist/labels/stable:predict", json=body, timeout=30
+    ).json()
+    assert by_label == by_number
+    assert len(by_label["predictions"][0]) == 10
     failures: list[str] = []
     versions: Counter[int] = Counter()
     rest_ok = Counter[str]()
