@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from convserve.client import ConvServeClient, InputError, NotFoundError
+from convserve.client import AsyncConvServeClient, ConvServeClient, InputError, NotFoundError
 from convserve.client.tensor import to_tensor
 from convserve.server import errors, models, types
 from convserve.server.model_config import VersionPolicy, read_model_config_file
@@ -574,6 +574,22 @@ def test_convserve_client_by_label(
     assert (canary.model_version, stable.model_version, maps.model_version) == (2, 1, 1)
     [model] = listing.models
     assert (model.labels, model.label_errors) == ((("canary", 2), ("stable", 1)), ())
+
+
+@pytest.mark.slow
+async def test_stream_predictions_by_label(
+    labelled_server: str, sample_digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images = sample_digits[0][:2]
+    async with (
+        AsyncConvServeClient(labelled_server) as client,
+        client.predict_stream(model="mnist") as stream,
+    ):
+        canary = await stream.predict(images, version_label="canary")
+        stable = await stream.predict(images, version_label="stable")
+        with pytest.raises(NotFoundError, match="no version label 'beta'"):
+            await stream.predict(images, version_label="beta")
+    assert (canary.model_version, stable.model_version) == (2, 1)
 
 
 @pytest.mark.slow

@@ -177,7 +177,7 @@ class AsyncConvServeClient(AsyncClosing):
             self._stub,
             metadata=self._config.metadata,
             model_name=self._model(model),
-            input_shape=self._input_shape,
+            input_shape=lambda name, version, label: self._input_shape(name, version, None, label),
             max_batch_images=self._config.max_batch_images,
             timeout_s=timeout_s,
         )

@@ -41,11 +41,12 @@ class PredictStream(AsyncClosing):
         *,
         metadata: tuple[tuple[str, str], ...],
         model_name: str,
-        input_shape: Callable[[str, int | None], Awaitable[ImageShape]],
+        input_shape: Callable[[str, int | None, str | None], Awaitable[ImageShape]],
         max_batch_images: int,
         timeout_s: float | None,
     ) -> None:
-        """`input_shape(model, version)` gives a model's (H, W, C) (the client's cache)."""
+        """`input_shape(model, version, version_label)` gives a model's (H, W, C) (the
+        client's cache)."""
         self._model_name = model_name
         self._input_shape = input_shape
         self._max_batch_images = max_batch_images
@@ -57,21 +58,28 @@ class PredictStream(AsyncClosing):
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def predict(
-        self, images: ImagesInput, *, model: str = "", model_version: int | None = None
+        self,
+        images: ImagesInput,
+        *,
+        model: str = "",
+        model_version: int | None = None,
+        version_label: str | None = None,
     ) -> PredictResult:
         """Classify images like `AsyncConvServeClient.predict`, over this stream.
 
-        `model`: empty for the stream's model. A batch larger than the
+        `model`: empty for the stream's model; `model_version` or `version_label` (a
+        label of the server's model config file) pins a version. A batch larger than the
         client's `max_batch_images` goes as several messages whose answers are
         joined in order. The model's input shape, when the client does not
         know it yet, is asked for with one unary GetModelMetadata call.
         """
         model = model or self._model_name
-        shape = await self._input_shape(model, model_version)
+        spec = convert.model_spec(model, model_version, version_label)
+        shape = await self._input_shape(model, model_version, version_label)
         requests = convert.predict_requests(
             images,
             max_batch_images=self._max_batch_images,
-            spec=convert.model_spec(model, model_version),
+            spec=spec,
             shape=shape,
         )
         responses = await gather_or_cancel([self._send(request) for request in requests])
