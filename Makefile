@@ -9,7 +9,7 @@ DEMO_PORT ?= 8500
 DEMO_REST_PORT ?= 8501
 DEMO_METRICS_PORT ?= 8502
 
-.PHONY: setup demo test lint format generate bench clean
+.PHONY: setup demo test lint format generate bench screenshots clean
 
 setup: $(VENV)/.installed
 
@@ -85,6 +85,12 @@ format: setup
 
 generate: setup
 	$(PY) proto/generate.py
+
+# The README's pictures of the console's panels, taken by its browser test from a real
+# run (needs Debian's chromium and chromium-driver).
+screenshots: setup
+	CONVSERVE_CONSOLE_SCREENSHOTS=server/docs $(BIN)/pytest tests/interop/test_console.py \
+		-k screenshots -q
 
 # Model throughput in-process, then served throughput through `convserve bench` with the
 # server's CPU per request; then each protocol's cost on the same server.

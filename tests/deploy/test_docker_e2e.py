@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT, require_installed
@@ -299,6 +300,19 @@ def test_the_stack_trains_serves_predicts_is_scraped_and_stops_cleanly(stack: di
         predictions = np.asarray(json.load(answer)["predictions"])
     assert predictions.shape == (len(labels), 10)
     assert np.argmax(predictions, axis=1).tolist() == np.asarray(result.digits).tolist()
+
+    # The console ships in the image (package data) and prepares images there (pillow).
+    with urllib.request.urlopen(f"{rest}/console/console.js", timeout=5) as script:
+        assert b"The convserve console" in script.read()
+    png = io.BytesIO()
+    Image.fromarray(255 - images[0]).save(png, format="PNG")
+    request = urllib.request.Request(
+        f"{rest}/v1/convserve/prepare_image?model=mnist",
+        data=png.getvalue(),
+        headers={"Content-Type": "image/png"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.load(answer)["shape"] == [28, 28, 1]
 
     # The request counter through the server's own endpoint, then through Prometheus,
     # which found the server by its name on the compose network.

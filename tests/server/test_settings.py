@@ -162,6 +162,17 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--tls-cert", "/no/such/cert.pem"], "no such file: /no/such/cert.pem"),
         (["--port", "9000", "--metrics-port", "9000"], "--port and --metrics-port must differ"),
         (
+            ["--traffic-interval-s", "5", "--traffic-window-s", "2"],
+            "--traffic-window-s (2.0) must be at least --traffic-interval-s (5.0)",
+        ),
+        (
+            ["--traffic-interval-s", "0.1", "--traffic-window-s", "86400"],
+            "--traffic-window-s / --traffic-interval-s: at most 3600 intervals of history "
+            "expected, got 864000",
+        ),
+        (["--console-poll-s", "0.1"], "--console-poll-s / CONVSERVE_CONSOLE_POLL_S"),
+        (["--console", "maybe"], "--console / CONVSERVE_CONSOLE"),
+        (
             ["--max-connection-age-s", "-1"],
             "--max-connection-age-s / CONVSERVE_MAX_CONNECTION_AGE_S",
         ),

@@ -386,7 +386,35 @@ def _http_server(
             runtime, http_api(convserve_http.PROTOCOL, runtime.model_label)
         ),
     ]
-    return HttpServer(settings, [api.add_routes for api in apis], parser)
+    background = []
+    closers = []
+    if settings.console:
+        from convserve.server.protocols.console import Console
+        from convserve.server.traffic import Traffic
+
+        registry = getattr(metrics, "registry", None)
+        traffic = (
+            Traffic(
+                registry,
+                interval_s=settings.traffic_interval_s,
+                window_s=settings.traffic_window_s,
+            )
+            if registry is not None
+            else None
+        )
+        if traffic is not None:
+            background.append(traffic.run)
+        console = Console(
+            runtime,
+            http_api(convserve_http.PROTOCOL, runtime.model_label),
+            settings,
+            traffic,
+            token_required=token is not None,
+            replica=replica,
+        )
+        apis.append(console)
+        closers.append(console.close)
+    return HttpServer(settings, [api.add_routes for api in apis], parser, background, closers)
 
 
 async def start_server(
@@ -474,4 +502,6 @@ async def start_server(
     if add_listener is not None:
         add_listener(running.follow_readiness)
     log.info("%s", running.listening_line)
+    if http is not None and settings.console:
+        log.info("console page on %s/console/", running.rest_url)
     return running

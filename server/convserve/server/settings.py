@@ -34,6 +34,10 @@ _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENV_ONLY = frozenset({"auth_token"})
 
 
+# The traffic history's length: every console poll carries all of it.
+MAX_TRAFFIC_INTERVALS = 3600
+
+
 class SettingsError(ValueError):
     """Settings that cannot be used; the message names each flag/variable and the problem."""
 
@@ -213,6 +217,31 @@ class Settings(BaseSettings):
             "seconds an HTTP request may take, from its headers to its answer (the "
             "deadline its work gets, as TF Serving's --rest_api_timeout_in_ms)"
         ),
+    )
+    console: bool = Field(
+        True,
+        description=(
+            "serve the console page (models, predictions, convolutions, traffic) at / on "
+            "the REST port; its data calls need the token like any other request"
+        ),
+    )
+    console_poll_s: float = Field(
+        2.0,
+        ge=0.5,
+        le=3600,
+        description="seconds between the console page's refreshes of models and traffic",
+    )
+    traffic_interval_s: float = Field(
+        2.0,
+        ge=0.1,
+        le=3600,
+        description="seconds between samples of the traffic history the console draws",
+    )
+    traffic_window_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description="seconds of traffic history kept for the console",
     )
     metrics_port: int = Field(
         8502,
@@ -508,6 +537,17 @@ class Settings(BaseSettings):
             )
         if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
             raise ValueError(f"{ENV_PREFIX}AUTH_TOKEN is set but empty")
+        if self.traffic_window_s < self.traffic_interval_s:
+            raise ValueError(
+                f"--traffic-window-s ({self.traffic_window_s}) must be at least "
+                f"--traffic-interval-s ({self.traffic_interval_s})"
+            )
+        intervals = self.traffic_window_s / self.traffic_interval_s
+        if intervals > MAX_TRAFFIC_INTERVALS:
+            raise ValueError(
+                f"--traffic-window-s / --traffic-interval-s: at most {MAX_TRAFFIC_INTERVALS} "
+                f"intervals of history expected, got {intervals:.0f}"
+            )
         return self
 
     def model_entries(self) -> list[model_config_mod.ModelEntry]:

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,10 +298,20 @@ class HttpServer:
     """The running HTTP server (`start`, `port`, `stop`)."""
 
     def __init__(
-        self, settings: Settings, routes: Iterable[Routes], parser: JsonParser | None = None
+        self,
+        settings: Settings,
+        routes: Iterable[Routes],
+        parser: JsonParser | None = None,
+        background: Iterable[Callable[[], Coroutine[Any, Any, None]]] = (),
+        closers: Iterable[Callable[[], None]] = (),
     ) -> None:
         self.settings = settings
         self._parser = parser
+        # Called once the server has stopped (e.g. to end a thread pool).
+        self._closers = list(closers)
+        # Coroutines that run while the server listens (e.g. sampling traffic).
+        self._background = list(background)
+        self._tasks: list[asyncio.Task[None]] = []
         app = web.Application(
             client_max_size=settings.max_message_bytes, middlewares=[_json_errors]
         )
@@ -339,12 +349,18 @@ class HttpServer:
             ) from exc
         addresses = self._runner.addresses
         self.port = int(addresses[0][1]) if addresses else port
+        self._tasks = [asyncio.create_task(run()) for run in self._background]
         return self.port
 
     async def stop(self) -> None:
         """Stop listening, let running requests finish within the grace period, close."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self._runner.cleanup()
         finally:
+            for close in self._closers:
+                close()
             if self._parser is not None:
                 self._parser.close()
