@@ -542,6 +542,18 @@ def v2_probabilities(answer: requests.Response) -> np.ndarray:
     return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
 
 
+def v1_predictions(http: str, model_path: str, digits: np.ndarray) -> Any:
+    """TF Serving's REST :predict of ``digits`` on ``model_path`` (a name, or a name with
+    /versions/N or /labels/L); its predictions, after checking the status."""
+    answer = requests.post(
+        f"{http}/v1/models/{model_path}:predict",
+        json={"instances": float_digits(digits).tolist()},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["predictions"]
+
+
 @pytest.fixture
 def mnist_runtime(tmp_path: Path, model_base_path: Path) -> Iterator[tuple[Started, str]]:
     name = "mnist-kserve"  # not the server's default model name: {{.Name}} must count
@@ -574,13 +586,7 @@ def test_the_runtime_serves_every_endpoint_kserve_routes_to(
     assert [(v["version"], v["state"]) for v in status.json()["model_version_status"]] == [
         ("1", "AVAILABLE")
     ]
-    answer = requests.post(
-        f"{http}/v1/models/{name}:predict",
-        json={"instances": float_digits(digits).tolist()},
-        timeout=60,
-    )
-    assert answer.status_code == 200, answer.text
-    assert_same(answer.json()["predictions"], expected)
+    assert_same(v1_predictions(http, name, digits), expected)
 
     # v2 over HTTP: health, model readiness, inference.
     for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{name}/ready"):
@@ -656,13 +662,7 @@ def test_the_models_inference_service_serves_its_model_config_file(
         poll(lambda: mnist_versions() == both, what="mnist versions 1 and 2")
         expected = saved_model_probabilities(model_base_path / "1", float_digits(digits))
         for path in ("mnist/labels/canary", "mnist/labels/stable", "mnist/versions/2"):
-            answer = requests.post(
-                f"{http}/v1/models/{path}:predict",
-                json={"instances": float_digits(digits).tolist()},
-                timeout=60,
-            )
-            assert answer.status_code == 200, answer.text
-            assert_same(answer.json()["predictions"], expected)
+            assert_same(v1_predictions(http, path, digits), expected)
         images, _ = samples_of(digits8_model_dir)
         batch = np.asarray(images[:6], dtype=np.uint8)[..., np.newaxis]
         answer = requests.post(

@@ -68,6 +68,9 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         ("--version", str(2**63), f"--version must be at most {2**63 - 1:,}, got {2**63}"),
         ("--seed", "-1", "--seed must be >= 0, got -1"),
         ("--seed", str(2**32), f"--seed must be at most {2**32 - 1:,}, got {2**32}"),
+        ("--label-smoothing", "1", "--label-smoothing must be at least 0 and below 1, got 1.0"),
+        ("--label-smoothing", "-0.1", "--label-smoothing must be at least 0 and below 1, got -0.1"),
+        ("--label-smoothing", "nan", "--label-smoothing must be at least 0 and below 1, got nan"),
     ],
 )
 @pytest.mark.usefixtures("no_training")
@@ -194,6 +197,39 @@ def test_existing_version_fails_before_training(
     (tmp_path / "m" / "3").mkdir(parents=True)
     assert main([*TINY, "--model-base-path", str(tmp_path / "m"), "--version", "3"]) == 2
     assert f"{tmp_path / 'm' / '3'} already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--augment", "mirror"],
+            "--augment mirror mirrors images, which changes what a digit means; "
+            "use none, shift or elastic for this data set",
+        ),
+        (
+            ["--dataset", "digits8", "--augment", "elastic"],
+            "--augment elastic shifts by up to 2 pixels, too far for 8x8 images; use none",
+        ),
+    ],
+)
+def test_augmentation_that_changes_labels_is_refused_before_training(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    message: str,
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("main() trained with an augmentation that changes labels")
+
+    monkeypatch.setattr(train_module, "train", refuse)
+    base = tmp_path / "m"
+    assert main([*TINY, *argv, "--model-base-path", str(base)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == f"convserve-train: error: {message}\n"
+    assert not base.exists()
 
 
 def test_samples_write_failure_after_export_is_a_clear_error(

@@ -94,7 +94,7 @@ def test_training_record(trained_model_dir: Path) -> None:
     assert set(record) == RECORD_KEYS
     assert record["model_name"] == "mnist"
     assert record["dataset"] == "sample"
-    assert record["architecture"] == "keras"
+    assert record["architecture"] == "keras-bn"
     assert record["train_examples"] == 2000
     assert record["test_examples"] == 1000
     assert record["seed"] == 0
@@ -103,13 +103,15 @@ def test_training_record(trained_model_dir: Path) -> None:
     assert all(isinstance(v, str) for v in record["hyperparameters"].values())
     assert record["hyperparameters"]["epochs"] == "2"
     assert record["hyperparameters"]["limit_train"] == "2000"
-    # The sample's own defaults: small batches, shifted images, cosine-decayed rate.
-    assert record["hyperparameters"]["batch_size"] == "16"
-    assert record["hyperparameters"]["augment"] == "true"
+    # The sample's own defaults: elastic distortions, cosine-decayed rate, smoothing.
+    assert record["hyperparameters"]["batch_size"] == "64"
+    assert record["hyperparameters"]["augment"] == "elastic"
+    assert record["hyperparameters"]["optimizer"] == "adam"
+    assert record["hyperparameters"]["label_smoothing"] == "0.1"
     assert record["hyperparameters"]["lr_schedule"] == "cosine"
-    assert record["total_parameters"] == 93_322
-    assert sum(layer["parameters"] for layer in record["layers"]) == 93_322
-    assert [layer["name"] for layer in record["layers"]][:2] == ["conv1", "pool1"]
+    assert record["total_parameters"] == 93_962
+    assert sum(layer["parameters"] for layer in record["layers"]) == 93_962
+    assert [layer["name"] for layer in record["layers"]][:3] == ["conv1", "pool1", "bn1"]
     assert record["feature_map_layers"] == ["conv1", "conv2", "conv3"]
     exported_at = datetime.datetime.fromisoformat(record["exported_at"])
     assert record["exported_at"].endswith("Z")
@@ -126,8 +128,12 @@ def test_training_record(trained_model_dir: Path) -> None:
         "image_shape": [28, 28, 1],
         "train_examples": 2000,
         "test_examples": 1000,
+        "test_split": "a fixed stratified 20% of the sample (100 per digit), never trained on",
         "test_accuracy": record["test_accuracy"],
         "confusion_matrix": record["confusion_matrix"],
+        "architecture": "keras-bn",
+        "parameters": 93_962,
+        "training_time_s": record["training_time_s"],
     }
     assert record["model_card"]["source"].endswith("mnist_5k.csv.gz")
     assert matrix.sum() == 1000
@@ -267,6 +273,29 @@ def test_confusion_table() -> None:
     assert lines[4].split()[-1] == "-"  # digit 2 never occurs: no recall
 
 
+def test_keras_keeps_its_original_recipe_and_exports_a_working_model(tmp_path: Path) -> None:
+    base = tmp_path / "keras"
+    argv = [*TINY, "--arch", "keras", "--quiet", "--model-base-path", str(base)]
+    assert main(argv) == 0
+    record = read_record(base / "1")
+    assert record["architecture"] == "keras"
+    assert record["total_parameters"] == 93_322
+    assert record["model_card"]["parameters"] == 93_322
+    # keras's recipe for the sample since the first release, except the explicit --epochs.
+    hyperparameters = record["hyperparameters"]
+    assert hyperparameters["batch_size"] == "16"
+    assert hyperparameters["augment"] == "shift"
+    assert hyperparameters["optimizer"] == "rmsprop"
+    assert hyperparameters["label_smoothing"] == "0"
+    # The exported model predicts as the record says it did on the held-out digits.
+    loaded = tf.saved_model.load(str(base / "1"))
+    sample = load_sample()
+    images = sample.x_test.astype(np.float32)[..., None] / 255
+    probabilities = loaded.signatures["serving_default"](images=tf.constant(images))
+    predicted = np.argmax(next(iter(probabilities.values())).numpy(), axis=1)
+    assert np.mean(predicted == sample.y_test) == pytest.approx(record["test_accuracy"])
+
+
 def test_data_flag_trains_on_idx_files(tmp_path: Path) -> None:
     sample = load_sample()
     arrays = {
@@ -283,18 +312,20 @@ def test_data_flag_trains_on_idx_files(tmp_path: Path) -> None:
     assert record["dataset"] == str(tmp_path / "idx")
     assert record["train_examples"] == 96
     assert record["test_examples"] == 40
-    # Not the sample: the reference recipe of the keras architecture applies.
-    assert record["hyperparameters"]["batch_size"] == "64"
-    assert record["hyperparameters"]["optimizer"] == "rmsprop"
+    # Not the sample: the full-data recipe of the default architecture applies.
+    assert record["architecture"] == "keras-bn"
+    assert record["hyperparameters"]["augment"] == "shift"
     assert np.array(record["confusion_matrix"]).sum() == 40
 
 
 @pytest.mark.slow
-def test_default_training_on_the_sample_reaches_96_percent(tmp_path: Path) -> None:
-    """The documented default: the sample, every setting left alone, >= 96% held out."""
+def test_default_training_on_the_sample_reaches_98_percent(tmp_path: Path) -> None:
+    """The documented default: the sample, every setting left alone, >= 98% held out
+    (98.4% measured with seed 0; keras's recipe, the default before, 98.1%)."""
     base = tmp_path / "mnist"
     assert main(["--dataset", "sample", "--quiet", "--model-base-path", str(base)]) == 0
     record = read_record(base / "1")
     assert record["dataset"] == "sample"
     assert record["test_examples"] == 1000
-    assert record["test_accuracy"] >= 0.96, record["test_accuracy"]
+    assert record["hyperparameters"]["augment"] == "elastic"
+    assert record["test_accuracy"] >= 0.98, record["test_accuracy"]

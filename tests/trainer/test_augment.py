@@ -1,0 +1,152 @@
+"""Augmentation keeps every label's meaning: digits are never mirrored, nothing is turned
+upside down, and the policies each data set gets by default respect that."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convserve.trainer.__main__ import ARCH_DEFAULTS, DATASET_DEFAULTS, defaults_for
+from convserve.trainer.augment import (
+    AUGMENTATIONS,
+    Augmentation,
+    AugmentationError,
+    augment,
+    check_label_preserving,
+    gaussian_matrix,
+    shift,
+    warp,
+)
+from convserve.trainer.models import ARCHITECTURES
+
+DIGIT_DATA_SETS = {"mnist": (28, 28), "sample": (28, 28), "digits8": (8, 8)}
+SIZE = 28
+DRAWS = 2000
+
+
+def ramp(axis: int) -> np.ndarray:
+    """uint8 images [DRAWS, 28, 28] whose brightness grows along ``axis`` (1 rows, 2 columns)."""
+    line = np.linspace(0, 255, SIZE)
+    image = np.tile(line, (SIZE, 1)) if axis == 2 else np.tile(line[:, None], (1, SIZE))
+    return np.repeat(image[None].astype(np.uint8), DRAWS, axis=0)
+
+
+def mean_slope(images: np.ndarray, axis: int) -> np.ndarray:
+    """Each image's mean brightness step along ``axis`` in its central 12x12 pixels: positive
+    while the image still reads in its original direction, negative once it is mirrored.
+    The centre is measured because shifts and distortions pull in the zero border."""
+    centre = images.astype(np.float64)[:, 8:-8, 8:-8]
+    return np.diff(centre, axis=axis).mean(axis=(1, 2))
+
+
+@pytest.mark.parametrize("name", ["none", "shift", "elastic"])
+def test_digit_policies_never_mirror_or_turn_images(name: str) -> None:
+    rng = np.random.default_rng(0)
+    for axis in (1, 2):
+        slopes = mean_slope(augment(ramp(axis), AUGMENTATIONS[name], rng), axis)
+        # An unchanged ramp climbs about 9.4 per pixel; a mirrored one falls as much.
+        assert slopes.min() > 2.0, f"{name} reversed a ramp along axis {axis}"
+
+
+def test_mirror_flips_half_the_images_left_right_and_none_upside_down() -> None:
+    rng = np.random.default_rng(0)
+    policy = AUGMENTATIONS["mirror"]
+    across = mean_slope(augment(ramp(2), policy, rng), 2)
+    mirrored = across < 0
+    assert 0.4 < mirrored.mean() < 0.6
+    # A flipped image is the whole image mirrored, not a blend.
+    assert across[mirrored].max() < -9
+    assert across[~mirrored].min() > 9
+    down = mean_slope(augment(ramp(1), policy, rng), 1)
+    assert down.min() > 9
+
+
+@pytest.mark.parametrize("arch", list(ARCH_DEFAULTS))
+@pytest.mark.parametrize("dataset", list(DIGIT_DATA_SETS))
+def test_default_augmentation_of_digits_never_mirrors(arch: str, dataset: str) -> None:
+    policy = AUGMENTATIONS[str(defaults_for(arch, dataset)["augment"])]
+    assert not policy.mirror
+    check_label_preserving(
+        policy, mirror_symmetric_classes=False, image_shape=DIGIT_DATA_SETS[dataset]
+    )
+
+
+def test_every_architecture_has_defaults() -> None:
+    assert tuple(ARCH_DEFAULTS) == ARCHITECTURES
+
+
+def test_every_data_set_with_defaults_is_known() -> None:
+    assert set(DATASET_DEFAULTS) == {"sample", "fashion-mnist", "digits8"}
+    for table in DATASET_DEFAULTS.values():
+        assert set(table) == set(ARCH_DEFAULTS)
+        assert all(values.get("augment", "none") in AUGMENTATIONS for values in table.values())
+
+
+def test_mirroring_is_refused_for_digits_and_allowed_for_clothes() -> None:
+    policy = AUGMENTATIONS["mirror"]
+    with pytest.raises(AugmentationError, match=r"mirror mirrors images.*digit"):
+        check_label_preserving(policy, mirror_symmetric_classes=False, image_shape=(28, 28))
+    check_label_preserving(policy, mirror_symmetric_classes=True, image_shape=(28, 28))
+
+
+def test_shifts_too_large_for_small_images_are_refused() -> None:
+    with pytest.raises(AugmentationError, match="up to 2 pixels, too far for 8x8 images"):
+        check_label_preserving(AUGMENTATIONS["shift"], False, (8, 8))
+    check_label_preserving(AUGMENTATIONS["none"], False, (8, 8))
+
+
+def test_same_seed_same_images_and_dtype_kept() -> None:
+    images = np.random.default_rng(3).integers(0, 256, (50, SIZE, SIZE), dtype=np.uint8)
+    for name, policy in AUGMENTATIONS.items():
+        first = augment(images, policy, np.random.default_rng(7))
+        again = augment(images, policy, np.random.default_rng(7))
+        assert first.dtype == np.uint8, name
+        assert first.shape == images.shape, name
+        np.testing.assert_array_equal(first, again)
+        if name != "none":
+            assert not np.array_equal(first, images), f"{name} changed nothing"
+    floats = images.astype(np.float32) / 255
+    assert augment(floats, AUGMENTATIONS["elastic"], np.random.default_rng(0)).dtype == np.float32
+
+
+def test_chunks_do_not_change_what_an_image_gets_per_draw() -> None:
+    # More images than one chunk: every image is still distorted, none left as it was.
+    images = np.full((4100, 4, 4), 200, dtype=np.uint8)
+    images[:, 1:3, 1:3] = 0
+    out = augment(
+        images, Augmentation("wide", elastic_alpha=8.0, elastic_sigma=1.0), np.random.default_rng(0)
+    )
+    assert out.shape == images.shape
+    assert np.mean([np.array_equal(a, b) for a, b in zip(out, images, strict=True)]) < 0.05
+
+
+def test_gaussian_matrix_smooths_and_keeps_the_mean() -> None:
+    matrix = gaussian_matrix(SIZE, 4.0)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
+    flat = np.full(SIZE, 3.0)
+    np.testing.assert_allclose(matrix @ flat, flat)
+    spike = np.zeros(SIZE)
+    spike[SIZE // 2] = 1.0
+    smoothed = matrix @ spike
+    assert smoothed.argmax() == SIZE // 2
+    assert smoothed.max() < 0.2
+
+
+def test_warp_by_whole_pixels_is_a_shift_and_by_halves_an_average() -> None:
+    image = np.arange(16, dtype=np.float64).reshape(1, 4, 4)
+    zero = np.zeros_like(image)
+    np.testing.assert_array_equal(warp(image, zero, zero), image)
+    moved = warp(image, zero, zero + 1)
+    np.testing.assert_array_equal(moved[0, :, :3], image[0, :, 1:])
+    np.testing.assert_array_equal(moved[0, :, 3], 0)
+    half = warp(image, zero, zero + 0.5)
+    np.testing.assert_allclose(half[0, :, 0], (image[0, :, 0] + image[0, :, 1]) / 2)
+
+
+def test_shift_moves_every_image_within_its_bound() -> None:
+    image = np.zeros((1, 9, 9), dtype=np.uint8)
+    image[0, 4, 4] = 255
+    moved = shift(np.repeat(image, 500, axis=0), np.random.default_rng(0), 2)
+    rows, cols = np.nonzero(moved.reshape(500, 9, 9).max(axis=0))
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (2, 6, 2, 6)
+    assert (moved.reshape(500, -1).sum(axis=1) == 255).all()
