@@ -7,8 +7,8 @@ the same seed gives the same images.
 
 Elastic distortion follows Simard, Steinkraus and Platt (2003): a random displacement
 field per image, smoothed by a Gaussian of ``elastic_sigma`` pixels and scaled by
-``elastic_alpha``, resamples the image bilinearly. It is what lifts a small CNN trained on
-4,000 digits from about 98.7% (shifts, rotations, zoom) to 99%.
+``elastic_alpha``, resamples the image bilinearly. Of the augmentations tried on the
+4,000 sample digits it gave the best held-out accuracy (README, "Training recipes").
 
 Mirroring turns a 2 into something that is no digit and swaps the meaning of some
 letters and arrows, so :func:`check_label_preserving` refuses it for data sets whose
@@ -17,7 +17,6 @@ classes are not mirror-symmetric (digits).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,11 +184,6 @@ def _augment_chunk(
     return out.astype(images.dtype)
 
 
-def policy_names() -> Iterable[str]:
-    """The names ``--augment`` accepts."""
-    return AUGMENTATIONS.keys()
-
-
 __all__ = [
     "AUGMENTATIONS",
     "Augmentation",
@@ -197,7 +191,6 @@ __all__ = [
     "augment",
     "check_label_preserving",
     "gaussian_matrix",
-    "policy_names",
     "shift",
     "warp",
 ]
