@@ -82,7 +82,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy client/convserve server/convserve trainer/convserve
+	$(BIN)/mypy client/convserve server/convserve trainer/convserve proto/convserve/v1
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -1,7 +1,7 @@
 """Calibrate the cost model of `convserve.server.costs` on this machine.
 
 Measures the CPU seconds (all threads of this process, `time.process_time`)
-that `ops.convolve` takes by each route, and a FitKernel gradient step, on a
+that `convolution.convolve` takes by each route, and a FitKernel gradient step, on a
 grid of geometries; fits each route's coefficients by non-negative least
 squares on relative error; and prints the fitted model, then every grid
 point's measured time next to the estimates of both the fitted and the
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from convserve.server import costs, ops, types
+    from convserve.server import convolution, costs, kernel_fit, types
 
     rng = np.random.default_rng(0)
 
@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         k = rng.standard_normal(kshape).astype(dtype)
         options = types.ConvolutionOptions(strides=strides, dilations=dilations)
         value = types.ConvolveInput(x, k, None, options)
-        plan = ops.validate_convolve(value, max_cpu_s=1e9)
+        plan = convolution.validate_convolve(value, max_cpu_s=1e9)
         seconds = _cpu_seconds(
-            lambda: ops.convolve(value, max_cpu_s=1e9, route=route, unit_s=1e9), args.repeats
+            lambda: convolution.convolve(value, max_cpu_s=1e9, route=route, unit_s=1e9),
+            args.repeats,
         )
         return plan, seconds
 
@@ -135,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     grid_s = _fit_grid(args.quick)
     for i, (shape, kshape) in enumerate(grid_s):
         x = rng.standard_normal(shape, dtype=np.float32)
-        plan = ops.plan_convolution(shape, kshape, types.ConvolutionOptions())
+        plan = convolution.plan_convolution(shape, kshape, types.ConvolutionOptions())
         y = rng.standard_normal(plan.output_shape, dtype=np.float32)
         steps = 5
         value = types.FitKernelInput(x, y, kshape, max_steps=steps)
 
         def run(value=value, steps=steps):
-            return ops.fit_kernel(value, max_steps=steps, max_step_s=1e9)
+            return kernel_fit.fit_kernel(value, max_steps=steps, max_step_s=1e9)
 
         fit.append((plan, _cpu_seconds(run, args.repeats) / (steps + 1)))
         print(f"\rfit {i + 1}/{len(grid_s)}   ", end="", file=sys.stderr, flush=True)

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc, tensor_pb2
+from convserve.v1.tensor_codec import from_tensor, to_tensor
 
 
 def answer(request: convserve_pb2.PredictRequest) -> convserve_pb2.PredictResponse:

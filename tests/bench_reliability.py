@@ -60,8 +60,8 @@ import numpy as np
 import psutil
 
 from convserve.client.convert import convolution_options
-from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"convserve-server listening on (\S+):(\d+) metrics on :(\d+)")
@@ -182,11 +182,11 @@ class Server:
         return total
 
     def workers(self) -> list[psutil.Process]:
-        """The model worker processes (children running convserve.server.engine_process)."""
+        """The model worker processes (children running convserve.server.workers.child)."""
         found = []
         for child in psutil.Process(self.process.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if any("engine_process" in part for part in child.cmdline()):
+                if any("workers.child" in part for part in child.cmdline()):
                     found.append(child)
         return found
 

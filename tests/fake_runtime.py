@@ -5,8 +5,9 @@ servicers, interceptors, app lifecycle) can be tested on its own: a model's
 prediction is one-hot on (sum of pixels on the 0..255 scale) mod K, K being
 its number of classes; its feature maps are ``conv1`` (the image itself) and
 ``conv2`` (every other pixel, doubled); Convolve and FitKernel are the real
-`ops`. Images are checked with the real `inputs` checks against each model's
-input shape. Tests of the whole server use the real runtime instead.
+`convolution` and `kernel_fit`. `predict` checks images as the runtime does,
+with the real `inputs` checks against the input of the model version it
+resolves. Tests of the whole server use the real runtime instead.
 
 The knobs: `ready` (settable; listeners hear of changes), `fail_start`,
 `start_gate` (holds `start`), `gate` (holds every prediction once counted in
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from convserve.server import api, errors, inputs, ops, types
+from convserve.server import api, convolution, errors, inputs, kernel_fit, types
 
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -107,7 +108,7 @@ class FakeRuntime:
         self.started_predictions = 0
         self.stopped_with: float | None = None
         self.events: list[str] = []
-        # ("predict", (protocol, deadline, images shape)) and ("convolve", deadline).
+        # ("predict", (deadline, checked images' shape)) and ("convolve", deadline).
         self.calls: list[tuple[str, Any]] = []
         self._up = ready
         self._listeners: list[Callable[[bool], None]] = []
@@ -207,40 +208,45 @@ class FakeRuntime:
 
     # -- requests ------------------------------------------------------------
 
-    def check_images(
-        self, images: np.ndarray, field: str, model: types.ModelRef = types.DEFAULT_MODEL
-    ) -> np.ndarray:
-        spec = self.model(model).spec
-        return inputs.check_images(images, field, spec, max_images=self.max_images)
+    def checked_images(self, value: types.PredictInput) -> np.ndarray:
+        """`value.images` checked as `predict` checks them, against the input of the model
+        `value.model` names (after its version: NotFound first); [N,H,W,C]."""
+        model = self.model(value.model)
+        model.version(value.model)
+        checked = inputs.check_images(
+            value.images, value.field, model.spec, max_images=self.max_images
+        )
+        return checked.array
 
     def _serving(self, model: FakeModel) -> None:
         if not self._up or not model.ready:
             raise errors.Unavailable(f"model {model.name!r} is not ready")
 
     async def predict(
-        self, value: types.PredictInput, *, deadline: float | None, protocol: str = "convserve"
+        self, value: types.PredictInput, *, deadline: float | None
     ) -> types.PredictOutput:
+        images = self.checked_images(value)
         model = self.model(value.model)
         version = model.version(value.model)
         self._serving(model)
-        self.calls.append(("predict", (protocol, deadline, value.images.shape)))
+        self.calls.append(("predict", (deadline, images.shape)))
         self.started_predictions += 1
         if self.gate is not None:
             await self.gate.wait()
         return types.PredictOutput(
-            model.name, version, model.probabilities(value.images), model.class_names
+            model.name, version, model.probabilities(images), model.class_names
         )
 
     async def convolve(
         self, value: types.ConvolveInput, *, deadline: float | None
     ) -> types.ConvolveOutput:
         self.calls.append(("convolve", deadline))
-        return ops.convolve(value)
+        return convolution.convolve(value)
 
     async def fit_kernel(
         self, value: types.FitKernelInput, *, deadline: float | None
     ) -> types.FitKernelOutput:
-        return ops.fit_kernel(value, max_steps=2000, time_budget_s=60.0)
+        return kernel_fit.fit_kernel(value, max_steps=2000, time_budget_s=60.0)
 
     async def feature_maps(
         self, value: types.FeatureMapsInput, *, deadline: float | None

@@ -1,6 +1,6 @@
 """The worked examples of the reference material on convolution, shared by the tests.
 
-Each is checked at every level: `ops` in-process, the server over gRPC, and
+Each is checked at every level: `convolution` in-process, the server over gRPC, and
 the client SDK against a real server.
 """
 

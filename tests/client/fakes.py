@@ -12,6 +12,7 @@ answer belongs to.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter
@@ -25,10 +26,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from convserve.client.tensor import TensorError, from_tensor, to_tensor
 from convserve.server.types import VersionStatus
 from convserve.v1 import convserve_pb2 as pb
 from convserve.v1 import convserve_pb2_grpc, tensor_pb2
+from convserve.v1.tensor_codec import TensorError, from_tensor, to_tensor
 
 MAX_WORKERS = 128
 REPLICA_KEY = "convserve-replica"
@@ -592,3 +593,14 @@ def serve_fake(
         yield RunningFake(port=port, behaviour=behaviour, health=health_servicer)
     finally:
         server.stop(grace=None)
+
+
+@contextmanager
+def nothing_listens() -> Iterator[str]:
+    """``127.0.0.1:PORT`` of a socket that is bound but never listens: connections are refused.
+
+    The port stays bound until the block ends, so nothing else can start listening on it.
+    """
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{bound.getsockname()[1]}"

@@ -8,8 +8,9 @@ import grpc
 import numpy as np
 import pytest
 
-from convserve.client import bench, bench_requests
-from convserve.client.bench import BenchConfig, Phase, WorkerResult
+from convserve.client import bench, bench_requests, bench_results
+from convserve.client.bench_config import BenchConfig, Phase
+from convserve.client.bench_results import WorkerResult
 from convserve.client.errors import (
     InputError,
     InvalidArgumentError,
@@ -19,8 +20,7 @@ from convserve.client.errors import (
 from convserve.client.images import resize_batch
 from convserve.v1 import convserve_pb2 as pb
 
-from .fakes import Behaviour, serve_fake
-from .test_client import closed_port
+from .fakes import Behaviour, nothing_listens, serve_fake
 
 IMAGES, LABELS = bench_requests.synthetic_digits(32)
 
@@ -92,7 +92,7 @@ def test_merge_pools_raw_samples() -> None:
         WorkerResult(np.array([0.001, 0.002, 0.003]), {"OK": 3, "UNAVAILABLE": 1}, 4, 0.5, 2.0),
         WorkerResult(np.array([0.010] * 7), {"OK": 7}, 6, 0.25, 2.0),
     ]
-    result = bench.merge(Phase(concurrency=2), 2.0, 4, parts)
+    result = bench_results.merge(Phase(concurrency=2), 2.0, 4, parts)
     pooled = np.concatenate([p.latencies_s for p in parts])
     for q in (50, 90, 99):
         assert result.percentile_s(q) == np.percentile(pooled, q, method="inverted_cdf")
@@ -108,7 +108,9 @@ def test_merge_pools_raw_samples() -> None:
     assert (row["requests_ok"], row["completed_ok"]) == (10, 10)
     assert row["generator_cpu_per_process"] == [0.25, 0.125]
     # Two such windows: samples pooled, times added up per process.
-    both = bench.combine([result, bench.merge(Phase(concurrency=2), 2.0, 4, parts[::-1])])
+    both = bench_results.combine(
+        [result, bench_results.merge(Phase(concurrency=2), 2.0, 4, parts[::-1])]
+    )
     assert both.duration_s == 4.0
     assert both.ok == 20
     assert both.requests_per_s == 5.0
@@ -264,10 +266,11 @@ def test_convolve_rpc() -> None:
 
 
 def test_a_server_that_cannot_be_reached_fails_the_run_at_once() -> None:
-    with pytest.raises(UnavailableError, match="GetModelMetadata for model '' failed"):
-        bench.run(config(f"127.0.0.1:{closed_port()}"), [Phase(concurrency=1)])
-    with pytest.raises(UnavailableError, match="the first request failed"):
-        bench.run(config(f"127.0.0.1:{closed_port()}", rpc="convolve"), [Phase(concurrency=1)])
+    with nothing_listens() as unreachable:
+        with pytest.raises(UnavailableError, match="GetModelMetadata for model '' failed"):
+            bench.run(config(unreachable), [Phase(concurrency=1)])
+        with pytest.raises(UnavailableError, match="the first request failed"):
+            bench.run(config(unreachable, rpc="convolve"), [Phase(concurrency=1)])
 
 
 def test_a_first_request_the_server_refuses_fails_the_run() -> None:

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from convserve.client import bench, bench_http, bench_requests, cli
-from convserve.client.bench import BenchConfig, Phase
+from convserve.client import bench, bench_config, bench_http, bench_requests, cli
+from convserve.client.bench_config import BenchConfig, Phase
 from convserve.client.channel import TlsConfig
+from convserve.client.commands import bench as bench_command
 from convserve.client.errors import (
     InputError,
     InternalError,
@@ -32,7 +33,7 @@ from convserve.client.errors import (
 )
 
 from .conftest import Certs
-from .test_client import closed_port
+from .fakes import nothing_listens
 
 IMAGES, _ = bench_requests.synthetic_digits(32)
 MODEL = "mnist"
@@ -344,8 +345,11 @@ def test_setup_failures_name_the_request_and_the_status() -> None:
         pytest.raises(InvalidArgumentError, match=refused),
     ):
         bench.run(config(target), [Phase(concurrency=1)])
-    with pytest.raises(UnavailableError, match="for model 'mnist' failed: UNAVAILABLE"):
-        bench.run(config(f"127.0.0.1:{closed_port()}", "oip-http"), [Phase(concurrency=1)])
+    with (
+        nothing_listens() as unreachable,
+        pytest.raises(UnavailableError, match="for model 'mnist' failed: UNAVAILABLE"),
+    ):
+        bench.run(config(unreachable, "oip-http"), [Phase(concurrency=1)])
 
 
 @pytest.mark.parametrize(
@@ -404,7 +408,7 @@ def test_http_status_codes_read_as_the_grpc_status_they_stand_for() -> None:
     ],
 )
 def test_http_targets(target: str, tls: bool, url: str) -> None:
-    assert bench_http.base_url(target, TlsConfig() if tls else None) == url
+    assert bench_config.base_url(target, TlsConfig() if tls else None) == url
 
 
 @pytest.mark.parametrize(
@@ -412,7 +416,7 @@ def test_http_targets(target: str, tls: bool, url: str) -> None:
 )
 def test_bad_http_targets_are_refused(target: str) -> None:
     with pytest.raises(InputError, match="expected HOST:PORT or an http:// or https:// URL"):
-        bench_http.base_url(target, None)
+        bench_config.base_url(target, None)
     with pytest.raises(InputError, match=r"^target: expected HOST:PORT"):
         config(target)
 
@@ -486,7 +490,7 @@ def test_http_protocols_default_to_the_rest_port(
 ) -> None:
     monkeypatch.delenv("CONVSERVE_TARGET", raising=False)
     with serve_http(HttpBehaviour()) as target:
-        monkeypatch.setattr(cli, "DEFAULT_REST_TARGET", target)
+        monkeypatch.setattr(bench_command, "DEFAULT_REST_TARGET", target)
         code, out, err = run_cli(
             capsys, "--json", "bench", "--protocol", "oip-http", "--model", MODEL, *FAST
         )

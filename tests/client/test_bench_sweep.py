@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from convserve.client import bench_metrics, bench_plot, bench_requests, bench_sweep
-from convserve.client.bench import BenchConfig, Phase, PhaseResult
+from convserve.client.bench_config import BenchConfig, Phase
+from convserve.client.bench_results import PhaseResult
 from convserve.client.cli import main
 from convserve.client.errors import InputError
 
@@ -182,6 +183,26 @@ def test_metrics_parser_reads_labels_escapes_and_refuses_garbage() -> None:
     assert samples[("y", ())] == 1500.0
     with pytest.raises(bench_metrics.MetricsError, match="cannot parse"):
         bench_metrics.parse_text("not a metric line at all\n")
+
+
+def test_scraped_label_values_come_back_exactly_as_prometheus_client_escaped_them() -> None:
+    from prometheus_client import CollectorRegistry, Counter, start_http_server
+
+    registry = CollectorRegistry()
+    requests = Counter("convserve_requests", "Requests.", ["model", "code"], registry=registry)
+    # A quote, a backslash, a newline, and a backslash before an n (which is no newline).
+    tricky = 'say "hi"\\ to\nC:\\new'
+    requests.labels(model=tricky, code="OK").inc(3)
+    requests.labels(model="plain", code="OK").inc()
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        samples = bench_metrics.scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert samples[("convserve_requests_total", (("code", "OK"), ("model", tricky)))] == 3.0
+    assert samples[("convserve_requests_total", (("code", "OK"), ("model", "plain")))] == 1.0
 
 
 def test_histogram_quantile_interpolates_like_prometheus() -> None:

@@ -13,8 +13,8 @@ from PIL import Image
 from convserve.client.bench_requests import synthetic_digits
 from convserve.client.cli import main
 
-from .fakes import Behaviour, RunningFake, serve_fake
-from .test_client import closed_port, numbered_images
+from .fakes import Behaviour, RunningFake, nothing_listens, serve_fake
+from .test_client import numbered_images
 from .test_images import png_header_only
 
 
@@ -259,8 +259,8 @@ def test_exit_codes_for_server_errors(capsys: pytest.CaptureFixture[str], digits
         code, _, err = run(capsys, "metadata", "--target", fake.target, "--model", "broken")
         assert code == 4
         assert "UNAVAILABLE: model 'broken' has no usable version" in err
-    unreachable = f"127.0.0.1:{closed_port()}"
-    code, _, err = run(capsys, "health", "--target", unreachable, "--retries", "0")
+    with nothing_listens() as unreachable:
+        code, _, err = run(capsys, "health", "--target", unreachable, "--retries", "0")
     assert code == 4
     assert "UNAVAILABLE" in err
     with serve_fake(Behaviour(token="right")) as fake:
@@ -559,10 +559,10 @@ def test_connection_flags_before_or_after_the_command(
     assert code == 0
     assert json.loads(out)["status"] == "SERVING"
     # After the command wins over before it.
-    unreachable = f"127.0.0.1:{closed_port()}"
-    code, out, _ = run(capsys, "--target", unreachable, "health", "--target", fake.target)
-    assert (code, out.strip()) == (0, "SERVING")
-    code, _, err = run(capsys, "--target", fake.target, "health", "--target", unreachable)
+    with nothing_listens() as unreachable:
+        code, out, _ = run(capsys, "--target", unreachable, "health", "--target", fake.target)
+        assert (code, out.strip()) == (0, "SERVING")
+        code, _, err = run(capsys, "--target", fake.target, "health", "--target", unreachable)
     assert code == 4
     assert "UNAVAILABLE" in err
 

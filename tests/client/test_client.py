@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,12 @@ from convserve.client import (
     convert,
 )
 from convserve.client.channel import channel_options
-from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2 as pb
+from convserve.v1.tensor_codec import to_tensor
 
 from . import fakes
 from .conftest import Certs
-from .fakes import Behaviour, RunningFake, serve_fake
+from .fakes import Behaviour, RunningFake, nothing_listens, serve_fake
 
 FAST_RETRIES = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -50,10 +49,29 @@ def numbered_images(count: int, dtype: type = np.uint8) -> np.ndarray:
     return images if dtype == np.uint8 else (images / 255.0).astype(dtype)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class FakeClock:
+    """Time that passes only when the client sleeps: waits are recorded, never spent.
+
+    Pass the clock itself as `clock` and `sleep` (or `async_sleep`) as `sleep`.
+    `on_sleep(n)` runs after the n-th sleep (1 for the first).
+    """
+
+    def __init__(self, on_sleep: Callable[[int], None] | None = None) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self._on_sleep = on_sleep
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        if self._on_sleep is not None:
+            self._on_sleep(len(self.sleeps))
+
+    async def async_sleep(self, seconds: float) -> None:
+        self.sleep(seconds)
 
 
 # --- Every method, sync and async ---------------------------------------------------------
@@ -230,37 +248,46 @@ def test_retries_stop_after_max_attempts() -> None:
     assert fake.behaviour.calls["Predict"] == 4
 
 
+# Waits of 1, 2, 4, 8, 8, ... s without jitter: after 1 + 2 + 4 + 8 = 15 s of a 20 s
+# deadline, the next 8 s wait would end past it, so the call fails then, at 15 s.
+DEADLINE_BOUND = RetryPolicy(
+    max_attempts=1000, initial_backoff_s=1.0, max_backoff_s=8.0, multiplier=2.0, jitter=0.0
+)
+DEADLINE_BOUND_WAITS = [1.0, 2.0, 4.0, 8.0]
+
+
 def test_retrying_never_exceeds_the_deadline() -> None:
-    # Backoffs grow to half a second, so a retry loop that slept past the
-    # deadline would overshoot it by far more than the scheduling slack allowed.
-    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.02, max_backoff_s=0.5)
-    timeout_s = 0.6
+    clock = FakeClock()
     behaviour = Behaviour(fail_first=10**6, fail_methods=frozenset({"Predict"}))
     with (
         serve_fake(behaviour) as fake,
-        ConvServeClient(fake.target, retries=policy, timeout_s=timeout_s) as client,
+        ConvServeClient(
+            fake.target, retries=DEADLINE_BOUND, timeout_s=20.0, clock=clock, sleep=clock.sleep
+        ) as client,
+        pytest.raises(UnavailableError) as caught,
     ):
-        start = time.monotonic()
-        with pytest.raises(UnavailableError) as caught:
-            client.predict(numbered_images(1))
-        elapsed = time.monotonic() - start
-    assert elapsed <= timeout_s + 0.15
-    assert caught.value.attempts == fake.behaviour.calls["Predict"] > 3
+        client.predict(numbered_images(1))
+    assert clock.sleeps == DEADLINE_BOUND_WAITS
+    assert clock.now == 15.0
+    assert caught.value.attempts == fake.behaviour.calls["Predict"] == 5
 
 
 async def test_async_retrying_never_exceeds_the_deadline() -> None:
-    # Backoffs grow to half a second, so a retry loop that slept past the
-    # deadline would overshoot it by far more than the scheduling slack allowed.
-    policy = RetryPolicy(max_attempts=1000, initial_backoff_s=0.02, max_backoff_s=0.5)
+    clock = FakeClock()
     behaviour = Behaviour(fail_first=10**6, fail_methods=frozenset({"Predict"}))
     with serve_fake(behaviour) as fake:
-        async with AsyncConvServeClient(fake.target, retries=policy, timeout_s=0.6) as client:
-            start = time.monotonic()
-            with pytest.raises(UnavailableError):
+        async with AsyncConvServeClient(
+            fake.target,
+            retries=DEADLINE_BOUND,
+            timeout_s=20.0,
+            clock=clock,
+            sleep=clock.async_sleep,
+        ) as client:
+            with pytest.raises(UnavailableError) as caught:
                 await client.predict(numbered_images(1))
-            elapsed = time.monotonic() - start
-    assert elapsed <= 0.75
-    assert fake.behaviour.calls["Predict"] > 3
+    assert clock.sleeps == DEADLINE_BOUND_WAITS
+    assert clock.now == 15.0
+    assert caught.value.attempts == fake.behaviour.calls["Predict"] == 5
 
 
 async def test_async_retries_then_succeeds() -> None:
@@ -292,7 +319,8 @@ def test_per_call_timeout_overrides_the_default() -> None:
 
 def test_unreachable_server_is_unavailable() -> None:
     with (
-        ConvServeClient(f"127.0.0.1:{closed_port()}", retries=FAST_RETRIES) as client,
+        nothing_listens() as target,
+        ConvServeClient(target, retries=FAST_RETRIES) as client,
         pytest.raises(UnavailableError) as caught,
     ):
         client.health()
@@ -569,24 +597,25 @@ def test_responses_without_labels_or_with_bad_fields() -> None:
 
 
 def test_wait_for_serving_returns_once_serving(fake: RunningFake) -> None:
+    def serving_after_three_polls(sleeps: int) -> None:
+        if sleeps == 3:
+            fake.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
     fake.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    with ConvServeClient(fake.target) as client:
+    clock = FakeClock(on_sleep=serving_after_three_polls)
+    with ConvServeClient(fake.target, clock=clock, sleep=clock.sleep) as client:
         assert client.health() == "NOT_SERVING"
-        flip = threading.Timer(
-            0.3, fake.health.set, args=("", health_pb2.HealthCheckResponse.SERVING)
-        )
-        flip.start()
-        start = time.monotonic()
-        assert client.wait_for_serving(5.0, poll_interval_s=0.05) == "SERVING"
-        assert 0.25 < time.monotonic() - start < 2.0
+        assert client.wait_for_serving(10.0, poll_interval_s=0.5) == "SERVING"
+    assert clock.sleeps == [0.5, 0.5, 0.5]
 
 
 async def test_async_wait_for_serving_gives_up_with_the_last_status(fake: RunningFake) -> None:
     fake.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    async with AsyncConvServeClient(fake.target) as client:
-        start = time.monotonic()
-        assert await client.wait_for_serving(0.4, poll_interval_s=0.05) == "NOT_SERVING"
-        assert time.monotonic() - start < 1.0
+    clock = FakeClock()
+    async with AsyncConvServeClient(fake.target, clock=clock, sleep=clock.async_sleep) as client:
+        # Polls at 0, 1, 2 and 3 s; at 3 s a poll 1 s later would come too late.
+        assert await client.wait_for_serving(4.0, poll_interval_s=1.0) == "NOT_SERVING"
+        assert clock.sleeps == [1.0, 1.0, 1.0]
         # The health protocol answers NOT_FOUND for a service it does not know.
         with pytest.raises(NotFoundError):
             await client.health("no.such.Service")
@@ -594,7 +623,8 @@ async def test_async_wait_for_serving_gives_up_with_the_last_status(fake: Runnin
 
 def test_wait_for_serving_raises_when_nothing_answers() -> None:
     with (
-        ConvServeClient(f"127.0.0.1:{closed_port()}", retries=0) as client,
+        nothing_listens() as target,
+        ConvServeClient(target, retries=0) as client,
         pytest.raises(UnavailableError),
     ):
         client.wait_for_serving(0.3, poll_interval_s=0.05)

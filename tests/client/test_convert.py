@@ -20,8 +20,8 @@ from convserve.client.errors import (
     error_for,
 )
 from convserve.client.retry import Attempts, Deadline, RetryPolicy, as_retry_policy
-from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2 as pb
+from convserve.v1.tensor_codec import from_tensor, to_tensor
 
 MNIST = (28, 28, 1)
 
@@ -245,12 +245,15 @@ def test_feature_maps_request_and_result() -> None:
     assert result.model_version == 2
 
 
-def test_health_messages_match_the_official_ones() -> None:
-    ours = health.check_request("convserve.v1.ConvServe").SerializeToString()
-    assert health_pb2.HealthCheckRequest.FromString(ours).service == "convserve.v1.ConvServe"
-    official = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-    parsed = health.HealthCheckResponse.FromString(official.SerializeToString())
-    assert health.status_name(parsed) == "NOT_SERVING"
+def test_health_requests_and_status_names() -> None:
+    request = health.check_request("convserve.v1.ConvServe")
+    assert request == health_pb2.HealthCheckRequest(service="convserve.v1.ConvServe")
+    assert health.check_request() == health_pb2.HealthCheckRequest(service="")
+    not_serving = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert health.status_name(not_serving) == "NOT_SERVING"
+    # A status a newer server may send (field 1, varint 7): shown as its number.
+    newer = health_pb2.HealthCheckResponse.FromString(b"\x08\x07")
+    assert health.status_name(newer) == "7"
 
 
 def test_errors_by_code() -> None:
@@ -289,6 +292,14 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
     assert as_retry_policy(0).max_attempts == 1
     with pytest.raises(ValueError, match="retries must be >= 0"):
         as_retry_policy(-1)
+
+
+def test_backoff_without_jitter_is_exact() -> None:
+    policy = RetryPolicy(initial_backoff_s=0.25, max_backoff_s=1.0, multiplier=2.0, jitter=0.0)
+    rng = random.Random(1)
+    assert [policy.backoff_s(retry, rng) for retry in range(1, 6)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match=r"jitter must be in \[0, 1\]"):
+        RetryPolicy(jitter=1.5)
 
 
 def test_attempts_decide_what_to_retry() -> None:

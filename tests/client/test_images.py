@@ -13,7 +13,6 @@ from PIL import Image
 
 from convserve.client.errors import InputError
 from convserve.client.images import (
-    MAX_IMAGE_PIXELS,
     accepted_shapes,
     image_batch,
     load_grayscale,
@@ -21,6 +20,8 @@ from convserve.client.images import (
     prepare_image,
     single_image,
 )
+from convserve.v1 import images as shared
+from convserve.v1.images import MAX_IMAGE_PIXELS
 
 MNIST = (28, 28, 1)
 
@@ -215,6 +216,17 @@ def test_unreadable_files_name_the_file(tmp_path: Path) -> None:
         load_grayscale(tmp_path / "missing.png")
     with pytest.raises(InputError, match="image bytes: not an image file"):
         load_grayscale(b"\x00\x01")
+
+
+def test_the_shared_code_raises_image_errors_that_reach_clients_as_input_errors() -> None:
+    # The server's console calls convserve.v1.images directly; SDK users catch InputError.
+    with pytest.raises(shared.ImageError, match="image bytes: not an image file") as from_shared:
+        shared.load_grayscale(b"\x00\x01")
+    with pytest.raises(InputError) as from_client:
+        load_grayscale(b"\x00\x01")
+    assert str(from_client.value) == str(from_shared.value)
+    with pytest.raises(InputError, match=r"image: expected a 2-D grayscale image"):
+        prepare_image(np.zeros((3, 3, 3)), MNIST)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

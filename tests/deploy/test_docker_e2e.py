@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO_ROOT, require_installed
 from tests.deploy.common import COMPOSE, DEPLOY, DOCKERFILE
+from tests.polling import wait_for
 
 BUILD_TIMEOUT_S = 1800
 STACK_TIMEOUT_S = 900
@@ -135,18 +136,9 @@ def _host_port(client: Any, service: str, port: int) -> int:
 
 
 def _wait(check: Callable[[], Any], what: str, timeout_s: float) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except OSError as error:  # nothing listening yet
-            last = error
-        else:
-            if last:
-                return last
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
+    """`wait_for` at the pace of containers: once a second, a refused connection (nothing
+    listening yet) counting as not yet."""
+    return wait_for(check, what=what, timeout_s=timeout_s, interval_s=1.0, retry_on=(OSError,))
 
 
 def _project_leftovers(client: Any) -> dict[str, list[str]]:

@@ -48,8 +48,9 @@ from tests.deploy.kserve_schema import (
     validator,
 )
 from tests.deploy.test_kubernetes import PROBE_SERVICES
+from tests.polling import wait_for
 from tests.server.runtime_helpers import float_digits, saved_model_probabilities
-from tests.server.wire_helpers import poll, sample_value, scrape
+from tests.server.wire_helpers import sample_value, scrape
 
 KSERVE = DEPLOY / "kserve"
 RUNTIME = KSERVE / "servingruntime.yaml"
@@ -469,6 +470,10 @@ def stop(server: Started) -> int:
     return server.process.returncode
 
 
+# A probe that errors or times out failed; the kubelet tries it again.
+PROBE_FAILURES = (grpc.RpcError, requests.RequestException)
+
+
 def kubelet_probe(server: Started, probe: dict[str, Any]) -> bool:
     """Execute a probe as the kubelet would, against the port it names."""
     if "grpc" in probe:
@@ -576,7 +581,11 @@ def test_the_runtime_serves_every_endpoint_kserve_routes_to(
     expected = saved_model_probabilities(model_base_path / "1", float_digits(digits))
     http = server.url(KSERVE_HTTP_PORT)
     # Readiness first, through the probe the YAML declares, as KServe waits for it.
-    poll(lambda: kubelet_probe(server, container["readinessProbe"]), what="readiness")
+    wait_for(
+        lambda: kubelet_probe(server, container["readinessProbe"]),
+        what="readiness",
+        retry_on=PROBE_FAILURES,
+    )
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert kubelet_probe(server, container[probe]), probe
 
@@ -647,9 +656,13 @@ def test_the_models_inference_service_serves_its_model_config_file(
     )
     try:
         container = _container(_load(RUNTIME))
-        poll(lambda: kubelet_probe(server, container["readinessProbe"]), what="readiness")
+        wait_for(
+            lambda: kubelet_probe(server, container["readinessProbe"]),
+            what="readiness",
+            retry_on=PROBE_FAILURES,
+        )
         http = server.url(KSERVE_HTTP_PORT)
-        poll(
+        wait_for(
             lambda: requests.get(f"{http}/v2/models/digits8/ready", timeout=30).ok,
             what="digits8 ready",
         )
@@ -659,7 +672,7 @@ def test_the_models_inference_service_serves_its_model_config_file(
             return sorted((v["version"], v["state"]) for v in status["model_version_status"])
 
         both = [("1", "AVAILABLE"), ("2", "AVAILABLE")]
-        poll(lambda: mnist_versions() == both, what="mnist versions 1 and 2")
+        wait_for(lambda: mnist_versions() == both, what="mnist versions 1 and 2")
         expected = saved_model_probabilities(model_base_path / "1", float_digits(digits))
         for path in ("mnist/labels/canary", "mnist/labels/stable", "mnist/versions/2"):
             assert_same(v1_predictions(http, path, digits), expected)

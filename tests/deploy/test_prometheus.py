@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-import socket
-import subprocess
-import time
-import urllib.parse
-import urllib.request
+import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -19,6 +13,8 @@ import yaml
 from tests.conftest import require_tool
 from tests.deploy.common import ALERT_RULES, DASHBOARD, PROMETHEUS_CONFIG, run
 from tests.deploy.promql import dashboard_queries, rule_queries, substitute_grafana_variables
+from tests.polling import wait_for
+from tests.server.wire_helpers import PrometheusProcess, prometheus_process
 
 ALERTS_TEST = PROMETHEUS_CONFIG.parent / "alerts_test.yml"
 
@@ -51,51 +47,21 @@ def test_promtool_rejects_a_broken_rule(tmp_path) -> None:
 # --- a live server scraped by Prometheus ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _local_config(metrics_port: int, web_port: int, directory: Path) -> Path:
-    """deploy/'s config with only the targets changed: the live server and this Prometheus."""
+def _local_config(metrics_port: int, web_address: str | None, directory: Path) -> Path:
+    """deploy/'s config with only the targets changed: the live server and, once its
+    address is known (`web_address`), this Prometheus."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     convserve = jobs["convserve"]
     assert [sd["port"] for sd in convserve.pop("dns_sd_configs")] == [8502]
     convserve["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
-    jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{web_port}"]}]
+    if web_address is not None:
+        jobs["prometheus"]["static_configs"] = [{"targets": [web_address]}]
     for rule_file in config["rule_files"]:
         shutil.copy(PROMETHEUS_CONFIG.parent / rule_file, directory / rule_file)
     path = directory / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def _api(web_port: int, endpoint: str, **params: str) -> Any:
-    query = urllib.parse.urlencode(params)
-    url = f"http://127.0.0.1:{web_port}/api/v1/{endpoint}" + (f"?{query}" if query else "")
-    with urllib.request.urlopen(url, timeout=5) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    return body["data"]
-
-
-def _poll(check: Any, what: str, deadline_s: float, process: subprocess.Popen[bytes]) -> Any:
-    """Call `check` until it returns something truthy; fail with `what` at the deadline."""
-    deadline = time.monotonic() + deadline_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"prometheus exited with {process.returncode}"
-        try:
-            result = check()
-        except OSError as error:  # not listening yet
-            last_error = error
-            result = None
-        if result:
-            return result
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last_error})")
 
 
 @pytest.mark.slow
@@ -130,64 +96,56 @@ async def test_prometheus_scrapes_a_live_server_with_deploys_config(
 
 
 def _run_prometheus(prometheus: str, metrics_port: int, directory: Path) -> None:
-    web_port = _free_port()
-    config = _local_config(metrics_port, web_port, directory)
-    log_path = directory / "prometheus.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{web_port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+    config = _local_config(metrics_port, None, directory)
+    with prometheus_process(prometheus, config, directory) as live:
+        # Its own address is known once it listens: point its self-scrape job there
+        # and reload (SIGHUP), as an edited config is applied in production.
+        _local_config(metrics_port, live.address, directory)
+        live.process.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: _self_scrape_targets(live) == [live.address],
+            what="prometheus to reload its config",
+            retry_on=(OSError,),
         )
-        try:
-            _check_prometheus(web_port, process)
-        except AssertionError as failure:
-            raise AssertionError(
-                f"{failure}\nprometheus log:\n{log_path.read_text()[-3000:]}"
-            ) from failure
-        finally:
-            process.terminate()
-            process.wait(30)
+        _check_prometheus(live)
 
 
-def _check_prometheus(web_port: int, process: subprocess.Popen[bytes]) -> None:
+def _self_scrape_targets(prometheus: PrometheusProcess) -> list[str]:
+    """The targets of the `prometheus` job in the config Prometheus has loaded."""
+    loaded = yaml.safe_load(prometheus.api("status/config")["yaml"])
+    [job] = [job for job in loaded["scrape_configs"] if job["job_name"] == "prometheus"]
+    return [target for static in job["static_configs"] for target in static["targets"]]
+
+
+def _check_prometheus(prometheus: PrometheusProcess) -> None:
     # The metric comes back through the HTTP API, with the job label of deploy/'s config.
-    series = _poll(
-        lambda: _api(
-            web_port,
-            "query",
-            query='convserve_requests_total{job="convserve", rpc="Predict", code="OK"}',
+    series = wait_for(
+        lambda: prometheus.api(
+            "query", query='convserve_requests_total{job="convserve", rpc="Predict", code="OK"}'
         )["result"],
-        "convserve_requests_total to be scraped",
-        60,
-        process,
+        what="convserve_requests_total to be scraped",
+        retry_on=(OSError,),
     )
     assert float(series[0]["value"][1]) >= 1
     assert series[0]["metric"]["protocol"] == "convserve"
-    up = _api(web_port, "query", query='up{job="convserve"}')["result"]
+    up = prometheus.api("query", query='up{job="convserve"}')["result"]
     assert [float(s["value"][1]) for s in up] == [1.0]
 
     # deploy/'s alert rules load into a real Prometheus.
-    groups = _api(web_port, "rules")["groups"]
+    groups = prometheus.api("rules")["groups"]
     loaded = {rule["name"] for group in groups for rule in group["rules"]}
     assert loaded == {q.where.split("'")[1] for q in rule_queries(ALERT_RULES)}
 
     # Every dashboard query is valid PromQL to a real engine; the serving model shows up.
     for query in dashboard_queries(DASHBOARD):
-        _api(web_port, "query", query=substitute_grafana_variables(query.expr))
-    model = _api(web_port, "query", query="convserve_model_info")["result"]
+        prometheus.api("query", query=substitute_grafana_variables(query.expr))
+    model = prometheus.api("query", query="convserve_model_info")["result"]
     assert [s["metric"]["version"] for s in model] == ["1"]
     # Two scrapes make a rate: the "Requests/s by RPC and code" panel has data.
     rate = next(q for q in dashboard_queries(DASHBOARD) if "Requests/s by RPC and code" in q.where)
-    series = _poll(
-        lambda: _api(web_port, "query", query=substitute_grafana_variables(rate.expr))["result"],
-        "a request rate (two scrapes)",
-        60,
-        process,
+    series = wait_for(
+        lambda: prometheus.api("query", query=substitute_grafana_variables(rate.expr))["result"],
+        what="a request rate (two scrapes)",
+        retry_on=(OSError,),
     )
     assert {(s["metric"]["rpc"], s["metric"]["code"]) for s in series} >= {("Predict", "OK")}

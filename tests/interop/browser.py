@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from tests import polling
 from tests.conftest import require_tool
 
 T = TypeVar("T")
@@ -48,16 +49,20 @@ def chromium(width: int = 1400, height: int = 1800) -> Iterator[Any]:
         driver.quit()
 
 
-def wait_for(driver: Any, condition: Callable[[Any], T], timeout_s: float = WAIT_S) -> T:
-    """Poll `condition(driver)` until it is truthy; its value. TimeoutException after
-    `timeout_s` (a bound for a stuck page, not a measurement)."""
+def wait_for(
+    driver: Any,
+    condition: Callable[[Any], T],
+    timeout_s: float = WAIT_S,
+    what: str = "a condition on the page",
+) -> T:
+    """`tests.polling.wait_for` of `condition(driver)`: its first truthy value."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.support.ui import WebDriverWait
 
     # The page redraws its panels on every refresh: an element read mid-redraw is stale.
     ignored = (NoSuchElementException, StaleElementReferenceException)
-    wait = WebDriverWait(driver, timeout_s, poll_frequency=0.05, ignored_exceptions=ignored)
-    return wait.until(condition)
+    return polling.wait_for(
+        lambda: condition(driver), what=what, timeout_s=timeout_s, retry_on=ignored
+    )
 
 
 def console_errors(driver: Any) -> list[dict[str, Any]]:

@@ -929,7 +929,8 @@ class ConvSpec:
         return self.x.dtype.name
 
     def expected(self) -> np.ndarray:
-        """The textbook answer, computed in float64 (ops.py's semantics, TensorFlow's padding)."""
+        """The textbook answer, computed in float64 (convolution.py's semantics and
+        TensorFlow's padding)."""
         two_d = self.x.ndim == 2
         x = self.x[None, :, :, None] if two_d else self.x
         k = self.k[:, :, None, None] if two_d else self.k
@@ -999,8 +1000,8 @@ def conv_specs(draw: st.DrawFn) -> ConvSpec:
         n, c, f = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 2))
         x_shape, k_shape, bias_shapes = (n, h, w, c), (kh, kw, c, f), ((f,),)
     else:
-        # Not a scalar bias: convserve.proto and ops.py allow one, but every protocol's
-        # tensor reader refuses shape [] (client/convserve/client/tensor.py `from_tensor`).
+        # Not a scalar bias: convserve.proto and convolution.py allow one, but every protocol's
+        # tensor reader refuses shape [] (`convserve.v1.tensor_codec.from_tensor`).
         x_shape, k_shape, bias_shapes = (h, w), (kh, kw), ((1,),)
     bias = None
     if draw(st.booleans()):

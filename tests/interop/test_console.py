@@ -273,7 +273,7 @@ def test_page_loads_without_console_errors_and_shows_the_models(
 def test_drawn_digit_shows_the_sdks_classes_and_probabilities(
     page: Any, sdk: Any, sample_digits: tuple
 ) -> None:
-    from convserve.client.images import load_grayscale, prepare_image
+    from convserve.v1.images import load_grayscale, prepare_image
 
     digit, label = _digit(sample_digits, 0)
     top = _draw_and_predict(page, digit)

@@ -14,11 +14,11 @@ import numpy as np
 import orjson
 import pytest
 
-from convserve.client.tensor import PROTO_TO_DTYPE, from_tensor, to_tensor
 from convserve.server import converters, errors, types
 from convserve.server.protocols import convserve_http as ch
 from convserve.server.protocols.oip_convert import MAX_RANK
 from convserve.v1 import convserve_pb2
+from convserve.v1.tensor_codec import PROTO_TO_DTYPE, from_tensor, to_tensor
 
 RNG = np.random.default_rng(7)
 IMAGE = RNG.random((6, 5))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from convserve.client import cli
 from tests.interop.loop_thread import serving
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -108,20 +108,13 @@ def label_version(url: str, label: str) -> str:
     return str(answer.json()["model_spec"]["version"])
 
 
-def wait_for(check: Any, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(POLL_S / 2)
-
-
 def test_moving_a_label_under_load_fails_no_request(
     server: Any, two_versions: Path, sample_digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
     url = server.rest_url
     image = np.asarray(sample_digits[0][:1], np.uint8)[..., np.newaxis]
     body = {"signature_name": "predict_uint8", "instances": image.tolist()}
-    wait_for(lambda: label_version(url, "canary") == "1")
+    wait_for(lambda: label_version(url, "canary") == "1", what="canary on version 1")
     # By label, the answer is the model's own: the same as by version number.
     by_number = requests.post(
         f"{url}/v1/models/mnist/versions/1:predict", json=body, timeout=30
@@ -160,11 +153,11 @@ def test_moving_a_label_under_load_fails_no_request(
     for user in users:
         user.start()
     try:
-        wait_for(lambda: versions[1] > 20 and rest_ok["ok"] > 20)
+        wait_for(lambda: versions[1] > 20 and rest_ok["ok"] > 20, what="traffic on version 1")
         write_config(server.config_path, config_text(two_versions, stable=1, canary=2))
-        wait_for(lambda: versions[2] > 20)
+        wait_for(lambda: versions[2] > 20, what="gRPC traffic on version 2")
         moved_at = rest_ok["ok"]
-        wait_for(lambda: rest_ok["ok"] > moved_at + 20)
+        wait_for(lambda: rest_ok["ok"] > moved_at + 20, what="REST traffic after the move")
     finally:
         stop.set()
         for user in users:
@@ -190,7 +183,7 @@ def test_a_label_on_a_missing_version_is_refused(
         models = requests.get(f"{url}/v1/convserve/models", timeout=30).json()["models"]
         return any("canary" in error for error in models[0]["label_errors"])
 
-    wait_for(refused)
+    wait_for(refused, what="the label on version 9 refused")
     [model] = requests.get(f"{url}/v1/convserve/models", timeout=30).json()["models"]
     [error] = model["label_errors"]
     assert "9" in error
@@ -203,4 +196,4 @@ def test_a_label_on_a_missing_version_is_refused(
     assert cli.main(["--target", f"127.0.0.1:{server.port}", "models", "--json"]) == 0
     assert "canary" in capsys.readouterr().out
     write_config(server.config_path, config_text(two_versions, stable=1, canary=2))
-    wait_for(lambda: not refused())
+    wait_for(lambda: not refused(), what="the refusal cleared")

@@ -10,7 +10,6 @@ single failed request to the others.
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,9 +24,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from convserve.client.tensor import from_tensor
 from convserve.trainer.data import FASHION_MNIST_CLASS_NAMES
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import from_tensor
 from tests.conftest import samples_of
 from tests.interop.loop_thread import serving
 from tests.interop.three_protocols import (
@@ -37,6 +36,7 @@ from tests.interop.three_protocols import (
     predict_codes,
     tfserving_predict_request,
 )
+from tests.polling import wait_for
 from tests.server.runtime_helpers import saved_model_probabilities
 
 pytestmark = pytest.mark.slow
@@ -259,12 +259,8 @@ def _write(path: Path, text: str) -> None:
     partial.replace(path)
 
 
-def _wait_for(what: str, check: Callable[[], bool], timeout_s: float = 180.0) -> None:
-    until = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > until:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+# Loading a model under load on two cores can take minutes.
+LOAD_TIMEOUT_S = 180.0
 
 
 def test_models_added_to_and_removed_from_the_config_file_under_load(
@@ -303,10 +299,14 @@ def test_models_added_to_and_removed_from_the_config_file_under_load(
         for client in clients:
             client.start()
         try:
-            _wait_for("traffic", lambda: answered[0] >= 20)
+            wait_for(lambda: answered[0] >= 20, what="traffic", timeout_s=LOAD_TIMEOUT_S)
             # Added: loaded in the background while mnist serves on.
             _write(config, _config(bases, ["mnist", "fashion", "digits8"]))
-            _wait_for("digits8 ready", lambda: listed().get("digits8") is True)
+            wait_for(
+                lambda: listed().get("digits8") is True,
+                what="digits8 ready",
+                timeout_s=LOAD_TIMEOUT_S,
+            )
             digits = held_out(bases["digits8"], 6)
             np.testing.assert_allclose(
                 _convserve(ch, "digits8", digits),
@@ -317,13 +317,19 @@ def test_models_added_to_and_removed_from_the_config_file_under_load(
             at_add = answered[0]
             # Removed: new requests to it are NOT_FOUND, it drains and unloads.
             _write(config, _config(bases, ["mnist", "digits8"]))
-            _wait_for("fashion removed", lambda: "fashion" not in listed())
+            wait_for(
+                lambda: "fashion" not in listed(), what="fashion removed", timeout_s=LOAD_TIMEOUT_S
+            )
             codes = predict_codes(ch, Images.of(held_out(bases["fashion"], 1), model="fashion"))
             assert set(codes.values()) == {grpc.StatusCode.NOT_FOUND}
             health = health_pb2_grpc.HealthStub(ch)
             gone = health.Check(health_pb2.HealthCheckRequest(service="fashion"), timeout=10)
             assert gone.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            _wait_for("traffic after the changes", lambda: answered[0] >= at_add + 20)
+            wait_for(
+                lambda: answered[0] >= at_add + 20,
+                what="traffic after the changes",
+                timeout_s=LOAD_TIMEOUT_S,
+            )
         finally:
             stop.set()
             for client in clients:

@@ -7,10 +7,9 @@ names, is checked against that model's shape, and is described with it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from convserve.server.protocols import ADAPTERS
 from convserve.server.protocols.tfserving_convert import proto_from_array
+from tests.fake_metrics import FakeMetrics
 from tests.fake_runtime import FakeModel, FakeRuntime, fake_probabilities
 from tests.interop.loop_thread import running
 
@@ -40,36 +40,15 @@ RNG = np.random.default_rng(11)
 
 
 @dataclass
-class Metrics:
-    """Records every finished call as (protocol, rpc, model label, code)."""
-
-    finished: list[tuple[str, str, str, str]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def request_started(self, protocol: str, rpc: str, model: str = "") -> None:
-        pass
-
-    def request_finished(
-        self, protocol: str, rpc: str, code: str, seconds: float, model: str = ""
-    ) -> None:
-        with self.lock:
-            self.finished.append((protocol, rpc, model, code))
-
-    def count(self, call: tuple[str, str, str, str]) -> int:
-        with self.lock:
-            return self.finished.count(call)
-
-
-@dataclass
 class Served:
     target: str
     runtime: FakeRuntime
-    metrics: Metrics
+    metrics: FakeMetrics
 
 
 @contextmanager
 def serve(runtime: FakeRuntime) -> Iterator[Served]:
-    metrics = Metrics()
+    metrics = FakeMetrics()
 
     async def start() -> tuple[grpc.aio.Server, int]:
         server = grpc.aio.server()
@@ -223,10 +202,10 @@ def test_unknown_model_is_not_found_on_both_protocols(
 
 def test_calls_are_counted_by_the_model_they_name(served: Served) -> None:
     oip_infer(served.target, SMALL.name, images_for(SMALL, 1))
-    assert served.metrics.count(("oip", "ModelInfer", "digits8", "OK")) >= 1
+    assert served.metrics.labelled.count(("oip", "ModelInfer", "digits8", "OK")) >= 1
     with pytest.raises(InferenceServerException):
         oip_infer(served.target, "cifar", images_for(MNIST, 1))
-    assert served.metrics.count(("oip", "ModelInfer", "_unknown", "NOT_FOUND")) >= 1
+    assert served.metrics.labelled.count(("oip", "ModelInfer", "_unknown", "NOT_FOUND")) >= 1
     x = np.ones((1, 5, 5, 1), np.float32)
     inputs = []
     for name, array in (("input", x), ("kernel", x[0, :3, :3, :, None])):
@@ -236,7 +215,7 @@ def test_calls_are_counted_by_the_model_they_name(served: Served) -> None:
     result = triton.InferenceServerClient(served.target).infer("conv2d", inputs, timeout=60)
     np.testing.assert_array_equal(result.as_numpy("output"), np.full((1, 3, 3, 1), 9.0))
     # conv2d is an operation: counted without a model, as convserve.v1's Convolve.
-    assert served.metrics.count(("oip", "ModelInfer", "", "OK")) >= 1
+    assert served.metrics.labelled.count(("oip", "ModelInfer", "", "OK")) >= 1
 
 
 # -- metadata and readiness ----------------------------------------------------
@@ -402,4 +381,6 @@ def test_get_model_status_per_model(served: Served, channel: grpc.Channel) -> No
     assert exc.value.details() == (
         "model_spec.version: model 'digits8' has no version 1 (versions: 3)"
     )
-    assert served.metrics.count(("tfserving", "GetModelStatus", "digits8", "NOT_FOUND")) == 1
+    assert (
+        served.metrics.labelled.count(("tfserving", "GetModelStatus", "digits8", "NOT_FOUND")) == 1
+    )

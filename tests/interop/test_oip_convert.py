@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tritonclient.grpc import InferResult, service_pb2
 
-from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import oip_convert as oc
 from convserve.server.protocols import wire
+from convserve.v1.tensor_codec import TensorError
 from tests.interop.wire_bytes import varint
 
 
@@ -765,3 +765,19 @@ def test_request_bytes_estimates_without_serializing() -> None:
     typed = infer_request(inputs=[("images", FLOAT_IMAGES, "FP32")], raw=False)
     assert oc.request_bytes(typed) >= FLOAT_IMAGES.nbytes
     assert oc.request_bytes(service_pb2.ModelInferRequest()) == 0
+
+
+def test_our_wire_types_and_tags_are_protobufs() -> None:
+    # One field of each wire type, as protobuf itself serializes them: the first byte of
+    # each is its tag, which our constants must read back.
+    sample = service_pb2.InferParameter(int64_param=-1)  # varint, field 2
+    assert wire.unpack_tag(sample.SerializeToString()[0]) == (2, wire.WIRETYPE_VARINT)
+    sample = service_pb2.InferParameter(string_param="x")  # length-delimited, field 3
+    assert wire.unpack_tag(sample.SerializeToString()[0]) == (3, wire.WIRETYPE_LENGTH_DELIMITED)
+    sample = service_pb2.InferParameter(double_param=0.5)  # fixed64, field 4
+    assert wire.unpack_tag(sample.SerializeToString()[0]) == (4, wire.WIRETYPE_FIXED64)
+    contents = service_pb2.InferTensorContents(fp32_contents=[1.0])  # packed: one entry
+    assert wire.unpack_tag(contents.SerializeToString()[0]) == (6, wire.WIRETYPE_LENGTH_DELIMITED)
+    assert wire.pack_tag(6, wire.WIRETYPE_LENGTH_DELIMITED) == contents.SerializeToString()[0]
+    # fixed32 and the group markers, from the encoding's definition.
+    assert (wire.WIRETYPE_START_GROUP, wire.WIRETYPE_END_GROUP, wire.WIRETYPE_FIXED32) == (3, 4, 5)

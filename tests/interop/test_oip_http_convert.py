@@ -20,10 +20,10 @@ from tritonclient.grpc import service_pb2
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 from tritonclient.utils import np_to_triton_dtype
 
-from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import oip_convert as oc
 from convserve.server.protocols import oip_http_convert as hc
+from convserve.v1.tensor_codec import TensorError
 
 RNG = np.random.default_rng(3)
 UINT8_IMAGES = RNG.integers(0, 256, size=(3, 28, 28, 1), dtype=np.uint8)

@@ -33,10 +33,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from tests.interop.three_protocols import Images, convserve_predict
+from tests.polling import wait_for
 from tests.server.wire_helpers import (
     ServerProcess,
     kill_process,
-    poll,
     sample_value,
     scrape,
     server_env,
@@ -181,9 +181,9 @@ def test_a_model_that_cannot_load_leaves_the_replica_serving_the_others(
     server = start_server_process(server_args(config))
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
+        wait_for(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
         with Load(server.target, {"mnist": (28, 28, 1), "digits8": (8, 8, 1)}) as load:
-            poll(lambda: min(load.ok.values()) > 5, what="both models answering")
+            wait_for(lambda: min(load.ok.values()) > 5, what="both models answering")
             config.write_text(
                 config_text(
                     ("mnist", mnist_base),
@@ -191,7 +191,7 @@ def test_a_model_that_cannot_load_leaves_the_replica_serving_the_others(
                     ("typo", tmp_path / "no-such-dir"),
                 )
             )
-            poll(
+            wait_for(
                 lambda: listing(channel).get("typo", convserve_pb2.ModelStatus()).error,
                 what="the typo model's error",
             )
@@ -202,7 +202,7 @@ def test_a_model_that_cannot_load_leaves_the_replica_serving_the_others(
             assert health(channel, "typo") == "NOT_SERVING"
             assert health(channel, "mnist") == "SERVING"
             before = dict(load.ok)
-            poll(
+            wait_for(
                 lambda: all(load.ok[m] > before[m] + 20 for m in before),
                 what="both models answering after the edit",
             )
@@ -225,7 +225,7 @@ def test_a_model_that_cannot_load_leaves_the_replica_serving_the_others(
         assert sample_value(samples, "convserve_model_memory_bytes", model="mnist") > 0
         # The missing directory appears: the background retry loads it.
         shutil.copytree(digits8_model_dir, tmp_path / "no-such-dir")
-        poll(lambda: health(channel, "typo") == "SERVING", what="typo loaded", timeout_s=120)
+        wait_for(lambda: health(channel, "typo") == "SERVING", what="typo loaded", timeout_s=120)
     assert any("typo: the base path does not exist" in line for line in server.lines)
     code, _ = stop(server)
     assert code == 0
@@ -240,7 +240,7 @@ def test_strict_readiness_and_exit_on_load_error_keep_the_old_behaviour(
     server = start_server_process(server_args(config, "--strict-readiness", "true"))
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "mnist") == "SERVING", what="mnist", timeout_s=120)
+        wait_for(lambda: health(channel, "mnist") == "SERVING", what="mnist", timeout_s=120)
         # Strict: not ready while a configured model is not, yet alive and serving mnist.
         assert health(channel, "readiness") == "NOT_SERVING"
         assert health(channel, "liveness") == "SERVING"
@@ -267,9 +267,9 @@ def test_an_empty_or_rewritten_config_file_unloads_nothing(
     server = start_server_process(server_args(config))
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
+        wait_for(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
         with Load(server.target, {"mnist": (28, 28, 1)}) as load:
-            poll(lambda: load.ok["mnist"] > 5, what="answers")
+            wait_for(lambda: load.ok["mnist"] > 5, what="answers")
             # Truncated, then written again a second later (five polls read it empty).
             config.write_text("")
             time.sleep(1.0)
@@ -283,7 +283,7 @@ def test_an_empty_or_rewritten_config_file_unloads_nothing(
                     file.write(text[len(text) // 2 :])
                 time.sleep(0.03)
             before = load.ok["mnist"]
-            poll(lambda: load.ok["mnist"] > before + 20, what="answers after the edits")
+            wait_for(lambda: load.ok["mnist"] > before + 20, what="answers after the edits")
         assert load.failed == {"mnist": []}
         samples = scrape(server.metrics_port)
         loads = sample_value(samples, "convserve_model_loads_total", model="mnist")
@@ -298,19 +298,19 @@ def test_a_version_whose_assets_arrive_last_serves_its_class_names(
     server, _ = mnist_server
     source = mnist_base / "1"
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: serving_version(channel, "mnist") == 1, what="v1", timeout_s=120)
+        wait_for(lambda: serving_version(channel, "mnist") == 1, what="v1", timeout_s=120)
         # A copy that writes assets.extra/ a moment after everything else.
         shutil.copytree(source, mnist_base / "2", ignore=shutil.ignore_patterns("assets.extra"))
         time.sleep(0.4)
         shutil.copytree(source / "assets.extra", mnist_base / "2" / "assets.extra")
-        poll(lambda: serving_version(channel, "mnist") == 2, what="v2", timeout_s=120)
+        wait_for(lambda: serving_version(channel, "mnist") == 2, what="v2", timeout_s=120)
         assert list(metadata(channel, "mnist").class_names) == DIGIT_NAMES
         # Assets that come long after the version loaded are picked up too.
         shutil.copytree(source, mnist_base / "3", ignore=shutil.ignore_patterns("assets.extra"))
-        poll(lambda: serving_version(channel, "mnist") == 3, what="v3", timeout_s=120)
+        wait_for(lambda: serving_version(channel, "mnist") == 3, what="v3", timeout_s=120)
         assert list(metadata(channel, "mnist").class_names) == []
         shutil.copytree(source / "assets.extra", mnist_base / "3" / "assets.extra")
-        poll(
+        wait_for(
             lambda: list(metadata(channel, "mnist").class_names) == DIGIT_NAMES,
             what="v3's class names",
         )
@@ -330,9 +330,9 @@ def test_class_names_no_protocol_can_send_refuse_the_version(
     # JSON spells a lone surrogate, which no UTF-8 encoder (gRPC, protobuf) can send.
     record_path.write_text(json.dumps(record).replace("PLACEHOLDER", "\\ud800"))
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: serving_version(channel, "mnist") == 1, what="v1", timeout_s=120)
+        wait_for(lambda: serving_version(channel, "mnist") == 1, what="v1", timeout_s=120)
         (tmp_path / "staging").rename(bad)
-        poll(
+        wait_for(
             lambda: any(v.state == "END" for v in listing(channel)["mnist"].versions),
             what="v2 refused",
             timeout_s=120,
@@ -381,7 +381,7 @@ def test_a_model_whose_input_exceeds_the_memory_budget_is_refused(
     )
     processes.append(server)
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
+        wait_for(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
         large = listing(channel)["large"]
         assert not large.ready
         (refused,) = large.versions
@@ -400,7 +400,7 @@ def test_sigterm_ends_the_server_while_a_config_read_is_blocked(
 ) -> None:
     server, config = mnist_server
     with grpc.insecure_channel(server.target) as channel:
-        poll(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
+        wait_for(lambda: health(channel, "") == "SERVING", what="ready", timeout_s=120)
     # The file becomes a FIFO nobody writes: the next read blocks for good.
     config.unlink()
     os.mkfifo(config)

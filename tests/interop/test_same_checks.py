@@ -1,4 +1,5 @@
-"""The three protocols' request converters and the runtime's image check, on any input.
+"""The three protocols' request converters and the image check of the runtime's predict,
+on any input.
 
 The same images (dtype, shape, bytes, model version), malformed or not, sent as
 a convserve.v1, Open Inference Protocol or TF Serving message must be accepted
@@ -9,7 +10,7 @@ ServeError or TensorError may escape (anything else would be INTERNAL).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -17,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convserve.client.tensor import TensorError
-from convserve.server import converters, errors
-from convserve.server.protocols import oip_convert, tfserving_convert
+from convserve.server import converters, errors, types
+from convserve.server.protocols import oip, tfserving
+from convserve.v1.tensor_codec import TensorError
 from tests.fake_runtime import FakeRuntime
 from tests.interop.three_protocols import (
     Images,
@@ -33,7 +34,7 @@ MAX_IMAGES = 4
 
 @pytest.fixture(scope="module")
 def runtime() -> FakeRuntime:
-    # The fake checks images with the runtime's own check (`inputs.check_images`)
+    # The fake's predict checks images with the runtime's own check (`inputs.check_images`)
     # against an MNIST model's input; no model is loaded.
     return FakeRuntime(max_images=MAX_IMAGES)
 
@@ -41,10 +42,10 @@ def runtime() -> FakeRuntime:
 Outcome = tuple[grpc.StatusCode, bytes | None]
 
 
-def _outcome(convert: Any) -> Outcome:
+def _outcome(runtime: FakeRuntime, convert: Callable[[], types.PredictInput]) -> Outcome:
     """(status, checked images' bytes as float32 [N,28,28,1] when accepted)."""
     try:
-        images = convert()
+        images = runtime.checked_images(convert())
     except (errors.ServeError, TensorError) as exc:
         code, _ = errors.status_of(exc)
         return code, None
@@ -54,23 +55,15 @@ def _outcome(convert: Any) -> Outcome:
 
 
 def outcomes(runtime: FakeRuntime, images: Images) -> dict[str, Outcome]:
-    def convserve() -> np.ndarray:
-        request = convserve_predict_request(images)
-        return converters.predict_request_from_proto(request, runtime.check_images).images
-
-    def oip() -> np.ndarray:
-        array, ref, _, _ = oip_convert.predict_request(oip_predict_request(images))
-        return runtime.check_images(array, field="inputs[images]", model=ref)
-
-    def tfserving() -> np.ndarray:
-        array, ref, _, _ = tfserving_convert.predict_request(tfserving_predict_request(images))
-        return runtime.check_images(array, field="inputs[images]", model=ref)
-
-    return {
-        "convserve": _outcome(convserve),
-        "oip": _outcome(oip),
-        "tfserving": _outcome(tfserving),
+    # What each protocol's servicer hands the runtime's predict.
+    converts: dict[str, Callable[[], types.PredictInput]] = {
+        "convserve": lambda: converters.predict_request_from_proto(
+            convserve_predict_request(images)
+        ),
+        "oip": lambda: oip.predict_input(oip_predict_request(images))[0],
+        "tfserving": lambda: tfserving.predict_input(tfserving_predict_request(images))[0],
     }
+    return {name: _outcome(runtime, convert) for name, convert in converts.items()}
 
 
 DTYPES = ("uint8", "float32", "float64", "int32", "int64")

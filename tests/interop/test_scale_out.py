@@ -28,10 +28,10 @@ import pytest
 
 from convserve.client import ConvServeClient, ConvServeError
 from tests.interop.loopback_dns import LoopbackDns
+from tests.polling import wait_for
 from tests.server.wire_helpers import (
     ServerProcess,
     kill_process,
-    poll,
     sample_value,
     scrape,
     start_server_process,
@@ -161,7 +161,7 @@ def test_traffic_follows_replicas_added_and_removed(
         load = Load(client, np.asarray(sample_digits[0], dtype=np.uint8))
         try:
             load.start()
-            poll(
+            wait_for(
                 lambda: _predict_count(first, FIRST) >= 50,
                 timeout_s=60,
                 what="load on the first replica",
@@ -186,7 +186,7 @@ def test_traffic_follows_replicas_added_and_removed(
             )
             dns.set_addresses(NAME, [FIRST, SECOND])
             added = time.monotonic()
-            poll(
+            wait_for(
                 lambda: _predict_count(second, SECOND) > 0,
                 timeout_s=MAX_CONNECTION_AGE_S * 1.1 + DISCOVERY_MARGIN_S,
                 what="the new replica's first call (max connection age + margin)",
@@ -194,7 +194,7 @@ def test_traffic_follows_replicas_added_and_removed(
             discovered_s = time.monotonic() - added
             window_at = time.monotonic()
             window = [_predict_count(server, host) for server, host in servers]
-            poll(
+            wait_for(
                 lambda: sum(_shares(servers, window)[0]) >= SHARE_WINDOW_CALLS,
                 timeout_s=60,
                 what=f"{SHARE_WINDOW_CALLS} calls after the new replica was found",
@@ -222,7 +222,7 @@ def test_traffic_follows_replicas_added_and_removed(
             exit_code = first.process.wait(timeout=GRACE_PERIOD_S + 30)
             assert exit_code == 0, "".join(first.lines[-30:])
             stopped = _predict_count(second, SECOND)
-            poll(
+            wait_for(
                 lambda: _predict_count(second, SECOND) - stopped >= SHARE_WINDOW_CALLS,
                 timeout_s=60,
                 what="calls on the remaining replica after the other stopped",

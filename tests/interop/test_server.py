@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from convserve.client import cli
-from convserve.client.tensor import from_tensor, to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import from_tensor, to_tensor
 from tests.interop.loop_thread import serving
 from tests.interop.three_protocols import (
     PREDICT_SENDERS,
@@ -49,6 +48,7 @@ from tests.interop.three_protocols import (
     convolve_codes,
     predict_codes,
 )
+from tests.polling import wait_for
 
 MAX_IMAGES = 16
 pytestmark = pytest.mark.slow
@@ -569,15 +569,10 @@ def _histogram(samples: dict[Any, float], name: str, suffix: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == f"{name}_{suffix}")
 
 
-def _wait_for(metrics_port: int, done: Any, timeout_s: float = 60.0) -> dict[Any, float]:
-    """Scrape until `done(samples)` holds; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        samples = scrape(metrics_port)
-        if done(samples):
-            return samples
-        assert time.monotonic() < deadline, "the server did not reach the expected state"
-        time.sleep(0.005)
+def _wait_for(metrics_port: int, done: Callable[[dict[Any, float]], bool], what: str) -> None:
+    """Scrape until `done(samples)` holds. Scrapes come fast: the state awaited may last
+    only as long as one batch runs."""
+    wait_for(lambda: done(scrape(metrics_port)), what=what, interval_s=0.005)
 
 
 def _gained(before: dict[Any, float], after: dict[Any, float], name: str, suffix: str) -> float:
@@ -620,6 +615,7 @@ def _behind_a_large_request(
     _wait_for(
         metrics_port,
         lambda s: _histogram(s, "convserve_batch_size", "count") > batches_before,
+        what="the large request's first batch",
     )
     assert _send_together(pool, channel, parts) == [grpc.StatusCode.OK] * len(parts)
     assert blocker.result(timeout=120) == grpc.StatusCode.OK

@@ -29,11 +29,11 @@ from tensorflow_serving.apis import (
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from convserve.server import ops, types
+from convserve.server import convolution, types
 from convserve.server.protocols import ADAPTERS
 from convserve.server.protocols.tfserving_convert import proto_from_array
+from tests.fake_metrics import FakeMetrics
 from tests.fake_runtime import FakeRuntime, fake_probabilities
-from tests.interop.fakes import FakeMetrics
 from tests.interop.loop_thread import running
 from tests.interop.test_typed_limit import ld
 
@@ -77,8 +77,9 @@ def channel(served: Served) -> Iterator[grpc.Channel]:
 
 
 def test_adapters_name_their_services(served: Served) -> None:
-    assert [a.name for a in ADAPTERS] == ["oip", "tfserving"]
+    assert [a.name for a in ADAPTERS] == ["convserve", "oip", "tfserving"]
     assert served.services == [
+        "convserve.v1.ConvServe",
         "inference.GRPCInferenceService",
         "tensorflow.serving.PredictionService",
         "tensorflow.serving.ModelService",
@@ -109,7 +110,7 @@ def test_triton_client_infer_and_health(served: Served) -> None:
     np.testing.assert_array_equal(result.as_numpy("probabilities"), fake_probabilities(IMAGES))
     response = result.get_response()
     assert (response.id, response.model_version) == ("abc", "1")
-    assert ("predict", ("oip", None, (5, 28, 28, 1))) in served.runtime.calls
+    assert ("predict", (None, (5, 28, 28, 1))) in served.runtime.calls
     assert ("oip", "ModelInfer", "OK") in served.metrics.finished
 
 
@@ -118,7 +119,7 @@ def test_deadline_reaches_the_runtime(served: Served) -> None:
     images = triton.InferInput("images", [1, 784], "UINT8")
     images.set_data_from_numpy(IMAGES[:1].reshape(1, 784))
     client.infer("mnist", [images], client_timeout=30.0)
-    deadline = [c[1][1] for c in served.runtime.calls if c[0] == "predict"][-1]
+    deadline = [c[1][0] for c in served.runtime.calls if c[0] == "predict"][-1]
     assert deadline is not None
 
 
@@ -220,7 +221,7 @@ def test_conv2d_through_triton_client(served: Served) -> None:
         "conv2d", inputs, parameters={"strides": "2,2", "padding": "SAME", "mode": "CONVOLUTION"}
     )
     options = types.ConvolutionOptions(strides=(2, 2), padding="SAME", mode="CONVOLUTION")
-    expected = ops.convolve(types.ConvolveInput(x, k, None, options)).output
+    expected = convolution.convolve(types.ConvolveInput(x, k, None, options)).output
     np.testing.assert_array_equal(result.as_numpy("output"), expected)
     with pytest.raises(InferenceServerException) as exc:
         client.infer("conv2d", inputs, parameters={"strides": 0})

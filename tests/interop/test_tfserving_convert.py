@@ -20,9 +20,9 @@ from tensorflow_serving.apis import (
     predict_pb2,
 )
 
-from convserve.client.tensor import TensorError
 from convserve.server import errors, types
 from convserve.server.protocols import tfserving_convert as tc
+from convserve.v1.tensor_codec import TensorError
 from tests.fake_runtime import FakeModel, FakeRuntime
 from tests.interop.wire_bytes import varint
 

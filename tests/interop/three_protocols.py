@@ -15,9 +15,9 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from convserve.client.tensor import DTYPE_TO_PROTO
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 from convserve.v1 import tensor_pb2 as cs_tensor_pb2
+from convserve.v1.tensor_codec import DTYPE_TO_PROTO
 
 _OIP_DATATYPE = {
     "uint8": "UINT8",
@@ -145,7 +145,7 @@ class Convolution:
 
 
 def convserve_convolve(channel: grpc.Channel, conv: Convolution) -> grpc.StatusCode:
-    from convserve.client.tensor import to_tensor
+    from convserve.v1.tensor_codec import to_tensor
 
     paddings = {"VALID": convserve_pb2.PADDING_VALID, "SAME": convserve_pb2.PADDING_SAME}
     modes = {

@@ -25,9 +25,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from convserve.client.tensor import to_tensor
-from convserve.server import errors
-from convserve.server.app import RunningServer, StartupError, grpc_options, start_server
+from convserve.server import app, errors
+from convserve.server.app import RunningServer, grpc_options, start_server
+from convserve.server.listen import StartupError
 from convserve.server.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -36,10 +36,12 @@ from convserve.server.logs import (
     configure_logging,
 )
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
+from tests.fake_metrics import FakeMetrics
 from tests.fake_runtime import FakeRuntime
+from tests.polling import until, wait_for
 from tests.reference import IMAGE7, W7, Y7, edge_image
 from tests.server.wire_helpers import (
-    StubMetrics,
     kill_process,
     scrape,
     server_env,
@@ -60,73 +62,79 @@ ALL_SERVICES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-async def health_status(target: str, service: str = "") -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
+def health_status(target: str, service: str = "") -> int:
+    """The health status of `service` (blocking: run it in a thread beside the server)."""
+    with grpc.insecure_channel(target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=5
         )
         return int(reply.status)
 
 
-async def until(check: object, timeout_s: float = 20.0) -> None:
-    """Await `check()` until it is truthy (connection errors count as not yet)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            if await check():  # type: ignore[operator]
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+@pytest.fixture
+def bound_ports(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The ports a starting server has bound ("grpc", "metrics"), read back as it binds
+    them (on port 0), before `start_server` returns."""
+    ports: dict[str, int] = {}
+    add_port, start_metrics_http = app._add_port, app._start_metrics_http
+
+    def recorded_add_port(server: grpc.aio.Server, settings: Any) -> int:
+        ports["grpc"] = add_port(server, settings)
+        return ports["grpc"]
+
+    def recorded_metrics_http(settings: Any, registry: Any) -> Any:
+        httpd, thread = start_metrics_http(settings, registry)
+        ports["metrics"] = httpd.server_port
+        return httpd, thread
+
+    monkeypatch.setattr(app, "_add_port", recorded_add_port)
+    monkeypatch.setattr(app, "_start_metrics_http", recorded_metrics_http)
+    return ports
 
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[RunningServer, FakeRuntime]]:
     runtime = FakeRuntime()
-    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=runtime, metrics=FakeMetrics())
     try:
         yield running, runtime
     finally:
         await running.stop(0)
 
 
-async def test_health_is_not_serving_until_the_model_is_warm() -> None:
+async def test_health_is_not_serving_until_the_model_is_warm(
+    bound_ports: dict[str, int],
+) -> None:
     runtime = FakeRuntime(start_gate=asyncio.Event())
-    port = free_port()
     starting = asyncio.create_task(
-        start_server(settings_for(port=port), runtime=runtime, metrics=StubMetrics())
+        start_server(settings_for(), runtime=runtime, metrics=FakeMetrics())
     )
+    port = await until(lambda: bound_ports.get("grpc"), what="the gRPC port bound")
     target = f"127.0.0.1:{port}"
-
-    async def reports_not_serving() -> bool:
-        return await health_status(target) == NOT_SERVING
-
-    await until(reports_not_serving)
-    assert await health_status(target, "convserve.v1.ConvServe") == NOT_SERVING
+    # Refused until the server listens; then NOT_SERVING while the model loads.
+    await asyncio.to_thread(
+        wait_for,
+        lambda: health_status(target) == NOT_SERVING,
+        what="health NOT_SERVING",
+        retry_on=(grpc.RpcError,),
+    )
+    assert await asyncio.to_thread(health_status, target, "convserve.v1.ConvServe") == NOT_SERVING
     assert not starting.done()
     assert runtime.start_gate is not None
     runtime.start_gate.set()
     running = await starting
     try:
         assert running.port == port
-        assert await health_status(target) == SERVING
+        assert await asyncio.to_thread(health_status, target) == SERVING
         for service in ("convserve.v1.ConvServe", "inference.GRPCInferenceService"):
-            assert await health_status(target, service) == SERVING
+            assert await asyncio.to_thread(health_status, target, service) == SERVING
     finally:
         await running.stop(0)
 
 
 async def test_listening_line_reports_the_chosen_ports(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="convserve")
-    running = await start_server(settings_for(), runtime=FakeRuntime(), metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=FakeRuntime(), metrics=FakeMetrics())
     try:
         assert running.port > 0
         assert running.metrics_port > 0
@@ -192,8 +200,6 @@ async def test_metrics_endpoint_bounds_its_connections_and_their_idle_time(
 ) -> None:
     import threading
 
-    from convserve.server import app
-
     port = served[0].metrics_port
     limit = app.METRICS_MAX_CONNECTIONS
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(limit + 8)]
@@ -227,7 +233,6 @@ async def test_clients_trickling_their_requests_hold_no_scrape_back(
 ) -> None:
     """16 connections sending a byte at a time, each well within a per-read timeout,
     once held every slot; now each gets one deadline for its whole request."""
-    from convserve.server import app
 
     monkeypatch.setattr(app, "METRICS_TIMEOUT_S", 1.0)
     port = served[0].metrics_port
@@ -291,7 +296,7 @@ async def test_health_follows_the_runtimes_readiness(
 
 async def test_messages_over_the_limit_are_refused_by_grpc() -> None:
     running = await start_server(
-        settings_for(max_message_bytes=100_000), runtime=FakeRuntime(), metrics=StubMetrics()
+        settings_for(max_message_bytes=100_000), runtime=FakeRuntime(), metrics=FakeMetrics()
     )
     try:
         big = convserve_pb2.PredictRequest(images=to_tensor(np.zeros((200, 784), np.uint8)))
@@ -307,17 +312,13 @@ async def test_messages_over_the_limit_are_refused_by_grpc() -> None:
 
 async def test_graceful_stop_turns_health_off_first_and_finishes_accepted_calls() -> None:
     runtime = FakeRuntime(gate=asyncio.Event())
-    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=runtime, metrics=FakeMetrics())
     async with grpc.aio.insecure_channel(running.target) as channel:
         stub = convserve_pb2_grpc.ConvServeStub(channel)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert (await watch.read()).status == SERVING
         accepted = [asyncio.ensure_future(stub.Predict(PREDICT)) for _ in range(8)]
-
-        async def all_started() -> bool:
-            return runtime.started_predictions == 8
-
-        await until(all_started)
+        await until(lambda: runtime.started_predictions == 8, what="8 predictions started")
         stopping = asyncio.create_task(running.stop(30))
         # Readiness turns false while the accepted calls are still running.
         assert (await watch.read()).status == NOT_SERVING
@@ -346,24 +347,20 @@ async def test_the_drain_sends_goaway_at_once_while_accepted_calls_finish() -> N
     """A client with an open connection is told to go (GOAWAY) as soon as the stop begins,
     long before the server is gone; the call it had in flight still completes."""
     runtime = FakeRuntime(gate=asyncio.Event())
-    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=runtime, metrics=FakeMetrics())
     async with grpc.aio.insecure_channel(running.target) as channel:
         stub = convserve_pb2_grpc.ConvServeStub(channel)
         accepted = asyncio.ensure_future(stub.Predict(PREDICT))
-
-        async def started() -> bool:
-            return runtime.started_predictions == 1
-
-        await until(started)
+        await until(lambda: runtime.started_predictions == 1, what="the prediction started")
         assert channel.get_state() == grpc.ChannelConnectivity.READY
         stopping = asyncio.create_task(running.stop(30))
-
-        async def told_to_go() -> bool:
-            # GOAWAY takes the connection out of service for new calls: the channel
-            # leaves READY while the accepted call still runs on that connection.
-            return channel.get_state() != grpc.ChannelConnectivity.READY
-
-        await until(told_to_go, timeout_s=10)
+        # GOAWAY takes the connection out of service for new calls: the channel
+        # leaves READY while the accepted call still runs on that connection.
+        await until(
+            lambda: channel.get_state() != grpc.ChannelConnectivity.READY,
+            what="the channel to leave READY",
+            timeout_s=10,
+        )
         assert not accepted.done()
         assert not stopping.done()
         assert runtime.gate is not None
@@ -381,7 +378,7 @@ async def test_every_answer_names_the_replica_that_gave_it() -> None:
     from tritonclient.grpc import service_pb2, service_pb2_grpc
 
     running = await start_server(
-        settings_for(replica_name="replica-b"), runtime=FakeRuntime(), metrics=StubMetrics()
+        settings_for(replica_name="replica-b"), runtime=FakeRuntime(), metrics=FakeMetrics()
     )
     expected = ("convserve-replica", "replica-b")
     try:
@@ -442,7 +439,7 @@ def test_server_options_carry_connection_age_and_keepalive() -> None:
 async def test_connections_are_closed_after_the_max_connection_age() -> None:
     age_s = 0.5
     running = await start_server(
-        settings_for(max_connection_age_s=age_s), runtime=FakeRuntime(), metrics=StubMetrics()
+        settings_for(max_connection_age_s=age_s), runtime=FakeRuntime(), metrics=FakeMetrics()
     )
     clock = asyncio.get_running_loop().time
     try:
@@ -472,14 +469,10 @@ async def test_connections_are_closed_after_the_max_connection_age() -> None:
 
 async def test_calls_still_running_when_the_grace_period_ends_are_cancelled() -> None:
     runtime = FakeRuntime(gate=asyncio.Event())
-    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=runtime, metrics=FakeMetrics())
     async with grpc.aio.insecure_channel(running.target) as channel:
         call = asyncio.ensure_future(convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT))
-
-        async def started() -> bool:
-            return runtime.started_predictions == 1
-
-        await until(started)
+        await until(lambda: runtime.started_predictions == 1, what="the prediction started")
         await asyncio.wait_for(running.stop(0.2), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
@@ -488,15 +481,17 @@ async def test_calls_still_running_when_the_grace_period_ends_are_cancelled() ->
     assert runtime.stopped_with <= 0.2
 
 
-async def test_failed_model_load_releases_the_ports() -> None:
-    port, metrics_port = free_port(), free_port()
-    settings = settings_for(port=port, metrics_port=metrics_port)
+async def test_failed_model_load_releases_the_ports(bound_ports: dict[str, int]) -> None:
     with pytest.raises(errors.Unavailable, match="no loadable model"):
-        await start_server(settings, runtime=FakeRuntime(fail_start=True), metrics=StubMetrics())
-    # Both ports are free again: a new server can take them.
-    running = await start_server(settings, runtime=FakeRuntime(), metrics=StubMetrics())
+        await start_server(
+            settings_for(), runtime=FakeRuntime(fail_start=True), metrics=FakeMetrics()
+        )
+    # Both ports the failed start had bound are free again: a new server can take them.
+    ports = (bound_ports["grpc"], bound_ports["metrics"])
+    settings = settings_for(port=ports[0], metrics_port=ports[1])
+    running = await start_server(settings, runtime=FakeRuntime(), metrics=FakeMetrics())
     try:
-        assert (running.port, running.metrics_port) == (port, metrics_port)
+        assert (running.port, running.metrics_port) == ports
     finally:
         await running.stop(0)
 
@@ -506,13 +501,13 @@ async def test_a_taken_port_is_a_clear_startup_error(
 ) -> None:
     with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{served[0].port}"):
         await start_server(
-            settings_for(port=served[0].port), runtime=FakeRuntime(), metrics=StubMetrics()
+            settings_for(port=served[0].port), runtime=FakeRuntime(), metrics=FakeMetrics()
         )
     with pytest.raises(StartupError, match="cannot serve metrics"):
         await start_server(
             settings_for(metrics_port=served[0].metrics_port),
             runtime=FakeRuntime(),
-            metrics=StubMetrics(),
+            metrics=FakeMetrics(),
         )
 
 
@@ -817,37 +812,24 @@ async def test_serve_stops_gracefully_on_sigterm(monkeypatch: pytest.MonkeyPatch
     import signal
 
     from convserve.server import __main__ as command
-    from convserve.server import app
 
     runtime = FakeRuntime(gate=asyncio.Event())
     started: list[RunningServer] = []
     real_start = app.start_server
 
     async def start_with_stub(settings: Any) -> RunningServer:
-        running = await real_start(settings, runtime=runtime, metrics=StubMetrics())
+        running = await real_start(settings, runtime=runtime, metrics=FakeMetrics())
         started.append(running)
         return running
 
     monkeypatch.setattr(app, "start_server", start_with_stub)
     serving = asyncio.create_task(command.serve(settings_for(grace_period_s=30)))
-
-    async def up() -> bool:
-        return bool(started)
-
-    await until(up)
+    await until(lambda: started, what="the server started")
     async with grpc.aio.insecure_channel(started[0].target) as channel:
         call = asyncio.ensure_future(convserve_pb2_grpc.ConvServeStub(channel).Predict(PREDICT))
-
-        async def accepted() -> bool:
-            return runtime.started_predictions == 1
-
-        await until(accepted)
+        await until(lambda: runtime.started_predictions == 1, what="the prediction started")
         os.kill(os.getpid(), signal.SIGTERM)
-
-        async def draining() -> bool:
-            return started[0].stopping
-
-        await until(draining)
+        await until(lambda: started[0].stopping, what="the drain to begin")
         assert not serving.done()
         assert runtime.gate is not None
         runtime.gate.set()
@@ -862,21 +844,16 @@ async def test_serve_exits_cleanly_when_stopped_during_start_up(
     import signal
 
     from convserve.server import __main__ as command
-    from convserve.server import app
 
     runtime = FakeRuntime(start_gate=asyncio.Event())
     real_start = app.start_server
 
     async def start_with_stub(settings: Any) -> RunningServer:
-        return await real_start(settings, runtime=runtime, metrics=StubMetrics())
+        return await real_start(settings, runtime=runtime, metrics=FakeMetrics())
 
     monkeypatch.setattr(app, "start_server", start_with_stub)
     serving = asyncio.create_task(command.serve(settings_for()))
-
-    async def loading() -> bool:
-        return runtime.events == ["runtime.start"]
-
-    await until(loading)
+    await until(lambda: runtime.events == ["runtime.start"], what="the model to be loading")
     os.kill(os.getpid(), signal.SIGINT)
     assert await asyncio.wait_for(serving, timeout=30) == 0
 
@@ -885,13 +862,12 @@ async def test_serve_reports_a_failed_start(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from convserve.server import __main__ as command
-    from convserve.server import app
 
     real_start = app.start_server
 
     async def start_with_stub(settings: Any) -> RunningServer:
         return await real_start(
-            settings, runtime=FakeRuntime(fail_start=True), metrics=StubMetrics()
+            settings, runtime=FakeRuntime(fail_start=True), metrics=FakeMetrics()
         )
 
     monkeypatch.setattr(app, "start_server", start_with_stub)

@@ -14,13 +14,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from convserve.client.tensor import to_tensor
 from convserve.server.app import RunningServer, start_server
 from convserve.server.auth import BearerTokenInterceptor, service_of
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
 from tests.conftest import require_tool
+from tests.fake_metrics import FakeMetrics
 from tests.fake_runtime import FakeModel, FakeRuntime
-from tests.server.wire_helpers import StubMetrics, settings_for
+from tests.server.wire_helpers import settings_for
 
 TOKEN = "t0ken-for-tests-5d1e"
 REJECTIONS_LOGGER = "convserve.server.rejections"
@@ -60,7 +61,7 @@ def test_empty_token_is_refused() -> None:
 @pytest.fixture
 async def authed() -> AsyncIterator[RunningServer]:
     running = await start_server(
-        settings_for(auth_token=TOKEN), runtime=FakeRuntime(), metrics=StubMetrics()
+        settings_for(auth_token=TOKEN), runtime=FakeRuntime(), metrics=FakeMetrics()
     )
     try:
         yield running
@@ -179,7 +180,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_tls(pki: Path) -> None:
     settings = settings_for(tls_cert=pki / "server.pem", tls_key=pki / "server.key")
-    running = await start_server(settings, runtime=FakeRuntime(), metrics=StubMetrics())
+    running = await start_server(settings, runtime=FakeRuntime(), metrics=FakeMetrics())
     try:
         credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes())
         async with grpc.aio.secure_channel(running.target, credentials) as channel:
@@ -198,7 +199,7 @@ async def test_mutual_tls_needs_a_client_certificate(pki: Path) -> None:
     settings = settings_for(
         tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem"
     )
-    running = await start_server(settings, runtime=FakeRuntime(), metrics=StubMetrics())
+    running = await start_server(settings, runtime=FakeRuntime(), metrics=FakeMetrics())
     try:
         ca = (pki / "ca.pem").read_bytes()
         anonymous = grpc.ssl_channel_credentials(ca)
@@ -307,7 +308,7 @@ async def test_watching_model_health_needs_the_token(authed: RunningServer) -> N
 async def test_liveness_stays_serving_while_no_model_is_ready() -> None:
     runtime = FakeRuntime([FakeModel("mnist", ready=False)])
     running = await start_server(
-        settings_for(auth_token=TOKEN), runtime=runtime, metrics=StubMetrics()
+        settings_for(auth_token=TOKEN), runtime=runtime, metrics=FakeMetrics()
     )
     try:
         async with grpc.aio.insecure_channel(running.target) as channel:
@@ -323,7 +324,7 @@ async def test_liveness_stays_serving_while_no_model_is_ready() -> None:
 
 
 async def test_without_a_token_model_health_is_open(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
 ) -> None:
     running, _, _ = stub
     async with grpc.aio.insecure_channel(running.target) as channel:

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convserve.server import errors
+from convserve.server.batch_runs import AwaitedRuns, BatchRuns, ThreadRuns
 from convserve.server.batcher import DynamicBatcher, SummingObserver, default_pad_sizes
 
 
@@ -88,22 +89,35 @@ def rows(start: int, n: int, width: int = 3) -> np.ndarray:
     return np.repeat(np.arange(start, start + n, dtype=np.float64)[:, None], width, axis=1)
 
 
+# What `make` hands to the runs rather than to the batcher.
+RUNS_OPTIONS = ("prepare", "inline_max_rows", "run_batch_async", "loop_busy")
+
+
 def make(
     run_batch: Callable[[np.ndarray], np.ndarray] | None = None, **kwargs: Any
 ) -> tuple[DynamicBatcher, ManualExecutor, Recorder, FakeClock]:
+    """A batcher whose batches run in a ManualExecutor (or, with `run_batch_async`, are
+    awaited, with `run_batch` inline), on a fake clock."""
     executor = ManualExecutor()
     recorder = Recorder()
     clock = FakeClock()
+    runs_options = {key: kwargs.pop(key) for key in RUNS_OPTIONS if key in kwargs}
+    model = run_batch or recorder
+    run_batch_async = runs_options.pop("run_batch_async", None)
+    runs: BatchRuns
+    if run_batch_async is not None:
+        runs = AwaitedRuns(run_batch_async, run_batch=model, clock=clock, **runs_options)
+    else:
+        runs = ThreadRuns(model, name="test", executor=executor, clock=clock, **runs_options)
     options: dict[str, Any] = {
         "name": "test",
         "max_batch_size": 8,
         "batch_timeout_s": 1000.0,
         "max_queued_items": 100,
-        "executor": executor,
         "clock": clock,
     }
     options.update(kwargs)
-    batcher = DynamicBatcher(run_batch or recorder, **options)
+    batcher = DynamicBatcher(runs, **options)
     return batcher, executor, recorder, clock
 
 
@@ -143,8 +157,9 @@ async def test_lone_request_with_the_default_thread_pool() -> None:
         assert release.wait(10)
         return batch + 1
 
+    runs = ThreadRuns(run_batch, name="pool", clock=time.monotonic)
     batcher = DynamicBatcher(
-        run_batch, name="pool", max_batch_size=4, batch_timeout_s=0.0, max_queued_items=8
+        runs, name="pool", max_batch_size=4, batch_timeout_s=0.0, max_queued_items=8
     )
     task = asyncio.create_task(batcher.submit(rows(0, 3)))
     # The event loop stays free while the model runs in the pool.
@@ -437,13 +452,12 @@ async def test_prepare_runs_in_the_executor_and_lets_dtypes_share_a_batch() -> N
         return recorder(batch)
 
     batcher = DynamicBatcher(
-        run_batch,
+        ThreadRuns(run_batch, name="prepare", prepare=prepare, clock=time.monotonic),
         name="prepare",
         max_batch_size=8,
         batch_timeout_s=0.0,
         max_queued_items=100,
         max_concurrent_batches=1,
-        prepare=prepare,
     )
     first = asyncio.create_task(batcher.submit(rows(0, 1)))
     await settle()
@@ -594,13 +608,12 @@ async def test_close_without_drain_fails_queued_work() -> None:
 
 
 def test_rejects_bad_configuration() -> None:
+    identity = AwaitedRuns(AsyncModel(), clock=time.monotonic)  # never called
     with pytest.raises(ValueError, match="max_batch_size"):
-        DynamicBatcher(
-            lambda x: x, name="x", max_batch_size=0, batch_timeout_s=0, max_queued_items=1
-        )
+        DynamicBatcher(identity, name="x", max_batch_size=0, batch_timeout_s=0, max_queued_items=1)
     with pytest.raises(ValueError, match="pad_sizes"):
         DynamicBatcher(
-            lambda x: x,
+            identity,
             name="x",
             max_batch_size=4,
             batch_timeout_s=0,
@@ -666,6 +679,8 @@ class AsyncModel:
         self.calls: list[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = []
         self.deadlines: list[float | None] = []
         self.tasks: list[asyncio.Task[Any] | None] = []
+        # What computes the batches run inline (`make_async` sets it).
+        self.inline = Recorder()
 
     async def __call__(self, batch: np.ndarray, deadline: float | None) -> np.ndarray:
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
@@ -692,7 +707,9 @@ def make_async_with_clock(
 ) -> tuple[DynamicBatcher, ManualExecutor, AsyncModel, Observer, FakeClock]:
     model, observer = AsyncModel(), Observer()
     kwargs.setdefault("inline_max_rows", 0)
-    batcher, executor, _, clock = make(run_batch_async=model, observer=observer, **kwargs)
+    batcher, executor, model.inline, clock = make(
+        run_batch_async=model, observer=observer, **kwargs
+    )
     return batcher, executor, model, observer, clock
 
 
@@ -703,7 +720,7 @@ async def test_an_idle_model_answers_a_small_batch_inline_even_with_worker_proce
     batcher, executor, model, _ = make_async(
         max_concurrent_batches=2, inline_max_rows=2, loop_busy=lambda: busy
     )
-    recorder: Recorder = batcher._run_batch  # type: ignore[assignment]
+    recorder = model.inline
     np.testing.assert_array_equal(await batcher.submit(rows(0, 2)), rows(0, 2) * 2)
     assert [b.shape[0] for b in recorder.batches] == [2]
     assert model.calls == []

@@ -15,7 +15,7 @@ from convserve.server.app import start_server
 from convserve.server.metrics import Metrics
 from convserve.server.protocols.console import CONTENT_SECURITY_POLICY
 from tests.fake_runtime import FakeRuntime
-from tests.server.test_registry import until
+from tests.polling import until
 from tests.server.wire_helpers import settings_for
 
 
@@ -149,12 +149,14 @@ async def test_prepare_image_decodes_one_at_a_time_and_bounds_the_wait(
                 return value or 0.0
 
             first = asyncio.create_task(prepare())
-            await until("the first decode", lambda: bool(started))
+            await until(lambda: bool(started), what="the first decode")
             # The first caller goes away; its decode still runs and keeps the slot.
             first.cancel()
-            await until("the first caller gone", lambda: inflight() == 0)
+            await until(lambda: inflight() == 0, what="the first caller gone")
             waiting = [asyncio.create_task(prepare()) for _ in range(console.PREPARE_MAX_WAITING)]
-            await until("four callers waiting", lambda: inflight() == console.PREPARE_MAX_WAITING)
+            await until(
+                lambda: inflight() == console.PREPARE_MAX_WAITING, what="four callers waiting"
+            )
             assert len(started) == 1
             assert await prepare() == 429
             release.set()

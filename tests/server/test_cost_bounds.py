@@ -46,12 +46,12 @@ import psutil
 import pytest
 
 from convserve.client.convert import convolution_options
-from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
+from tests.polling import wait_for
 from tests.server.wire_helpers import (
     ServerProcess,
     kill_process,
-    poll,
     sample_value,
     scrape,
     start_server_process,
@@ -94,7 +94,7 @@ def _workers(pid: int) -> list[psutil.Process]:
     return [
         child
         for child in psutil.Process(pid).children(recursive=True)
-        if any("engine_process" in part for part in child.cmdline())
+        if any("workers.child" in part for part in child.cmdline())
     ]
 
 
@@ -359,14 +359,14 @@ def test_work_stopped_at_its_deadline_is_labelled_deadline_and_a_caller_gone_can
             _code(stub.Convolve.future(request, timeout=BACK_TO_BACK_DEADLINE_S))
             for _ in range(BACK_TO_BACK_CALLS)
         ]
-        poll(counted(BACK_TO_BACK_CALLS), timeout_s=10, what="the expired Convolves to stop")
+        wait_for(counted(BACK_TO_BACK_CALLS), timeout_s=10, what="the expired Convolves to stop")
         # A caller that goes away long before its deadline, once its work is admitted.
         left = stub.Convolve.future(request, timeout=30)
-        poll(lambda: _admitted_s(server.metrics_port) > 1e-6, timeout_s=10,
+        wait_for(lambda: _admitted_s(server.metrics_port) > 1e-6, timeout_s=10,
              what="the Convolve to be admitted")  # fmt: skip
         left.cancel()
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * BACK_TO_BACK_CALLS
-    change = poll(counted(BACK_TO_BACK_CALLS + 1), timeout_s=10, what="the last stop")
+    change = wait_for(counted(BACK_TO_BACK_CALLS + 1), timeout_s=10, what="the last stop")
     assert change == {
         "cancelled": 1,
         "deadline": BACK_TO_BACK_CALLS,
@@ -402,7 +402,7 @@ def test_sigterm_with_a_stopped_model_worker_exits_within_the_grace_period(
         with grpc.insecure_channel(server.target) as channel:
             call = convserve_pb2_grpc.ConvServeStub(channel).Predict.future(ONE_DIGIT, timeout=30)
             # Taken out of the queue into a batch, on two scrapes in a row.
-            poll(lambda: _batch_held(server.metrics_port) and _batch_held(server.metrics_port),
+            wait_for(lambda: _batch_held(server.metrics_port) and _batch_held(server.metrics_port),
                  timeout_s=10, what="the Predict batch to be handed to a worker")  # fmt: skip
             assert not call.done()
             signalled = time.monotonic()

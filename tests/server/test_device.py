@@ -58,15 +58,21 @@ def test_malformed_values_list_the_accepted_forms(requested: str) -> None:
     assert '"auto", "cpu", "gpu" or "gpu:N"' in str(info.value)
 
 
-def test_configure_device_on_this_machine_picks_the_cpu() -> None:
+def test_configure_device_on_this_machine_follows_the_gpus_tensorflow_sees() -> None:
     import tensorflow as tf
 
-    assert tf.config.list_physical_devices("GPU") == []  # this machine has no GPU
+    gpus = tf.config.list_physical_devices("GPU")
     choice = device.configure_device("auto")
-    assert choice == DeviceChoice("/CPU:0", "cpu", 0, choice.reason)
+    if gpus:
+        assert (choice.name, choice.kind, choice.index) == ("/GPU:0", "gpu", 0)
+        assert gpus[0].name in choice.reason
+        assert device.configure_device("gpu").name == "/GPU:0"
+    else:
+        assert choice == DeviceChoice("/CPU:0", "cpu", 0, choice.reason)
     assert device.configure_device("cpu").name == "/CPU:0"
-    with pytest.raises(ValueError, match="GPU 0 was requested"):
-        device.configure_device("gpu")
+    # One past the last GPU TensorFlow sees (GPU 0 on a machine without any).
+    with pytest.raises(ValueError, match=f"GPU {len(gpus)} was requested"):
+        device.configure_device(f"gpu:{len(gpus)}")
 
 
 def test_memory_info_on_the_cpu_is_absent_or_well_formed() -> None:

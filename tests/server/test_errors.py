@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from convserve.client.tensor import TensorError
 from convserve.server import errors
+from convserve.v1.tensor_codec import TensorError
 
 
 def test_short_values_are_shown_as_their_repr() -> None:

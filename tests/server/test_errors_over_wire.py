@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 import pytest
 
-from convserve.client.tensor import PROTO_TO_DTYPE, to_tensor
 from convserve.server import errors
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc, tensor_pb2
+from convserve.v1.tensor_codec import PROTO_TO_DTYPE, to_tensor
 from tests.interop.loop_thread import serving
 from tests.server.wire_helpers import settings_for
 

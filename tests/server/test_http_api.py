@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from convserve.client.tensor import TensorError
 from convserve.server import auth, errors, logs, types
 from convserve.server.protocols import http
 from convserve.server.settings import Settings
+from convserve.v1.tensor_codec import TensorError
 
 PROTOCOL: types.Protocol = "tfserving-rest"
 TOKEN = "open-sesame"

@@ -33,9 +33,10 @@ def test_every_allowed_layout_becomes_nhwc(
     flat = rng.integers(0, 256, size=(3, spec.pixels)).astype(np.uint8)
     images = flat if dtype == np.uint8 else (flat / 255).astype(np.float32)
     checked = check_images(images.reshape(shape), "images", spec, max_images=8)
-    assert checked.shape == (3, *spec.shape)
-    assert checked.dtype == dtype
-    np.testing.assert_array_equal(checked.reshape(3, spec.pixels), images)
+    assert (checked.spec, checked.count) == (spec, 3)
+    assert checked.array.shape == (3, *spec.shape)
+    assert checked.array.dtype == dtype
+    np.testing.assert_array_equal(checked.array.reshape(3, spec.pixels), images)
 
 
 def test_the_accepted_shapes_are_described_from_the_spec() -> None:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from convserve.server import errors, models, types
+from convserve.server import engines, errors, model_versions, models, types
+from convserve.server.engines import litert
 from convserve.server.model_config import VersionPolicy
 from tests.server.runtime_helpers import float_digits, make_settings, started_runtime
 
@@ -27,32 +28,32 @@ def test_discovery_keeps_only_positive_integer_directories(tmp_path: Path) -> No
     for name in ("1", "3", "12", "0", ".export-5", "7.tmp", "latest", "-2", "0x4", "٣"):
         (tmp_path / name).mkdir()
     (tmp_path / "9").write_text("a file, not a version")
-    assert models.discover_versions(tmp_path) == [1, 3, 12]
+    assert model_versions.discover_versions(tmp_path) == [1, 3, 12]
 
 
 def test_discovery_keeps_only_versions_that_fit_int64(tmp_path: Path) -> None:
     largest = 2**63 - 1
     for name in (str(largest), str(largest + 1), "9" * 20, "9" * 250, "0" * 30 + "5"):
         (tmp_path / name).mkdir()
-    assert models.discover_versions(tmp_path) == [5, largest]
+    assert model_versions.discover_versions(tmp_path) == [5, largest]
 
 
 def test_discovery_of_a_missing_base_path_is_empty(tmp_path: Path) -> None:
-    assert models.discover_versions(tmp_path / "nowhere") == []
+    assert model_versions.discover_versions(tmp_path / "nowhere") == []
 
 
 def test_leading_zeros_name_the_version_they_spell(tmp_path: Path) -> None:
     # TF Serving parses the directory name as a number: 0002/ is version 2.
     for name in ("0002", "7", "010", "000", "00"):
         (tmp_path / name).mkdir()
-    assert models.version_dirs(tmp_path) == {2: "0002", 7: "7", 10: "010"}
-    assert models.discover_versions(tmp_path) == [2, 7, 10]
+    assert model_versions.version_dirs(tmp_path) == {2: "0002", 7: "7", 10: "010"}
+    assert model_versions.discover_versions(tmp_path) == [2, 7, 10]
 
 
 def test_the_unpadded_directory_is_the_version_when_both_exist(tmp_path: Path) -> None:
     for name in ("2", "02", "0002"):
         (tmp_path / name).mkdir()
-    assert models.version_dirs(tmp_path) == {2: "2"}
+    assert model_versions.version_dirs(tmp_path) == {2: "2"}
 
 
 def test_padded_twins_without_the_unpadded_name_are_ignored(
@@ -60,8 +61,8 @@ def test_padded_twins_without_the_unpadded_name_are_ignored(
 ) -> None:
     for name in ("1", "02", "002"):
         (tmp_path / name).mkdir()
-    with caplog.at_level(logging.WARNING, logger=models.__name__):
-        assert models.version_dirs(tmp_path) == {1: "1"}
+    with caplog.at_level(logging.WARNING, logger=model_versions.__name__):
+        assert model_versions.version_dirs(tmp_path) == {1: "1"}
     assert "directories ['002', '02'] all name version 2; ignored until one remains" in caplog.text
 
 
@@ -76,11 +77,11 @@ def test_base_path_problems_are_told_without_the_path(tmp_path: Path) -> None:
     (no_versions / "0").mkdir()
     (no_versions / "5").write_text("a file, not a version")
     # Exact texts: clients may see them, and none of them may carry a server path.
-    assert models.base_path_problem(missing) == "the base path does not exist"
-    assert models.base_path_problem(a_file) == "the base path is not a directory"
+    assert model_versions.base_path_problem(missing) == "the base path does not exist"
+    assert model_versions.base_path_problem(a_file) == "the base path is not a directory"
     nothing = "no version directories (<base_path>/<version>/) under the base path"
-    assert models.base_path_problem(empty) == nothing
-    assert models.base_path_problem(no_versions) == nothing
+    assert model_versions.base_path_problem(empty) == nothing
+    assert model_versions.base_path_problem(no_versions) == nothing
 
 
 def test_an_unreadable_base_path_is_told_without_the_path(
@@ -91,7 +92,10 @@ def test_an_unreadable_base_path_is_told_without_the_path(
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
 
     monkeypatch.setattr(Path, "iterdir", refuse)
-    assert models.base_path_problem(tmp_path) == "the base path cannot be read (Permission denied)"
+    assert (
+        model_versions.base_path_problem(tmp_path)
+        == "the base path cannot be read (Permission denied)"
+    )
 
 
 # -- the manager with a loader that needs no TensorFlow ------------------------
@@ -115,6 +119,7 @@ class FakeLoader:
             record={},
             module=None,
             signature=models.ModelSignature("images", (8, 8, 1), "probabilities", 3),
+            engine=engines.Engine(image_shape=(8, 8, 1), classes=3, max_rows=64, memory_bytes=0),
         )
 
 
@@ -144,12 +149,12 @@ def manager_for(
     policy: VersionPolicy | None = None,
     loader: FakeLoader | None = None,
     settle_s: float = 0.0,
-) -> tuple[models.ModelManager, FakeLoader, Recorder]:
+) -> tuple[model_versions.ModelManager, FakeLoader, Recorder]:
     # settle_s 0 by default: these tests write whole versions before they poll, and a
     # second of settling per load would make them slow without testing anything more.
     loader = FakeLoader() if loader is None else loader
     recorder = Recorder()
-    manager = models.ModelManager(
+    manager = model_versions.ModelManager(
         base,
         "mnist",
         "/CPU:0",
@@ -163,7 +168,7 @@ def manager_for(
     return manager, loader, recorder
 
 
-def states(manager: models.ModelManager) -> list[tuple[int, str, bool]]:
+def states(manager: model_versions.ModelManager) -> list[tuple[int, str, bool]]:
     return [(s.version, s.state, s.serving) for s in manager.status()]
 
 
@@ -387,7 +392,7 @@ async def test_why_not_serving_names_the_problem_without_the_path(
 ) -> None:
     base = tmp_path / "mnist"
     manager, _, _ = manager_for(base)
-    with caplog.at_level(logging.ERROR, logger=models.__name__):
+    with caplog.at_level(logging.ERROR, logger=model_versions.__name__):
         assert await manager.poll_once() is None
     assert manager.why_not_serving() == "the base path does not exist"
     # Operators get the path in the log; clients only the text above.
@@ -447,7 +452,7 @@ async def test_a_changed_record_that_cannot_be_used_keeps_the_one_loaded(
     assert model is not None
     assert model.class_names == ("cat", "dog", "owl")
     write_record(tmp_path / "1", {"class_names": ["cat", "dog\n", "owl"]})
-    with caplog.at_level(logging.ERROR, logger=models.__name__):
+    with caplog.at_level(logging.ERROR, logger=model_versions.__name__):
         assert await manager.poll_once() is None
     assert model.class_names == ("cat", "dog", "owl")
     assert (
@@ -483,7 +488,7 @@ async def test_a_version_that_changes_while_it_loads_is_loaded_again(
     manager, loader, recorder = manager_for(tmp_path, loader=ChangingLoader(2))
     assert await manager.poll_once() == 1
     add_version(tmp_path, 2)
-    with caplog.at_level(logging.INFO, logger=models.__name__):
+    with caplog.at_level(logging.INFO, logger=model_versions.__name__):
         assert await manager.poll_once() is None
     assert "mnist version 2 changed while it loaded; loading it again later" in caplog.text
     assert manager.serving is not None
@@ -573,10 +578,10 @@ class Writer:
 def test_a_directory_that_keeps_changing_never_settles(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(models, "SETTLE_ROUNDS", 3)
+    monkeypatch.setattr(model_versions, "SETTLE_ROUNDS", 3)
     with Writer(tmp_path):
         started = time.monotonic()
-        assert models.settled_marker(tmp_path, 0.2) is None
+        assert model_versions.settled_marker(tmp_path, 0.2) is None
         waited = time.monotonic() - started
     assert waited >= 3 * 0.2
 
@@ -586,10 +591,10 @@ def test_a_directory_unchanged_over_a_whole_wait_has_settled(tmp_path: Path) -> 
         time.sleep(0.1)
     # Just written: too new by its change times, so it is looked at twice, a wait apart.
     started = time.monotonic()
-    marker = models.settled_marker(tmp_path, 0.2)
+    marker = model_versions.settled_marker(tmp_path, 0.2)
     waited = time.monotonic() - started
     assert marker is not None
-    assert marker == models._signature(tmp_path)
+    assert marker == model_versions._signature(tmp_path)
     assert tuple(entry[0] for entry in marker if entry[0] != ".") == (
         "variables.data-00000-of-00001",
     )
@@ -600,21 +605,21 @@ def test_a_directory_changed_long_enough_ago_settles_at_once(tmp_path: Path) -> 
     (tmp_path / "saved_model.pb").write_bytes(b"graph")
     time.sleep(0.3)
     started = time.monotonic()
-    marker = models.settled_marker(tmp_path, 0.2)
+    marker = model_versions.settled_marker(tmp_path, 0.2)
     # No wait: its newest change is already older than the settle time.
     assert time.monotonic() - started < 0.2
-    assert marker == models._signature(tmp_path)
+    assert marker == model_versions._signature(tmp_path)
 
 
 async def test_a_version_still_being_written_is_loaded_once_it_settles(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(models, "SETTLE_ROUNDS", 2)
+    monkeypatch.setattr(model_versions, "SETTLE_ROUNDS", 2)
     add_version(tmp_path, 1)
     manager, loader, recorder = manager_for(tmp_path, settle_s=0.2)
     assert await manager.poll_once() == 1
     add_version(tmp_path, 2)
-    with Writer(tmp_path / "2"), caplog.at_level(logging.INFO, logger=models.__name__):
+    with Writer(tmp_path / "2"), caplog.at_level(logging.INFO, logger=model_versions.__name__):
         assert await manager.poll_once() is None
     assert "mnist version 2 is still being written; loading it later" in caplog.text
     assert loader.calls == [1]
@@ -819,95 +824,6 @@ def test_a_real_export_loads_warms_up_and_describes_itself(
     assert meta.inputs[0].shape == (-1, 28, 28, 1)
 
 
-# -- the LiteRT engine ----------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_litert_predicts_what_the_savedmodel_predicts_from_every_thread(
-    model_base_path: Path, sample_digits: tuple[np.ndarray, np.ndarray]
-) -> None:
-    model = models.load_model(
-        "mnist", 1, model_base_path / "1", "/CPU:0", [1, 2, 4, 8], engine="litert", engine_copies=2
-    )
-    assert model.engine == "litert"
-    assert model.litert is not None
-    assert model.litert.copies == 2
-    images = sample_digits[0].astype(np.float32)[..., None] / 255
-    expected = model.predict_tensorflow(images)
-    got = model.predict(images)
-    assert got.dtype == np.float32
-    assert got.shape == expected.shape
-    assert np.max(np.abs(got - expected)) <= models.PARITY_TOLERANCE
-    assert np.array_equal(got.argmax(axis=1), expected.argmax(axis=1))
-
-    # More callers than interpreters, at changing batch sizes: each gets its own rows.
-    failures: list[str] = []
-
-    def caller(offset: int) -> None:
-        for size in (1, 3, 8, 5, 1, 16) * 3:
-            start = (offset * 7 + size) % (len(images) - size)
-            out = model.predict(images[start : start + size])
-            if np.max(np.abs(out - expected[start : start + size])) > models.PARITY_TOLERANCE:
-                failures.append(f"caller {offset}, rows {start}..{start + size}")
-
-    threads = [threading.Thread(target=caller, args=(n,)) for n in range(5)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert failures == []
-
-
-@pytest.mark.slow
-def test_a_conversion_that_fails_leaves_tensorflow_serving(
-    model_base_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    def refuse(module: object) -> bytes:
-        raise RuntimeError("op not supported")
-
-    monkeypatch.setattr(models, "convert_to_litert", refuse)
-    with caplog.at_level(logging.WARNING, logger=models.__name__):
-        model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="litert")
-    assert model.engine == "tensorflow"
-    assert model.litert is None
-    assert "LiteRT conversion failed, TensorFlow serves it: op not supported" in caplog.text
-    assert model.predict(np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
-
-
-@pytest.mark.slow
-def test_a_conversion_that_disagrees_is_never_served(
-    model_base_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    honest = models.LiteRtEngine.__call__
-
-    def off_by_a_little(self: models.LiteRtEngine, images: np.ndarray) -> np.ndarray:
-        return honest(self, images) + np.float32(1e-3)
-
-    monkeypatch.setattr(models.LiteRtEngine, "__call__", off_by_a_little)
-    with caplog.at_level(logging.WARNING, logger=models.__name__):
-        model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="litert")
-    assert model.engine == "tensorflow"
-    assert "LiteRT differs from the SavedModel by 0.001" in caplog.text
-
-
-@pytest.mark.slow
-def test_tensorflow_engine_and_gpu_devices_never_convert(
-    model_base_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def must_not_run(module: object) -> bytes:
-        raise AssertionError("converted")
-
-    monkeypatch.setattr(models, "convert_to_litert", must_not_run)
-    model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="tensorflow")
-    assert model.engine == "tensorflow"
-    # No GPU here: TensorFlow places the ops on the CPU (soft placement), but the
-    # choice of engine follows the device asked for.
-    model = models.load_model("mnist", 1, model_base_path / "1", "/GPU:0", engine="litert")
-    assert model.engine == "tensorflow"
-    with pytest.raises(ValueError, match="engine must be one of"):
-        models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="onnx")
-
-
 @pytest.mark.slow
 def test_corrupt_exports_are_refused(model_base_path: Path, tmp_path: Path) -> None:
     bad_graph = tmp_path / "2"
@@ -1015,15 +931,15 @@ def test_plan_memory_fits_the_rows_to_the_budget() -> None:
     # input and output rows again: 5 * 10,000 + 5 * 3,176 = 65,880 bytes a row.
     fixed, per_row = 5 * 5_000, 65_880
 
-    def plan(budget: int, max_batch_size: int = 64) -> models.MemoryPlan:
+    def plan(budget: int, max_batch_size: int = 64) -> engines.MemoryPlan:
         limits = models.MemoryLimits(budget, max_batch_size, engine_copies=2, worker_copies=3)
         return models.plan_memory(MNIST_SIGNATURE, limits, row_bytes=10_000, fixed_bytes=5_000)
 
-    assert plan(fixed + 8 * per_row - 1) == models.MemoryPlan(7, fixed + 7 * per_row)
-    assert plan(fixed + 8 * per_row) == models.MemoryPlan(8, fixed + 8 * per_row)
-    assert plan(fixed + per_row) == models.MemoryPlan(1, 90_880)
-    assert plan(10**12) == models.MemoryPlan(64, fixed + 64 * per_row)
-    assert plan(10**12, max_batch_size=4) == models.MemoryPlan(4, fixed + 4 * per_row)
+    assert plan(fixed + 8 * per_row - 1) == engines.MemoryPlan(7, fixed + 7 * per_row)
+    assert plan(fixed + 8 * per_row) == engines.MemoryPlan(8, fixed + 8 * per_row)
+    assert plan(fixed + per_row) == engines.MemoryPlan(1, 90_880)
+    assert plan(10**12) == engines.MemoryPlan(64, fixed + 64 * per_row)
+    assert plan(10**12, max_batch_size=4) == engines.MemoryPlan(4, fixed + 4 * per_row)
     with pytest.raises(models.ModelLoadError) as caught:
         plan(fixed + per_row - 1)
     assert str(caught.value) == (
@@ -1037,10 +953,10 @@ def test_plan_memory_counts_at_least_the_input_and_output_rows() -> None:
     # Tensors smaller than the row itself (or unknown, 0) still hold the input and output.
     limits = models.MemoryLimits(100_000, 64)
     per_row = IO_ROW + 2 * IO_ROW
-    assert models.plan_memory(MNIST_SIGNATURE, limits, row_bytes=100) == models.MemoryPlan(
+    assert models.plan_memory(MNIST_SIGNATURE, limits, row_bytes=100) == engines.MemoryPlan(
         100_000 // per_row, 100_000 // per_row * per_row
     )
-    assert models.plan_memory(MNIST_SIGNATURE, limits) == models.MemoryPlan(10, 95_280)
+    assert models.plan_memory(MNIST_SIGNATURE, limits) == engines.MemoryPlan(10, 95_280)
 
 
 def test_an_image_larger_than_the_budget_is_refused() -> None:
@@ -1058,7 +974,7 @@ def test_an_image_larger_than_the_budget_is_refused() -> None:
 def mnist_tensor_bytes(model_base_path: Path) -> tuple[int, int]:
     """(bytes per image, fixed bytes) of the shared model's LiteRT tensors."""
     module = tf.saved_model.load(str(model_base_path / "1"))
-    return models.litert_tensor_bytes(models.convert_to_litert(module), (28, 28, 1))
+    return litert.tensor_bytes(litert.convert(module), (28, 28, 1))
 
 
 @pytest.mark.slow
@@ -1095,7 +1011,7 @@ def test_a_memory_budget_limits_the_rows_of_a_batch(
         budget_bytes=budget, max_batch_size=64, engine_copies=2, worker_copies=3
     )
     plan = models.plan_memory(MNIST_SIGNATURE, limits, row_bytes=row_bytes, fixed_bytes=fixed_bytes)
-    assert plan == models.MemoryPlan(3, copies * fixed_bytes + 3 * per_row)
+    assert plan == engines.MemoryPlan(3, copies * fixed_bytes + 3 * per_row)
     with caplog.at_level(logging.WARNING, logger=models.__name__):
         model = models.load_model(
             "mnist",
@@ -1107,7 +1023,7 @@ def test_a_memory_budget_limits_the_rows_of_a_batch(
             engine_copies=2,
             memory=limits,
         )
-    assert model.engine == "litert"
+    assert model.engine.name == "litert"
     assert model.max_rows == 3
     assert model.memory_bytes == plan.bytes
     assert model.memory_bytes <= budget
@@ -1116,20 +1032,15 @@ def test_a_memory_budget_limits_the_rows_of_a_batch(
     images = float_digits(sample_digits[0][:3])
     got = model.predict(images)
     assert got.shape == (3, 10)
-    assert np.max(np.abs(got - model.predict_tensorflow(images))) <= models.PARITY_TOLERANCE
+    assert np.max(np.abs(got - model.predict_tensorflow(images))) <= engines.PARITY_TOLERANCE
 
 
 @pytest.mark.slow
 def test_a_budget_too_small_for_one_image_refuses_the_version_before_warm_up(
     model_base_path: Path, mnist_tensor_bytes: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    warmed: list[Path] = []
-
-    def read_warmup(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
-        warmed.append(path)
-        return []
-
-    monkeypatch.setattr(models, "read_warmup_requests", read_warmup)
+    warmed: list[object] = []
+    monkeypatch.setattr(models, "run_warmup_requests", lambda *args: warmed.append(args))
     limits = models.MemoryLimits(20_000, 64, engine_copies=2, worker_copies=3)
     with pytest.raises(models.ModelLoadError) as caught:
         models.load_model(
@@ -1173,9 +1084,7 @@ async def test_the_runtime_serves_a_version_from_a_zero_padded_directory(
         assert manager.path_of(2) == tmp_path / "0002"
         assert manager.serving.path == tmp_path / "0002"
         images, labels = sample_digits
-        out = await runtime.predict(
-            types.PredictInput(runtime.check_images(images[:8])), deadline=None
-        )
+        out = await runtime.predict(types.PredictInput(images[:8]), deadline=None)
         assert out.model_version == 2
         assert np.mean(out.digits == labels[:8]) >= 0.75
     finally:
@@ -1233,7 +1142,7 @@ async def test_a_real_versions_assets_copied_in_after_it_loaded_are_read(
     version = shutil.copytree(model_base_path / "1", base / "1")
     # A copy that brings assets.extra last: the version loads before its record arrives.
     held = shutil.move(version / "assets.extra", tmp_path / "held")
-    manager = models.ModelManager(base, "mnist", "/CPU:0", settle_s=0.0)
+    manager = model_versions.ModelManager(base, "mnist", "/CPU:0", settle_s=0.0)
     assert await manager.poll_once() == 1
     model = manager.serving
     assert model is not None

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
-from convserve.client.tensor import to_tensor
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
 from tests.conftest import require_tool
 from tests.interop.loop_thread import serving
-from tests.server.wire_helpers import poll, sample_value, scrape, settings_for
+from tests.polling import wait_for
+from tests.server.wire_helpers import prometheus_process, sample_value, scrape, settings_for
 
 pytestmark = pytest.mark.slow
 
@@ -94,20 +92,6 @@ def test_promtool_accepts_the_exposition(server: Any) -> None:
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _query(port: int, expression: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        body = json.load(reply)
-    assert body["status"] == "success"
-    return list(body["data"]["result"])
-
-
 def test_a_prometheus_server_scrapes_the_metrics(server: Any, tmp_path: Path) -> None:
     prometheus = require_tool("prometheus")
     _predict(server.target, 2, 1)
@@ -122,31 +106,26 @@ def test_a_prometheus_server_scrapes_the_metrics(server: Any, tmp_path: Path) ->
         "    static_configs:\n"
         f"      - targets: ['127.0.0.1:{server.metrics_port}']\n"
     )
-    web_port = _free_port()
-    process = subprocess.Popen(
-        [
-            prometheus,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{web_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        query = 'convserve_requests_total{protocol="convserve",rpc="Predict",code="OK"}'
-        result = poll(lambda: _query(web_port, query), timeout_s=120, what="a scraped sample")
+    with prometheus_process(prometheus, config, tmp_path) as scraper:
+
+        def query(expression: str) -> list[dict[str, Any]]:
+            return list(scraper.api("query", query=expression)["result"])
+
+        requests_ok = 'convserve_requests_total{protocol="convserve",rpc="Predict",code="OK"}'
+        result = wait_for(
+            lambda: query(requests_ok),
+            what="a scraped sample",
+            timeout_s=120,
+            retry_on=(OSError,),
+        )
         assert result[0]["metric"]["job"] == "convserve"
         first = float(result[0]["value"][1])
         assert first >= 2
         _predict(server.target, 3, 1)
-
-        def moved() -> bool:
-            return float(_query(web_port, query)[0]["value"][1]) >= first + 3
-
-        poll(moved, timeout_s=60, what="the scraped counter to move")
-        up = poll(lambda: _query(web_port, 'up{job="convserve"}'), timeout_s=60, what="up")
+        wait_for(
+            lambda: any(float(s["value"][1]) >= first + 3 for s in query(requests_ok)),
+            what="the scraped counter to move",
+            retry_on=(OSError,),
+        )
+        up = wait_for(lambda: query('up{job="convserve"}'), what="up", retry_on=(OSError,))
         assert up[0]["value"][1] == "1"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +20,15 @@ from convserve.server.metrics import Metrics
 from convserve.server.model_config import ModelEntry
 from convserve.server.runtime import Runtime
 from convserve.server.served import Budget, budget_for
+from tests.polling import until
 from tests.server.runtime_helpers import make_settings, started_runtime
 from tests.server.test_metrics import samples, value
 
 pytestmark = pytest.mark.slow
 
 
-async def until(what: str, check: Callable[[], bool], within_s: float = 120.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + within_s
-    while not check():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+# Loading a model on two cores, beside the others, can take a while.
+LOAD_TIMEOUT_S = 120.0
 
 
 def predict_input(shape: tuple[int, ...], model: str) -> types.PredictInput:
@@ -71,7 +67,9 @@ def all_ready(runtime: Runtime) -> bool:
 async def configure(runtime: Runtime, *models: tuple[str, Path]) -> None:
     """Apply a configuration of (name, base path) pairs and wait until every model serves."""
     runtime.apply_config([ModelEntry(name, path) for name, path in models])
-    await until("every configured model ready", lambda: all_ready(runtime))
+    await until(
+        lambda: all_ready(runtime), what="every configured model ready", timeout_s=LOAD_TIMEOUT_S
+    )
 
 
 async def test_a_changed_base_path_serves_the_old_definition_until_the_new_one_loads(
@@ -82,12 +80,14 @@ async def test_a_changed_base_path_serves_the_old_definition_until_the_new_one_l
     # Still the MNIST definition while the new one loads.
     answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
     assert answer.probabilities.shape == (2, 10)
-    await until("the new definition", lambda: not runtime._loading)
+    await until(lambda: not runtime._loading, what="the new definition", timeout_s=LOAD_TIMEOUT_S)
     assert runtime.metadata(types.ModelRef("a")).inputs[0].shape == (-1, 8, 8, 1)
     answer = await runtime.predict(predict_input((8, 8, 1), "a"), deadline=None)
     assert answer.probabilities.shape == (2, 10)
     with pytest.raises(errors.InvalidArgument, match=r"\[N,8,8,1\]"):
-        runtime.check_images(np.zeros((1, 28, 28), np.uint8), "images", types.ModelRef("a"))
+        await runtime.predict(
+            types.PredictInput(np.zeros((1, 28, 28), np.uint8), types.ModelRef("a")), deadline=None
+        )
 
 
 async def test_a_model_without_versions_yet_waits_while_the_others_serve(
@@ -103,7 +103,9 @@ async def test_a_model_without_versions_yet_waits_while_the_others_serve(
     assert [(m.name, m.ready) for m in runtime.models()] == [("a", True), ("b", False)]
     assert runtime.ready  # by default: a model still loading leaves the replica ready
     await until(
-        "b's error", lambda: runtime.model_status("b").error == "the base path does not exist"
+        lambda: runtime.model_status("b").error == "the base path does not exist",
+        what="b's error",
+        timeout_s=LOAD_TIMEOUT_S,
     )
     assert value(metrics, "convserve_model_ready", model="a") == 1
     assert value(metrics, "convserve_model_ready", model="b") == 0
@@ -112,7 +114,7 @@ async def test_a_model_without_versions_yet_waits_while_the_others_serve(
     answer = await runtime.predict(predict_input((28, 28, 1), "a"), deadline=None)
     assert answer.model_name == "a"
     shutil.copytree(digits8_model_dir / "1", later / "1")
-    await until("b ready", lambda: all_ready(runtime))
+    await until(lambda: all_ready(runtime), what="b ready", timeout_s=LOAD_TIMEOUT_S)
     answer = await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
     assert (answer.model_name, answer.model_version) == ("b", 1)
     assert value(metrics, "convserve_model_ready", model="b") == 1
@@ -131,7 +133,7 @@ async def test_a_removed_model_is_not_found_and_leaves_no_metrics_series(
     with pytest.raises(errors.NotFound, match=r"'b' is not served here \(served: 'a'\)"):
         await runtime.predict(predict_input((8, 8, 1), "b"), deadline=None)
     assert runtime.model_label("b") == "_unknown"
-    await until("b unloaded", lambda: not runtime._removing)
+    await until(lambda: not runtime._removing, what="b unloaded", timeout_s=LOAD_TIMEOUT_S)
     assert [s for s in samples(metrics) if s.labels.get("model") == "b"] == []
     answer = await runtime.predict(predict_input((28, 28, 1), ""), deadline=None)
     assert answer.model_name == "a"

@@ -14,10 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convserve.server import errors, models, ops, types
-from convserve.server import served as served_mod
+from convserve.server import convolution, errors, model_versions, models, types
+from convserve.server.engines import litert_workers
 from convserve.server.metrics import Metrics
-from convserve.server.runtime import Runtime, deadline_of
+from convserve.server.protocols.calls import deadline_of
+from convserve.server.runtime import Runtime
+from convserve.server.workers.pool import WorkerPool
+from convserve.server.workers.worker import WorkerError
+from tests import polling
 from tests.server.runtime_helpers import (
     copy_base,
     float_digits,
@@ -78,11 +82,7 @@ async def test_start_without_a_loadable_version_reports_it_and_keeps_looking(
         assert value(metrics, "convserve_model_ready", model="mnist") == 0
         # A good version copied in later is found by the background retry.
         shutil.copytree(model_base_path / "1", tmp_path / "2")
-        loop = asyncio.get_running_loop()
-        end = loop.time() + 120
-        while not runtime.ready:
-            assert loop.time() < end, "the retried model never became ready"
-            await asyncio.sleep(0.05)
+        await polling.until(lambda: runtime.ready, what="the retried model", timeout_s=120)
         assert runtime.model_status("mnist").error == ""
         assert value(metrics, "convserve_model_ready", model="mnist") == 1
     finally:
@@ -95,6 +95,12 @@ class _Context:
 
     def time_remaining(self) -> float | None:
         return self.remaining
+
+
+def pool_of(model: models.LoadedModel) -> WorkerPool | None:
+    """The version's worker processes, if its engine runs in them."""
+    engine = model.engine
+    return engine.pool if isinstance(engine, litert_workers.LiteRtWorkersEngine) else None
 
 
 def test_deadline_of_is_absolute_monotonic_time() -> None:
@@ -120,7 +126,7 @@ async def test_predict_equals_the_saved_model(
         model_base_path, engine_workers=engine_workers, inline_max_images=inline_max_images
     )
     runtime, metrics = await started_runtime(settings)
-    workers = runtime.manager.resolve(types.ModelRef()).workers
+    workers = pool_of(runtime.manager.resolve(types.ModelRef()))
     pids = workers.pids if workers is not None else []
     try:
         assert runtime.ready
@@ -134,7 +140,7 @@ async def test_predict_equals_the_saved_model(
         # The loaded model's objects are exempt from the garbage collector's full passes.
         assert gc.get_freeze_count() > 10_000
         expected = saved_model_probabilities(model_base_path / "1", float_digits(images))
-        out = await runtime.predict(types.PredictInput(runtime.check_images(images)), deadline=None)
+        out = await runtime.predict(types.PredictInput(images), deadline=None)
         assert out.model_name == "mnist"
         assert out.model_version == 1
         assert out.probabilities.shape == (len(images), 10)
@@ -152,10 +158,7 @@ async def test_predict_equals_the_saved_model(
         picks = [rng.choice(len(images), size=int(rng.integers(1, 6))) for _ in range(40)]
         inputs = [images[p] if i % 2 else float_digits(images[p]) for i, p in enumerate(picks)]
         results = await asyncio.gather(
-            *(
-                runtime.predict(types.PredictInput(runtime.check_images(x)), deadline=None)
-                for x in inputs
-            )
+            *(runtime.predict(types.PredictInput(x), deadline=None) for x in inputs)
         )
         for pick, result in zip(picks, results, strict=True):
             np.testing.assert_allclose(result.probabilities, expected[pick], rtol=1e-5, atol=1e-6)
@@ -191,19 +194,19 @@ async def test_worker_processes_that_fail_to_start_leave_the_server_process_serv
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
-        raise served_mod.WorkerError("no processes here")
+        raise WorkerError("no processes here")
 
-    monkeypatch.setattr(served_mod, "ProcessEngine", refuse)
+    monkeypatch.setattr(litert_workers, "WorkerPool", refuse)
     runtime, _ = await started_runtime(make_settings(model_base_path))
     try:
         model = runtime.manager.resolve(types.ModelRef())
-        assert model.engine == "litert"
-        assert model.workers is None
-        assert "model worker processes failed, the server process computes predictions: " \
-            "no processes here" in caplog.text  # fmt: skip
+        assert model.engine.name == "litert"
+        assert not model.engine.capabilities.worker_processes
+        assert "mnist version 1: litert_workers cannot serve it, falling back: its worker " \
+            "processes failed: no processes here" in caplog.text  # fmt: skip
         images = sample_digits[0][:5]
         expected = saved_model_probabilities(model_base_path / "1", float_digits(images))
-        out = await runtime.predict(types.PredictInput(runtime.check_images(images)), deadline=None)
+        out = await runtime.predict(types.PredictInput(images), deadline=None)
         np.testing.assert_allclose(out.probabilities, expected, rtol=1e-5, atol=1e-6)
     finally:
         await runtime.stop(5)
@@ -226,7 +229,7 @@ async def test_readiness_follows_the_model_workers(
     runtime.add_ready_listener(listen)
     stopped: list[int] = []
     try:
-        workers = runtime.manager.resolve(types.ModelRef()).workers
+        workers = pool_of(runtime.manager.resolve(types.ModelRef()))
         assert workers is not None
         assert runtime.ready
         # Every worker hangs while idle: the heartbeats find them, readiness goes, and
@@ -239,9 +242,7 @@ async def test_readiness_follows_the_model_workers(
         assert runtime.ready
         assert not set(workers.pids) & set(stopped)
         images = sample_digits[0][:3]
-        out = await runtime.predict(
-            types.PredictInput(runtime.check_images(images)), deadline=time.monotonic() + 30
-        )
+        out = await runtime.predict(types.PredictInput(images), deadline=time.monotonic() + 30)
         assert out.probabilities.shape == (3, 10)
     finally:
         for pid in stopped:
@@ -295,7 +296,7 @@ async def test_operations_metadata_and_feature_maps(
         with pytest.raises(errors.NotFound):
             runtime.metadata(types.ModelRef(name="cifar"))
 
-        image = runtime.check_images(images[:1], field="image")
+        image = images[:1]
         maps = await runtime.feature_maps(types.FeatureMapsInput(image), deadline=None)
         assert [(name, m.shape) for name, m in maps.maps] == [
             ("conv1", (26, 26, 32)),
@@ -341,7 +342,7 @@ async def test_concurrent_convolutions_merge_and_each_gets_its_own_result(
             *(runtime.convolve(v, deadline=time.monotonic() + 60) for v in same + others)
         )
         for request, result in zip(same + others, results, strict=True):
-            alone = ops.convolve(request)
+            alone = convolution.convolve(request)
             np.testing.assert_allclose(result.output, alone.output, rtol=1e-5, atol=1e-5)
             assert result.output.dtype == np.float32
         calls = value(metrics, "convserve_batch_size_count", rpc="Convolve")
@@ -380,13 +381,11 @@ async def test_queue_limits_and_deadlines(model_base_path: Path, sample_digits: 
         inline_max_images=0,
     )
     runtime, metrics = await started_runtime(settings)
-    eight = types.PredictInput(runtime.check_images(np.concatenate([images[:8]])))
+    eight = types.PredictInput(np.concatenate([images[:8]]))
     try:
         # More images than the queue can ever hold: refused at once.
         with pytest.raises(errors.ResourceExhausted, match="is full"):
-            await runtime.predict(
-                types.PredictInput(runtime.check_images(images[:17])), deadline=None
-            )
+            await runtime.predict(types.PredictInput(images[:17]), deadline=None)
         # The first request runs at once, the second (a full batch waiting behind it) in the
         # spare worker, the next two fill the queue, the rest are refused.
         results = await asyncio.gather(
@@ -452,7 +451,7 @@ async def test_stop_finishes_accepted_requests(
 ) -> None:
     images, _ = sample_digits
     runtime, _ = await started_runtime(make_settings(model_base_path, max_batch_size=4))
-    value_in = types.PredictInput(runtime.check_images(images[:3]))
+    value_in = types.PredictInput(images[:3])
     calls = [asyncio.ensure_future(runtime.predict(value_in, deadline=None)) for _ in range(20)]
     await asyncio.sleep(0)  # let every call enqueue
     await runtime.stop(30)
@@ -469,7 +468,7 @@ async def test_new_versions_swap_in_under_load_and_corrupt_ones_are_refused(
     base = copy_base(model_base_path, tmp_path / "mnist")
     runtime, metrics = await started_runtime(make_settings(base))
     expected = saved_model_probabilities(base / "1", float_digits(images))
-    request = types.PredictInput(runtime.check_images(images))
+    request = types.PredictInput(images)
     seen: list[int] = []
     failures: list[BaseException] = []
     stop = asyncio.Event()
@@ -488,12 +487,12 @@ async def test_new_versions_swap_in_under_load_and_corrupt_ones_are_refused(
             seen.append(out.model_version)
             started.append((begun, out.model_version))
 
-    async def until(condition: str, check: Callable[[], bool], within_s: float = 120) -> None:
-        limit = time.monotonic() + within_s
-        while not check():
-            assert time.monotonic() < limit, f"timed out waiting for {condition}"
-            assert not failures, failures
-            await asyncio.sleep(0.01)
+    async def until(what: str, check: Callable[[], bool]) -> None:
+        def no_failure_and_check() -> bool:
+            assert not failures, failures  # a failed call ends the wait at once
+            return check()
+
+        await polling.until(no_failure_and_check, what=what, timeout_s=120)
 
     clients = [asyncio.create_task(client()) for _ in range(8)]
     try:
@@ -557,7 +556,7 @@ async def test_new_versions_swap_in_under_load_and_corrupt_ones_are_refused(
         engine="litert",
     )
     assert info == 1
-    assert models.discover_versions(base) == [1, 2, 3, 4]
+    assert model_versions.discover_versions(base) == [1, 2, 3, 4]
 
 
 async def test_expensive_work_is_admitted_by_its_estimate_and_stops_at_its_deadline(
@@ -575,9 +574,9 @@ async def test_expensive_work_is_admitted_by_its_estimate_and_stops_at_its_deadl
         None,
         types.ConvolutionOptions(strides=(2, 2), dilations=(2, 2)),
     )
-    plan = ops.validate_convolve(big, max_cpu_s=30.0)
-    assert ops.convolve_cost_s(plan) > 1.0
-    assert len(ops.plan_tiles(plan, fft=False)) > 10
+    plan = convolution.validate_convolve(big, max_cpu_s=30.0)
+    assert convolution.convolve_cost_s(plan) > 1.0
+    assert len(convolution.plan_tiles(plan, fft=False)) > 10
     try:
         too_big = types.ConvolveInput(
             rng.random((1, 2048, 2048, 1)),

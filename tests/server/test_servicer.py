@@ -19,20 +19,22 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from convserve.client.tensor import from_tensor, to_tensor
 from convserve.server import converters, errors, types
 from convserve.server.app import RunningServer, start_server
 from convserve.server.metrics import Metrics
 from convserve.server.protocols.calls import OFFLOAD_MIN_BYTES, cancelled_code
-from convserve.server.servicer import ConvServeServicer
+from convserve.server.protocols.convserve_grpc import ConvServeServicer
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import from_tensor, to_tensor
+from tests.fake_metrics import FakeMetrics
 from tests.fake_runtime import FakeModel, FakeRuntime, fake_probabilities
-from tests.server.wire_helpers import StubMetrics, settings_for
+from tests.polling import until
+from tests.server.wire_helpers import settings_for
 
 
 @pytest.fixture
 async def stub_client(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
 ) -> AsyncIterator[convserve_pb2_grpc.ConvServeStub]:
     async with grpc.aio.insecure_channel(stub[0].target) as channel:
         yield convserve_pb2_grpc.ConvServeStub(channel)
@@ -45,7 +47,7 @@ async def failure(call: Any) -> grpc.aio.AioRpcError:
 
 
 async def test_predict_translates_both_ways(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
@@ -74,7 +76,7 @@ async def test_predict_pins_a_version(stub_client: convserve_pb2_grpc.ConvServeS
 
 
 async def test_predict_errors_are_counted_with_their_code(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     error = await failure(stub_client.Predict(convserve_pb2.PredictRequest()))
@@ -164,7 +166,7 @@ async def test_metadata_delegates(stub_client: convserve_pb2_grpc.ConvServeStub)
 
 
 async def test_unexpected_errors_become_internal_without_details(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -183,7 +185,7 @@ async def test_unexpected_errors_become_internal_without_details(
 
 
 async def test_deadline_is_passed_as_absolute_monotonic_time(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     import time
@@ -208,22 +210,20 @@ async def test_deadline_is_passed_as_absolute_monotonic_time(
     assert seen[1] is None
 
 
-async def finished_record(metrics: StubMetrics, rpc: str) -> tuple[str, str, str]:
+async def finished_record(metrics: FakeMetrics, rpc: str) -> tuple[str, str, str]:
     """The accounting record of `rpc`, once the server's handler has ended.
 
     The client sees the status before the server's cancelled handler has run
-    its accounting; nothing signals that moment, so this polls (up to 10 s).
+    its accounting; nothing signals that moment, so this polls.
     """
-    for _ in range(1000):
-        records = [f for f in metrics.finished if f[1] == rpc]
-        if records:
-            return records[-1]
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{rpc} was never counted as finished")
+    records = await until(
+        lambda: [f for f in metrics.finished if f[1] == rpc], what=f"{rpc} counted as finished"
+    )
+    return records[-1]
 
 
 async def test_a_call_that_outlives_its_deadline_is_counted_as_deadline_exceeded(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     _, runtime, metrics = stub
@@ -239,7 +239,7 @@ async def test_a_call_that_outlives_its_deadline_is_counted_as_deadline_exceeded
 
 
 async def test_a_call_the_client_cancels_is_counted_as_cancelled(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
     stub_client: convserve_pb2_grpc.ConvServeStub,
 ) -> None:
     _, runtime, metrics = stub
@@ -423,7 +423,7 @@ async def test_predict_routes_by_model_name(two_models: TwoModels) -> None:
     assert error.details() == (
         "model_spec.version: model 'digits8' version 2 is not loaded (loaded versions: [3])"
     )
-    shapes = [call[1][2] for call in two_models.runtime.calls if call[0] == "predict"]
+    shapes = [call[1][1] for call in two_models.runtime.calls if call[0] == "predict"]
     assert shapes == [(3, 8, 8, 1), (2, 28, 28, 1), (2, 28, 28, 1)]
 
 
@@ -526,7 +526,7 @@ async def test_a_model_that_is_not_ready_is_listed_so_and_unavailable() -> None:
         [FakeModel("mnist"), FakeModel("fashion", versions=(1,), ready=False)],
         default_model="fashion",
     )
-    running = await start_server(settings_for(), runtime=runtime, metrics=StubMetrics())
+    running = await start_server(settings_for(), runtime=runtime, metrics=FakeMetrics())
     try:
         async with grpc.aio.insecure_channel(running.target) as channel:
             client = convserve_pb2_grpc.ConvServeStub(channel)

@@ -150,7 +150,10 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--poll-interval-s", "0"], "--poll-interval-s / CONVSERVE_POLL_INTERVAL_S"),
         (["--device", "tpu"], '--device / CONVSERVE_DEVICE: expected "auto", "cpu"'),
         (["--log-format", "xml"], "--log-format / CONVSERVE_LOG_FORMAT"),
-        (["--cpu-engine", "onnx"], "--cpu-engine / CONVSERVE_CPU_ENGINE: Input should be 'litert'"),
+        (
+            ["--cpu-engine", "onnx"],
+            "--cpu-engine / CONVSERVE_CPU_ENGINE: Value error, expected one of litert",
+        ),
         (["--engine-threads", "-1"], "--engine-threads / CONVSERVE_ENGINE_THREADS"),
         (["--engine-nice", "20"], "--engine-nice / CONVSERVE_ENGINE_NICE: Input should be less"),
         (

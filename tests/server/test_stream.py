@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from convserve.client import AsyncConvServeClient, NotFoundError, UnauthenticatedError
-from convserve.client.tensor import to_tensor
 from convserve.server import errors
 from convserve.server.app import RunningServer, start_server
 from convserve.server.protocols.calls import Calls
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
+from tests.fake_metrics import FakeMetrics
 from tests.fake_runtime import FakeRuntime, fake_probabilities
-from tests.server.wire_helpers import StubMetrics, settings_for
+from tests.polling import until
+from tests.server.wire_helpers import settings_for
 
 # -- Calls.stream, without gRPC -------------------------------------------------
 
@@ -46,7 +48,7 @@ def failed(message: Any, code: grpc.StatusCode, text: str) -> tuple[Any, str, st
 
 
 async def test_stream_answers_as_messages_finish_and_failures_become_answers() -> None:
-    metrics = StubMetrics()
+    metrics = FakeMetrics()
     gates = {name: asyncio.Event() for name in ("a", "b", "c")}
 
     async def handle(message: str) -> tuple[str, str, str]:
@@ -88,7 +90,7 @@ async def test_stream_reads_no_further_than_max_in_flight() -> None:
         return message
 
     source = Source(list(range(10)))
-    answers = Calls("convserve", StubMetrics()).stream(
+    answers = Calls("convserve", FakeMetrics()).stream(
         "PredictStream", source, handle, failed, max_in_flight=3
     )
     consumer = asyncio.create_task(_all(answers))
@@ -100,7 +102,7 @@ async def test_stream_reads_no_further_than_max_in_flight() -> None:
 
 
 async def test_a_message_holds_its_slot_until_its_answer_is_taken() -> None:
-    metrics = StubMetrics()
+    metrics = FakeMetrics()
 
     async def handle(message: int) -> int:
         return message
@@ -123,7 +125,7 @@ async def test_a_message_holds_its_slot_until_its_answer_is_taken() -> None:
 
 
 async def test_closing_a_stream_cancels_its_unanswered_messages() -> None:
-    metrics = StubMetrics()
+    metrics = FakeMetrics()
     cancelled: list[int] = []
 
     async def handle(message: int) -> int:
@@ -152,7 +154,7 @@ async def test_unexpected_handler_errors_are_internal_without_details() -> None:
     async def handle(message: int) -> int:
         raise RuntimeError("secret detail")
 
-    answers = Calls("convserve", StubMetrics()).stream(
+    answers = Calls("convserve", FakeMetrics()).stream(
         "PredictStream", Source([1]), handle, failed, max_in_flight=1
     )
     assert await _all(answers) == [(1, "INTERNAL", "internal error; see the server log")]
@@ -173,7 +175,7 @@ def numbered(count: int) -> np.ndarray:
 
 
 async def test_sdk_stream_gives_each_caller_its_own_result(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
 ) -> None:
     running, _, metrics = stub
     images = numbered(40)
@@ -197,18 +199,14 @@ async def test_sdk_stream_gives_each_caller_its_own_result(
 
 
 async def test_stream_messages_are_handled_concurrently(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
 ) -> None:
     running, runtime, _ = stub
     runtime.gate = asyncio.Event()
     async with AsyncConvServeClient(running.target) as client, client.predict_stream() as stream:
         calls = [asyncio.ensure_future(stream.predict(numbered(3)[i])) for i in range(3)]
-        for _ in range(500):
-            if runtime.started_predictions == 3:
-                break
-            await asyncio.sleep(0.01)
-        # All three reached the model while none had been answered.
-        assert runtime.started_predictions == 3
+        # All three reach the model while none has been answered.
+        await until(lambda: runtime.started_predictions == 3, what="three predictions started")
         assert not any(call.done() for call in calls)
         runtime.gate.set()
         results = await asyncio.gather(*calls)
@@ -216,7 +214,7 @@ async def test_stream_messages_are_handled_concurrently(
 
 
 async def test_bad_stream_messages_get_error_answers_naming_the_field(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
 ) -> None:
     async with grpc.aio.insecure_channel(stub[0].target) as channel:
         client = convserve_pb2_grpc.ConvServeStub(channel)
@@ -239,7 +237,7 @@ async def test_bad_stream_messages_get_error_answers_naming_the_field(
 
 
 async def test_a_stream_needs_the_token_like_any_call() -> None:
-    runtime, metrics = FakeRuntime(), StubMetrics()
+    runtime, metrics = FakeRuntime(), FakeMetrics()
     running = await start_server(
         settings_for(auth_token="s3cret-token"), runtime=runtime, metrics=metrics
     )
@@ -270,7 +268,7 @@ SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024
 
 async def test_a_client_that_never_reads_holds_the_server_at_max_in_flight() -> None:
     max_in_flight, count = 8, 10_000
-    runtime, metrics = FakeRuntime(), StubMetrics()
+    runtime, metrics = FakeRuntime(), FakeMetrics()
     running = await start_server(
         settings_for(max_stream_in_flight=max_in_flight), runtime=runtime, metrics=metrics
     )
@@ -320,7 +318,7 @@ async def test_a_client_that_never_reads_holds_the_server_at_max_in_flight() -> 
 
 
 async def test_stream_messages_cut_off_by_the_deadline_count_as_deadline_exceeded(
-    stub: tuple[RunningServer, FakeRuntime, StubMetrics],
+    stub: tuple[RunningServer, FakeRuntime, FakeMetrics],
 ) -> None:
     running, runtime, metrics = stub
     runtime.gate = asyncio.Event()  # never set: the predictions wait until cancelled
@@ -331,9 +329,6 @@ async def test_stream_messages_cut_off_by_the_deadline_count_as_deadline_exceede
             await call.write(convserve_pb2.PredictStreamRequest(id=i, request=request))
         assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The client sees the status before the server's cancelled tasks have counted
-    # themselves; nothing signals that moment, so this polls (up to 10 s).
-    for _ in range(1000):
-        if len(metrics.finished) == 2:
-            break
-        await asyncio.sleep(0.01)
+    # themselves; nothing signals that moment, so this polls.
+    await until(lambda: len(metrics.finished) == 2, what="both messages counted")
     assert metrics.finished == [("convserve", "PredictStream", "DEADLINE_EXCEEDED")] * 2

@@ -30,10 +30,11 @@ from tensorflow_serving.apis import (
 )
 
 from convserve.client import AsyncConvServeClient, ConvServeClient, InputError, NotFoundError
-from convserve.client.tensor import to_tensor
-from convserve.server import errors, models, types
+from convserve.server import errors, model_versions, types
 from convserve.server.model_config import VersionPolicy, read_model_config_file
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
+from convserve.v1.tensor_codec import to_tensor
+from tests import polling
 from tests.interop.loop_thread import serving
 from tests.server.runtime_helpers import copy_base, make_settings, started_runtime
 from tests.server.test_metrics import value
@@ -48,10 +49,10 @@ def manager_for(
     labels: Labels = (),
     *,
     allow: bool = False,
-) -> tuple[models.ModelManager, FakeLoader]:
+) -> tuple[model_versions.ModelManager, FakeLoader]:
     """A manager of model "mnist" loading exactly `versions` (those on disk)."""
     loader = FakeLoader()
-    manager = models.ModelManager(
+    manager = model_versions.ModelManager(
         base,
         "mnist",
         "/CPU:0",
@@ -64,7 +65,7 @@ def manager_for(
     return manager, loader
 
 
-def version_of(manager: models.ModelManager, **ref: Any) -> int:
+def version_of(manager: model_versions.ModelManager, **ref: Any) -> int:
     return manager.resolve(types.ModelRef(**ref)).version
 
 
@@ -72,7 +73,9 @@ def label_logs(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == models.__name__ and r.levelno == level and "version label" in r.getMessage()
+        if r.name == model_versions.__name__
+        and r.levelno == level
+        and "version label" in r.getMessage()
     ]
 
 
@@ -158,7 +161,7 @@ async def test_moving_a_label_swaps_it_at_once_and_reloads_nothing(
     await manager.poll_once()
     loaded = manager.loaded
     with manager.lease(types.ModelRef(label="canary")) as before_move:
-        with caplog.at_level(logging.INFO, logger=models.__name__):
+        with caplog.at_level(logging.INFO, logger=model_versions.__name__):
             manager.set_labels((("canary", 2),))
         # The move took effect within the call: no poll, no load.
         assert version_of(manager, label="canary") == 2
@@ -185,7 +188,7 @@ async def test_a_label_to_a_version_not_loaded_is_refused_until_it_loads(
         "model mnist: version label 'canary' -> 4 not applied: version 4 is not loaded "
         "(loaded: 1, 2); 'canary' stays on version 2"
     )
-    with caplog.at_level(logging.INFO, logger=models.__name__):
+    with caplog.at_level(logging.INFO, logger=model_versions.__name__):
         manager.set_labels((("canary", 4), ("stable", 1)))
         # Every poll checks again; the refusal is logged once.
         await manager.poll_once()
@@ -199,7 +202,7 @@ async def test_a_label_to_a_version_not_loaded_is_refused_until_it_loads(
 
     caplog.clear()
     add_version(tmp_path, 4)
-    with caplog.at_level(logging.INFO, logger=models.__name__):
+    with caplog.at_level(logging.INFO, logger=model_versions.__name__):
         await manager.poll_once()
     assert manager.labels == (("canary", 4), ("stable", 1))
     assert manager.label_errors == ()
@@ -219,13 +222,13 @@ async def test_a_refused_label_moved_elsewhere_is_no_longer_refused(
     await manager.poll_once()
     manager.set_labels((("canary", 4),))
     assert len(manager.label_errors) == 1
-    with caplog.at_level(logging.INFO, logger=models.__name__):
+    with caplog.at_level(logging.INFO, logger=model_versions.__name__):
         manager.set_labels((("canary", 1),))
     assert (manager.labels, manager.label_errors) == ((("canary", 1),), ())
     assert label_logs(caplog, logging.INFO) == ["model mnist: version label 'canary' -> 1 (was 2)"]
     # Refused again later for version 4: logged again, as it is news again.
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger=models.__name__):
+    with caplog.at_level(logging.ERROR, logger=model_versions.__name__):
         manager.set_labels((("canary", 4),))
     assert len(label_logs(caplog, logging.ERROR)) == 1
 
@@ -266,7 +269,7 @@ async def test_a_label_whose_version_is_unloaded_leaves_effect(
     manager, _ = manager_for(tmp_path, (1, 2), (("stable", 1),))
     await manager.poll_once()
     shutil.rmtree(tmp_path / "1")
-    with caplog.at_level(logging.ERROR, logger=models.__name__):
+    with caplog.at_level(logging.ERROR, logger=model_versions.__name__):
         await manager.poll_once()
     assert manager.loaded_versions == (2,)
     assert manager.labels == ()
@@ -285,7 +288,7 @@ async def test_with_the_allow_flag_a_label_takes_a_version_not_loaded_at_once(
     add_version(tmp_path, 1)
     manager, _ = manager_for(tmp_path, (1, 2), (("canary", 1),), allow=True)
     await manager.poll_once()
-    with caplog.at_level(logging.INFO, logger=models.__name__):
+    with caplog.at_level(logging.INFO, logger=model_versions.__name__):
         manager.set_labels((("canary", 2),))
         await manager.poll_once()
     assert manager.labels == (("canary", 2),)
@@ -310,7 +313,7 @@ async def test_a_removed_label_is_unknown(tmp_path: Path, caplog: pytest.LogCapt
     manager, _ = manager_for(tmp_path, (1, 5), (("canary", 1), ("next", 5)))
     await manager.poll_once()
     assert len(manager.label_errors) == 1
-    with caplog.at_level(logging.INFO, logger=models.__name__):
+    with caplog.at_level(logging.INFO, logger=model_versions.__name__):
         manager.set_labels((("beta", 1),))
     assert manager.labels == (("beta", 1),)
     assert manager.label_errors == ()
@@ -352,10 +355,7 @@ async def test_a_config_edit_of_labels_alone_moves_them_under_load_without_a_rel
     runtime, metrics = await started_runtime(settings)
     served = runtime.served("mnist")
     loaded = served.manager.loaded
-    request = types.PredictInput(
-        runtime.check_images(sample_digits[0][:4], model=types.ModelRef("mnist", label="canary")),
-        types.ModelRef("mnist", label="canary"),
-    )
+    request = types.PredictInput(sample_digits[0][:4], types.ModelRef("mnist", label="canary"))
     answered: list[tuple[float, int]] = []  # (when the request started, its version)
     failures: list[BaseException] = []
     stop = asyncio.Event()
@@ -370,12 +370,12 @@ async def test_a_config_edit_of_labels_alone_moves_them_under_load_without_a_rel
                 return
             answered.append((begun, out.model_version))
 
-    async def until(what: str, check: Callable[[], bool], within_s: float = 120) -> None:
-        limit = time.monotonic() + within_s
-        while not check():
-            assert time.monotonic() < limit, f"timed out waiting for {what}"
-            assert not failures, failures
-            await asyncio.sleep(0.01)
+    async def until(what: str, check: Callable[[], bool]) -> None:
+        def no_failure_and_check() -> bool:
+            assert not failures, failures  # a failed call ends the wait at once
+            return check()
+
+        await polling.until(no_failure_and_check, what=what, timeout_s=120)
 
     def count(version: int) -> int:
         return sum(1 for _, v in answered if v == version)

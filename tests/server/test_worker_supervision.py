@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from convserve.server import errors
-from convserve.server.engine_process import ProcessEngine, WorkerError
+from convserve.server.workers.pool import WorkerPool
+from convserve.server.workers.worker import WorkerError
 
 # How long a test waits for something that takes well under a second on an idle
 # machine (a worker starting, a heartbeat round): generous, for two busy cores.
@@ -68,9 +69,9 @@ def images() -> np.ndarray:
 
 @dataclass
 class Watched:
-    """An engine serving on the test's loop, and what it reported."""
+    """A pool serving on the test's loop, and what it reported."""
 
-    engine: ProcessEngine
+    pool: WorkerPool
     exits: int = 0
     health: list[bool] = field(default_factory=list)
     stopped: list[int] = field(default_factory=list)
@@ -83,7 +84,7 @@ class Watched:
 
 @pytest.fixture
 async def supervised(tiny: TinyModel) -> AsyncIterator[Callable[..., Watched]]:
-    """Starts engines of the tiny model on the test's loop; always ends their workers."""
+    """Starts pools of the tiny model on the test's loop; always ends their workers."""
     started: list[Watched] = []
 
     def start(**options: Any) -> Watched:
@@ -97,16 +98,16 @@ async def supervised(tiny: TinyModel) -> AsyncIterator[Callable[..., Watched]]:
             "heartbeat_interval_s": 3600.0,
         }
         settings.update(options)
-        engine = ProcessEngine(tiny.flatbuffer, **MNIST_IO, **settings)
-        watched = Watched(engine)
+        pool = WorkerPool(tiny.flatbuffer, **MNIST_IO, **settings)
+        watched = Watched(pool)
         started.append(watched)
 
         def exited() -> None:
             watched.exits += 1
 
-        engine.on_worker_exit = exited
-        engine.on_health_change = watched.health.append
-        engine.serve()
+        pool.on_worker_exit = exited
+        pool.on_health_change = watched.health.append
+        pool.serve()
         return watched
 
     try:
@@ -114,8 +115,8 @@ async def supervised(tiny: TinyModel) -> AsyncIterator[Callable[..., Watched]]:
     finally:
         exited = []
         for watched in started:
-            watched.engine.close()  # on the loop, as the server does
-            exited.append(await asyncio.to_thread(watched.engine.wait_closed, 10.0))
+            watched.pool.close()  # on the loop, as the server does
+            exited.append(await asyncio.to_thread(watched.pool.wait_closed, 10.0))
             for pid in watched.stopped:  # in case the test failed before its worker was killed
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -123,7 +124,7 @@ async def supervised(tiny: TinyModel) -> AsyncIterator[Callable[..., Watched]]:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    """Poll `condition` (state the engine changes in the background) for up to PATIENCE_S."""
+    """Poll `condition` (state the pool changes in the background) for up to PATIENCE_S."""
     give_up = time.monotonic() + PATIENCE_S
     while not condition():
         if time.monotonic() > give_up:
@@ -143,14 +144,14 @@ async def test_a_batch_on_a_hung_worker_fails_by_the_hang_timeout_and_the_worker
     supervised: Callable[..., Watched], tiny: TinyModel, images: np.ndarray
 ) -> None:
     watched = supervised(workers=1, batch_timeout_s=0.5)
-    engine = watched.engine
-    expected = await engine.run(images)
+    pool = watched.pool
+    expected = await pool.run(images)
     np.testing.assert_allclose(expected, tiny.expected(images), rtol=1e-5, atol=1e-6)
-    (old,) = engine.pids
+    (old,) = pool.pids
     watched.stop(old)
     started = time.monotonic()
     with pytest.raises(errors.Internal, match=rf"pid {old}.*within 0.5 s: it hung"):
-        await engine.run(images)
+        await pool.run(images)
     elapsed = time.monotonic() - started
     # Not before the hang timeout (0.5 s), and long before anything a caller would
     # notice as "forever" (10 s: slack for two busy cores).
@@ -159,13 +160,13 @@ async def test_a_batch_on_a_hung_worker_fails_by_the_hang_timeout_and_the_worker
     # Killed at once (SIGKILL also ends a stopped process), and replaced: the next
     # batch waits for the new worker and gets the same answer.
     await until(lambda: gone(old), f"worker {old} to be killed")
-    np.testing.assert_array_equal(await engine.run(images), expected)
-    (new,) = engine.pids
+    np.testing.assert_array_equal(await pool.run(images), expected)
+    (new,) = pool.pids
     assert new != old
-    assert engine.healthy
+    assert pool.healthy
     # One worker: none was usable until the new one arrived.
     assert watched.health == [False, True]
-    results = await asyncio.gather(*(engine.run(images[: n + 1]) for n in range(4)))
+    results = await asyncio.gather(*(pool.run(images[: n + 1]) for n in range(4)))
     for n, result in enumerate(results):
         np.testing.assert_array_equal(result, expected[: n + 1])
 
@@ -174,17 +175,17 @@ async def test_a_worker_that_dies_while_idle_is_replaced_before_any_request_need
     supervised: Callable[..., Watched], images: np.ndarray
 ) -> None:
     watched = supervised(workers=2)
-    engine = watched.engine
-    expected = await engine.run(images)
-    victim, survivor = engine.pids
+    pool = watched.pool
+    expected = await pool.run(images)
+    victim, survivor = pool.pids
     os.kill(victim, signal.SIGKILL)
-    # No request is made: the engine notices the death by itself.
-    await until(lambda: victim not in engine.pids and len(engine.pids) == 2, "a replacement")
-    assert survivor in engine.pids
+    # No request is made: the pool notices the death by itself.
+    await until(lambda: victim not in pool.pids and len(pool.pids) == 2, "a replacement")
+    assert survivor in pool.pids
     assert watched.exits == 1
     # The survivor kept serving throughout: health never flipped.
     assert watched.health == []
-    results = await asyncio.gather(*(engine.run(images) for _ in range(6)))
+    results = await asyncio.gather(*(pool.run(images) for _ in range(6)))
     for result in results:
         np.testing.assert_array_equal(result, expected)
 
@@ -193,21 +194,21 @@ async def test_a_worker_that_hangs_while_idle_is_replaced_by_the_heartbeat(
     supervised: Callable[..., Watched], images: np.ndarray
 ) -> None:
     watched = supervised(workers=1, heartbeat_interval_s=0.2)
-    engine = watched.engine
-    expected = await engine.run(images)
-    (old,) = engine.pids
+    pool = watched.pool
+    expected = await pool.run(images)
+    (old,) = pool.pids
     watched.stop(old)
     # The heartbeat goes unanswered for max(1 s, 2 * 0.2 s): the only worker is
     # retired, so no worker is usable until its replacement is ready.
     await until(lambda: bool(watched.health), "health to change")
     assert watched.health[0] is False
     assert watched.exits == 1
-    assert old not in engine.pids
+    assert old not in pool.pids
     # A batch arriving meanwhile waits for the replacement (within its deadline).
-    result = await engine.run(images, time.monotonic() + PATIENCE_S)
+    result = await pool.run(images, time.monotonic() + PATIENCE_S)
     np.testing.assert_array_equal(result, expected)
     assert watched.health == [False, True]
-    assert engine.healthy
+    assert pool.healthy
     await until(lambda: gone(old), f"worker {old} to be killed")
 
 
@@ -215,19 +216,19 @@ async def test_heartbeats_leave_healthy_workers_serving(
     supervised: Callable[..., Watched], tiny: TinyModel
 ) -> None:
     watched = supervised(workers=2, heartbeat_interval_s=0.05)
-    engine = watched.engine
-    pids = engine.pids
+    pool = watched.pool
+    pids = pool.pids
     rng = np.random.default_rng(2)
     batches = [rng.integers(0, 256, size=(int(n), 28, 28), dtype=np.uint8) for n in range(1, 9)]
     # Batches keep coming while heartbeats go out every 50 ms (bound: 1 s); each
     # gets its own rows back, and no worker is mistaken for a hung one.
     finish = time.monotonic() + 1.5
     while time.monotonic() < finish:
-        results = await asyncio.gather(*(engine.run(b) for b in batches))
+        results = await asyncio.gather(*(pool.run(b) for b in batches))
         for batch, result in zip(batches, results, strict=True):
             np.testing.assert_allclose(result, tiny.expected(batch), rtol=1e-5, atol=1e-6)
         await asyncio.sleep(0.1)  # idle spells, when the workers get heartbeats
-    assert engine.pids == pids
+    assert pool.pids == pids
     assert watched.exits == 0
     assert watched.health == []
 
@@ -236,23 +237,23 @@ async def test_deadlines_bound_the_wait_for_a_worker_and_the_batch(
     supervised: Callable[..., Watched], images: np.ndarray
 ) -> None:
     watched = supervised(workers=1, batch_timeout_s=0.5)
-    engine = watched.engine
-    expected = await engine.run(images)
-    (old,) = engine.pids
+    pool = watched.pool
+    expected = await pool.run(images)
+    (old,) = pool.pids
     with pytest.raises(errors.DeadlineExceeded, match="waited for a model worker"):
-        await engine.run(images, time.monotonic() - 1.0)
-    assert engine.pids == [old]  # a late batch never reaches a worker
+        await pool.run(images, time.monotonic() - 1.0)
+    assert pool.pids == [old]  # a late batch never reaches a worker
     watched.stop(old)
-    hung = asyncio.ensure_future(engine.run(images))
+    hung = asyncio.ensure_future(pool.run(images))
     await asyncio.sleep(0)  # it takes the only worker
     # Another batch waits for a worker, but only until its deadline.
     with pytest.raises(errors.DeadlineExceeded, match="waited for a model worker"):
-        await engine.run(images, time.monotonic() + 0.1)
+        await pool.run(images, time.monotonic() + 0.1)
     assert not hung.done()
     with pytest.raises(errors.Internal, match="hung"):
         await hung
     assert watched.exits == 1
-    np.testing.assert_array_equal(await engine.run(images, time.monotonic() + PATIENCE_S), expected)
+    np.testing.assert_array_equal(await pool.run(images, time.monotonic() + PATIENCE_S), expected)
 
 
 @pytest.mark.parametrize("abandoned_by", ["deadline", "cancel"])
@@ -262,30 +263,30 @@ async def test_a_batch_abandoned_mid_call_leaves_the_worker_serving(
     """Its deadline passed (it fails at once, far ahead of the hang timeout) or its caller
     went away: either way the worker was slow, not lost, and serves on once it answers."""
     watched = supervised(workers=1, batch_timeout_s=PATIENCE_S)
-    engine = watched.engine
-    expected = await engine.run(images)
-    (pid,) = engine.pids
+    pool = watched.pool
+    expected = await pool.run(images)
+    (pid,) = pool.pids
     watched.stop(pid)
     started = time.monotonic()
     if abandoned_by == "deadline":
         with pytest.raises(errors.DeadlineExceeded, match="while the model computed the batch"):
-            await engine.run(images[:1], started + 0.2)
+            await pool.run(images[:1], started + 0.2)
         # By the deadline (0.2 s), far ahead of the hang timeout (30 s).
         assert time.monotonic() - started < 10.0
     else:
-        abandoned = asyncio.ensure_future(engine.run(images[:1]))
+        abandoned = asyncio.ensure_future(pool.run(images[:1]))
         await asyncio.sleep(0)  # it takes the only worker and sends its batch
         abandoned.cancel()
         with pytest.raises(asyncio.CancelledError):
             await abandoned
     # The next batch waits while the worker still owes the abandoned one's answer...
-    following = asyncio.ensure_future(engine.run(images))
+    following = asyncio.ensure_future(pool.run(images))
     await asyncio.sleep(0.05)
     assert not following.done()
     os.kill(pid, signal.SIGCONT)
     # ...then gets its own rows, not the abandoned batch's, from the same worker.
     np.testing.assert_array_equal(await asyncio.wait_for(following, PATIENCE_S), expected)
-    assert engine.pids == [pid]
+    assert pool.pids == [pid]
     assert watched.exits == 0
 
 
@@ -293,32 +294,32 @@ async def test_a_worker_still_hung_after_its_abandoned_batch_is_replaced(
     supervised: Callable[..., Watched], images: np.ndarray
 ) -> None:
     watched = supervised(workers=1, batch_timeout_s=0.5)
-    engine = watched.engine
-    expected = await engine.run(images)
-    (old,) = engine.pids
+    pool = watched.pool
+    expected = await pool.run(images)
+    (old,) = pool.pids
     watched.stop(old)
     with pytest.raises(errors.DeadlineExceeded, match="while the model computed the batch"):
-        await engine.run(images, time.monotonic() + 0.1)
+        await pool.run(images, time.monotonic() + 0.1)
     # The hang timeout still runs for the batch nobody waits for any more.
     await until(lambda: watched.exits == 1, "the hung worker to be given up")
     await until(lambda: gone(old), f"worker {old} to be killed")
-    np.testing.assert_array_equal(await engine.run(images), expected)
-    assert engine.pids != [old]
+    np.testing.assert_array_equal(await pool.run(images), expected)
+    assert pool.pids != [old]
 
 
 async def test_closing_fails_a_batch_held_by_a_stopped_worker_and_kills_it(
     supervised: Callable[..., Watched],
 ) -> None:
     watched = supervised(workers=1, batch_timeout_s=PATIENCE_S)
-    engine = watched.engine
-    (pid,) = engine.pids
+    pool = watched.pool
+    (pid,) = pool.pids
     watched.stop(pid)
     # Larger than the socket's buffer: the stopped worker never takes all of it.
     large = np.zeros((512, 28, 28, 1), np.float32)
-    held = asyncio.ensure_future(engine.run(large))
-    waiting = asyncio.ensure_future(engine.run(large[:1]))
+    held = asyncio.ensure_future(pool.run(large))
+    waiting = asyncio.ensure_future(pool.run(large[:1]))
     await asyncio.sleep(0)
-    engine.close()
+    pool.close()
     with pytest.raises(errors.Unavailable, match="released"):
         await held
     with pytest.raises(errors.Unavailable, match="released"):
@@ -326,7 +327,7 @@ async def test_closing_fails_a_batch_held_by_a_stopped_worker_and_kills_it(
     # A stopped worker never reads the end of its input: wait_closed kills it
     # shortly before its bound (2 s) rather than waiting for it.
     started = time.monotonic()
-    assert await asyncio.to_thread(engine.wait_closed, 2.0)
+    assert await asyncio.to_thread(pool.wait_closed, 2.0)
     assert time.monotonic() - started < 10.0
     assert gone(pid)
     # Closing does not report the model unhealthy: it was released, not lost.
@@ -338,43 +339,43 @@ async def test_a_model_whose_workers_cannot_restart_refuses_batches_and_reports_
     supervised: Callable[..., Watched], images: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     watched = supervised(workers=1)
-    engine = watched.engine
-    (pid,) = engine.pids
-    monkeypatch.setattr(engine, "_flatbuffer", b"not a flatbuffer")
+    pool = watched.pool
+    (pid,) = pool.pids
+    monkeypatch.setattr(pool, "_flatbuffer", b"not a flatbuffer")
     os.kill(pid, signal.SIGKILL)
     await until(lambda: watched.health == [False], "health to turn False")
     # Waits for the restart under way to fail, then learns there is no worker.
     with pytest.raises(errors.Unavailable, match="no model worker is running"):
-        await engine.run(images, time.monotonic() + PATIENCE_S)
-    assert not engine.healthy
+        await pool.run(images, time.monotonic() + PATIENCE_S)
+    assert not pool.healthy
     assert watched.health == [False]
 
 
 def test_a_worker_that_fails_a_blocking_call_is_dropped(
     tiny: TinyModel, images: np.ndarray
 ) -> None:
-    engine = ProcessEngine(tiny.flatbuffer, **MNIST_IO, threads=1, workers=2, name="blocking")
+    pool = WorkerPool(tiny.flatbuffer, **MNIST_IO, threads=1, workers=2, name="blocking")
     try:
-        first, second = engine.pids
-        expected = engine(images)
-        np.testing.assert_array_equal(engine(images), expected)
+        first, second = pool.pids
+        expected = pool(images)
+        np.testing.assert_array_equal(pool(images), expected)
         os.kill(first, signal.SIGKILL)
         # Round robin (each worker has had a call): the dead worker is next. Its
         # failure is reported, and it is never handed a call again (a stuck one
         # fails the same way after START_TIMEOUT_S).
         with pytest.raises(WorkerError, match=rf"blocking worker 0 \(pid {first}\) failed"):
-            engine(images)
-        assert engine.pids == [second]
+            pool(images)
+        assert pool.pids == [second]
         for _ in range(3):
-            np.testing.assert_array_equal(engine(images), expected)
+            np.testing.assert_array_equal(pool(images), expected)
         os.kill(second, signal.SIGKILL)
         with pytest.raises(WorkerError, match="failed"):
-            engine(images)
+            pool(images)
         with pytest.raises(WorkerError, match="no worker is left"):
-            engine(images)
+            pool(images)
     finally:
-        engine.close()
-        assert engine.wait_closed(10.0)
+        pool.close()
+        assert pool.wait_closed(10.0)
     assert gone(first)
     assert gone(second)
 
@@ -389,4 +390,4 @@ def test_a_worker_that_fails_a_blocking_call_is_dropped(
 def test_rejects_bad_supervision_settings(option: str, value: float, message: str) -> None:
     options: dict[str, Any] = {option: value}
     with pytest.raises(ValueError, match=message):
-        ProcessEngine(b"", **MNIST_IO, threads=1, workers=1, name="bad", **options)
+        WorkerPool(b"", **MNIST_IO, threads=1, workers=1, name="bad", **options)

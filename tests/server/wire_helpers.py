@@ -1,54 +1,33 @@
-"""Shared pieces of the server wire tests: stand-in metrics, settings, servers, polling.
+"""Shared pieces of the wire tests: settings, servers in child processes, scrapes.
 
-The stand-in runtime is `tests.fake_runtime.FakeRuntime`. Tests of the whole
-server use the real runtime with the shared trained model instead.
+The stand-ins are `tests.fake_runtime.FakeRuntime` and
+`tests.fake_metrics.FakeMetrics`. Tests of the whole server use the real
+runtime with the shared trained model instead. Every server here, convserve's
+and Prometheus, binds port 0 and reports the port it got.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
-import time
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.polling import wait_for
+
 LISTENING = re.compile(r"convserve-server listening on (\S+):(\d+) metrics on :(\d+)")
-
-
-class StubMetrics:
-    """Records request accounting calls; exposes a registry like the real `Metrics`."""
-
-    def __init__(self) -> None:
-        self.registry = prometheus_client.CollectorRegistry()
-        self.requests = prometheus_client.Counter(
-            "convserve_requests",
-            "Requests by protocol, RPC and status code.",
-            ["protocol", "rpc", "code"],
-            registry=self.registry,
-        )
-        self.started: list[tuple[str, str]] = []
-        self.finished: list[tuple[str, str, str]] = []
-        # (protocol, rpc, model label, code) of each finished request.
-        self.labelled: list[tuple[str, str, str, str]] = []
-
-    def request_started(self, protocol: str, rpc: str, model: str = "") -> None:
-        self.started.append((protocol, rpc))
-
-    def request_finished(
-        self, protocol: str, rpc: str, code: str, seconds: float, model: str = ""
-    ) -> None:
-        assert seconds >= 0
-        self.finished.append((protocol, rpc, code))
-        self.labelled.append((protocol, rpc, model, code))
-        self.requests.labels(protocol, rpc, code).inc()
+# What Prometheus logs once its web server has bound, e.g. address=127.0.0.1:40731.
+PROMETHEUS_LISTENING = re.compile(r'msg="Listening on" address=(\S+)')
 
 
 def settings_for(model_base_path: Path | str = "models/mnist", **overrides: Any) -> Any:
@@ -66,22 +45,6 @@ def settings_for(model_base_path: Path | str = "models/mnist", **overrides: Any)
     }
     values.update(overrides)
     return Settings(**values)
-
-
-def poll(check: Callable[[], Any], *, timeout_s: float = 30.0, what: str = "condition") -> Any:
-    """Call `check` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except Exception as exc:  # a server that is still starting refuses connections
-            last_error = exc
-        else:
-            if value:
-                return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: {last_error!r}")
 
 
 def scrape(metrics_port: int, host: str = "127.0.0.1") -> dict[tuple[str, tuple], float]:
@@ -170,3 +133,61 @@ def kill_process(server: ServerProcess) -> None:
     if server.process.poll() is None:
         server.process.kill()
         server.process.wait()
+
+
+@dataclass
+class PrometheusProcess:
+    """A Prometheus child process, the address its web server bound and its log file."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+
+    def api(self, endpoint: str, **params: str) -> Any:
+        """GET /api/v1/`endpoint`?`params`; the reply's `data` (its status must be success)."""
+        assert self.process.poll() is None, f"prometheus exited with {self.process.returncode}"
+        query = urllib.parse.urlencode(params)
+        url = f"http://{self.address}/api/v1/{endpoint}" + (f"?{query}" if query else "")
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            body = json.load(reply)
+        assert body["status"] == "success", body
+        return body["data"]
+
+
+@contextmanager
+def prometheus_process(
+    prometheus: str, config: Path, directory: Path
+) -> Iterator[PrometheusProcess]:
+    """Run the `prometheus` binary on `config`, its data and log in `directory`; stop it after.
+
+    Its web server listens on 127.0.0.1:0 and the bound address is read back
+    from its log. A failed assertion in the block gets the log's tail appended.
+    """
+    log_path = directory / "prometheus.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                "--web.listen-address=127.0.0.1:0",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def listening() -> str | None:
+        assert process.poll() is None, f"prometheus exited with {process.returncode}"
+        match = PROMETHEUS_LISTENING.search(log_path.read_text())
+        return match.group(1) if match else None
+
+    try:
+        address = wait_for(listening, what="prometheus to report its address")
+        yield PrometheusProcess(process, address, log_path)
+    except AssertionError as failure:
+        raise AssertionError(
+            f"{failure}\nprometheus log:\n{log_path.read_text()[-3000:]}"
+        ) from failure
+    finally:
+        process.terminate()
+        process.wait(30)

@@ -1,8 +1,9 @@
 """Client SDK for convserve: image classification and 2-D convolution over gRPC.
 
-Needs only grpcio, protobuf and numpy; image files need pillow (the
-``images`` extra) and the load generator's ``--protocol oip`` needs
-tritonclient (the ``oip`` extra).
+Needs only grpcio (with grpcio-health-checking), protobuf, numpy and the
+pure-Python prometheus-client (read by ``convserve bench --metrics-url``);
+image files need pillow (the ``images`` extra) and the load generator's
+``--protocol oip`` needs tritonclient (the ``oip`` extra).
 
     from convserve.client import ConvServeClient
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,7 +23,7 @@ from convserve.client.config import (
 )
 from convserve.client.convert import PaddingArg, Pair
 from convserve.client.errors import ConvServeError
-from convserve.client.images import ImageShape, ImagesInput, ImageSource
+from convserve.client.images import ImagesInput, ImageSource
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
@@ -33,6 +34,7 @@ from convserve.client.results import (
 from convserve.client.retry import Attempts, Deadline, RetryPolicy
 from convserve.client.stream import PredictStream
 from convserve.v1 import convserve_pb2_grpc
+from convserve.v1.images import ImageShape
 
 Response = TypeVar("Response")
 
@@ -40,7 +42,7 @@ Response = TypeVar("Response")
 class AsyncConvServeClient(AsyncClosing):
     """Calls a convserve server from asyncio code. Use ``async with``, or await `close()`.
 
-    The arguments are those of `ConvServeClient`. A batch larger than
+    The arguments are those of `ConvServeClient` (`sleep` is awaited). A batch larger than
     `max_batch_images` is sent as several requests, a few at a time.
     Concurrent calls for a model whose input shape is not known yet share one
     GetModelMetadata call.
@@ -56,7 +58,10 @@ class AsyncConvServeClient(AsyncClosing):
         retries: int | RetryPolicy = 3,
         max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
         model_name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        self._sleep = sleep
         self._config = make_config(
             target,
             timeout_s=timeout_s,
@@ -65,16 +70,13 @@ class AsyncConvServeClient(AsyncClosing):
             retries=retries,
             max_batch_images=max_batch_images,
             model_name=model_name,
+            clock=clock,
         )
         self._rng = new_rng()
         self._input_shapes: dict[str, asyncio.Future[ImageShape]] = {}
         self._channel = aio_channel(target, self._config.tls, self._config.options)
         self._stub = convserve_pb2_grpc.ConvServeStub(self._channel)
-        self._health = self._channel.unary_unary(
-            health.CHECK_METHOD,
-            request_serializer=health.HealthCheckRequest.SerializeToString,
-            response_deserializer=health.HealthCheckResponse.FromString,
-        )
+        self._health = health.check_method(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -89,7 +91,7 @@ class AsyncConvServeClient(AsyncClosing):
                     request, timeout=attempts.timeout_s(), metadata=self._config.metadata
                 )
             except grpc.RpcError as error:
-                await asyncio.sleep(attempts.after_failure(error))
+                await self._sleep(attempts.after_failure(error))
 
     def _model(self, model: str) -> str:
         return model or self._config.model_name
@@ -306,7 +308,7 @@ class AsyncConvServeClient(AsyncClosing):
 
         Raises the last error if the server never answered.
         """
-        wait = health.ServingWait(timeout_s, poll_interval_s)
+        wait = health.ServingWait(timeout_s, poll_interval_s, self._config.clock)
         while True:
             try:
                 status = await self.health(service, timeout_s=wait.call_timeout_s())
@@ -315,4 +317,4 @@ class AsyncConvServeClient(AsyncClosing):
             else:
                 if wait.answered(status):
                     return status
-            await asyncio.sleep(poll_interval_s)
+            await self._sleep(poll_interval_s)

@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from convserve.client.bench import BenchConfig, SetupError
+from convserve.client.bench_config import BenchConfig, SetupError, base_url
 from convserve.client.bench_requests import OipInput, first_input, little_endian_bytes, oip_arrays
 from convserve.client.channel import TlsConfig
 from convserve.client.errors import InputError
@@ -106,31 +106,6 @@ def import_http(protocol: str) -> tuple[Any, Any]:
             f"--protocol {protocol} needs {missing}: pip install 'convserve[http]'"
         ) from exc
     return aiohttp, orjson
-
-
-def base_url(target: str, tls: TlsConfig | None) -> str:
-    """The URL an HTTP target's paths go under, e.g. ``http://127.0.0.1:8501``.
-
-    `target` is ``HOST:PORT`` (https when `tls` is given) or an ``http://`` or
-    ``https://`` URL, whose path, if any, prefixes every request's path (a
-    server behind a proxy). InputError (without a flag name) otherwise.
-    """
-    expected = f"expected HOST:PORT or an http:// or https:// URL, got {target!r}"
-    url = target if "://" in target else f"{'https' if tls is not None else 'http'}://{target}"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InputError(f"{expected} ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(expected)
-    if "://" not in target and port is None:
-        raise InputError(expected)
-    if parts.query or parts.fragment or parts.username is not None:
-        raise InputError(f"{expected}: no query, fragment or user name")
-    if parts.scheme == "http" and tls is not None:
-        raise InputError(f"TLS settings given for the http:// URL {target!r}; use https://")
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
 def model_path(prefix: str, model: str) -> str:

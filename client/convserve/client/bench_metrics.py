@@ -10,9 +10,7 @@ three histograms it keeps (see the server's ``metrics.py``):
 ``convserve_model_execution_seconds`` (one model call). Percentiles come from
 the bucket deltas, interpolated within a bucket as Prometheus'
 ``histogram_quantile`` does, so they are as coarse as the server's buckets.
-
-A small parser of the text exposition format keeps the bare client free of
-``prometheus_client``.
+The text exposition format is read by ``prometheus_client``'s own parser.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from convserve.client.bench import rounded_ms
+from convserve.client.bench_results import rounded_ms
 from convserve.client.errors import InputError
 
 REQUESTS = "convserve_requests_total"
@@ -40,10 +38,6 @@ SCRAPE_TIMEOUT_S = 5.0
 LATE_SCRAPE_FRACTION = 0.25
 LATE_SCRAPE_FLOOR_S = 0.1
 
-# name{labels} value [timestamp]
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(\s+\S+)?\s*$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
 
@@ -52,40 +46,20 @@ class MetricsError(Exception):
     """The metrics endpoint could not be read or parsed."""
 
 
-def _unescape(value: str) -> str:
-    return value.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
-
-
-def _labels(text: str, line: str) -> Labels:
-    inner = text[1:-1]
-    labels = []
-    position = 0
-    while position < len(inner):
-        match = _LABEL.match(inner, position)
-        if match is None:
-            raise MetricsError(f"cannot parse the labels of {line!r}")
-        labels.append((match.group(1), _unescape(match.group(2))))
-        position = match.end()
-    return tuple(sorted(labels))
-
-
 def parse_text(text: str) -> Samples:
     """Every sample of a Prometheus text exposition: (name, sorted labels) -> value."""
-    samples: Samples = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if match is None:
-            raise MetricsError(f"cannot parse the metrics line {line!r}")
-        name, label_text, value = match.group(1), match.group(2), match.group(3)
-        labels = _labels(label_text, line) if label_text else ()
-        try:
-            samples[(name, labels)] = float(value)
-        except ValueError:
-            raise MetricsError(f"not a number in the metrics line {line!r}") from None
-    return samples
+    # Imported here: prometheus_client pulls in an HTTP server, which would slow every
+    # command's start-up for what only ``bench --metrics-url`` needs.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): float(sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+    except ValueError as exc:
+        raise MetricsError(f"cannot parse the metrics ({exc})") from exc
 
 
 def scrape(url: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> Samples:

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from convserve.client.bench import BenchConfig, rounded_ms
+from convserve.client.bench_config import BenchConfig
+from convserve.client.bench_results import rounded_ms
 from convserve.client.bench_sweep import LevelResult, SweepResult
 from convserve.client.errors import InputError
 from convserve.client.table import format_table

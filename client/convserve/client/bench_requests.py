@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from convserve.client.errors import InputError
-from convserve.client.images import ImageShape, image_batch, resize_batch
-from convserve.client.tensor import to_tensor
+from convserve.client.images import image_batch, resize_batch
 from convserve.v1 import convserve_pb2 as pb
+from convserve.v1.images import ImageShape
+from convserve.v1.tensor_codec import to_tensor
 
 PREDICT_METHOD = "/convserve.v1.ConvServe/Predict"
 PREDICT_STREAM_METHOD = "/convserve.v1.ConvServe/PredictStream"

@@ -32,16 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from convserve.client import bench_metrics
-from convserve.client.bench import (
-    BenchConfig,
-    Phase,
-    PhaseResult,
-    WindowPlan,
-    check_windows,
-    combine,
-    rounded_ms,
-    run_windows,
-)
+from convserve.client.bench import run_windows
+from convserve.client.bench_config import BenchConfig, Phase, WindowPlan, check_windows
+from convserve.client.bench_results import PhaseResult, combine, rounded_ms
 from convserve.client.errors import InputError
 
 MAX_LEVELS = 1000

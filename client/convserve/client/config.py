@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +36,11 @@ class ClientConfig:
     max_batch_images: int
     model_name: str
     options: list[tuple[str, Any]]
+    clock: Callable[[], float]
 
     def deadline(self, timeout_s: float | None) -> Deadline:
         """A per-call timeout overrides the client's default."""
-        return Deadline(self.timeout_s if timeout_s is None else timeout_s)
+        return Deadline(self.timeout_s if timeout_s is None else timeout_s, self.clock)
 
 
 def make_config(
@@ -49,6 +52,7 @@ def make_config(
     retries: int | RetryPolicy,
     max_batch_images: int,
     model_name: str,
+    clock: Callable[[], float] = time.monotonic,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> ClientConfig:
     if timeout_s is not None and timeout_s <= 0:
@@ -65,6 +69,7 @@ def make_config(
         max_batch_images=max_batch_images,
         model_name=model_name,
         options=channel_options(max_message_bytes=max_message_bytes, tls=tls_config),
+        clock=clock,
     )
 
 

@@ -12,13 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from convserve.client.errors import InputError, bad_response
-from convserve.client.images import (
-    ImageShape,
-    ImagesInput,
-    ImageSource,
-    image_batch,
-    single_image,
-)
+from convserve.client.images import ImagesInput, ImageSource, image_batch, single_image
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
@@ -32,9 +26,10 @@ from convserve.client.results import (
     TrainingRecord,
     VersionStatus,
 )
-from convserve.client.tensor import TensorError, dtype_name, from_tensor, to_tensor
 from convserve.v1 import convserve_pb2 as pb
 from convserve.v1 import tensor_pb2
+from convserve.v1.images import ImageShape
+from convserve.v1.tensor_codec import TensorError, dtype_name, from_tensor, to_tensor
 
 Pair = int | Sequence[int]
 PaddingArg = str | Sequence[int]

@@ -1,71 +1,37 @@
-"""The standard gRPC health check (grpc.health.v1) without the grpcio-health-checking package.
-
-The two messages are declared here in a private descriptor pool, so the
-client needs only protobuf, and a process that also imports the official
-grpc_health module (a server in the same test process) sees no clash.
-"""
+"""The standard gRPC health check (grpc.health.v1), with grpcio-health-checking's messages."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve.client.errors import ConvServeError
 from convserve.client.retry import Deadline
 
-CHECK_METHOD = "/grpc.health.v1.Health/Check"
 SERVING = "SERVING"
-STATUS_NAMES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
 
 
-def _message_classes() -> tuple[Any, Any]:
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="convserve_client/grpc_health_v1.proto", package="grpc.health.v1", syntax="proto3"
-    )
-    request = fdp.message_type.add(name="HealthCheckRequest")
-    request.field.add(
-        name="service",
-        number=1,
-        type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
-        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
-    )
-    response = fdp.message_type.add(name="HealthCheckResponse")
-    status_enum = response.enum_type.add(name="ServingStatus")
-    for number, name in enumerate(STATUS_NAMES):
-        status_enum.value.add(name=name, number=number)
-    response.field.add(
-        name="status",
-        number=1,
-        type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM,
-        type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus",
-        label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
-    )
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return (
-        message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest")
-        ),
-        message_factory.GetMessageClass(
-            pool.FindMessageTypeByName("grpc.health.v1.HealthCheckResponse")
-        ),
-    )
+def check_method(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """The channel's Health.Check method (awaitable on an asyncio channel)."""
+    return health_pb2_grpc.HealthStub(channel).Check
 
 
-HealthCheckRequest, HealthCheckResponse = _message_classes()
-
-
-def check_request(service: str = "") -> Any:
+def check_request(service: str = "") -> health_pb2.HealthCheckRequest:
     """Empty `service` asks about the server as a whole."""
-    return HealthCheckRequest(service=service)
+    return health_pb2.HealthCheckRequest(service=service)
 
 
-def status_name(response: Any) -> str:
+def status_name(response: health_pb2.HealthCheckResponse) -> str:
     """ "SERVING", "NOT_SERVING", "UNKNOWN", "SERVICE_UNKNOWN" (or the number if newer)."""
     status = int(response.status)
-    return STATUS_NAMES[status] if status < len(STATUS_NAMES) else str(status)
+    try:
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    except ValueError:
+        return str(status)
 
 
 # A server that is still starting refuses connections or answers late.
@@ -74,10 +40,18 @@ _MIN_CALL_TIMEOUT_S = 0.05
 
 
 class ServingWait:
-    """The decisions of `wait_for_serving`, shared by the sync and async clients."""
+    """The decisions of `wait_for_serving`, shared by the sync and async clients.
 
-    def __init__(self, timeout_s: float, poll_interval_s: float) -> None:
-        self._deadline = Deadline(timeout_s)
+    `clock` is the time source of its deadline (see `Deadline`).
+    """
+
+    def __init__(
+        self,
+        timeout_s: float,
+        poll_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._deadline = Deadline(timeout_s, clock)
         self._poll_interval_s = poll_interval_s
 
     def _out_of_time(self) -> bool:

@@ -17,10 +17,11 @@ import grpc
 from convserve.client import convert
 from convserve.client.aio import AsyncClosing, gather_or_cancel
 from convserve.client.errors import ConvServeError, error_for, from_rpc_error
-from convserve.client.images import ImageShape, ImagesInput
+from convserve.client.images import ImagesInput
 from convserve.client.results import PredictResult
 from convserve.v1 import convserve_pb2 as pb
 from convserve.v1 import convserve_pb2_grpc
+from convserve.v1.images import ImageShape
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

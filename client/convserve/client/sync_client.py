@@ -22,7 +22,7 @@ from convserve.client.config import (
 )
 from convserve.client.convert import PaddingArg, Pair
 from convserve.client.errors import ConvServeError
-from convserve.client.images import ImageShape, ImagesInput, ImageSource
+from convserve.client.images import ImagesInput, ImageSource
 from convserve.client.results import (
     FeatureMapsResult,
     FitKernelResult,
@@ -32,6 +32,7 @@ from convserve.client.results import (
 )
 from convserve.client.retry import Attempts, Deadline, RetryPolicy
 from convserve.v1 import convserve_pb2_grpc
+from convserve.v1.images import ImageShape
 
 Response = TypeVar("Response")
 
@@ -51,6 +52,9 @@ class ConvServeClient:
     --max-images-per-request.
     `model_name`: the model that calls with an empty `model` get; empty for
     the server's default model.
+    `clock` and `sleep`: the time that deadlines are measured in and how the
+    client waits between retries and health polls (`time.monotonic` and
+    `time.sleep`; tests pass fakes).
 
     Arrays and image files are read against the model's input shape, which
     the client asks for (GetModelMetadata) once per model name and keeps;
@@ -67,7 +71,10 @@ class ConvServeClient:
         retries: int | RetryPolicy = 3,
         max_batch_images: int = DEFAULT_MAX_BATCH_IMAGES,
         model_name: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        self._sleep = sleep
         self._config = make_config(
             target,
             timeout_s=timeout_s,
@@ -76,17 +83,14 @@ class ConvServeClient:
             retries=retries,
             max_batch_images=max_batch_images,
             model_name=model_name,
+            clock=clock,
         )
         self._rng = new_rng()
         self._input_shapes: dict[str, ImageShape] = {}
         self._shapes_lock = threading.Lock()
         self._channel = sync_channel(target, self._config.tls, self._config.options)
         self._stub = convserve_pb2_grpc.ConvServeStub(self._channel)
-        self._health = self._channel.unary_unary(
-            health.CHECK_METHOD,
-            request_serializer=health.HealthCheckRequest.SerializeToString,
-            response_deserializer=health.HealthCheckResponse.FromString,
-        )
+        self._health = health.check_method(self._channel)
 
     def __enter__(self) -> ConvServeClient:
         return self
@@ -108,7 +112,7 @@ class ConvServeClient:
             try:
                 return method(request, timeout=attempts.timeout_s(), metadata=self._config.metadata)
             except grpc.RpcError as error:
-                time.sleep(attempts.after_failure(error))
+                self._sleep(attempts.after_failure(error))
 
     def _model(self, model: str) -> str:
         return model or self._config.model_name
@@ -288,7 +292,7 @@ class ConvServeClient:
 
         Raises the last error if the server never answered.
         """
-        wait = health.ServingWait(timeout_s, poll_interval_s)
+        wait = health.ServingWait(timeout_s, poll_interval_s, self._config.clock)
         while True:
             try:
                 status = self.health(service, timeout_s=wait.call_timeout_s())
@@ -297,4 +301,4 @@ class ConvServeClient:
             else:
                 if wait.answered(status):
                     return status
-            time.sleep(poll_interval_s)
+            self._sleep(poll_interval_s)

@@ -47,7 +47,8 @@ def _fail(message: str) -> int:
 async def serve(settings: Settings) -> int:
     """Start, serve until SIGTERM/SIGINT, stop within grace_period_s; returns the exit code."""
     from convserve.server import errors
-    from convserve.server.app import StartupError, start_server
+    from convserve.server.app import start_server
+    from convserve.server.listen import StartupError
     from convserve.server.settings import SettingsError
 
     loop = asyncio.get_running_loop()

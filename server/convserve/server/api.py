@@ -1,8 +1,10 @@
-"""The runtime's interface: everything a protocol servicer or the app may call.
+"""The typed edges of the protocol code: the runtime it calls and the metrics it counts in.
 
-`runtime.Runtime` implements it; tests share one fake of it
+`runtime.Runtime` implements `RuntimeApi`; tests share one fake of it
 (``tests/fake_runtime.py``). Servicers type their runtime as `RuntimeApi`, so a
 method they need and the runtime lacks is a type error, not a failed call.
+`metrics.Metrics` implements `RequestMetrics`, the request accounting every
+protocol does.
 
 Deadlines are absolute `time.monotonic()` values (None: no deadline). Every
 method raises the `errors` exceptions (NotFound for an unknown model or
@@ -15,9 +17,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-import numpy as np
-
 from convserve.server import types
+
+# The `model` metrics label of a request naming a model that is not configured: one
+# label for them all, so that clients cannot grow the label set without bound.
+UNKNOWN_MODEL_LABEL = "_unknown"
+
+
+class RequestMetrics(Protocol):
+    """What protocol code records of each request (`metrics.Metrics` implements it)."""
+
+    def request_started(self, protocol: str, rpc: str, model: str = "") -> None:
+        """A request of `rpc` to `model` (its `model` label) has arrived."""
+        ...
+
+    def request_finished(
+        self, protocol: str, rpc: str, code: str, seconds: float, model: str = ""
+    ) -> None:
+        """It ended with status `code` (a gRPC status code name) after `seconds`."""
+        ...
 
 
 class RuntimeApi(Protocol):
@@ -35,22 +53,20 @@ class RuntimeApi(Protocol):
 
     def model_label(self, requested: str) -> str:
         """The `model` metrics label of a request naming model `requested`: the model's
-        name if configured (the default model's for ""), else "_unknown"."""
-        ...
-
-    def check_images(
-        self, images: np.ndarray, field: str, model: types.ModelRef = types.DEFAULT_MODEL
-    ) -> np.ndarray:
-        """Check images against `model`'s input; returns them as [N,H,W,C].
-
-        Raises errors.InvalidArgument naming `field`, errors.NotFound for an
-        unknown model. Blocking for large inputs: callers run it off the loop.
-        """
+        name if configured (the default model's for ""), else `UNKNOWN_MODEL_LABEL`."""
         ...
 
     async def predict(
-        self, value: types.PredictInput, *, deadline: float | None, protocol: str = "convserve"
-    ) -> types.PredictOutput: ...
+        self, value: types.PredictInput, *, deadline: float | None
+    ) -> types.PredictOutput:
+        """Class probabilities for `value.images` from the model version `value.model`
+        names, resolved and leased once: the images are checked against that version's
+        input (off the event loop when large) and batched with concurrent requests.
+
+        Raises errors.InvalidArgument naming `value.field`, NotFound (unknown model,
+        version or label), ResourceExhausted, DeadlineExceeded, Unavailable.
+        """
+        ...
 
     async def convolve(
         self, value: types.ConvolveInput, *, deadline: float | None

@@ -1,7 +1,7 @@
 """Assembling and running the server: gRPC services, health, reflection, metrics.
 
-`start_server` builds one grpc.aio server carrying convserve.v1, the other
-protocols' adapters, ``grpc.health.v1`` and reflection, starts the Prometheus
+`start_server` builds one grpc.aio server carrying the protocols' services
+(`protocols.ADAPTERS`), ``grpc.health.v1`` and reflection, starts the Prometheus
 ``/metrics`` endpoint, loads and warms the model and returns once the server
 reports SERVING. `RunningServer.stop` shuts down in the order load balancers
 need: health turns NOT_SERVING first, then every client connection gets an
@@ -31,9 +31,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from convserve.server import auth, servicer
+from convserve.server import api, auth, types
 from convserve.server.json_worker import JsonParser
+from convserve.server.listen import StartupError, bind_host
 from convserve.server.logs import REJECTIONS
+from convserve.server.metrics import Metrics
 from convserve.server.protocols import ADAPTERS
 from convserve.server.protocols.http import HttpApi, HttpServer
 from convserve.server.protocols.oip import OipModels
@@ -52,10 +54,6 @@ LIVENESS = "liveness"
 READINESS = "readiness"
 
 
-class StartupError(RuntimeError):
-    """The server could not start (e.g. the port is taken); the message says why."""
-
-
 class RunningServer:
     """A started server. `port` and `metrics_port` are the bound ports (never 0)."""
 
@@ -65,8 +63,8 @@ class RunningServer:
         settings: Settings,
         server: grpc.aio.Server,
         health: auth.GuardedHealthServicer,
-        runtime: Any,
-        metrics: Any,
+        runtime: api.RuntimeApi,
+        metrics: Metrics,
         port: int,
         metrics_http: tuple[WSGIServer, threading.Thread] | None,
         services: list[str],
@@ -120,7 +118,7 @@ class RunningServer:
     @property
     def serving(self) -> bool:
         """Ready and not stopping: what the HTTP readiness endpoint answers."""
-        return not self.stopping and bool(getattr(self.runtime, "ready", True))
+        return not self.stopping and self.runtime.ready
 
     @property
     def stopped(self) -> bool:
@@ -134,8 +132,7 @@ class RunningServer:
         await self.health.set(LIVENESS, SERVING)
         for name in ("", READINESS, *self.services):
             await self.health.set(name, status)
-        statuses = getattr(self.runtime, "models", None)
-        models = statuses() if statuses is not None and not self.stopping else []
+        models = [] if self.stopping else self.runtime.models()
         # A model named like a gRPC service would overwrite that service's status.
         ready = {m.name: m.ready for m in models if m.name not in self.services}
         for name in sorted(set(ready) | self._model_services):
@@ -179,9 +176,10 @@ class RunningServer:
                 if self.http is not None:
                     stops.append(self.http.stop())
                 await asyncio.gather(*stops)
-                stopped = await self.runtime.stop(max(0.0, deadline - time.monotonic()))
-                # Work the runtime had to abandon (a thread that would not stop).
-                self.stopped_cleanly = stopped is not False
+                # False: work the runtime had to abandon (a thread that would not stop).
+                self.stopped_cleanly = await self.runtime.stop(
+                    max(0.0, deadline - time.monotonic())
+                )
             finally:
                 self._stop_metrics_http()
                 # Rejections not yet summarised in the log are, before the process ends.
@@ -201,11 +199,6 @@ class RunningServer:
         httpd.shutdown()
         httpd.server_close()
         thread.join()
-
-
-def bind_host(host: str) -> str:
-    # gRPC wants IPv6 literals in brackets; the HTTP server wants them bare.
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -350,8 +343,8 @@ def _start_metrics_http(settings: Settings, registry: Any) -> tuple[WSGIServer, 
 
 def _http_server(
     settings: Settings,
-    runtime: Any,
-    metrics: Any,
+    runtime: api.RuntimeApi,
+    metrics: Metrics,
     token: str | None,
     replica: str,
     serving: Callable[[], bool],
@@ -362,7 +355,7 @@ def _http_server(
     check = auth.BearerTokenInterceptor(token).check if token is not None else None
     parser = JsonParser()
 
-    def http_api(protocol: Any, model_label: Any) -> HttpApi:
+    def http_api(protocol: types.Protocol, model_label: Callable[[str], str]) -> HttpApi:
         return HttpApi(
             protocol,
             metrics,
@@ -392,18 +385,12 @@ def _http_server(
         from convserve.server.protocols.console import Console
         from convserve.server.traffic import Traffic
 
-        registry = getattr(metrics, "registry", None)
-        traffic = (
-            Traffic(
-                registry,
-                interval_s=settings.traffic_interval_s,
-                window_s=settings.traffic_window_s,
-            )
-            if registry is not None
-            else None
+        traffic = Traffic(
+            metrics.registry,
+            interval_s=settings.traffic_interval_s,
+            window_s=settings.traffic_window_s,
         )
-        if traffic is not None:
-            background.append(traffic.run)
+        background.append(traffic.run)
         console = Console(
             runtime,
             http_api(convserve_http.PROTOCOL, runtime.model_label),
@@ -418,21 +405,20 @@ def _http_server(
 
 
 async def start_server(
-    settings: Settings, *, runtime: Any = None, metrics: Any = None
+    settings: Settings, *, runtime: api.RuntimeApi | None = None, metrics: Metrics | None = None
 ) -> RunningServer:
     """Start serving `settings`; returns once every configured model has had its first
     load (a model that cannot load is retried in the background) and health follows the
     runtime's readiness.
 
     `runtime` and `metrics` default to a new `runtime.Runtime` and
-    `metrics.Metrics`; tests may pass stand-ins with the same interface.
+    `metrics.Metrics`; tests may pass stand-ins: any `api.RuntimeApi`, and metrics with
+    `Metrics`' request accounting (`api.RequestMetrics`) and registry.
     Raises StartupError (port unavailable), SettingsError (unreadable TLS
     or token files) or the runtime's errors (e.g. no loadable model with
     exit_on_load_error).
     """
     if metrics is None:
-        from convserve.server.metrics import Metrics
-
         metrics = Metrics()
     if runtime is None:
         from convserve.server.runtime import Runtime
@@ -441,19 +427,14 @@ async def start_server(
 
     server = grpc.aio.server(interceptors=_interceptors(settings), options=grpc_options(settings))
     replica = settings.resolved_replica_name()
-    services = servicer.add_to_server(
-        server,
-        runtime,
-        metrics,
-        max_stream_in_flight=settings.max_stream_in_flight,
-        replica=replica,
-    )
+    services: list[str] = []
     for adapter in ADAPTERS:
         services += adapter.add_to_server(
             server,
             runtime,
             metrics,
             max_typed_payload_bytes=settings.max_typed_payload_bytes,
+            max_stream_in_flight=settings.max_stream_in_flight,
             replica=replica,
         )
     token = settings.read_auth_token()
@@ -497,10 +478,13 @@ async def start_server(
         running._stop_metrics_http()
         raise
     # Ready unless a model configured at start-up is not (e.g. an empty config file).
-    await running.set_serving(bool(getattr(runtime, "ready", True)))
-    add_listener = getattr(runtime, "add_ready_listener", None)
-    if add_listener is not None:
-        add_listener(running.follow_readiness)
+    await running.set_serving(runtime.ready)
+
+    def follow(ready: bool) -> None:
+        # The health update runs as a task of its own: nothing for the runtime to await.
+        running.follow_readiness(ready)
+
+    runtime.add_ready_listener(follow)
     log.info("%s", running.listening_line)
     if http is not None and settings.console:
         log.info("console page on %s/console/", running.rest_url)

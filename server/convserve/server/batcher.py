@@ -26,41 +26,31 @@ reassembled in order. Batches are padded (by repeating their last row) to a
 size from ``pad_sizes`` so that TensorFlow sees few distinct shapes and does
 not retrace; padding rows are dropped before results are handed out.
 
-``run_batch`` is synchronous and runs in an executor so the event loop never
-blocks on the model. Only requests whose rows have the same trailing shape
-(and dtype, unless a ``prepare`` function is given) share a batch.
-
-``prepare``, if given, turns each request's rows into the model's input (e.g.
-uint8 pixels into float32) in the executor thread, just before the batch is
-assembled: requests of different dtypes can then share a batch, and the event
-loop does no per-element work (numpy releases the GIL for larger arrays, and
-taking it back behind a busy model thread would stall every other request).
-
-``run_batch_async``, if given, replaces the executor: a coroutine function
-(e.g. a model in another process) awaited on the event loop, with the batch
-assembled there, as ``await run_batch_async(batch, deadline)``. It gets the
-rows as they came when they share a dtype (the model converts them itself)
-and runs ``prepare`` only on batches of mixed dtypes. No thread is involved,
-so nothing waits for the GIL. ``deadline`` is the latest deadline among the
-batch's requests, on ``clock``'s scale, or None if any of them has none: once
-it passes, nobody waits for the batch any more, so the model may give up on it
+How a batch is computed (a model call in threads, or awaited in worker
+processes, and small batches inline on the event loop) is the `BatchRuns`
+given to the batcher (`convserve.server.batch_runs`); the batcher only decides
+when a batch starts and which rows it holds. Only requests whose rows have
+the same trailing shape (and dtype, unless the runs prepare rows of mixed
+dtypes) share a batch. A batch's deadline is the latest deadline among its
+requests, on ``clock``'s scale, or None if any of them has none: once it
+passes, nobody waits for the batch any more, so the model may give up on it
 (requests already past their deadline never reach a batch).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from convserve.server import errors
+from convserve.server.batch_runs import BatchRuns, Timed
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +130,9 @@ def _latest_deadline(slices: Sequence[_Slice]) -> float | None:
     return latest
 
 
-def _pad(batch: np.ndarray, padded: int) -> np.ndarray:
-    """`batch` padded to `padded` rows by repeating its last row."""
-    rows = batch.shape[0]
-    if padded <= rows:
-        return batch
-    return np.concatenate([batch, np.repeat(batch[-1:], padded - rows, axis=0)], axis=0)
-
-
-def _loop_busy() -> bool:
-    """Whether the running event loop has other callbacks ready to run (True when it
-    cannot tell). Under load, other calls' messages are among them: a batch run on the
-    loop would make them wait and then leave each to run alone, never batched."""
-    ready = getattr(asyncio.get_running_loop(), "_ready", None)
-    return ready is None or len(ready) > 0
+def _pieces(slices: Sequence[_Slice]) -> list[np.ndarray]:
+    """The rows of a batch's slices, in order (views, no copies)."""
+    return [part.request.items[part.start : part.stop] for part in slices]
 
 
 def default_pad_sizes(max_batch_size: int) -> list[int]:
@@ -168,16 +147,16 @@ def default_pad_sizes(max_batch_size: int) -> list[int]:
 
 
 class DynamicBatcher:
-    """Queues row batches, runs them through `run_batch` in merged batches.
+    """Queues row batches and runs them, merged, through `runs` (see `BatchRuns`).
 
-    `run_batch` receives an array ``[B, ...]`` and must return ``[B, ...]``
-    (one output row per input row, in order). Deadlines passed to `submit`
-    are absolute times on `clock`'s scale (``time.monotonic`` by default).
+    The model must return ``[B, ...]`` for a batch ``[B, ...]`` (one output row
+    per input row, in order). Deadlines passed to `submit` are absolute times
+    on `clock`'s scale (``time.monotonic`` by default).
     """
 
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        runs: BatchRuns,
         *,
         name: str,
         max_batch_size: int,
@@ -186,13 +165,8 @@ class DynamicBatcher:
         max_concurrent_batches: int = 1,
         spare_batches: int = 0,
         pad_sizes: Sequence[int] | None = None,
-        executor: concurrent.futures.Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
         observer: BatchObserver | None = None,
-        prepare: Callable[[np.ndarray], np.ndarray] | None = None,
-        inline_max_rows: int = 0,
-        run_batch_async: Callable[[np.ndarray, float | None], Awaitable[np.ndarray]] | None = None,
-        loop_busy: Callable[[], bool] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -211,15 +185,7 @@ class DynamicBatcher:
                 raise ValueError(f"pad_sizes must be positive, got {list(pad_sizes)}")
             # A batch never exceeds max_batch_size, so larger sizes would never be used.
             sizes = sorted({s for s in pad_sizes if s <= max_batch_size} | {max_batch_size})
-        self._run_batch = run_batch
-        self._run_batch_async = run_batch_async
-        self._prepare = prepare
-        # `run_batch` runs small batches on the loop even when `run_batch_async` exists: a
-        # round trip to a worker process costs more than LiteRT needs for a few images.
-        self.inline_max_rows = max(0, inline_max_rows)
-        # With `run_batch_async`, whether other work waits on the loop (then nothing runs
-        # inline); injectable for tests.
-        self._loop_busy = loop_busy or _loop_busy
+        self._runs = runs
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
@@ -227,14 +193,6 @@ class DynamicBatcher:
         self.max_concurrent_batches = max_concurrent_batches
         self.spare_batches = max(0, spare_batches)
         self.pad_sizes: tuple[int, ...] = tuple(sizes)
-        self._owns_executor = executor is None
-        self._executor: concurrent.futures.Executor = (
-            executor
-            if executor is not None
-            else concurrent.futures.ThreadPoolExecutor(
-                max_workers=max_concurrent_batches, thread_name_prefix=f"batcher-{name}"
-            )
-        )
         self._clock = clock
         self._observer = observer
         self._queue: list[_Request] = []
@@ -319,8 +277,7 @@ class DynamicBatcher:
         while self._queue or self._running:
             self._idle = asyncio.Event()
             await self._idle.wait()
-        if self._owns_executor:
-            self._executor.shutdown(wait=False)
+        self._runs.close()
 
     # -- internals ------------------------------------------------------------
 
@@ -381,7 +338,8 @@ class DynamicBatcher:
 
         The same batch the queue would have formed, without a future, a task and
         the queue's bookkeeping; a caller cancelled meanwhile stops waiting for
-        its batch at once (with `run_batch_async`, the model call is cancelled).
+        its batch at once (the model call is cancelled unless the runs compute on,
+        `BatchRuns.computes_after_cancel`: then its slot stays taken until it ends).
         """
         if deadline is not None and self._clock() >= deadline:
             raise errors.DeadlineExceeded(
@@ -389,12 +347,8 @@ class DynamicBatcher:
             )
         rows = int(items.shape[0])
         padded = self.padded_size(rows)
-        if (
-            rows <= self.inline_max_rows
-            and not self._running
-            and (self._run_batch_async is None or not self._loop_busy())
-        ):
-            output, run_s = self._run_rows(items, padded, prepare=True)
+        if self._inline_allowed(rows):
+            output, run_s = self._checked(self._runs.call([items], padded), padded)
             self._observe(rows, padded, [0.0], run_s)
             # Still give the loop a turn, or a caller awaiting submit in a loop would
             # never let anything else run.
@@ -403,19 +357,20 @@ class DynamicBatcher:
         slot: object | None = object()
         self._running.add(slot)
         try:
-            if self._run_batch_async is not None:
-                output, run_s = await self._run_rows_async(items, padded, deadline)
-            else:
-                job = asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run_rows, items, padded, True
-                )
+            job = self._runs.start([items], padded, deadline)
+            if self._runs.computes_after_cancel:
+                running = asyncio.ensure_future(job)
                 try:
-                    output, run_s = await asyncio.shield(job)
+                    timed = await asyncio.shield(running)
                 except asyncio.CancelledError:
-                    # The thread computes on: the slot stays taken until it is done.
-                    job.add_done_callback(functools.partial(self._ran_alone, slot, rows, padded))
+                    running.add_done_callback(
+                        functools.partial(self._ran_alone, slot, rows, padded)
+                    )
                     slot = None
                     raise
+            else:
+                timed = await job
+            output, run_s = self._checked(timed, padded)
             # Before the slot is freed, and with it the next batch started.
             self._observe(rows, padded, [0.0], run_s)
         finally:
@@ -423,9 +378,11 @@ class DynamicBatcher:
                 self._free_slot(slot)
         return output[:rows] if padded > rows else output
 
-    def _ran_alone(
-        self, slot: object, rows: int, padded: int, job: asyncio.Future[tuple[np.ndarray, float]]
-    ) -> None:
+    def _inline_allowed(self, rows: int) -> bool:
+        """A batch of `rows` may run on the loop: small, the model idle, the runs willing."""
+        return rows <= self._runs.inline_max_rows and not self._running and self._runs.inline_now()
+
+    def _ran_alone(self, slot: object, rows: int, padded: int, job: asyncio.Future[Timed]) -> None:
         """A batch of its own whose caller went away has finished in its thread."""
         if not job.cancelled() and job.exception() is None:
             self._observe(rows, padded, [0.0], job.result()[1])
@@ -461,7 +418,7 @@ class DynamicBatcher:
                 continue
             if head is None:
                 head = request
-            elif not request.compatible(head, same_dtype=self._prepare is None):
+            elif not request.compatible(head, same_dtype=not self._runs.mixes_dtypes):
                 continue
             take = min(request.untaken, self.max_batch_size - rows)
             start = request.taken
@@ -476,12 +433,7 @@ class DynamicBatcher:
         self._set_queued(self._queued_items - rows)
         # Inline only what empties the queue: the parts of a split request, or
         # requests queued behind, would otherwise run one after another inline.
-        if (
-            rows <= self.inline_max_rows
-            and not self._running
-            and not self._queue
-            and (self._run_batch_async is None or not self._loop_busy())
-        ):
+        if not self._queue and self._inline_allowed(rows):
             self._run_inline(slices, rows)
             return
         task = asyncio.get_running_loop().create_task(self._run(slices, rows))
@@ -495,8 +447,9 @@ class DynamicBatcher:
         Only done when no batch is running (the model is idle) and the batch
         takes everything queued, so the loop is held for one small call at most.
         """
+        padded = self.padded_size(rows)
         try:
-            output, run_s = self._call_model(slices, self.padded_size(rows))
+            output, run_s = self._checked(self._runs.call(_pieces(slices), padded), padded)
         except Exception as exc:
             for part in slices:
                 self._fail(part.request, exc)
@@ -506,15 +459,10 @@ class DynamicBatcher:
 
     async def _run(self, slices: list[_Slice], rows: int) -> None:
         padded = self.padded_size(rows)
-        loop = asyncio.get_running_loop()
         try:
             try:
-                if self._run_batch_async is not None:
-                    output, run_s = await self._call_model_async(slices, padded)
-                else:
-                    output, run_s = await loop.run_in_executor(
-                        self._executor, self._call_model, slices, padded
-                    )
+                timed = await self._runs.start(_pieces(slices), padded, _latest_deadline(slices))
+                output, run_s = self._checked(timed, padded)
             except Exception as exc:
                 for part in slices:
                     self._fail(part.request, exc)
@@ -542,24 +490,6 @@ class DynamicBatcher:
             self._deliver(part, output[offset : offset + length])
             offset += length
 
-    def _assemble(self, slices: list[_Slice], padded: int, *, prepare_all: bool) -> np.ndarray:
-        """The batch of `slices`' rows, padded to `padded` rows by repeating the last one.
-
-        prepare_all=False applies `prepare` only when the rows' dtypes differ.
-        """
-        pieces = [part.request.items[part.start : part.stop] for part in slices]
-        if self._prepare is not None and (
-            prepare_all or any(p.dtype != pieces[0].dtype for p in pieces)
-        ):
-            pieces = [self._prepare(piece) for piece in pieces]
-        if len(pieces) == 1:
-            return _pad(pieces[0], padded)
-        rows = sum(p.shape[0] for p in pieces)
-        if padded > rows:
-            last = pieces[-1][-1:]
-            pieces.append(np.repeat(last, padded - rows, axis=0))
-        return np.concatenate(pieces, axis=0)
-
     def _check_output(self, output: np.ndarray, padded: int) -> None:
         if output.ndim < 1 or output.shape[0] != padded:
             log.error(
@@ -572,43 +502,9 @@ class DynamicBatcher:
                 f"{self.name}: the model returned a wrong number of rows; see the server log"
             )
 
-    def _call_model(self, slices: list[_Slice], padded: int) -> tuple[np.ndarray, float]:
-        """Runs in the executor: assemble, pad, run, check the row count."""
-        return self._invoke(self._assemble(slices, padded, prepare_all=True), padded)
-
-    def _run_rows(self, items: np.ndarray, padded: int, prepare: bool) -> tuple[np.ndarray, float]:
-        """`_call_model` for one request's rows (a batch of its own)."""
-        batch = self._prepare(items) if prepare and self._prepare is not None else items
-        return self._invoke(_pad(batch, padded), padded)
-
-    def _invoke(self, batch: np.ndarray, padded: int) -> tuple[np.ndarray, float]:
-        started = self._clock()
-        output = np.asarray(self._run_batch(batch))
-        run_s = self._clock() - started
-        self._check_output(output, padded)
-        return output, run_s
-
-    async def _call_model_async(
-        self, slices: list[_Slice], padded: int
-    ) -> tuple[np.ndarray, float]:
-        """`_call_model` through `run_batch_async`, on the event loop."""
-        batch = self._assemble(slices, padded, prepare_all=False)
-        return await self._invoke_async(batch, padded, _latest_deadline(slices))
-
-    async def _run_rows_async(
-        self, items: np.ndarray, padded: int, deadline: float | None
-    ) -> tuple[np.ndarray, float]:
-        return await self._invoke_async(_pad(items, padded), padded, deadline)
-
-    async def _invoke_async(
-        self, batch: np.ndarray, padded: int, deadline: float | None
-    ) -> tuple[np.ndarray, float]:
-        assert self._run_batch_async is not None
-        started = self._clock()
-        output = np.asarray(await self._run_batch_async(batch, deadline))
-        run_s = self._clock() - started
-        self._check_output(output, padded)
-        return output, run_s
+    def _checked(self, timed: Timed, padded: int) -> Timed:
+        self._check_output(timed[0], padded)
+        return timed
 
     def _deliver(self, part: _Slice, rows: np.ndarray) -> None:
         request = part.request

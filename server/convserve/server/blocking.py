@@ -11,6 +11,9 @@ Use it for file system work of the model repository (config file reads,
 version listings, SavedModel loads). `pending()` tells `__main__` whether such
 a thread is still running at exit, so that the process ends at once instead of
 finalizing the interpreter under it.
+
+`off_loop` is for work proportional to a request's payload (decoding,
+checking, encoding): in a thread when the payload is large, else inline.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# Payloads of at least this many bytes are converted (decoded, checked, encoded) in a
+# thread: work proportional to a large payload would otherwise stall every other call
+# on the event loop, health checks included.
+OFFLOAD_MIN_BYTES = 1 << 20
 
 _lock = threading.Lock()
 _running: set[threading.Thread] = set()
@@ -65,10 +72,18 @@ async def run_detached(fn: Callable[..., T], *args: Any, name: str = "blocking-c
     return await future
 
 
+async def off_loop(fn: Callable[..., T], *args: Any, size_bytes: int) -> T:
+    """``fn(*args)``, in a thread when the payload it works on has `size_bytes` >=
+    `OFFLOAD_MIN_BYTES`, else inline (a thread hand-off costs more than a small conversion)."""
+    if size_bytes < OFFLOAD_MIN_BYTES:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def pending() -> int:
     """How many `run_detached` threads are still running."""
     with _lock:
         return len(_running)
 
 
-__all__ = ["pending", "run_detached"]
+__all__ = ["OFFLOAD_MIN_BYTES", "off_loop", "pending", "run_detached"]

@@ -9,33 +9,24 @@ Converters check the wire structure (tensors decode, enums are known, repeated
 fields have the right arity) and raise `errors.InvalidArgument` (or the codec's
 `TensorError`) naming the request field, e.g. ``images`` or
 ``options.strides``. Images are checked against the model the request names
-by the runtime (`api.RuntimeApi.check_images`, which knows every model's
-input shape); GetFeatureMaps' one image is checked by the runtime when it
-computes the maps. Semantic checks of other values (ranges, shapes that must
-fit together, limits) belong to the runtime and `ops`, which every protocol
-shares.
+by the runtime (`api.RuntimeApi.predict`, against the version it leases);
+GetFeatureMaps' one image is checked by the runtime when it computes the
+maps. Semantic checks of other values (ranges, shapes that must
+fit together, limits) belong to the runtime, `convolution` and `kernel_fit`,
+which every protocol shares.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor, to_tensor
 from convserve.server import errors, model_config, types
 from convserve.v1 import convserve_pb2
-
-
-class CheckImages(Protocol):
-    """The runtime's image check (`api.RuntimeApi.check_images`): returns [N,H,W,C]."""
-
-    def __call__(
-        self, images: np.ndarray, field: str, model: types.ModelRef = ...
-    ) -> np.ndarray: ...
-
+from convserve.v1.tensor_codec import DTYPE_TO_PROTO, from_tensor, to_tensor
 
 _PADDING_FROM_PROTO: dict[int, types.Padding] = {
     convserve_pb2.PADDING_UNSPECIFIED: "VALID",
@@ -149,14 +140,12 @@ def options_from_proto(
 # -- Predict -----------------------------------------------------------------
 
 
-def predict_request_from_proto(
-    request: convserve_pb2.PredictRequest, check_images: CheckImages
-) -> types.PredictInput:
-    """PredictRequest -> PredictInput; `check_images` (the runtime's) checks the images
-    against the model the request names and reshapes them to its [N,H,W,C]."""
+def predict_request_from_proto(request: convserve_pb2.PredictRequest) -> types.PredictInput:
+    """PredictRequest -> PredictInput: the images as decoded (the runtime checks them
+    against the model the request names), errors about them naming ``images``."""
     images = tensor_field(request, "images")
     ref = model_ref_from_proto(request.model_spec)
-    return types.PredictInput(images=check_images(images, field="images", model=ref), model=ref)
+    return types.PredictInput(images=images, model=ref, field="images")
 
 
 def predict_response_to_proto(value: types.PredictOutput) -> convserve_pb2.PredictResponse:
@@ -178,10 +167,10 @@ def predict_response_to_proto(value: types.PredictOutput) -> convserve_pb2.Predi
 
 
 def predict_stream_request_from_proto(
-    message: convserve_pb2.PredictStreamRequest, check_images: CheckImages
+    message: convserve_pb2.PredictStreamRequest,
 ) -> tuple[int, types.PredictInput]:
     """PredictStreamRequest -> (its id, PredictInput)."""
-    return int(message.id), predict_request_from_proto(message.request, check_images)
+    return int(message.id), predict_request_from_proto(message.request)
 
 
 def predict_stream_response_to_proto(
@@ -200,7 +189,7 @@ def predict_stream_response_to_proto(
 
 
 def convolve_request_from_proto(request: convserve_pb2.ConvolveRequest) -> types.ConvolveInput:
-    """ConvolveRequest -> ConvolveInput; `ops` checks that the tensors fit together."""
+    """ConvolveRequest -> ConvolveInput; `convolution` checks that the tensors fit together."""
     return types.ConvolveInput(
         input=tensor_field(request, "input"),
         kernel=tensor_field(request, "kernel"),

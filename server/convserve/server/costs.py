@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from convserve.server.ops import ConvPlan
+    from convserve.server.convolution import ConvPlan
 
 # Seconds of work per unit: long work is split into units of about this size, and
 # checks between units whether its caller is still waiting.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from convserve.client.tensor import TensorError
+from convserve.v1.tensor_codec import TensorError
 
 
 class ServeError(Exception):

@@ -1,7 +1,9 @@
 """Checks of client images against a model's input: the one place they happen.
 
-Every protocol decodes its tensor, then calls `check_images` (through the
-runtime, which knows the model) before anything else looks at the values.
+Every protocol decodes its tensor and hands it to the runtime, which leases
+the version the request names and checks the images against that version's
+input (`check_images`) before anything else looks at the values. What passes
+is a `CheckedImages`, the only thing a model's `predict` takes.
 A model's input is ``[N,H,W,C]`` as its serving signature declares (`ImageSpec`);
 single-channel models also take ``[N,H,W]`` and ``[N,H*W]``.
 """
@@ -42,11 +44,26 @@ class ImageSpec:
         return shapes[0] if len(shapes) == 1 else ", ".join(shapes[:-1]) + " or " + shapes[-1]
 
 
+@dataclass(frozen=True)
+class CheckedImages:
+    """Images `check_images` accepted for `spec`: [N,H,W,C], uint8 0..255 or float32 0..1.
+
+    Made only by `check_images`: a value of this type has passed the checks.
+    """
+
+    array: np.ndarray
+    spec: ImageSpec
+
+    @property
+    def count(self) -> int:
+        return int(self.array.shape[0])
+
+
 def _rest_matches(rest: tuple[int, ...], spec: ImageSpec) -> bool:
     return rest in spec.batch_shapes()
 
 
-def check_images(images: object, field: str, spec: ImageSpec, *, max_images: int) -> np.ndarray:
+def check_images(images: object, field: str, spec: ImageSpec, *, max_images: int) -> CheckedImages:
     """Check a batch of images for `spec`; returns it as [N,H,W,C] (uint8 stays uint8).
 
     Raises errors.InvalidArgument naming `field`: not a tensor, another
@@ -82,7 +99,7 @@ def check_images(images: object, field: str, spec: ImageSpec, *, max_images: int
                 f"float32 pixels in [0, 1] expected, got values in [{low:g}, {high:g}] "
                 "(send uint8 for 0..255)",
             )
-    return np.ascontiguousarray(images.reshape(n, *spec.shape))
+    return CheckedImages(np.ascontiguousarray(images.reshape(n, *spec.shape)), spec)
 
 
 def check_image(image: object, field: str, spec: ImageSpec) -> np.ndarray:
@@ -96,4 +113,4 @@ def check_image(image: object, field: str, spec: ImageSpec) -> np.ndarray:
         and _rest_matches(tuple(image.shape[1:]), spec)
     ):
         raise errors.InvalidArgument(field, f"one image expected, got {image.shape[0]}")
-    return check_images(image, field, spec, max_images=1)
+    return check_images(image, field, spec, max_images=1).array

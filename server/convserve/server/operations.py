@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from convserve.server import costs, errors, ops, types
+from convserve.server import convolution, costs, errors, kernel_fit, types
+from convserve.server.batch_runs import AwaitedRuns
 from convserve.server.batcher import BatchObserver, DynamicBatcher, SummingObserver
 from convserve.server.metrics import Metrics
 from convserve.server.settings import Settings
@@ -52,7 +53,7 @@ def _merge_key(value: types.ConvolveInput) -> tuple[Any, ...] | None:
 
     Only well-formed requests with small kernels are merged (the kernel's
     bytes are part of the key); anything else takes the plain path, where
-    `ops.convolve` reports what is wrong.
+    `convolution.convolve` reports what is wrong.
     """
     x, k, b = value.input, value.kernel, value.bias
     if not isinstance(x, np.ndarray) or not isinstance(k, np.ndarray):
@@ -169,8 +170,8 @@ class Operations:
         """
         self._check_open()
         check_deadline(deadline, rpc)
-        # A request over the element limit is refused by ops with a clear message; count
-        # it as the limit here so that it reaches that check.
+        # A request over the element limit is refused by convolution or kernel_fit with a
+        # clear message; count it as the limit here so that it reaches that check.
         elements = min(elements, self.settings.max_conv_elements)
         enqueued = time.monotonic()
         started: list[float] = []
@@ -188,9 +189,9 @@ class Operations:
             )
         return result
 
-    async def _validated_plan(self, value: types.ConvolveInput) -> ops.ConvPlan:
-        """`ops.validate_convolve` against the server's limits; in a thread for large inputs
-        (its NaN/Inf scan is proportional to the input)."""
+    async def _validated_plan(self, value: types.ConvolveInput) -> convolution.ConvPlan:
+        """`convolution.validate_convolve` against the server's limits; in a thread for
+        large inputs (its NaN/Inf scan is proportional to the input)."""
         x = value.input
         size = int(x.size) if isinstance(x, np.ndarray) else 0
         if size > SMALL_INPUT_ELEMENTS:
@@ -200,7 +201,7 @@ class Operations:
     async def convolve(
         self, value: types.ConvolveInput, *, deadline: float | None
     ) -> types.ConvolveOutput:
-        """2-D convolution on the serving device (see `ops.convolve`).
+        """2-D convolution on the serving device (see `convolution.convolve`).
 
         Refused (INVALID_ARGUMENT) when estimated above max_request_cpu_s.
         Concurrent cheap requests (at most one unit of work each) with the
@@ -212,7 +213,7 @@ class Operations:
         self._check_open()
         check_deadline(deadline, "Convolve")
         plan = await self._validated_plan(value)
-        estimate_s = ops.convolve_cost_s(plan)
+        estimate_s = convolution.convolve_cost_s(plan)
         key = _merge_key(value) if estimate_s <= costs.UNIT_S else None
         if key is None:
             return await self._convolve_alone(value, deadline, plan, estimate_s)
@@ -222,7 +223,7 @@ class Operations:
         self,
         value: types.ConvolveInput,
         deadline: float | None,
-        plan: ops.ConvPlan,
+        plan: convolution.ConvPlan,
         estimate_s: float,
     ) -> types.ConvolveOutput:
         settings = self.settings
@@ -232,7 +233,7 @@ class Operations:
             plan.n,
             int(value.input.size),
             estimate_s,
-            lambda work: ops.convolve(
+            lambda work: convolution.convolve(
                 value,
                 device=self.device,
                 max_elements=settings.max_conv_elements,
@@ -247,7 +248,7 @@ class Operations:
         key: tuple[Any, ...],
         value: types.ConvolveInput,
         deadline: float | None,
-        plan: ops.ConvPlan,
+        plan: convolution.ConvPlan,
         estimate_s: float,
     ) -> types.ConvolveOutput:
         x = value.input
@@ -280,8 +281,8 @@ class Operations:
                 task.add_done_callback(self._closing_batchers.discard)
         return types.ConvolveOutput(output=out if x.ndim == 4 else out[0, :, :, 0])
 
-    def _validate_convolve(self, value: types.ConvolveInput) -> ops.ConvPlan:
-        plan = ops.validate_convolve(
+    def _validate_convolve(self, value: types.ConvolveInput) -> convolution.ConvPlan:
+        plan = convolution.validate_convolve(
             value,
             max_elements=self.settings.max_conv_elements,
             max_kernel_elements=self.settings.max_kernel_elements,
@@ -316,7 +317,7 @@ class Operations:
         def compute(batch: np.ndarray, work: Work | None = None) -> np.ndarray:
             n = int(batch.shape[0])
             # Each request was checked against the limits; the merged call holds n items.
-            result = ops.convolve(
+            result = convolution.convolve(
                 types.ConvolveInput(batch, kernel, bias, options),
                 device=device,
                 max_elements=settings.max_conv_elements * n,
@@ -350,7 +351,7 @@ class Operations:
         )
         max_rows = max(1, max_rows)
         return DynamicBatcher(
-            compute,
+            AwaitedRuns(run, clock=time.monotonic),
             name="Convolve",
             max_batch_size=max_rows,
             batch_timeout_s=settings.batch_timeout_s,
@@ -359,7 +360,6 @@ class Operations:
             # No padding: eager convolutions do not retrace, padded rows would be wasted work.
             pad_sizes=range(1, max_rows + 1),
             observer=self._convolve_observer,
-            run_batch_async=run,
         )
 
     async def fit_kernel(
@@ -369,7 +369,8 @@ class Operations:
 
         The budget is fit_time_budget_s, capped by max_request_cpu_s and by
         the caller's deadline; the fit is admitted at its estimated cost
-        (`ops.FitPlan.cost_s`), each gradient step at most `ops.FIT_MAX_STEP_S`.
+        (`kernel_fit.FitPlan.cost_s`), each gradient step at most
+        `kernel_fit.FIT_MAX_STEP_S`.
         """
         self._check_open()
         check_deadline(deadline, "FitKernel")
@@ -381,8 +382,8 @@ class Operations:
         x = value.inputs
         size = int(x.size) * 2 if isinstance(x, np.ndarray) else 0  # inputs and targets
 
-        def validate() -> ops.FitPlan:
-            return ops.validate_fit(
+        def validate() -> kernel_fit.FitPlan:
+            return kernel_fit.validate_fit(
                 value,
                 max_steps=settings.max_fit_steps,
                 max_elements=settings.max_conv_elements,
@@ -397,7 +398,7 @@ class Operations:
             fit.plan.n,
             size,
             fit.cost_s(budget),
-            lambda work: ops.fit_kernel(
+            lambda work: kernel_fit.fit_kernel(
                 value,
                 device=self.device,
                 max_steps=settings.max_fit_steps,

@@ -14,7 +14,7 @@ Models come from ``--model NAME=BASE_PATH`` flags, ``--model-config-file``
 drained and unloaded) or, by default, ``--model-name``/``--model-base-path``.
 A config file edit that changes only a model's ``version_labels`` reloads
 nothing: the labels of the model serving move at once (see
-`models.ModelManager` for which versions a label may point at).
+`model_versions.ModelManager` for which versions a label may point at).
 
 A request with an empty model name gets the default model: the first model
 configured. A later configuration may reorder the models (the first becomes
@@ -29,8 +29,7 @@ while the others serve. ``--strict-readiness``: every configured model must be
 ready. ``--exit-on-load-error``: start-up fails when a model configured at
 start-up has no loadable version.
 
-Deadlines are absolute `time.monotonic()` values (None: no deadline); use
-`deadline_of(context)` to get one from a gRPC call.
+Deadlines are absolute `time.monotonic()` values (None: no deadline).
 """
 
 from __future__ import annotations
@@ -45,10 +44,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
-from convserve.server import costs, errors, inputs, model_config, types
+from convserve.server import api, costs, errors, inputs, model_config, types
 from convserve.server import device as device_mod
 from convserve.server.blocking import run_detached
 from convserve.server.metrics import Metrics
@@ -61,20 +59,12 @@ log = logging.getLogger(__name__)
 # Estimated CPU seconds of one GetFeatureMaps call (one image through the model's
 # convolution layers: a few milliseconds on 2 cores).
 FEATURE_MAPS_S = 0.01
-# The `model` metrics label of requests naming a model that is not configured.
-UNKNOWN_MODEL_LABEL = "_unknown"
 # Seconds between looks at a model that has no loadable version: doubling from the
 # version poll interval up to this.
 LOAD_RETRY_MAX_S = 30.0
 # A changed model config file is read again this long after (at most the poll wait) and
 # applied only if both reads agree: an edit written in place is not applied half-written.
 CONFIG_SETTLE_S = 1.0
-
-
-def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    """The caller's deadline as an absolute time.monotonic() (None: no deadline)."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
 
 
 class Runtime:
@@ -140,14 +130,14 @@ class Runtime:
 
     @property
     def manager(self) -> Any:
-        """The default model's versions (`models.ModelManager`)."""
+        """The default model's versions (`model_versions.ModelManager`)."""
         if not self._started:
             raise errors.Unavailable("the models are not loaded yet")
         return self.served().manager
 
     def model_label(self, requested: str) -> str:
         name = requested or self._default
-        return name if name in self._models else UNKNOWN_MODEL_LABEL
+        return name if name in self._models else api.UNKNOWN_MODEL_LABEL
 
     def models(self) -> list[types.ModelStatus]:
         return [self._models[name].status() for name in sorted(self._models)]
@@ -516,18 +506,14 @@ class Runtime:
 
     # -- requests -------------------------------------------------------------------
 
-    def check_images(
-        self, images: np.ndarray, field: str = "images", model: types.ModelRef = types.DEFAULT_MODEL
-    ) -> np.ndarray:
-        """Check images against `model`'s input (see `inputs.check_images`): [N,H,W,C]."""
-        return self.served(model).check_images(images, field, model)
-
     async def predict(
-        self, value: types.PredictInput, *, deadline: float | None, protocol: str = "convserve"
+        self, value: types.PredictInput, *, deadline: float | None
     ) -> types.PredictOutput:
-        """Class probabilities for `value.images`, batched with concurrent requests.
+        """Class probabilities for `value.images`, batched with concurrent requests
+        (`ServedModel.predict`: one lease, one check against the leased version).
 
-        Raises errors.NotFound (unknown model, pinned version not loaded),
+        Raises errors.InvalidArgument (images the version does not take, naming
+        `value.field`), NotFound (unknown model, pinned version not loaded),
         ResourceExhausted (queue full), DeadlineExceeded, Unavailable.
         """
         self._check_open()
@@ -591,7 +577,7 @@ class Runtime:
 
     def version_of(self, ref: types.ModelRef) -> int:
         """The loaded version `ref` names: its pinned version, its label's, or the serving
-        one (`models.ModelManager.resolve`). Raises errors.NotFound (unknown model,
+        one (`model_versions.ModelManager.resolve`). Raises errors.NotFound (unknown model,
         version or label), InvalidArgument (a version and a label), Unavailable."""
         return self.served(ref).manager.resolve(ref).version
 

@@ -1,10 +1,11 @@
 """One served model: its versions, their batchers and engines, its readiness.
 
-A `ServedModel` owns a `models.ModelManager` (the versions under its base
+A `ServedModel` owns a `model_versions.ModelManager` (the versions under its base
 path, loaded by its version policy), one `DynamicBatcher` per loaded version
-for Predict, and, with ``engine_workers=process``, each version's LiteRT
-worker processes. What it takes (image shape, dtype) and answers (K class
-probabilities, class names) comes from each version's serving signature.
+for Predict, and each version's engine (`convserve.server.engines`: with
+``engine_workers=process``, the serving version's worker processes). What it
+takes (image shape, dtype) and answers (K class probabilities, class names)
+comes from each version's serving signature.
 Its version labels can change while it serves (`set_labels`), without a
 reload. The runtime holds one per configured model (`runtime.Runtime`).
 """
@@ -16,15 +17,17 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convserve.server import errors, inputs, models, types
+from convserve.server import engines, errors, inputs, model_versions, models, types
+from convserve.server.batch_runs import AwaitedRuns, BatchRuns, ThreadRuns
 from convserve.server.batcher import DynamicBatcher, SummingObserver, default_pad_sizes
-from convserve.server.engine_process import ProcessEngine, WorkerError
+from convserve.server.blocking import off_loop
 from convserve.server.metrics import Metrics
 from convserve.server.operations import check_deadline
 from convserve.server.settings import Settings
@@ -127,7 +130,7 @@ class ServedModel:
             metrics.batch_observer("Predict", name),
             lambda: sum(b.queued_items for _, b in self._batchers.values()),
         )
-        self.manager = models.ModelManager(
+        self.manager = model_versions.ModelManager(
             self.base_path,
             name,
             device,
@@ -150,8 +153,7 @@ class ServedModel:
         serving = self.manager.serving
         if serving is None:
             return False
-        workers: ProcessEngine | None = serving.workers
-        return workers is None or workers.healthy
+        return serving.engine.healthy
 
     def status(self) -> types.ModelStatus:
         return types.ModelStatus(
@@ -166,7 +168,7 @@ class ServedModel:
 
     def set_labels(self, labels: Sequence[tuple[str, int]]) -> None:
         """Point the version labels (label, version) at their versions from now on, as far
-        as the loaded versions allow (`models.ModelManager.set_labels`); nothing reloads."""
+        as the loaded versions allow (`model_versions.ModelManager.set_labels`); nothing reloads."""
         self.manager.set_labels(labels)
 
     @property
@@ -203,10 +205,10 @@ class ServedModel:
         return closing + list(self._closing_batchers)
 
     def fail_pending(self) -> list[asyncio.Future[Any]]:
-        """After the grace period: end the workers, so batches still in them fail now."""
+        """After the grace period: close the engines, so batches still in worker processes
+        fail now."""
         for model in self.manager.loaded:
-            if model.workers is not None:
-                model.workers.close()
+            model.engine.close()
         return [asyncio.ensure_future(b.close(drain=False)) for _, b in self._batchers.values()]
 
     async def release(self) -> None:
@@ -214,16 +216,17 @@ class ServedModel:
         self._batchers.clear()
         # Retired versions some request still held count too: nothing outlives the model.
         held = [*self.manager.loaded, *self.manager.unloading]
-        engines = list({id(m.workers): m.workers for m in held if m.workers is not None}.values())
+        closing = list({id(m.engine): m for m in held}.values())
         self.manager.release_all()
-        for engine in engines:
-            engine.close()
+        for model in closing:
+            model.engine.close()
         exited = await asyncio.gather(
-            *(asyncio.to_thread(engine.wait_closed, WORKER_EXIT_S) for engine in engines)
+            *(asyncio.to_thread(m.engine.wait_closed, WORKER_EXIT_S) for m in closing)
         )
-        for engine, done in zip(engines, exited, strict=True):
+        for model, done in zip(closing, exited, strict=True):
             if not done:
-                log.warning("%s: worker processes did not exit", engine.name)
+                log.warning("%s version %d: worker processes did not exit", model.name,
+                            model.version)  # fmt: skip
 
     async def stop(self, grace_s: float) -> None:
         """Drain within `grace_s`, then release (a model removed from the configuration)."""
@@ -243,7 +246,18 @@ class ServedModel:
         newest = serving is None or version > serving.version
         # Worker processes for the version that will serve; an older one a policy keeps
         # for pinned requests computes in-process, so versions do not multiply them.
-        in_workers = settings.engine_workers == "process" and newest
+        workers = None
+        if settings.engine_workers == "process" and newest:
+            workers = engines.WorkerOptions(
+                # One spare beyond the budget (see DynamicBatcher's spare_batches): while
+                # the event loop hands a batch's answers back and forms the next one, it
+                # computes, so no CPU waits for the loop.
+                processes=self.budget.workers + SPARE_WORKERS,
+                niceness=settings.engine_nice,
+                batch_timeout_s=settings.engine_batch_timeout_s,
+                on_worker_exit=lambda: self.metrics.worker_exited(name),
+                on_health_change=lambda healthy: self._on_engine_health(version, healthy),
+            )
         model = models.load_model(
             name,
             version,
@@ -257,54 +271,13 @@ class ServedModel:
                 budget_bytes=settings.max_model_memory_bytes,
                 max_batch_size=settings.max_batch_size,
                 engine_copies=self.budget.workers,
-                worker_copies=self.budget.workers + SPARE_WORKERS if in_workers else 0,
+                worker_copies=workers.processes if workers is not None else 0,
             ),
+            workers=workers,
         )
-        if model.litert is not None and in_workers:
-            model.workers = self._start_workers(model)
         settle_heap(reclaim=self._heap.retired)
         self._heap.retired = False
         return model
-
-    def _start_workers(self, model: models.LoadedModel) -> ProcessEngine | None:
-        """The version's LiteRT model in worker processes, warmed up at every padded size.
-
-        None (the version is served in-process, with a warning) if they fail.
-        """
-        assert model.litert is not None
-        signature = model.signature
-        engine: ProcessEngine | None = None
-        try:
-            engine = ProcessEngine(
-                model.litert.flatbuffer,
-                image_shape=signature.image_shape,
-                classes=signature.classes,
-                threads=self.budget.threads,
-                # One spare beyond the budget (see DynamicBatcher's spare_batches): while
-                # the event loop hands a batch's answers back and forms the next one, it
-                # computes, so no CPU waits for the loop.
-                workers=self.budget.workers + SPARE_WORKERS,
-                name=f"{model.name} v{model.version}",
-                niceness=self.settings.engine_nice,
-                on_worker_exit=lambda: self.metrics.worker_exited(model.name),
-                batch_timeout_s=self.settings.engine_batch_timeout_s,
-                on_health_change=lambda healthy: self._on_workers_health(model, healthy),
-                max_rows=model.max_rows,
-            )
-            for size in default_pad_sizes(model.max_rows):
-                images = np.zeros((size, *signature.image_shape), np.float32)
-                for _ in range(engine.workers):  # round robin: every worker sees each size
-                    if engine(images).shape != (size, signature.classes):
-                        raise WorkerError(f"wrong output shape at batch size {size}")
-        except Exception as exc:
-            if engine is not None:
-                engine.close()
-            log.warning("%s version %d: model worker processes failed, the server process "
-                        "computes predictions: %s", model.name, model.version, exc)  # fmt: skip
-            return None
-        log.info("%s version %d: %d worker processes (pids %s) compute predictions",
-                 model.name, model.version, engine.workers, engine.pids)  # fmt: skip
-        return engine
 
     def _on_available(self, model: models.LoadedModel, loaded: int) -> None:
         """A version was loaded (the serving one, or a pinnable one under a policy)."""
@@ -318,40 +291,57 @@ class ServedModel:
             self._close_later(owner[1])
         if owner is None or owner[0] is not model:
             model.on_release = self._release
-            workers: ProcessEngine | None = model.workers
-            if workers is not None:
-                workers.serve()
+            engine = model.engine
+            engine.serve()
+            in_workers = engine.capabilities.worker_processes
+            name = f"{model.name} v{model.version}"
             self._batchers[model.version] = (
                 model,
                 DynamicBatcher(
-                    model.predict,
-                    name=f"{model.name} v{model.version}",
+                    self._runs_for(engine, name),
+                    name=name,
                     max_batch_size=model.max_rows,
                     batch_timeout_s=self.settings.batch_timeout_s,
                     max_queued_items=self.settings.max_queued_images,
                     max_concurrent_batches=self.budget.workers,
-                    spare_batches=SPARE_WORKERS if workers is not None else 0,
+                    spare_batches=SPARE_WORKERS if in_workers else 0,
                     observer=self._observer,
-                    prepare=as_float,
-                    # LiteRT answers a few images in about 0.1 ms: less than a trip to a worker.
-                    inline_max_rows=(
-                        self.settings.inline_max_images if model.engine == "litert" else 0
-                    ),
-                    run_batch_async=workers.run if workers is not None else None,
                 ),
             )
         self.metrics.model_memory.labels(model=self.name).set(self.memory_bytes)
         if serving:
-            self.metrics.serving(model.name, model.version, model.device, model.engine, loaded)
+            self.metrics.serving(model.name, model.version, model.device, model.engine.name, loaded)
             self.metrics.update_device_memory(model.device)
             if self._started:
                 self._notify()
 
-    def _on_workers_health(self, model: models.LoadedModel, healthy: bool) -> None:
+    def _runs_for(self, engine: engines.Engine, name: str) -> BatchRuns:
+        """How the engine's batches run, from its declared capabilities."""
+        # A few images on an idle model cost less than a trip to a thread or a process.
+        inline = self.settings.inline_max_images if engine.capabilities.cheap_inline else 0
+        if engine.capabilities.worker_processes:
+            return AwaitedRuns(
+                engine.run,
+                run_batch=engine.predict,
+                prepare=as_float,
+                inline_max_rows=inline,
+                clock=time.monotonic,
+            )
+        return ThreadRuns(
+            engine.predict,
+            name=name,
+            threads=self.budget.workers,
+            prepare=as_float,
+            inline_max_rows=inline,
+            clock=time.monotonic,
+        )
+
+    def _on_engine_health(self, version: int, healthy: bool) -> None:
         state = "usable again" if healthy else "all unusable (dead or hung); being replaced"
         level = logging.INFO if healthy else logging.WARNING
-        log.log(level, "%s version %d: model workers %s", model.name, model.version, state)
-        if self.manager.serving is model:
+        log.log(level, "%s version %d: model workers %s", self.name, version, state)
+        serving = self.manager.serving
+        if serving is not None and serving.version == version:
             self._notify()
 
     def _notify(self) -> None:
@@ -361,14 +351,12 @@ class ServedModel:
     def _release(self, model: models.LoadedModel) -> None:
         """The version is retired and no request holds it: close its batcher, drop it."""
         self._heap.retired = True
-        workers: ProcessEngine | None = model.workers
         loop = self._loop
-        if workers is not None:
-            # The workers' sockets are read by the event loop: close them there.
-            if loop is None or _on_loop_thread(loop):
-                workers.close()
-            else:
-                loop.call_soon_threadsafe(workers.close)
+        # An engine's worker sockets are read by the event loop: close it there.
+        if loop is None or _on_loop_thread(loop):
+            model.engine.close()
+        else:
+            loop.call_soon_threadsafe(model.engine.close)
         owner = self._batchers.get(model.version)
         if owner is None or owner[0] is not model or loop is None:
             return
@@ -390,15 +378,6 @@ class ServedModel:
     def queued_images(self) -> int:
         return sum(b.queued_items for _, b in self._batchers.values())
 
-    def check_images(
-        self, images: np.ndarray, field: str, ref: types.ModelRef = types.DEFAULT_MODEL
-    ) -> np.ndarray:
-        """`inputs.check_images` against the input of the version `ref` names; [N,H,W,C]."""
-        spec = self.manager.resolve(ref).signature.spec
-        return inputs.check_images(
-            images, field, spec, max_images=self.settings.max_images_per_request
-        )
-
     @contextlib.contextmanager
     def lease(self, ref: types.ModelRef) -> Iterator[models.LoadedModel]:
         """Hold the version `ref` names while the body runs (see `ModelManager.lease`)."""
@@ -410,15 +389,40 @@ class ServedModel:
     async def predict(
         self, value: types.PredictInput, *, deadline: float | None
     ) -> types.PredictOutput:
-        """Class probabilities for `value.images` (already checked), batched.
+        """Class probabilities for `value.images`, batched.
 
-        Raises errors.NotFound (pinned version not loaded), InvalidArgument
-        (images of another shape than the pinned version takes),
-        ResourceExhausted (queue full), DeadlineExceeded, Unavailable.
+        Leases the version `value.model` names once and checks the images against
+        its input (in a thread when they are large); only checked images reach its
+        batcher. Raises errors.InvalidArgument naming `value.field`, NotFound
+        (pinned version not loaded), ResourceExhausted (queue full),
+        DeadlineExceeded, Unavailable.
         """
-        images = value.images
         check_deadline(deadline, "Predict")
-        n = int(images.shape[0])
+        with self.lease(value.model) as model:
+            owner = self._batchers.get(model.version)
+            if owner is None or owner[0] is not model:
+                raise errors.Unavailable(f"model {self.name!r} is being unloaded")
+            checked = await off_loop(
+                self._check, value, model.signature.spec, size_bytes=_nbytes(value.images)
+            )
+            probabilities = await self._submit(owner[1], checked, deadline)
+        return types.PredictOutput(
+            model_name=model.name,
+            model_version=model.version,
+            probabilities=probabilities,
+            class_names=model.class_names,
+        )
+
+    def _check(self, value: types.PredictInput, spec: inputs.ImageSpec) -> inputs.CheckedImages:
+        limit = self.settings.max_images_per_request
+        return inputs.check_images(value.images, value.field, spec, max_images=limit)
+
+    async def _submit(
+        self, batcher: DynamicBatcher, checked: inputs.CheckedImages, deadline: float | None
+    ) -> np.ndarray:
+        """Queue checked images on a version's batcher, within the model's queue bound
+        (shared by its versions)."""
+        n = checked.count
         queued = self.queued_images()
         limit = self.settings.max_queued_images
         if queued + n > limit:
@@ -426,24 +430,7 @@ class ServedModel:
                 f"Predict: the queue of model {self.name!r} is full ({queued} of {limit} "
                 f"images queued, this request has {n}); retry later"
             )
-        with self.lease(value.model) as model:
-            if images.shape[1:] != model.signature.image_shape:
-                # Checked against the serving version; a pinned one may take another shape.
-                raise errors.InvalidArgument(
-                    "images",
-                    f"shape [N,{','.join(map(str, model.signature.image_shape))}] expected by "
-                    f"{self.name} version {model.version}, got {list(images.shape)}",
-                )
-            owner = self._batchers.get(model.version)
-            if owner is None or owner[0] is not model:
-                raise errors.Unavailable(f"model {self.name!r} is being unloaded")
-            probabilities = await owner[1].submit(images, deadline=deadline)
-        return types.PredictOutput(
-            model_name=model.name,
-            model_version=model.version,
-            probabilities=probabilities,
-            class_names=model.class_names,
-        )
+        return await batcher.submit(checked.array, deadline=deadline)
 
     def metadata(self, ref: types.ModelRef) -> types.ModelMetadata:
         """The version's inputs, outputs, layers and training record."""
@@ -462,6 +449,10 @@ class HeapState:
     """Shared by every model: a version was released since the heap was last frozen."""
 
     retired: bool = False
+
+
+def _nbytes(images: object) -> int:
+    return images.nbytes if isinstance(images, np.ndarray) else 0
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:

@@ -33,13 +33,18 @@ DEFAULT_MODEL = ModelRef()
 
 @dataclass(frozen=True)
 class PredictInput:
-    """Images already checked against the model and reshaped to its [N,H,W,C].
+    """Images to classify, as decoded from the request: not yet checked or reshaped.
 
-    uint8 in [0, 255] or float32 in [0, 1]; the runtime scales uint8.
+    The runtime checks them against the input of the model version it leases
+    for the request (`inputs.check_images`: uint8 in [0, 255] or float32 in
+    [0, 1], one of the model's accepted shapes) and reshapes them to its
+    [N,H,W,C]. Its errors name `field`, the request field that carried the
+    images in the caller's protocol (e.g. "images", "inputs[images]").
     """
 
     images: np.ndarray
     model: ModelRef = ModelRef()
+    field: str = "images"
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ class ConvolutionOptions:
 class ConvolveInput:
     """input [H,W] or [N,H,W,C]; kernel [kh,kw] or [kh,kw,C,F]; bias [F] or None.
 
-    Shapes and dtypes are as decoded from the wire; `ops.convolve` checks
+    Shapes and dtypes are as decoded from the wire; `convolution.convolve` checks
     that they fit together and raises InvalidArgument naming the field.
     """
 

@@ -1,4 +1,5 @@
-"""Other serving protocols on the convserve port.
+"""The serving protocols on the convserve port: convserve.v1, the Open Inference
+Protocol and TF Serving's gRPC APIs.
 
 Each adapter adds its gRPC services to the server and returns their full
 names (for reflection and health). Its servicers translate the protocol's
@@ -11,22 +12,28 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from convserve.server import api
+from convserve.server.protocols.convserve_grpc import ConvServeAdapter
 from convserve.server.protocols.oip import OipAdapter
 from convserve.server.protocols.tfserving import TfServingAdapter
 
 
 class Adapter(Protocol):
+    """One protocol's gRPC services. Every adapter takes every limit and applies those
+    that concern its protocol."""
+
     name: str
 
     def add_to_server(
         self,
         server: Any,
-        runtime: Any,
-        metrics: Any,
+        runtime: api.RuntimeApi,
+        metrics: api.RequestMetrics,
         *,
         max_typed_payload_bytes: int = ...,
+        max_stream_in_flight: int = ...,
         replica: str = ...,
     ) -> list[str]: ...
 
 
-ADAPTERS: tuple[Adapter, ...] = (OipAdapter(), TfServingAdapter())
+ADAPTERS: tuple[Adapter, ...] = (ConvServeAdapter(), OipAdapter(), TfServingAdapter())

@@ -27,11 +27,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from convserve.client.tensor import TensorError
-from convserve.server import errors, logs, types
-from convserve.server.runtime import UNKNOWN_MODEL_LABEL, deadline_of
+from convserve.server import api, errors, logs, types
 from convserve.server.settings import Settings
 from convserve.server.work import at_deadline
+from convserve.v1.tensor_codec import TensorError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,8 +42,9 @@ OFFLOAD_MIN_BYTES = 1 << 20
 M = TypeVar("M")
 R = TypeVar("R")
 Q = TypeVar("Q")
-# What the adapters refuse by default, as the server's setting.
+# The adapters' limits by default, as the server's settings.
 DEFAULT_MAX_TYPED_PAYLOAD_BYTES: int = Settings.model_fields["max_typed_payload_bytes"].default
+DEFAULT_MAX_STREAM_IN_FLIGHT: int = Settings.model_fields["max_stream_in_flight"].default
 _END = object()
 
 
@@ -54,6 +54,12 @@ def server_version() -> str:
         return package_metadata.version("convserve")
     except package_metadata.PackageNotFoundError:
         return "unknown"
+
+
+def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """The caller's deadline as an absolute time.monotonic() (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 async def off_loop(fn: Callable[..., T], *args: Any, size_bytes: int) -> T:
@@ -236,7 +242,7 @@ class Calls:
     def __init__(
         self,
         protocol: types.Protocol,
-        metrics: Any,
+        metrics: api.RequestMetrics,
         rejections: logs.RejectionSummary = logs.REJECTIONS,
         *,
         model_label: Callable[[str], str] | None = None,
@@ -255,7 +261,7 @@ class Calls:
 
     @staticmethod
     def deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-        """The caller's deadline as the runtime takes it (`runtime.deadline_of`)."""
+        """The caller's deadline as the runtime takes it (`deadline_of`)."""
         return deadline_of(context)
 
     async def run(
@@ -438,5 +444,5 @@ def _label(calls: Calls, model: Callable[[Any], str], request: Any) -> str:
     except Exception:
         # A refused request (see wire.RefusedRequest) carries no fields to read: whatever
         # model it named, it is not known to be a configured one.
-        return UNKNOWN_MODEL_LABEL
+        return api.UNKNOWN_MODEL_LABEL
     return calls.model_label(requested)

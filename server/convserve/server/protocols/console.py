@@ -82,12 +82,12 @@ def assets() -> dict[str, bytes]:
 
 def prepare_image_bytes(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     """An encoded PNG or JPEG -> uint8 [H, W, C] for a model whose images are `shape`,
-    by the CLI's own code (`convserve.client.images`): decoded with pillow, made gray,
+    by the code the CLI shares (`convserve.v1.images`): decoded with pillow, made gray,
     then prepared the MNIST way. InvalidArgument naming ``body`` when it cannot be."""
     from PIL import Image
 
-    from convserve.client import images
-    from convserve.client.errors import InputError
+    from convserve.v1 import images
+    from convserve.v1.images import ImageError
 
     try:
         with Image.open(io.BytesIO(body), formats=IMAGE_FORMATS) as opened:
@@ -109,7 +109,7 @@ def prepare_image_bytes(body: bytes, shape: tuple[int, int, int]) -> np.ndarray:
     try:
         gray = images.load_grayscale(body)
         return images.prepare_image(gray, shape)
-    except InputError as exc:
+    except ImageError as exc:
         raise errors.InvalidArgument("body", str(exc).removeprefix("image bytes: ")) from None
 
 

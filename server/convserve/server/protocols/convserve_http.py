@@ -36,13 +36,13 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
-from convserve.client.tensor import to_tensor
 from convserve.server import api, converters, errors, types
 from convserve.server.protocols.calls import off_loop
 from convserve.server.protocols.http import HttpApi, HttpCall, json_response
 from convserve.server.protocols.json_values import json_array, to_array
 from convserve.server.protocols.oip_convert import MAX_RANK, parse_version
 from convserve.v1 import convserve_pb2
+from convserve.v1.tensor_codec import to_tensor
 
 PROTOCOL: types.Protocol = "convserve-http"
 PREFIX = "/v1/convserve"

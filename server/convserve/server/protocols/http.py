@@ -38,8 +38,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from convserve.server import auth, errors, logs, types
+from convserve.server import api, auth, errors, logs, types
 from convserve.server.json_worker import JsonError, JsonParser
+from convserve.server.listen import StartupError, bind_host
 from convserve.server.protocols.calls import REPLICA_KEY
 from convserve.server.settings import Settings
 
@@ -152,7 +153,7 @@ class HttpApi:
     def __init__(
         self,
         protocol: types.Protocol,
-        metrics: Any,
+        metrics: api.RequestMetrics,
         *,
         settings: Settings,
         model_label: Callable[[str], str] | None = None,
@@ -329,8 +330,6 @@ class HttpServer:
 
     async def start(self) -> int:
         """Listen; returns the bound port. Raises OSError when the port is unavailable."""
-        from convserve.server.app import StartupError, bind_host
-
         await self._runner.setup()
         port = max(0, self.settings.rest_port)
         site = web.TCPSite(

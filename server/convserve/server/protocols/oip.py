@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from convserve.server import api, errors, types
 from convserve.server.protocols import oip_convert
 from convserve.server.protocols.calls import (
+    DEFAULT_MAX_STREAM_IN_FLIGHT,
     DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
     UNIMPLEMENTED_MARK,
     Calls,
@@ -117,7 +118,7 @@ class OipModels:
             self._runtime.models(), self.conv_ready(), ready_only=ready_only
         )
 
-    async def infer(self, request: Any, *, deadline: float | None, protocol: types.Protocol) -> Any:
+    async def infer(self, request: Any, *, deadline: float | None) -> Any:
         """A ModelInferRequest's answer. Converting a large payload runs in a thread
         (`off_loop`), so that it cannot stall the other calls on the event loop."""
         size = oip_convert.request_bytes(request)
@@ -127,8 +128,8 @@ class OipModels:
             return await off_loop(
                 oip_convert.convolve_response, request, result, raw, size_bytes=result.output.nbytes
             )
-        value, outputs, raw = await off_loop(self._predict_input, request, size_bytes=size)
-        output = await self._runtime.predict(value, deadline=deadline, protocol=protocol)
+        value, outputs, raw = await off_loop(predict_input, request, size_bytes=size)
+        output = await self._runtime.predict(value, deadline=deadline)
         return await off_loop(
             oip_convert.predict_response,
             request,
@@ -138,15 +139,19 @@ class OipModels:
             size_bytes=output.probabilities.nbytes,
         )
 
-    def _predict_input(self, request: Any) -> tuple[types.PredictInput, list[str], bool]:
-        images, ref, outputs, raw = oip_convert.predict_request(request)
-        checked = self._runtime.check_images(images, field="inputs[images]", model=ref)
-        return types.PredictInput(checked, ref), outputs, raw
+
+def predict_input(request: Any) -> tuple[types.PredictInput, list[str], bool]:
+    """A ModelInferRequest for a model -> what the runtime's predict takes, the outputs
+    asked for and whether they are wanted raw (see `oip_convert.predict_request`)."""
+    images, ref, outputs, raw = oip_convert.predict_request(request)
+    return types.PredictInput(images, ref, field="inputs[images]"), outputs, raw
 
 
 @unimplemented_answered(_SERVICE)
 class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, runtime: api.RuntimeApi, metrics: Any, *, replica: str = "") -> None:
+    def __init__(
+        self, runtime: api.RuntimeApi, metrics: api.RequestMetrics, *, replica: str = ""
+    ) -> None:
         self._models = OipModels(runtime)
         self._calls = Calls(
             PROTOCOL, metrics, model_label=self._models.model_label, replica=replica
@@ -185,9 +190,7 @@ class OipServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         if isinstance(request, RefusedRequest):
             raise request.error
-        return await self._models.infer(
-            request, deadline=self._calls.deadline(context), protocol=PROTOCOL
-        )
+        return await self._models.infer(request, deadline=self._calls.deadline(context))
 
 
 class OipAdapter:
@@ -199,14 +202,16 @@ class OipAdapter:
         self,
         server: Any,
         runtime: api.RuntimeApi,
-        metrics: Any,
+        metrics: api.RequestMetrics,
         *,
         max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
         replica: str = "",
     ) -> list[str]:
         """Adds the service; ModelInfer requests with more than `max_typed_payload_bytes`
         of typed contents get INVALID_ARGUMENT without being parsed. Answers carry
-        `replica` (see `Calls`)."""
+        `replica` (see `Calls`). Its one streaming method, ModelStreamInfer, is not
+        offered: `max_stream_in_flight` does not concern it."""
         add_servicer(
             service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
             OipServicer(runtime, metrics, replica=replica),

@@ -3,6 +3,10 @@
 Pure functions: nothing here talks to the network or the runtime. Messages are
 tritonclient's generated ``inference.*`` classes (``tritonclient.grpc.service_pb2``).
 
+About 650 lines, a fifth of them the description below: one converter per
+message of one protocol, kept together so each answer's shape sits beside its
+request's.
+
 Models as the protocol sees them
 --------------------------------
 Each configured image classifier, by its name (``model_name`` ``""``: the
@@ -61,7 +65,6 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
 from convserve.server import errors, types
 from convserve.server.protocols.wire import (
     WireReader,
@@ -74,6 +77,7 @@ from convserve.server.protocols.wire import (
     varint_values,
 )
 from convserve.v1 import tensor_pb2
+from convserve.v1.tensor_codec import DTYPE_TO_PROTO, from_tensor
 
 CONV_MODEL = "conv2d"
 CONV_VERSION = "1"

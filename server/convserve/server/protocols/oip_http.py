@@ -125,7 +125,7 @@ class OipHttp:
             binary,
             size_bytes=len(body),
         )
-        response = await self._models.infer(request, deadline=call.deadline, protocol=PROTOCOL)
+        response = await self._models.infer(request, deadline=call.deadline)
         size = sum(len(raw) for raw in response.raw_output_contents)
         answer, json_length = await off_loop(
             convert.infer_response, response, output_format, size_bytes=size

@@ -28,6 +28,7 @@ from tensorflow_serving.apis import (
 from convserve.server import api, types
 from convserve.server.protocols import tfserving_convert
 from convserve.server.protocols.calls import (
+    DEFAULT_MAX_STREAM_IN_FLIGHT,
     DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
     Calls,
     add_servicer,
@@ -48,6 +49,14 @@ def _spec_name(request: Any) -> str:
     return str(request.model_spec.name)
 
 
+def predict_input(request: Any) -> tuple[types.PredictInput, str, list[str]]:
+    """A PredictRequest -> what the runtime's predict takes, the signature and the outputs
+    asked for (see `tfserving_convert.predict_request`)."""
+    images, ref, signature, outputs = tfserving_convert.predict_request(request)
+    field = f"inputs[{tfserving_convert.INPUT}]"
+    return types.PredictInput(images, ref, field=field), signature, outputs
+
+
 @unimplemented_answered(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"])
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, runtime: api.RuntimeApi, calls: Calls) -> None:
@@ -61,10 +70,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if isinstance(request, RefusedRequest):
             raise request.error
         size = tfserving_convert.request_bytes(request)
-        value, signature, outputs = await off_loop(self._predict_input, request, size_bytes=size)
-        result = await self._runtime.predict(
-            value, deadline=self._calls.deadline(context), protocol=PROTOCOL
-        )
+        value, signature, outputs = await off_loop(predict_input, request, size_bytes=size)
+        result = await self._runtime.predict(value, deadline=self._calls.deadline(context))
         return await off_loop(
             tfserving_convert.predict_response,
             result,
@@ -72,12 +79,6 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             outputs,
             size_bytes=result.probabilities.nbytes,
         )
-
-    def _predict_input(self, request: Any) -> tuple[types.PredictInput, str, list[str]]:
-        images, ref, signature, outputs = tfserving_convert.predict_request(request)
-        field = f"inputs[{tfserving_convert.INPUT}]"
-        checked = self._runtime.check_images(images, field=field, model=ref)
-        return types.PredictInput(checked, ref), signature, outputs
 
     @unary("GetModelMetadata", model=_spec_name)
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
@@ -114,14 +115,16 @@ class TfServingAdapter:
         self,
         server: Any,
         runtime: api.RuntimeApi,
-        metrics: Any,
+        metrics: api.RequestMetrics,
         *,
         max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
         replica: str = "",
     ) -> list[str]:
         """Adds the services; Predict requests with more than `max_typed_payload_bytes` of
         typed values get INVALID_ARGUMENT without being parsed. Answers carry `replica`
-        (see `Calls`)."""
+        (see `Calls`). The services stream nothing: `max_stream_in_flight` does not
+        concern them."""
         calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label, replica=replica)
         add_servicer(
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,

@@ -12,7 +12,7 @@ Conventions (as TF Serving serves the exported SavedModel):
   ``model_spec.version`` pins a loaded version; ``version_label`` names one by
   a version label of the model config file (they are one oneof). ``"latest"``
   means the serving version, and so does ``"stable"`` unless the model config
-  file defines it (`models.ModelManager.resolve`). Responses name the version
+  file defines it (`model_versions.ModelManager.resolve`). Responses name the version
   that served, as TF Serving's do, not the label.
 - ``model_spec.signature_name``: ``"serving_default"`` (or empty), input
   ``images`` DT_FLOAT in [0, 1]; or ``"predict_uint8"``, input ``images``
@@ -47,7 +47,6 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from convserve.client.tensor import DTYPE_TO_PROTO, from_tensor
 from convserve.server import errors, types
 from convserve.server.converters import check_label
 from convserve.server.protocols.oip_convert import MAX_RANK, shown_names
@@ -60,6 +59,7 @@ from convserve.server.protocols.wire import (
     varint_values,
 )
 from convserve.v1 import tensor_pb2 as convserve_tensor_pb2
+from convserve.v1.tensor_codec import DTYPE_TO_PROTO, from_tensor
 
 DEFAULT_SIGNATURE = "serving_default"
 INPUT = "images"

@@ -41,6 +41,11 @@ def _ref(call: HttpCall) -> types.ModelRef:
     return convert.model_ref(call.match("name"), call.match("version"), call.match("label"))
 
 
+def _predict_input(body: dict[str, Any], ref: types.ModelRef) -> tuple[types.PredictInput, bool]:
+    images, _, field, row = convert.predict_request(body)
+    return types.PredictInput(images, ref, field=field), row
+
+
 class TfServingRest:
     """The handlers of TF Serving's REST API over the shared runtime."""
 
@@ -82,19 +87,12 @@ class TfServingRest:
         value = await call.json(body)
         # Converting large images runs in a thread (`off_loop`): the JSON worker has read
         # them into arrays already, so that the event loop holds nothing proportional.
-        predict, row = await off_loop(self._predict_input, value, ref, size_bytes=len(body))
-        result = await self._runtime.predict(predict, deadline=call.deadline, protocol=PROTOCOL)
+        predict, row = await off_loop(_predict_input, value, ref, size_bytes=len(body))
+        result = await self._runtime.predict(predict, deadline=call.deadline)
         answer = await off_loop(
             convert.predict_response, result, row, size_bytes=result.probabilities.nbytes
         )
         return web.Response(body=answer, content_type=JSON)
-
-    def _predict_input(
-        self, body: dict[str, Any], ref: types.ModelRef
-    ) -> tuple[types.PredictInput, bool]:
-        images, _, field, row = convert.predict_request(body)
-        checked = self._runtime.check_images(images, field=field, model=ref)
-        return types.PredictInput(checked, ref), row
 
     @staticmethod
     def _unsupported(method: str) -> Any:

@@ -15,10 +15,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf.internal import wire_format
 from google.protobuf.message import DecodeError
 
 from convserve.server import errors
+
+# The wire types of the protobuf encoding (protobuf.dev/programming-guides/encoding): a
+# field's tag is its number << 3 | its wire type. Spelled out here rather than taken
+# from protobuf's private `internal.wire_format`, which may change in any release.
+WIRETYPE_VARINT = 0
+WIRETYPE_FIXED64 = 1
+WIRETYPE_LENGTH_DELIMITED = 2
+WIRETYPE_START_GROUP = 3
+WIRETYPE_END_GROUP = 4
+WIRETYPE_FIXED32 = 5
+_TAG_TYPE_BITS = 3
+
+
+def pack_tag(number: int, wire_type: int) -> int:
+    return (number << _TAG_TYPE_BITS) | wire_type
+
+
+def unpack_tag(tag: int) -> tuple[int, int]:
+    """(field number, wire type) of a tag."""
+    return tag >> _TAG_TYPE_BITS, tag & ((1 << _TAG_TYPE_BITS) - 1)
+
 
 # A tensor message carries a handful of fields (dtype, shape, one value field);
 # walking many more would be work proportional to junk the client sent.
@@ -62,14 +82,14 @@ def packed_payload(serialized: bytes, number: int, field: str) -> memoryview:
                 field, f"at most {MAX_TENSOR_FIELDS} fields in the tensor message expected"
             )
         tag, pos = _varint(data, pos, field)
-        found, wire_type = wire_format.UnpackTag(tag)
-        if wire_type == wire_format.WIRETYPE_VARINT:
+        found, wire_type = unpack_tag(tag)
+        if wire_type == WIRETYPE_VARINT:
             _, pos = _varint(data, pos, field)
-        elif wire_type == wire_format.WIRETYPE_FIXED64:
+        elif wire_type == WIRETYPE_FIXED64:
             pos += 8
-        elif wire_type == wire_format.WIRETYPE_FIXED32:
+        elif wire_type == WIRETYPE_FIXED32:
             pos += 4
-        elif wire_type == wire_format.WIRETYPE_LENGTH_DELIMITED:
+        elif wire_type == WIRETYPE_LENGTH_DELIMITED:
             length, pos = _varint(data, pos, field)
             if found == number:
                 parts.append(data[pos : pos + length])
@@ -98,7 +118,7 @@ def _varint_bytes(value: int) -> bytes:
 
 def packed_field(number: int, payload: bytes | memoryview) -> bytes:
     """Field `number` as one packed entry holding `payload`, ready for MergeFromString."""
-    tag = wire_format.PackTag(number, wire_format.WIRETYPE_LENGTH_DELIMITED)
+    tag = pack_tag(number, WIRETYPE_LENGTH_DELIMITED)
     return b"".join((_varint_bytes(tag), _varint_bytes(len(payload)), payload))
 
 
@@ -208,7 +228,7 @@ class WireField:
 
     @property
     def length_delimited(self) -> bool:
-        return self.wire_type == wire_format.WIRETYPE_LENGTH_DELIMITED
+        return self.wire_type == WIRETYPE_LENGTH_DELIMITED
 
 
 class WireReader:
@@ -226,7 +246,7 @@ class WireReader:
         pos = start
         while pos < end:
             field, pos = self._field(pos, end, depth=0)
-            if field.wire_type == wire_format.WIRETYPE_END_GROUP:
+            if field.wire_type == WIRETYPE_END_GROUP:
                 raise WireError("an end-group tag outside a group")
             yield field
 
@@ -236,22 +256,22 @@ class WireReader:
         if self.walked > self.max_fields:
             raise TooManyFields
         tag, pos = self._varint(pos, end)
-        number, wire_type = wire_format.UnpackTag(tag)
+        number, wire_type = unpack_tag(tag)
         if number == 0:
             raise WireError("field number 0")
         after = pos
-        if wire_type == wire_format.WIRETYPE_VARINT:
+        if wire_type == WIRETYPE_VARINT:
             _, after = self._varint(pos, end)
-        elif wire_type == wire_format.WIRETYPE_FIXED64:
+        elif wire_type == WIRETYPE_FIXED64:
             after = pos + 8
-        elif wire_type == wire_format.WIRETYPE_FIXED32:
+        elif wire_type == WIRETYPE_FIXED32:
             after = pos + 4
-        elif wire_type == wire_format.WIRETYPE_LENGTH_DELIMITED:
+        elif wire_type == WIRETYPE_LENGTH_DELIMITED:
             length, pos = self._varint(pos, end)
             after = pos + length
-        elif wire_type == wire_format.WIRETYPE_START_GROUP:
+        elif wire_type == WIRETYPE_START_GROUP:
             return self._group(number, pos, end, depth + 1)
-        elif wire_type != wire_format.WIRETYPE_END_GROUP:
+        elif wire_type != WIRETYPE_END_GROUP:
             raise WireError(f"wire type {wire_type}")
         if after > end:
             raise WireError("truncated")
@@ -265,10 +285,10 @@ class WireReader:
         pos = start
         while pos < end:
             field, after = self._field(pos, end, depth)
-            if field.wire_type == wire_format.WIRETYPE_END_GROUP:
+            if field.wire_type == WIRETYPE_END_GROUP:
                 if field.number != number:
                     raise WireError("mismatched end-group tag")
-                return WireField(number, wire_format.WIRETYPE_START_GROUP, start, pos), after
+                return WireField(number, WIRETYPE_START_GROUP, start, pos), after
             pos = after
         raise WireError("truncated group")
 

@@ -1,4 +1,4 @@
-"""The convserve.v1 ConvServe servicer.
+"""convserve.v1 over gRPC: the ``convserve.v1.ConvServe`` service.
 
 Each unary method is one translation (`protocols.calls.unary`): the request
 through `converters` into a typed value, the runtime's answer back. Translations
@@ -19,7 +19,13 @@ from typing import Any, TypeAlias
 import grpc
 
 from convserve.server import api, converters, types
-from convserve.server.protocols.calls import Calls, off_loop, unary
+from convserve.server.protocols.calls import (
+    DEFAULT_MAX_STREAM_IN_FLIGHT,
+    DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    Calls,
+    off_loop,
+    unary,
+)
 from convserve.v1 import convserve_pb2, convserve_pb2_grpc
 
 SERVICE = convserve_pb2.DESCRIPTOR.services_by_name["ConvServe"].full_name
@@ -34,9 +40,9 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
     def __init__(
         self,
         runtime: api.RuntimeApi,
-        metrics: Any,
+        metrics: api.RequestMetrics,
         *,
-        max_stream_in_flight: int = 128,
+        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
         replica: str = "",
     ) -> None:
         self._runtime = runtime
@@ -48,14 +54,9 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
         self, request: convserve_pb2.PredictRequest, context: Context
     ) -> convserve_pb2.PredictResponse:
         value = await off_loop(
-            converters.predict_request_from_proto,
-            request,
-            self._runtime.check_images,
-            size_bytes=request.ByteSize(),
+            converters.predict_request_from_proto, request, size_bytes=request.ByteSize()
         )
-        result = await self._runtime.predict(
-            value, deadline=self._calls.deadline(context), protocol=PROTOCOL
-        )
+        result = await self._runtime.predict(value, deadline=self._calls.deadline(context))
         return await off_loop(
             converters.predict_response_to_proto,
             result,
@@ -73,10 +74,9 @@ class ConvServeServicer(convserve_pb2_grpc.ConvServeServicer):
             request_id, value = await off_loop(
                 converters.predict_stream_request_from_proto,
                 message,
-                self._runtime.check_images,
                 size_bytes=message.ByteSize(),
             )
-            result = await self._runtime.predict(value, deadline=deadline, protocol=PROTOCOL)
+            result = await self._runtime.predict(value, deadline=deadline)
             return await off_loop(
                 converters.predict_stream_response_to_proto,
                 request_id,
@@ -162,18 +162,26 @@ def _nbytes(array: Any) -> int:
     return int(getattr(array, "nbytes", 0))
 
 
-def add_to_server(
-    server: grpc.aio.Server,
-    runtime: api.RuntimeApi,
-    metrics: Any,
-    *,
-    max_stream_in_flight: int = 128,
-    replica: str = "",
-) -> list[str]:
-    """Adds the ConvServe service; returns its full name (for health and reflection).
-    Answers carry `replica` (see `Calls`)."""
-    servicer = ConvServeServicer(
-        runtime, metrics, max_stream_in_flight=max_stream_in_flight, replica=replica
-    )
-    convserve_pb2_grpc.add_ConvServeServicer_to_server(servicer, server)
-    return [SERVICE]
+class ConvServeAdapter:
+    """Adds the convserve.v1 ConvServe service to a convserve server."""
+
+    name = "convserve"
+
+    def add_to_server(
+        self,
+        server: Any,
+        runtime: api.RuntimeApi,
+        metrics: api.RequestMetrics,
+        *,
+        max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
+        replica: str = "",
+    ) -> list[str]:
+        """Adds the service; each PredictStream stream has at most `max_stream_in_flight`
+        messages in flight. Answers carry `replica` (see `Calls`). convserve.v1's tensors
+        are bytes, not typed values: `max_typed_payload_bytes` does not concern it."""
+        servicer = ConvServeServicer(
+            runtime, metrics, max_stream_in_flight=max_stream_in_flight, replica=replica
+        )
+        convserve_pb2_grpc.add_ConvServeServicer_to_server(servicer, server)
+        return [SERVICE]

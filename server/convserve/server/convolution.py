@@ -1,4 +1,4 @@
-"""Arbitrary-kernel 2-D convolution and kernel fitting, run with TensorFlow.
+"""Arbitrary-kernel 2-D convolution, run with TensorFlow.
 
 Semantics: CROSS_CORRELATION computes ``Y[i,j] = sum(X[i:i+h, j:j+w] * K) + b``;
 CONVOLUTION is cross-correlation with the kernel flipped in both spatial axes.
@@ -18,20 +18,20 @@ Cost: a request is admitted only when `costs.CALIBRATED` estimates it at no
 more than ``max_cpu_s`` CPU seconds. Work estimated above `costs.UNIT_S` is
 computed in tiles (ranges of items, output rows and columns, filters), each
 from its own slice of the padded input, and a `check` callback runs between
-tiles and between the steps of a fit, so a caller that has gone or whose
-deadline has passed stops costing CPU within about one unit.
+tiles, so a caller that has gone or whose deadline has passed stops costing
+CPU within about one unit.
+
+`kernel_fit` builds on the checks, the plan and the direct route defined here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import tensorflow as tf
@@ -42,9 +42,6 @@ DEFAULT_MAX_ELEMENTS = 1 << 24  # 16.7 M values per tensor (64 MiB at float32)
 DEFAULT_MAX_KERNEL_ELEMENTS = 1 << 20
 # Estimated CPU seconds one request may cost (the server's max_request_cpu_s).
 DEFAULT_MAX_CPU_S = 2.0
-# Estimated CPU seconds one gradient step of a fit may cost: a fit checks for
-# cancellation between steps, so this bounds how long it runs on after its caller left.
-FIT_MAX_STEP_S = 0.1
 # TensorFlow takes strides, dilations and paddings as int32 attributes, and
 # aborts the process on larger values.
 INT32_MAX = 2**31 - 1
@@ -138,7 +135,8 @@ class ConvPlan:
 # -- validation -------------------------------------------------------------
 
 
-def _check_array(field: str, value: object, expected: str) -> np.ndarray:
+def check_array(field: str, value: object, expected: str) -> np.ndarray:
+    """`value` as an array of a served dtype, else InvalidArgument on `field`."""
     if not isinstance(value, np.ndarray):
         raise errors.InvalidArgument(field, f"a tensor {expected} expected")
     if value.dtype not in _DTYPES:
@@ -146,7 +144,8 @@ def _check_array(field: str, value: object, expected: str) -> np.ndarray:
     return value
 
 
-def _check_size(field: str, value: np.ndarray, limit: int, setting: str) -> None:
+def check_size(field: str, value: np.ndarray, limit: int, setting: str) -> None:
+    """Raise InvalidArgument on `field` for an empty dimension or over `limit` elements."""
     if any(d < 1 for d in value.shape):
         raise errors.InvalidArgument(
             field, f"every dimension at least 1 expected, got shape {list(value.shape)}"
@@ -158,7 +157,8 @@ def _check_size(field: str, value: np.ndarray, limit: int, setting: str) -> None
         )
 
 
-def _check_finite(field: str, value: np.ndarray) -> None:
+def check_finite(field: str, value: np.ndarray) -> None:
+    """Raise InvalidArgument on `field` if `value` holds NaN or Inf."""
     if not np.all(np.isfinite(value)):
         raise errors.InvalidArgument(field, "finite values expected, got NaN or Inf")
 
@@ -266,7 +266,9 @@ def plan_convolution(
     )
 
 
-def _check_geometry_limits(plan: ConvPlan, max_elements: int) -> None:
+def check_geometry_limits(plan: ConvPlan, max_elements: int) -> None:
+    """Raise InvalidArgument if the padded input or an output of `plan` (the stride-1
+    one too, for dilation with stride) is over `max_elements`."""
     padded_h, padded_w = plan.padded
     padded = plan.n * padded_h * padded_w * plan.channels
     if padded > max_elements:
@@ -329,13 +331,13 @@ def validate_convolve(
     Raises errors.InvalidArgument naming the offending field, also when the
     estimated cost (`convolve_cost_s`) is over `max_cpu_s`.
     """
-    x = _check_array("input", req.input, "[H,W] or [N,H,W,C]")
+    x = check_array("input", req.input, "[H,W] or [N,H,W,C]")
     if x.ndim not in (2, 4):
         raise errors.InvalidArgument(
             "input", f"rank 2 [H,W] or rank 4 [N,H,W,C] expected, got shape {list(x.shape)}"
         )
-    _check_size("input", x, max_elements, "max_conv_elements")
-    k = _check_array("kernel", req.kernel, "[kh,kw] or [kh,kw,C,F]")
+    check_size("input", x, max_elements, "max_conv_elements")
+    k = check_array("kernel", req.kernel, "[kh,kw] or [kh,kw,C,F]")
     if k.dtype != x.dtype:
         raise errors.InvalidArgument(
             "kernel", f"dtype {x.dtype} (the input's dtype) expected, got {k.dtype}"
@@ -349,7 +351,7 @@ def validate_convolve(
             "kernel",
             f"rank 4 [kh,kw,C,F] with a [N,H,W,C] input expected, got shape {list(k.shape)}",
         )
-    _check_size("kernel", k, max_kernel_elements, "max_kernel_elements")
+    check_size("kernel", k, max_kernel_elements, "max_kernel_elements")
     if x.ndim == 4 and k.shape[2] != x.shape[3]:
         raise errors.InvalidArgument(
             "kernel",
@@ -357,7 +359,7 @@ def validate_convolve(
         )
     filters = 1 if k.ndim == 2 else k.shape[3]
     if req.bias is not None:
-        b = _check_array("bias", req.bias, f"[{filters}]")
+        b = check_array("bias", req.bias, f"[{filters}]")
         if b.dtype != x.dtype:
             raise errors.InvalidArgument(
                 "bias", f"dtype {x.dtype} (the input's dtype) expected, got {b.dtype}"
@@ -366,20 +368,20 @@ def validate_convolve(
         if b.shape not in allowed:
             expected = f"[{filters}] (one per filter)" if k.ndim == 4 else "[1]"
             raise errors.InvalidArgument("bias", f"shape {expected} expected, got {list(b.shape)}")
-        _check_finite("bias", b)
+        check_finite("bias", b)
     plan = plan_convolution(x.shape, k.shape, req.options)
     plan = dataclasses.replace(plan, float64=x.dtype == np.float64)
-    _check_geometry_limits(plan, max_elements)
+    check_geometry_limits(plan, max_elements)
     _check_cost("input", "this convolution", convolve_cost_s(plan, route), max_cpu_s)
-    _check_finite("input", x)
-    _check_finite("kernel", k)
+    check_finite("input", x)
+    check_finite("kernel", k)
     return plan
 
 
 # -- computation ------------------------------------------------------------
 
 
-def _direct(x4: tf.Tensor, k4: tf.Tensor, plan: ConvPlan) -> tf.Tensor:
+def direct(x4: tf.Tensor, k4: tf.Tensor, plan: ConvPlan) -> tf.Tensor:
     """TensorFlow's convolution; differentiable (fit_kernel uses it too)."""
     if plan.flip:
         k4 = tf.reverse(k4, axis=[0, 1])
@@ -529,7 +531,7 @@ def _compute(x4: np.ndarray, k4: np.ndarray, plan: ConvPlan, fft: bool) -> tf.Te
         if plan.strides != (1, 1):
             y = y[:, :: plan.strides[0], :: plan.strides[1], :]
         return y
-    return _direct(tf.constant(x4), tf.constant(k4), plan)
+    return direct(tf.constant(x4), tf.constant(k4), plan)
 
 
 def convolve(
@@ -584,228 +586,3 @@ def convolve(
     if plan.two_d:
         out = out[0, :, :, 0]
     return types.ConvolveOutput(output=out)
-
-
-# -- kernel fitting -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FitPlan:
-    """A checked FitKernel request: its geometry, data and limits."""
-
-    plan: ConvPlan
-    x4: np.ndarray
-    y4: np.ndarray
-    kernel_shape: tuple[int, ...]
-    learning_rate: float
-    max_steps: int
-    step_s: float  # estimated CPU seconds of one gradient step
-
-    def cost_s(self, time_budget_s: float) -> float:
-        """Estimated CPU seconds of the whole fit: it stops after max_steps steps, or at
-        the first check after `time_budget_s`, one step later at most."""
-        return min((self.max_steps + 1) * self.step_s, time_budget_s + self.step_s)
-
-
-def validate_fit(
-    req: types.FitKernelInput,
-    *,
-    default_learning_rate: float = 0.03,
-    max_steps: int = 1000,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-    max_kernel_elements: int = DEFAULT_MAX_KERNEL_ELEMENTS,
-    max_step_s: float = FIT_MAX_STEP_S,
-) -> FitPlan:
-    """Run every check `fit_kernel` runs, without computing; returns the plan.
-
-    Raises errors.InvalidArgument naming the offending field, also when one
-    gradient step is estimated above `max_step_s`.
-    """
-    x = _check_array("inputs", req.inputs, "[H,W], [N,H,W] or [N,H,W,C]")
-    if x.ndim not in (2, 3, 4):
-        raise errors.InvalidArgument(
-            "inputs",
-            f"rank 2 [H,W], 3 [N,H,W] or 4 [N,H,W,C] expected, got shape {list(x.shape)}",
-        )
-    _check_size("inputs", x, max_elements, "max_conv_elements")
-    y = _check_array("targets", req.targets, "matching the inputs")
-    if y.dtype != x.dtype:
-        raise errors.InvalidArgument(
-            "targets", f"dtype {x.dtype} (the inputs' dtype) expected, got {y.dtype}"
-        )
-    _check_size("targets", y, max_elements, "max_conv_elements")
-    shape = tuple(int(d) for d in req.kernel_shape)
-    if len(shape) not in (2, 4):
-        raise errors.InvalidArgument(
-            "kernel_shape", f"[kh,kw] or [kh,kw,C,F] expected, got {list(shape)}"
-        )
-    if any(d < 1 for d in shape):
-        raise errors.InvalidArgument(
-            "kernel_shape", f"positive dimensions expected, got {list(shape)}"
-        )
-    if x.ndim < 4 and len(shape) != 2:
-        raise errors.InvalidArgument(
-            "kernel_shape",
-            f"[kh,kw] with single-channel inputs of rank {x.ndim} expected, got {list(shape)}",
-        )
-    if x.ndim == 4 and len(shape) != 4:
-        raise errors.InvalidArgument(
-            "kernel_shape", f"[kh,kw,C,F] with [N,H,W,C] inputs expected, got {list(shape)}"
-        )
-    if x.ndim == 4 and shape[2] != x.shape[3]:
-        raise errors.InvalidArgument(
-            "kernel_shape",
-            f"[kh,kw,C,F] with C={x.shape[3]} (the inputs' channels) expected, got C={shape[2]}",
-        )
-    if math.prod(shape) > max_kernel_elements:
-        raise errors.InvalidArgument(
-            "kernel_shape",
-            f"at most {max_kernel_elements} elements expected (the server's "
-            f"max_kernel_elements), got {math.prod(shape)}",
-        )
-    x4 = {2: lambda a: a[None, :, :, None], 3: lambda a: a[:, :, :, None], 4: lambda a: a}[x.ndim](
-        x
-    )
-    k_shape4 = shape if len(shape) == 4 else (shape[0], shape[1], 1, 1)
-    plan = plan_convolution(x4.shape, k_shape4, req.options)
-    plan = dataclasses.replace(plan, two_d=False, float64=x.dtype == np.float64)
-    _check_geometry_limits(plan, max_elements)
-    step_s = costs.CALIBRATED.fit_step_s(plan)
-    if step_s > max_step_s:
-        # A fit checks for cancellation between steps: one step is its unit of work.
-        raise errors.InvalidArgument(
-            "inputs",
-            f"inputs, targets and kernel whose gradient step costs at most {max_step_s:g} s "
-            f"of CPU expected, one step needs about {step_s:.3g} s; use fewer or smaller "
-            "inputs or a smaller kernel",
-        )
-    expected = {2: (plan.out_h, plan.out_w), 3: (plan.n, plan.out_h, plan.out_w)}.get(
-        x.ndim, plan.output_shape
-    )
-    if y.shape != expected:
-        raise errors.InvalidArgument(
-            "targets",
-            f"shape {list(expected)} (the output of a {list(shape)} kernel on the inputs "
-            f"with these options) expected, got {list(y.shape)}",
-        )
-    y4 = y.reshape(plan.output_shape)
-    lr = default_learning_rate if req.learning_rate is None else float(req.learning_rate)
-    if not math.isfinite(lr) or lr <= 0:
-        raise errors.InvalidArgument(
-            "learning_rate", f"a positive finite number expected, got {req.learning_rate}"
-        )
-    steps = max_steps
-    if req.max_steps is not None:
-        if req.max_steps < 1:
-            raise errors.InvalidArgument(
-                "max_steps", f"a positive integer expected, got {req.max_steps}"
-            )
-        steps = min(req.max_steps, max_steps)
-    if not math.isfinite(req.tolerance) or req.tolerance < 0:
-        raise errors.InvalidArgument(
-            "tolerance", f"a non-negative finite number expected, got {req.tolerance}"
-        )
-    if req.seed < 0:
-        raise errors.InvalidArgument("seed", f"a non-negative integer expected, got {req.seed}")
-    _check_finite("inputs", x)
-    _check_finite("targets", y)
-    return FitPlan(plan, x4, y4, shape, lr, steps, step_s)
-
-
-def _mse_and_step(
-    x: tf.Tensor, y: tf.Tensor, k: tf.Tensor, b: tf.Tensor, lr: tf.Tensor, plan: ConvPlan
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The loss at (k, b) and the parameters after one plain SGD step."""
-    with tf.GradientTape() as tape:
-        tape.watch([k, b])
-        loss = tf.reduce_mean(tf.square(_direct(x, k, plan) + b - y))
-    grad_k, grad_b = tape.gradient(loss, [k, b])
-    return loss, k - lr * grad_k, b - lr * grad_b
-
-
-@functools.lru_cache(maxsize=64)
-def _sgd_step(plan: ConvPlan) -> Callable[..., Any]:
-    """One traced SGD step per geometry, reused by later fits with the same geometry."""
-    return tf.function(functools.partial(_mse_and_step, plan=plan))
-
-
-def fit_kernel(
-    req: types.FitKernelInput,
-    *,
-    device: str = "/CPU:0",
-    default_learning_rate: float = 0.03,
-    max_steps: int = 1000,
-    time_budget_s: float = 10.0,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-    max_kernel_elements: int = DEFAULT_MAX_KERNEL_ELEMENTS,
-    max_step_s: float = FIT_MAX_STEP_S,
-    clock: Callable[[], float] = time.monotonic,
-    check: Check | None = None,
-) -> types.FitKernelOutput:
-    """Learn a kernel (and optionally a bias per filter) mapping inputs to targets.
-
-    Gradient descent on the mean squared error with plain SGD
-    (``w -= lr * grad``), starting from a normal kernel drawn with `req.seed`
-    (std ``1/sqrt(kh*kw*C)``) and a zero bias. Stops when the loss is at or
-    below `req.tolerance` ("converged"), after the request's max_steps capped
-    by `max_steps` ("max_steps"), or when `time_budget_s` has passed on
-    `clock` ("time_budget"). `loss` holds the loss before each step, then
-    after the last. Computes in the inputs' dtype; returns float64.
-    Raises errors.InvalidArgument for bad fields, a step estimated above
-    `max_step_s`, or when the loss diverges; `check` runs before every step
-    and stops the fit by raising.
-    """
-    fit = validate_fit(
-        req,
-        default_learning_rate=default_learning_rate,
-        max_steps=max_steps,
-        max_elements=max_elements,
-        max_kernel_elements=max_kernel_elements,
-        max_step_s=max_step_s,
-    )
-    plan = fit.plan
-    dtype = fit.x4.dtype
-    rng = np.random.default_rng(req.seed)
-    fan_in = plan.kernel_h * plan.kernel_w * plan.channels
-    k0 = rng.normal(0.0, 1.0 / math.sqrt(fan_in), size=fit.kernel_shape).astype(dtype)
-    k_shape4 = (plan.kernel_h, plan.kernel_w, plan.channels, plan.filters)
-    started = clock()
-    losses: list[float] = []
-    steps = 0
-    stop_reason: Literal["converged", "max_steps", "time_budget"]
-    with tf.device(device):
-        x = tf.constant(fit.x4)
-        y = tf.constant(fit.y4)
-        k = tf.constant(k0.reshape(k_shape4))
-        b = tf.zeros([plan.filters], dtype=dtype)
-        lr = tf.constant(fit.learning_rate, dtype=dtype)
-        while True:
-            if check is not None:
-                check()
-            loss, new_k, new_b = _sgd_step(plan)(x, y, k, b, lr)
-            value = float(loss.numpy())
-            losses.append(value)
-            if not math.isfinite(value):
-                raise errors.InvalidArgument(
-                    "learning_rate",
-                    f"a smaller learning rate expected: the loss diverged after {steps} "
-                    f"steps with learning rate {fit.learning_rate}",
-                )
-            if value <= req.tolerance:
-                stop_reason = "converged"
-                break
-            if steps >= fit.max_steps:
-                stop_reason = "max_steps"
-                break
-            if clock() - started >= time_budget_s:
-                stop_reason = "time_budget"
-                break
-            k = new_k
-            if req.fit_bias:
-                b = new_b
-            steps += 1
-        kernel = k.numpy().astype(np.float64).reshape(fit.kernel_shape)
-        bias = b.numpy().astype(np.float64) if req.fit_bias else None
-    return types.FitKernelOutput(
-        kernel=kernel, bias=bias, loss=losses, steps=steps, stop_reason=stop_reason
-    )

@@ -1,5 +1,8 @@
 """Conversion between numpy arrays and `convserve.v1.Tensor` messages.
 
+Wire code: the client and the server both import it (the server never imports
+`convserve.client`), so both sides read and write tensors the same way.
+
 Both directions move the raw bytes in one piece (little-endian, C order), so
 a batch of images costs one copy at most. `from_tensor` checks everything a
 peer could get wrong and names the offending field in its error.

@@ -1,5 +1,5 @@
 """LiteRT in worker processes: same answers as in-process, on and off the event loop,
-and a worker that dies costs one batch, not the engine."""
+and a worker that dies costs one batch, not the pool."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from convserve.server import errors, models
-from convserve.server.engine_process import ProcessEngine, WorkerError
+from convserve.server.workers.pool import WorkerPool
+from convserve.server.workers.worker import WorkerError
 
 Digits = tuple[np.ndarray, np.ndarray]
 
@@ -32,10 +33,10 @@ def litert(model_base_path: Path) -> models.LiteRtEngine:
 
 
 @pytest.fixture
-def engine(litert: models.LiteRtEngine) -> Iterator[ProcessEngine]:
+def pool(litert: models.LiteRtEngine) -> Iterator[WorkerPool]:
     # No heartbeats: a test that stops a worker wants its batch, not a heartbeat, to find it
     # (tests/server/test_worker_supervision.py covers the heartbeats).
-    engine = ProcessEngine(
+    pool = WorkerPool(
         litert.flatbuffer,
         **MNIST_IO,
         threads=1,
@@ -44,10 +45,10 @@ def engine(litert: models.LiteRtEngine) -> Iterator[ProcessEngine]:
         heartbeat_interval_s=3600.0,
     )
     try:
-        yield engine
+        yield pool
     finally:
-        engine.close()
-        assert engine.wait_closed(10.0)
+        pool.close()
+        assert pool.wait_closed(10.0)
 
 
 def in_process(litert: models.LiteRtEngine, images_u8: np.ndarray) -> np.ndarray:
@@ -56,19 +57,19 @@ def in_process(litert: models.LiteRtEngine, images_u8: np.ndarray) -> np.ndarray
 
 @pytest.mark.slow
 def test_blocking_calls_match_the_in_process_engine(
-    engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
+    pool: WorkerPool, litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
     images = sample_digits[0][:16]
     expected = in_process(litert, images)
     # uint8 pixels are scaled in the worker exactly as the server scales them.
-    np.testing.assert_array_equal(engine(images.reshape(-1, 28, 28, 1)), expected)
+    np.testing.assert_array_equal(pool(images.reshape(-1, 28, 28, 1)), expected)
     as_float = (images.astype(np.float32) / np.float32(255.0)).reshape(-1, 28, 28, 1)
-    np.testing.assert_array_equal(engine(as_float), expected)
+    np.testing.assert_array_equal(pool(as_float), expected)
     # Each size gets its own interpreter in the worker; sizes may come in any order.
     for size in (1, 5, 16, 2, 5):
-        np.testing.assert_array_equal(engine(images[:size]), expected[:size])
+        np.testing.assert_array_equal(pool(images[:size]), expected[:size])
     with pytest.raises(ValueError, match=r"uint8 or float32 images of 784 pixels expected"):
-        engine(np.zeros((2, 28, 28), np.float64))
+        pool(np.zeros((2, 28, 28), np.float64))
 
 
 @pytest.mark.slow
@@ -80,51 +81,51 @@ def test_batches_through_the_socket_match_those_through_shared_memory(
     region, larger ones in the socket. Either way, the same answers bit for bit."""
     images = sample_digits[0][:9].reshape(-1, 28, 28, 1)
     expected = in_process(litert, images)
-    engine = ProcessEngine(
+    pool = WorkerPool(
         litert.flatbuffer, **MNIST_IO, threads=1, workers=1, name="wire", max_rows=max_rows
     )
     try:
         for size in (1, 4, 5, 9, 3):
-            np.testing.assert_array_equal(engine(images[:size]), expected[:size])
+            np.testing.assert_array_equal(pool(images[:size]), expected[:size])
             as_float = images[:size].astype(np.float32) / np.float32(255.0)
-            np.testing.assert_array_equal(engine(as_float), expected[:size])
+            np.testing.assert_array_equal(pool(as_float), expected[:size])
     finally:
-        engine.close()
-        assert engine.wait_closed(10.0)
+        pool.close()
+        assert pool.wait_closed(10.0)
 
 
 @pytest.mark.slow
 async def test_concurrent_batches_on_the_event_loop_get_their_own_rows(
-    engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
+    pool: WorkerPool, litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
     images = sample_digits[0]
     expected = in_process(litert, images)
-    engine.serve()
+    pool.serve()
     with pytest.raises(RuntimeError, match="use run"):
-        engine(images[:1])
+        pool(images[:1])
     rng = np.random.default_rng(0)
     picks = [rng.choice(len(images), size=int(rng.integers(1, 9))) for _ in range(30)]
     # More batches than workers: the rest wait for an idle worker.
-    results = await asyncio.gather(*(engine.run(images[p]) for p in picks))
+    results = await asyncio.gather(*(pool.run(images[p]) for p in picks))
     for pick, result in zip(picks, results, strict=True):
         np.testing.assert_array_equal(result, expected[pick])
 
 
 @pytest.mark.slow
 async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
-    engine: ProcessEngine, litert: models.LiteRtEngine, sample_digits: Digits
+    pool: WorkerPool, litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
     images = sample_digits[0][:4]
     expected = in_process(litert, images)
-    engine.serve()
+    pool.serve()
     exits: list[int] = []
-    engine.on_worker_exit = lambda: exits.append(1)
-    first, second = engine.pids
+    pool.on_worker_exit = lambda: exits.append(1)
+    first, second = pool.pids
     # Stopped, the worker takes a batch but never answers it; killed then, it dies
     # holding the batch. (Killed while idle, it would be replaced before any batch.)
     os.kill(first, signal.SIGSTOP)
     try:
-        calls = [asyncio.ensure_future(engine.run(images)) for _ in range(2)]
+        calls = [asyncio.ensure_future(pool.run(images)) for _ in range(2)]
         await asyncio.sleep(0)  # each takes one of the two idle workers
     finally:
         os.kill(first, signal.SIGKILL)
@@ -141,14 +142,14 @@ async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
             np.testing.assert_array_equal(outcome, expected)
     # A new worker takes the dead one's place; meanwhile the survivor serves alone.
     for _ in range(600):
-        if len(engine.pids) == 2:
+        if len(pool.pids) == 2:
             break
-        np.testing.assert_array_equal(await engine.run(images), expected)
+        np.testing.assert_array_equal(await pool.run(images), expected)
         await asyncio.sleep(0.05)
-    assert len(engine.pids) == 2
-    assert second in engine.pids
-    assert first not in engine.pids
-    results = await asyncio.gather(*(engine.run(images) for _ in range(6)))
+    assert len(pool.pids) == 2
+    assert second in pool.pids
+    assert first not in pool.pids
+    results = await asyncio.gather(*(pool.run(images) for _ in range(6)))
     for result in results:
         np.testing.assert_array_equal(result, expected)
 
@@ -157,14 +158,14 @@ async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
 async def test_closing_stops_the_workers_and_refuses_calls(
     litert: models.LiteRtEngine, sample_digits: Digits
 ) -> None:
-    engine = ProcessEngine(litert.flatbuffer, **MNIST_IO, threads=1, workers=1, name="closing")
-    engine.serve()
-    pids = engine.pids
-    assert (await engine.run(sample_digits[0][:1])).shape == (1, 10)
-    engine.close()
+    pool = WorkerPool(litert.flatbuffer, **MNIST_IO, threads=1, workers=1, name="closing")
+    pool.serve()
+    pids = pool.pids
+    assert (await pool.run(sample_digits[0][:1])).shape == (1, 10)
+    pool.close()
     with pytest.raises(errors.Unavailable, match="released"):
-        await engine.run(sample_digits[0][:1])
-    assert await asyncio.to_thread(engine.wait_closed, 10.0)
+        await pool.run(sample_digits[0][:1])
+    assert await asyncio.to_thread(pool.wait_closed, 10.0)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -173,7 +174,7 @@ async def test_closing_stops_the_workers_and_refuses_calls(
 @pytest.mark.slow
 @pytest.mark.parametrize("niceness", [0, 7])
 def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, niceness: int) -> None:
-    engine = ProcessEngine(
+    pool = WorkerPool(
         litert.flatbuffer,
         **MNIST_IO,
         threads=1,
@@ -182,19 +183,19 @@ def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, nicen
         niceness=niceness,
     )
     try:
-        (pid,) = engine.pids
+        (pid,) = pool.pids
         policy = os.SCHED_BATCH if niceness else os.sched_getscheduler(0)
         assert os.sched_getscheduler(pid) == policy
         ours = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, ours + niceness)
     finally:
-        engine.close()
-        assert engine.wait_closed(10.0)
+        pool.close()
+        assert pool.wait_closed(10.0)
 
 
 def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
     with pytest.raises(WorkerError, match=r"broken worker 0: cannot load the model"):
-        ProcessEngine(
+        WorkerPool(
             b"not a flatbuffer",
             **MNIST_IO,
             threads=1,
@@ -202,7 +203,7 @@ def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
             name="broken",
         )
     with pytest.raises(ValueError, match="workers must be at least 1"):
-        ProcessEngine(b"", **MNIST_IO, threads=1, workers=0, name="none")
+        WorkerPool(b"", **MNIST_IO, threads=1, workers=0, name="none")
 
 
 @pytest.mark.parametrize(
@@ -215,7 +216,7 @@ def test_a_model_the_worker_cannot_load_is_refused_at_once() -> None:
 )
 def test_the_worker_entry_point_explains_bad_arguments(argv: list[str], message: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "convserve.server.engine_process", *argv],
+        [sys.executable, "-m", "convserve.server.workers.child", *argv],
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convserve.server import costs, errors, ops, types
+from convserve.server import convolution, costs, errors, kernel_fit, types
 from tests import reference as ref
 
 CC = types.ConvolutionOptions()
@@ -64,7 +64,7 @@ def conv(x: Any, k: Any, bias: Any = None, dtype: Any = np.float32, **options: A
     req = types.ConvolveInput(
         np.asarray(x, dtype), np.asarray(k, dtype), b, types.ConvolutionOptions(**options)
     )
-    return ops.convolve(req).output
+    return convolution.convolve(req).output
 
 
 EDGE = ref.edge_image()
@@ -175,7 +175,7 @@ def test_matches_numpy_reference(case: dict[str, Any]) -> None:
         eff_h > x4.shape[1] + top + bottom or eff_w > x4.shape[2] + left + right
     ):
         with pytest.raises(errors.InvalidArgument) as info:
-            ops.convolve(req)
+            convolution.convolve(req)
         assert info.value.field == "kernel"
         return
     flip = case["mode"] == "CONVOLUTION"
@@ -183,12 +183,12 @@ def test_matches_numpy_reference(case: dict[str, Any]) -> None:
     # The rounding bound: the same sums over absolute values.
     bound = reference(np.abs(x4), np.abs(k4), flip=flip, **geometry) + 1
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    plan = ops.validate_convolve(req)
+    plan = convolution.validate_convolve(req)
     for route in ("direct", "fft"):
         # One call, and tiles of about a sixth of the estimate each (several tiles).
-        unit_s = ops.convolve_cost_s(plan, route) / 6
+        unit_s = convolution.convolve_cost_s(plan, route) / 6
         for unit in (1.0, unit_s):
-            out = ops.convolve(req, route=route, unit_s=unit).output
+            out = convolution.convolve(req, route=route, unit_s=unit).output
             assert out.dtype == dtype
             got = out[None, :, :, None] if case["two_d"] else out
             assert got.shape == ref.shape
@@ -208,24 +208,24 @@ def test_tiles_cover_the_output_once() -> None:
     x = np.ones((4, 256, 256, 2), np.float32)
     k = np.ones((5, 4, 2, 6), np.float32)
     options = types.ConvolutionOptions(strides=(2, 3), padding="SAME", dilations=(1, 2))
-    plan = ops.validate_convolve(types.ConvolveInput(x, k, None, options))
-    total = ops.convolve_cost_s(plan)
-    tiles = ops.plan_tiles(plan, fft=False, unit_s=total / 20)
+    plan = convolution.validate_convolve(types.ConvolveInput(x, k, None, options))
+    total = convolution.convolve_cost_s(plan)
+    tiles = convolution.plan_tiles(plan, fft=False, unit_s=total / 20)
     assert len(tiles) >= 4
     covered = np.zeros((plan.n, plan.out_h, plan.out_w, plan.filters), np.int32)
     for tile in tiles:
         covered[tile.items, tile.rows, tile.cols, tile.filters] += 1
     assert np.all(covered == 1)
-    assert len(ops.plan_tiles(plan, fft=False, unit_s=total * 2)) == 1
+    assert len(convolution.plan_tiles(plan, fft=False, unit_s=total * 2)) == 1
 
 
 def test_check_stops_a_tiled_convolution_between_tiles() -> None:
     x = np.ones((8, 256, 256, 1), np.float32)
     k = np.ones((3, 3, 1, 1), np.float32)
     req = types.ConvolveInput(x, k)
-    plan = ops.validate_convolve(req)
-    unit = ops.convolve_cost_s(plan) / 20
-    tiles = len(ops.plan_tiles(plan, fft=False, unit_s=unit))
+    plan = convolution.validate_convolve(req)
+    unit = convolution.convolve_cost_s(plan) / 20
+    tiles = len(convolution.plan_tiles(plan, fft=False, unit_s=unit))
     assert tiles >= 4
     calls = []
 
@@ -235,10 +235,10 @@ def test_check_stops_a_tiled_convolution_between_tiles() -> None:
             raise errors.DeadlineExceeded("Convolve: the deadline passed")
 
     with pytest.raises(errors.DeadlineExceeded):
-        ops.convolve(req, check=check, unit_s=unit)
+        convolution.convolve(req, check=check, unit_s=unit)
     assert len(calls) == 3  # stopped at the third tile, not after all of them
     calls.clear()
-    out = ops.convolve(req, check=lambda: calls.append(1), unit_s=unit).output
+    out = convolution.convolve(req, check=lambda: calls.append(1), unit_s=unit).output
     assert out.shape == (8, 254, 254, 1)
     assert len(calls) == tiles
 
@@ -257,14 +257,14 @@ def test_tiling_costs_little_more_than_one_call(
     x_shape: tuple[int, ...], k_shape: tuple[int, ...], options: types.ConvolutionOptions
 ) -> None:
     req = types.ConvolveInput(np.ones(x_shape, np.float32), np.ones(k_shape, np.float32))
-    plan = ops.validate_convolve(dataclasses.replace(req, options=options), max_cpu_s=100)
+    plan = convolution.validate_convolve(dataclasses.replace(req, options=options), max_cpu_s=100)
     whole = costs.CALIBRATED.convolve_s(plan, fft=plan.use_fft)
-    tiles = ops.plan_tiles(plan, fft=plan.use_fft)
+    tiles = convolution.plan_tiles(plan, fft=plan.use_fft)
     assert len(tiles) > 1
     tiled = sum(costs.CALIBRATED.convolve_s(t.plan, fft=plan.use_fft) for t in tiles)
-    assert tiled <= ops.MAX_TILING_OVERHEAD * whole
+    assert tiled <= convolution.MAX_TILING_OVERHEAD * whole
     # What admission charges covers the tiles.
-    assert ops.convolve_cost_s(plan) >= tiled * (1 - 1e-9)
+    assert convolution.convolve_cost_s(plan) >= tiled * (1 - 1e-9)
 
 
 def test_out_of_range_integers_never_reach_tensorflow() -> None:
@@ -279,11 +279,11 @@ def test_out_of_range_integers_never_reach_tensorflow() -> None:
         ),
     ]:
         with pytest.raises(errors.InvalidArgument) as info:
-            ops.convolve(types.ConvolveInput(x, k, None, options))
+            convolution.convolve(types.ConvolveInput(x, k, None, options))
         assert info.value.field == field
     # The largest int32 stride is accepted: one output per axis.
     big = types.ConvolutionOptions(strides=(2**31 - 1, 2**31 - 1))
-    assert ops.convolve(types.ConvolveInput(x, k, None, big)).output.shape == (1, 1)
+    assert convolution.convolve(types.ConvolveInput(x, k, None, big)).output.shape == (1, 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -302,8 +302,8 @@ def test_fft_route_equals_direct_route(dtype: Any, options: dict[str, Any]) -> N
     k = rng.uniform(-1, 1, size=(17, 18, 3, 2)).astype(dtype)
     b = rng.uniform(-1, 1, size=2).astype(dtype)
     req = types.ConvolveInput(x, k, b, types.ConvolutionOptions(**options))
-    direct = ops.convolve(req, route="direct").output
-    fft = ops.convolve(req, route="fft").output
+    direct = convolution.convolve(req, route="direct").output
+    fft = convolution.convolve(req, route="fft").output
     bound = np.abs(direct).max() + 1
     tol = 2e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(fft, direct, rtol=0, atol=tol * bound)
@@ -311,19 +311,19 @@ def test_fft_route_equals_direct_route(dtype: Any, options: dict[str, Any]) -> N
 
 def test_auto_route_uses_fft_for_large_kernels_only() -> None:
     shape_x = (1, 64, 64, 1)
-    big = ops.plan_convolution(shape_x, (17, 17, 1, 1), CC)
-    assert big.kernel_h * big.kernel_w == ops.FFT_MIN_KERNEL_ELEMENTS
+    big = convolution.plan_convolution(shape_x, (17, 17, 1, 1), CC)
+    assert big.kernel_h * big.kernel_w == convolution.FFT_MIN_KERNEL_ELEMENTS
     assert big.use_fft
-    assert not ops.plan_convolution(shape_x, (16, 17, 1, 1), CC).use_fft
+    assert not convolution.plan_convolution(shape_x, (16, 17, 1, 1), CC).use_fft
     strided = types.ConvolutionOptions(strides=(2, 2))
-    assert not ops.plan_convolution(shape_x, (17, 17, 1, 1), strided).use_fft
+    assert not convolution.plan_convolution(shape_x, (17, 17, 1, 1), strided).use_fft
     # The spread kernel would be too large: direct route.
-    side = math.isqrt(ops.FFT_MAX_KERNEL_SPECTRUM // 4) + 1
-    assert not ops.plan_convolution((1, side, side, 2), (17, 17, 2, 2), CC).use_fft
+    side = math.isqrt(convolution.FFT_MAX_KERNEL_SPECTRUM // 4) + 1
+    assert not convolution.plan_convolution((1, side, side, 2), (17, 17, 2, 2), CC).use_fft
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 1, size=(40, 50))
     k = rng.uniform(-1, 1, size=(17, 17))
-    out = ops.convolve(types.ConvolveInput(x, k)).output
+    out = convolution.convolve(types.ConvolveInput(x, k)).output
     ref = reference(x[None, :, :, None], k[:, :, None, None])[0, :, :, 0]
     np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-10)
 
@@ -334,14 +334,14 @@ def test_batched_call_equals_separate_calls(route: Literal["direct", "fft"]) -> 
     x = rng.normal(size=(5, 12, 13, 2)).astype(np.float32)
     k = rng.normal(size=(3, 3, 2, 4)).astype(np.float32)
     opts = types.ConvolutionOptions(padding="SAME", strides=(1, 2))
-    batched = ops.convolve(types.ConvolveInput(x, k, None, opts), route=route).output
+    batched = convolution.convolve(types.ConvolveInput(x, k, None, opts), route=route).output
     for i in range(5):
-        alone = ops.convolve(types.ConvolveInput(x[i : i + 1], k, None, opts), route=route)
+        alone = convolution.convolve(types.ConvolveInput(x[i : i + 1], k, None, opts), route=route)
         np.testing.assert_allclose(batched[i : i + 1], alone.output, rtol=1e-6, atol=1e-6)
 
 
 def test_runs_on_the_named_device() -> None:
-    out = ops.convolve(
+    out = convolution.convolve(
         types.ConvolveInput(np.ones((3, 3), np.float32), np.ones((2, 2), np.float32)),
         device="/CPU:0",
     ).output
@@ -413,24 +413,24 @@ BAD_CONVOLVE = [
 )
 def test_convolve_validation(field: str, fragment: str, req: types.ConvolveInput) -> None:
     with pytest.raises(errors.InvalidArgument) as info:
-        ops.validate_convolve(req)
+        convolution.validate_convolve(req)
     assert info.value.field == field
     assert fragment in info.value.problem
     assert "expected" in info.value.problem
     with pytest.raises(errors.InvalidArgument):
-        ops.convolve(req)
+        convolution.convolve(req)
 
 
 def test_element_limits_name_the_setting() -> None:
     with pytest.raises(errors.InvalidArgument, match="max_conv_elements") as info:
-        ops.convolve(types.ConvolveInput(X2, K2), max_elements=24)
+        convolution.convolve(types.ConvolveInput(X2, K2), max_elements=24)
     assert info.value.field == "input"
     with pytest.raises(errors.InvalidArgument, match="max_kernel_elements") as info:
-        ops.convolve(types.ConvolveInput(X2, K2), max_kernel_elements=3)
+        convolution.convolve(types.ConvolveInput(X2, K2), max_kernel_elements=3)
     assert info.value.field == "kernel"
     huge_padding = opts(padding="EXPLICIT", explicit_padding=(100, 100, 100, 100))
     with pytest.raises(errors.InvalidArgument, match="max_conv_elements") as info:
-        ops.convolve(types.ConvolveInput(X2, K2, None, huge_padding), max_elements=1000)
+        convolution.convolve(types.ConvolveInput(X2, K2, None, huge_padding), max_elements=1000)
     assert info.value.field == "options.explicit_padding"
     # Dilation with stride computes every stride-1 output first: bounded as well.
     dilated = opts(strides=(3, 3), dilations=(2, 2))
@@ -438,14 +438,14 @@ def test_element_limits_name_the_setting() -> None:
         np.ones((1, 9, 9, 1), F32), np.ones((2, 2, 1, 4), F32), None, dilated
     )  # output 1x3x3x4 = 36 values, but 1x7x7x4 = 196 at stride 1
     with pytest.raises(errors.InvalidArgument, match="stride-1 output") as info:
-        ops.convolve(many_filters, max_elements=100)
+        convolution.convolve(many_filters, max_elements=100)
     assert info.value.field == "options.strides"
-    assert ops.convolve(many_filters, max_elements=196).output.shape == (1, 3, 3, 4)
+    assert convolution.convolve(many_filters, max_elements=196).output.shape == (1, 3, 3, 4)
     with pytest.raises(errors.InvalidArgument, match="s of CPU per request") as info:
-        ops.convolve(types.ConvolveInput(X2, K2), max_cpu_s=1e-9)
+        convolution.convolve(types.ConvolveInput(X2, K2), max_cpu_s=1e-9)
     assert info.value.field == "input"
     # At the limits exactly: accepted.
-    assert ops.convolve(types.ConvolveInput(X2, K2), max_elements=25, max_kernel_elements=4)
+    assert convolution.convolve(types.ConvolveInput(X2, K2), max_elements=25, max_kernel_elements=4)
 
 
 # -- kernel fitting ------------------------------------------------------------
@@ -458,7 +458,7 @@ def edge_example(dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
 
 def test_fit_recovers_the_reference_kernel_with_defaults() -> None:
     x, y = edge_example()
-    result = ops.fit_kernel(types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2)))
+    result = kernel_fit.fit_kernel(types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2)))
     assert result.kernel.dtype == np.float64
     assert result.kernel.shape == (1, 2)
     np.testing.assert_allclose(result.kernel, [[1, -1]], atol=0.05)
@@ -472,11 +472,11 @@ def test_fit_recovers_the_reference_kernel_with_defaults() -> None:
 def test_fit_is_deterministic_given_the_seed() -> None:
     x, y = edge_example(np.float64)
     req = types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2), max_steps=20, seed=7)
-    a = ops.fit_kernel(req)
-    b = ops.fit_kernel(req)
+    a = kernel_fit.fit_kernel(req)
+    b = kernel_fit.fit_kernel(req)
     np.testing.assert_array_equal(a.kernel, b.kernel)
     assert a.loss == b.loss
-    other = ops.fit_kernel(
+    other = kernel_fit.fit_kernel(
         types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2), max_steps=20, seed=8)
     )
     assert other.loss[0] != a.loss[0]
@@ -484,7 +484,7 @@ def test_fit_is_deterministic_given_the_seed() -> None:
 
 def test_fit_loss_is_the_mean_squared_error_before_each_step() -> None:
     x, y = edge_example(np.float64)
-    result = ops.fit_kernel(
+    result = kernel_fit.fit_kernel(
         types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2), max_steps=1, seed=3)
     )
     init = np.random.default_rng(3).normal(0, 1 / math.sqrt(2), size=(1, 2))
@@ -496,7 +496,7 @@ def test_fit_loss_is_the_mean_squared_error_before_each_step() -> None:
 
 def test_fit_stops_when_converged() -> None:
     x, y = edge_example()
-    result = ops.fit_kernel(
+    result = kernel_fit.fit_kernel(
         types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2), tolerance=1e-3)
     )
     assert result.stop_reason == "converged"
@@ -507,13 +507,13 @@ def test_fit_stops_when_converged() -> None:
 
 def test_fit_steps_are_capped_by_the_server() -> None:
     x, y = edge_example()
-    capped = ops.fit_kernel(
+    capped = kernel_fit.fit_kernel(
         types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2), max_steps=500),
         max_steps=12,
     )
     assert capped.steps == 12
     assert capped.stop_reason == "max_steps"
-    short = ops.fit_kernel(
+    short = kernel_fit.fit_kernel(
         types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2), max_steps=4)
     )
     assert short.steps == 4
@@ -527,7 +527,7 @@ def test_fit_stops_at_the_time_budget() -> None:
         return float(next(ticks))
 
     x, y = edge_example()
-    result = ops.fit_kernel(
+    result = kernel_fit.fit_kernel(
         types.FitKernelInput(inputs=x, targets=y, kernel_shape=(1, 2)),
         time_budget_s=5.0,
         clock=clock,
@@ -544,8 +544,8 @@ def test_fit_multi_channel_with_bias() -> None:
     true_k = rng.normal(size=(2, 2, 2, 3)) * 0.5
     true_b = np.array([0.5, -0.25, 1.0])
     opts_ = types.ConvolutionOptions(padding="SAME", mode="CONVOLUTION")
-    y = ops.convolve(types.ConvolveInput(x, true_k, true_b, opts_)).output
-    result = ops.fit_kernel(
+    y = convolution.convolve(types.ConvolveInput(x, true_k, true_b, opts_)).output
+    result = kernel_fit.fit_kernel(
         types.FitKernelInput(
             inputs=x,
             targets=y,
@@ -566,7 +566,7 @@ def test_fit_single_channel_batch() -> None:
     x = EDGE.astype(np.float64)
     xs = np.stack([x, np.roll(x, 1, axis=1)])
     ys = np.stack([conv(xi, [[1, -1]], dtype=np.float64) for xi in xs])
-    result = ops.fit_kernel(types.FitKernelInput(inputs=xs, targets=ys, kernel_shape=(1, 2)))
+    result = kernel_fit.fit_kernel(types.FitKernelInput(inputs=xs, targets=ys, kernel_shape=(1, 2)))
     np.testing.assert_allclose(result.kernel, [[1, -1]], atol=0.05)
 
 
@@ -608,7 +608,7 @@ BAD_FIT = [
 )
 def test_fit_validation(field: str, fragment: str, req: types.FitKernelInput) -> None:
     with pytest.raises(errors.InvalidArgument) as info:
-        ops.fit_kernel(req)
+        kernel_fit.fit_kernel(req)
     assert info.value.field == field
     assert fragment in info.value.problem
     assert "expected" in info.value.problem
@@ -616,8 +616,8 @@ def test_fit_validation(field: str, fragment: str, req: types.FitKernelInput) ->
 
 def test_fit_kernel_limit_and_divergence() -> None:
     with pytest.raises(errors.InvalidArgument, match="max_kernel_elements") as info:
-        ops.fit_kernel(types.FitKernelInput(X_FIT, Y_FIT, (1, 2)), max_kernel_elements=1)
+        kernel_fit.fit_kernel(types.FitKernelInput(X_FIT, Y_FIT, (1, 2)), max_kernel_elements=1)
     assert info.value.field == "kernel_shape"
     with pytest.raises(errors.InvalidArgument, match="diverged") as info:
-        ops.fit_kernel(types.FitKernelInput(X_FIT, Y_FIT, (1, 2), learning_rate=1e6))
+        kernel_fit.fit_kernel(types.FitKernelInput(X_FIT, Y_FIT, (1, 2), learning_rate=1e6))
     assert info.value.field == "learning_rate"

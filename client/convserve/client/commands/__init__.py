@@ -1,0 +1,1 @@
+"""The commands of ``convserve``, one module each; `convserve.client.cli` lists them."""
