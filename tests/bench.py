@@ -68,14 +68,16 @@ def model_limit(version_dir: Path, seconds_per_size: float) -> dict[str, dict[in
     model = models.load_model(
         "mnist", 1, version_dir, "/CPU:0", engine="litert", engine_threads=cpus
     )
-    if model.litert is None:
+    parallel = models.load_model(
+        "mnist", 1, version_dir, "/CPU:0", engine="litert", engine_threads=1, engine_copies=cpus
+    )
+    if model.engine.name != "litert" or parallel.engine.name != "litert":
         raise SystemExit("the model did not convert to LiteRT; see the warning above")
-    parallel = models.LiteRtEngine(model.litert.flatbuffer, threads=1, copies=cpus)
     pool = concurrent.futures.ThreadPoolExecutor(cpus)
 
     def side_by_side(images: np.ndarray) -> None:
         # Each thread takes its own interpreter; LiteRT releases the GIL while it computes.
-        for done in [pool.submit(parallel, images) for _ in range(cpus)]:
+        for done in [pool.submit(parallel.predict, images) for _ in range(cpus)]:
             done.result()
 
     engines: dict[str, tuple[Callable[[np.ndarray], object], int]] = {

@@ -33,10 +33,6 @@ MAX_ROWS = 16
 ENGINE_CASES = [("tensorflow", False), ("litert", False), ("litert", True)]
 
 
-def _workers() -> engines.WorkerOptions:
-    return engines.WorkerOptions(processes=2, niceness=0, batch_timeout_s=30.0)
-
-
 @pytest.fixture(params=ENGINE_CASES, ids=lambda case: f"{case[0]}{'-workers' if case[1] else ''}")
 def loaded(request: pytest.FixtureRequest, model_base_path: Path) -> Iterator[models.LoadedModel]:
     name, in_workers = request.param
@@ -49,7 +45,7 @@ def loaded(request: pytest.FixtureRequest, model_base_path: Path) -> Iterator[mo
         engine=name,
         engine_copies=2,
         memory=models.MemoryLimits(1 << 40, MAX_ROWS, engine_copies=2),
-        workers=_workers() if in_workers else None,
+        workers=toy_engine.TWO_WORKERS if in_workers else None,
     )
     assert model.engine.name == name
     assert model.engine.capabilities.worker_processes == in_workers
@@ -81,19 +77,7 @@ async def test_every_engine_computes_the_savedmodels_probabilities_at_every_batc
 
 def test_the_chain_of_engines_follows_device_and_workers() -> None:
     def context(device: str, workers: bool) -> engines.EngineContext:
-        return engines.EngineContext(
-            label="m version 1",
-            image_shape=(28, 28, 1),
-            classes=10,
-            device=device,
-            module=None,
-            reference=lambda images: images,
-            probe=np.zeros((1, 28, 28, 1), np.float32),
-            threads=1,
-            copies=1,
-            plan=lambda row_bytes, fixed_bytes: engines.MemoryPlan(1, 0),
-            workers=_workers() if workers else None,
-        )
+        return toy_engine.context_for((28, 28, 1), 10, device=device, workers=workers)
 
     package = "convserve.server.engines."
     assert engines.fallbacks("litert", context("/CPU:0", True)) == [

@@ -19,6 +19,7 @@ import tensorflow as tf
 from convserve.server import engines, errors, model_versions, models, types
 from convserve.server.engines import litert
 from convserve.server.model_config import VersionPolicy
+from tests.server import toy_engine
 from tests.server.runtime_helpers import float_digits, make_settings, started_runtime
 
 # -- discovery -----------------------------------------------------------------
@@ -119,7 +120,7 @@ class FakeLoader:
             record={},
             module=None,
             signature=models.ModelSignature("images", (8, 8, 1), "probabilities", 3),
-            engine=engines.Engine(image_shape=(8, 8, 1), classes=3, max_rows=64, memory_bytes=0),
+            engine=engines.Engine(toy_engine.context_for((8, 8, 1), 3)),
         )
 
 

@@ -152,7 +152,7 @@ def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--log-format", "xml"], "--log-format / CONVSERVE_LOG_FORMAT"),
         (
             ["--cpu-engine", "onnx"],
-            "--cpu-engine / CONVSERVE_CPU_ENGINE: Value error, expected one of litert",
+            "--cpu-engine / CONVSERVE_CPU_ENGINE: expected one of litert, tensorflow",
         ),
         (["--engine-threads", "-1"], "--engine-threads / CONVSERVE_ENGINE_THREADS"),
         (["--engine-nice", "20"], "--engine-nice / CONVSERVE_ENGINE_NICE: Input should be less"),

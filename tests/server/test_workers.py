@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from convserve.server import errors, models
+from convserve.server.engines.litert import LiteRtEngine
 from convserve.server.workers.pool import WorkerPool
 from convserve.server.workers.worker import WorkerError
 
@@ -26,14 +27,14 @@ MNIST_IO: dict[str, Any] = {"image_shape": (28, 28, 1), "classes": 10}
 
 
 @pytest.fixture(scope="module")
-def litert(model_base_path: Path) -> models.LiteRtEngine:
+def litert(model_base_path: Path) -> LiteRtEngine:
     model = models.load_model("mnist", 1, model_base_path / "1", "/CPU:0", engine="litert")
-    assert model.litert is not None
-    return model.litert
+    assert isinstance(model.engine, LiteRtEngine)
+    return model.engine
 
 
 @pytest.fixture
-def pool(litert: models.LiteRtEngine) -> Iterator[WorkerPool]:
+def pool(litert: LiteRtEngine) -> Iterator[WorkerPool]:
     # No heartbeats: a test that stops a worker wants its batch, not a heartbeat, to find it
     # (tests/server/test_worker_supervision.py covers the heartbeats).
     pool = WorkerPool(
@@ -51,13 +52,13 @@ def pool(litert: models.LiteRtEngine) -> Iterator[WorkerPool]:
         assert pool.wait_closed(10.0)
 
 
-def in_process(litert: models.LiteRtEngine, images_u8: np.ndarray) -> np.ndarray:
-    return litert((images_u8.astype(np.float32) / np.float32(255.0)).reshape(-1, 28, 28, 1))
+def in_process(litert: LiteRtEngine, images_u8: np.ndarray) -> np.ndarray:
+    return litert.predict((images_u8.astype(np.float32) / np.float32(255.0)).reshape(-1, 28, 28, 1))
 
 
 @pytest.mark.slow
 def test_blocking_calls_match_the_in_process_engine(
-    pool: WorkerPool, litert: models.LiteRtEngine, sample_digits: Digits
+    pool: WorkerPool, litert: LiteRtEngine, sample_digits: Digits
 ) -> None:
     images = sample_digits[0][:16]
     expected = in_process(litert, images)
@@ -75,7 +76,7 @@ def test_blocking_calls_match_the_in_process_engine(
 @pytest.mark.slow
 @pytest.mark.parametrize("max_rows", [0, 4])
 def test_batches_through_the_socket_match_those_through_shared_memory(
-    max_rows: int, litert: models.LiteRtEngine, sample_digits: Digits
+    max_rows: int, litert: LiteRtEngine, sample_digits: Digits
 ) -> None:
     """max_rows=0: every batch in the socket; 4: batches of up to 4 images in the shared
     region, larger ones in the socket. Either way, the same answers bit for bit."""
@@ -96,7 +97,7 @@ def test_batches_through_the_socket_match_those_through_shared_memory(
 
 @pytest.mark.slow
 async def test_concurrent_batches_on_the_event_loop_get_their_own_rows(
-    pool: WorkerPool, litert: models.LiteRtEngine, sample_digits: Digits
+    pool: WorkerPool, litert: LiteRtEngine, sample_digits: Digits
 ) -> None:
     images = sample_digits[0]
     expected = in_process(litert, images)
@@ -113,7 +114,7 @@ async def test_concurrent_batches_on_the_event_loop_get_their_own_rows(
 
 @pytest.mark.slow
 async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
-    pool: WorkerPool, litert: models.LiteRtEngine, sample_digits: Digits
+    pool: WorkerPool, litert: LiteRtEngine, sample_digits: Digits
 ) -> None:
     images = sample_digits[0][:4]
     expected = in_process(litert, images)
@@ -156,7 +157,7 @@ async def test_a_worker_that_dies_fails_its_batch_and_is_replaced(
 
 @pytest.mark.slow
 async def test_closing_stops_the_workers_and_refuses_calls(
-    litert: models.LiteRtEngine, sample_digits: Digits
+    litert: LiteRtEngine, sample_digits: Digits
 ) -> None:
     pool = WorkerPool(litert.flatbuffer, **MNIST_IO, threads=1, workers=1, name="closing")
     pool.serve()
@@ -173,7 +174,7 @@ async def test_closing_stops_the_workers_and_refuses_calls(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("niceness", [0, 7])
-def test_workers_step_back_for_the_event_loop(litert: models.LiteRtEngine, niceness: int) -> None:
+def test_workers_step_back_for_the_event_loop(litert: LiteRtEngine, niceness: int) -> None:
     pool = WorkerPool(
         litert.flatbuffer,
         **MNIST_IO,

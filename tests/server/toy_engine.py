@@ -12,7 +12,14 @@ import threading
 
 import numpy as np
 
-from convserve.server.engines import Capabilities, Engine, EngineContext, EngineUnavailable
+from convserve.server.engines import (
+    Capabilities,
+    Engine,
+    EngineContext,
+    EngineUnavailable,
+    MemoryPlan,
+    WorkerOptions,
+)
 
 
 class ToyEngine(Engine):
@@ -20,14 +27,8 @@ class ToyEngine(Engine):
     capabilities = Capabilities()
 
     def __init__(self, context: EngineContext) -> None:
-        plan = context.plan(0, 0)
-        super().__init__(
-            image_shape=context.image_shape,
-            classes=context.classes,
-            max_rows=plan.rows,
-            memory_bytes=plan.bytes,
-        )
-        self._reference = context.reference
+        super().__init__(context)  # buffers of numpy's own: only the batch's rows count
+        self.reference = context.reference
         self._lock = threading.Lock()
         self.calls = 0
         self.threads: set[str] = set()
@@ -36,8 +37,40 @@ class ToyEngine(Engine):
         with self._lock:
             self.calls += 1
             self.threads.add(threading.current_thread().name)
-        probabilities = self._reference(images).astype(np.float64)
+        probabilities = self.reference(images).astype(np.float64)
         return (probabilities / probabilities.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# Two worker processes, for engines that run in them.
+TWO_WORKERS = WorkerOptions(processes=2, niceness=0, batch_timeout_s=30.0)
+
+
+def context_for(
+    image_shape: tuple[int, int, int],
+    classes: int,
+    *,
+    device: str = "/CPU:0",
+    workers: bool = False,
+) -> EngineContext:
+    """A context for engines that need no SavedModel: uniform probabilities, room for 64
+    images a batch."""
+
+    def uniform(images: np.ndarray) -> np.ndarray:
+        return np.full((len(images), classes), 1 / classes, np.float32)
+
+    return EngineContext(
+        label="toy version 1",
+        image_shape=image_shape,
+        classes=classes,
+        device=device,
+        module=None,
+        reference=uniform,
+        probe=np.zeros((1, *image_shape), np.float32),
+        threads=1,
+        copies=1,
+        plan=lambda row_bytes, fixed_bytes: MemoryPlan(64, 0),
+        workers=TWO_WORKERS if workers else None,
+    )
 
 
 # What the tests built, newest last.

@@ -37,6 +37,7 @@ from convserve.server.listen import StartupError, bind_host
 from convserve.server.logs import REJECTIONS
 from convserve.server.metrics import Metrics
 from convserve.server.protocols import ADAPTERS
+from convserve.server.protocols.calls import AdapterOptions
 from convserve.server.protocols.http import HttpApi, HttpServer
 from convserve.server.protocols.oip import OipModels
 from convserve.server.settings import Settings
@@ -427,16 +428,14 @@ async def start_server(
 
     server = grpc.aio.server(interceptors=_interceptors(settings), options=grpc_options(settings))
     replica = settings.resolved_replica_name()
+    options = AdapterOptions(
+        max_typed_payload_bytes=settings.max_typed_payload_bytes,
+        max_stream_in_flight=settings.max_stream_in_flight,
+        replica=replica,
+    )
     services: list[str] = []
     for adapter in ADAPTERS:
-        services += adapter.add_to_server(
-            server,
-            runtime,
-            metrics,
-            max_typed_payload_bytes=settings.max_typed_payload_bytes,
-            max_stream_in_flight=settings.max_stream_in_flight,
-            replica=replica,
-        )
+        services += adapter.add_to_server(server, runtime, metrics, options)
     token = settings.read_auth_token()
     health = auth.GuardedHealthServicer(
         auth.BearerTokenInterceptor(token).check if token is not None else None

@@ -21,8 +21,8 @@ Adding an engine
    `capabilities`, implement `predict` (and `run` if it computes in other
    processes); override `warm_up`, `healthy`, `serve`, `close` and
    `wait_closed` only if it holds more than one object's worth of state.
-   Size its buffers with ``context.plan(row_bytes, fixed_bytes)`` and keep the
-   plan's rows as `max_rows`. If it converts the model, compare it with
+   Give `Engine.__init__` its buffers' sizes (it sizes the batches to the
+   version's memory budget). If it converts the model, compare it with
    `check_parity` first. Raise `EngineUnavailable` when it cannot serve this
    version (the next engine of `fallbacks` serves it, with a warning); let
    ``context.plan``'s ModelLoadError (the version does not fit) pass.
@@ -118,18 +118,18 @@ class Engine:
     capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(
-        self,
-        *,
-        image_shape: tuple[int, int, int],
-        classes: int,
-        max_rows: int,
-        memory_bytes: int,
-        copies: int = 1,
+        self, context: EngineContext, *, row_bytes: int = 0, fixed_bytes: int = 0, copies: int = 1
     ) -> None:
-        self.image_shape = image_shape
-        self.classes = classes
-        self.max_rows = max_rows  # most images one batch may hold
-        self.memory_bytes = memory_bytes  # what its buffers are sized for
+        """Sizes the engine's batches to the version's memory budget (`context.plan`), for
+        `copies` copies of `row_bytes` per image and `fixed_bytes` each (0: only the
+        batch's input and output rows, for an engine whose buffers are not its own)."""
+        plan = context.plan(row_bytes, fixed_bytes)
+        self.image_shape = context.image_shape
+        self.classes = context.classes
+        self.row_bytes = row_bytes
+        self.fixed_bytes = fixed_bytes
+        self.max_rows = plan.rows  # most images one batch may hold
+        self.memory_bytes = plan.bytes  # what its buffers are sized for
         self.copies = copies  # concurrent calls it serves (each warmed up)
 
     def predict(self, images: np.ndarray) -> np.ndarray:

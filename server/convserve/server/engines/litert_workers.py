@@ -36,13 +36,11 @@ class LiteRtWorkersEngine(Engine):
     name = "litert"
     capabilities = Capabilities(worker_processes=True, cheap_inline=True)
 
-    def __init__(self, local: litert.LiteRtEngine, pool: WorkerPool) -> None:
+    def __init__(
+        self, context: EngineContext, local: litert.LiteRtEngine, pool: WorkerPool
+    ) -> None:
         super().__init__(
-            image_shape=local.image_shape,
-            classes=local.classes,
-            max_rows=local.max_rows,
-            memory_bytes=local.memory_bytes,
-            copies=local.copies,
+            context, row_bytes=local.row_bytes, fixed_bytes=local.fixed_bytes, copies=local.copies
         )
         self.local = local
         self.pool = pool
@@ -100,4 +98,4 @@ def build(context: EngineContext) -> LiteRtWorkersEngine:
         raise EngineUnavailable(f"its worker processes failed: {exc}") from exc
     log.info("%s: %d worker processes (pids %s) compute predictions",
              context.label, pool.workers, pool.pids)  # fmt: skip
-    return LiteRtWorkersEngine(local, pool)
+    return LiteRtWorkersEngine(context, local, pool)

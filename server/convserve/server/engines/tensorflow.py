@@ -21,13 +21,7 @@ class TensorFlowEngine(Engine):
 
     def __init__(self, context: EngineContext) -> None:
         # TensorFlow's own buffers are not ours to size: only the batch's input and output.
-        plan = context.plan(0, 0)
-        super().__init__(
-            image_shape=context.image_shape,
-            classes=context.classes,
-            max_rows=plan.rows,
-            memory_bytes=plan.bytes,
-        )
+        super().__init__(context)
         self._reference = context.reference
 
     def predict(self, images: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from convserve.server import api
+from convserve.server.protocols.calls import AdapterOptions
 from convserve.server.protocols.convserve_grpc import ConvServeAdapter
 from convserve.server.protocols.oip import OipAdapter
 from convserve.server.protocols.tfserving import TfServingAdapter
@@ -29,10 +30,7 @@ class Adapter(Protocol):
         server: Any,
         runtime: api.RuntimeApi,
         metrics: api.RequestMetrics,
-        *,
-        max_typed_payload_bytes: int = ...,
-        max_stream_in_flight: int = ...,
-        replica: str = ...,
+        options: AdapterOptions = ...,
     ) -> list[str]: ...
 
 

@@ -18,6 +18,7 @@ The decorator runs it through the servicer's `Calls` (``self._calls``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -45,6 +46,24 @@ Q = TypeVar("Q")
 # The adapters' limits by default, as the server's settings.
 DEFAULT_MAX_TYPED_PAYLOAD_BYTES: int = Settings.model_fields["max_typed_payload_bytes"].default
 DEFAULT_MAX_STREAM_IN_FLIGHT: int = Settings.model_fields["max_stream_in_flight"].default
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterOptions:
+    """What every protocol adapter is given; each applies what concerns its protocol."""
+
+    # Bytes of typed tensor values (OIP contents, TensorProto *_val) one request may hold.
+    max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES
+    # Messages in flight per stream.
+    max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT
+    # What answers carry as the replica that served them (see `Calls`).
+    replica: str = ""
+
+
+# The server's defaults (tests add services with them).
+DEFAULT_ADAPTER_OPTIONS = AdapterOptions()
+
+
 _END = object()
 
 

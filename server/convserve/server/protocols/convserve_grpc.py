@@ -20,8 +20,9 @@ import grpc
 
 from convserve.server import api, converters, types
 from convserve.server.protocols.calls import (
+    DEFAULT_ADAPTER_OPTIONS,
     DEFAULT_MAX_STREAM_IN_FLIGHT,
-    DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    AdapterOptions,
     Calls,
     off_loop,
     unary,
@@ -172,16 +173,16 @@ class ConvServeAdapter:
         server: Any,
         runtime: api.RuntimeApi,
         metrics: api.RequestMetrics,
-        *,
-        max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
-        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
-        replica: str = "",
+        options: AdapterOptions = DEFAULT_ADAPTER_OPTIONS,
     ) -> list[str]:
-        """Adds the service; each PredictStream stream has at most `max_stream_in_flight`
-        messages in flight. Answers carry `replica` (see `Calls`). convserve.v1's tensors
-        are bytes, not typed values: `max_typed_payload_bytes` does not concern it."""
+        """Adds the service; each PredictStream stream has at most
+        `options.max_stream_in_flight` messages in flight. convserve.v1's tensors are
+        bytes, not typed values: `max_typed_payload_bytes` does not concern it."""
         servicer = ConvServeServicer(
-            runtime, metrics, max_stream_in_flight=max_stream_in_flight, replica=replica
+            runtime,
+            metrics,
+            max_stream_in_flight=options.max_stream_in_flight,
+            replica=options.replica,
         )
         convserve_pb2_grpc.add_ConvServeServicer_to_server(servicer, server)
         return [SERVICE]

@@ -24,9 +24,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from convserve.server import api, errors, types
 from convserve.server.protocols import oip_convert
 from convserve.server.protocols.calls import (
-    DEFAULT_MAX_STREAM_IN_FLIGHT,
-    DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    DEFAULT_ADAPTER_OPTIONS,
     UNIMPLEMENTED_MARK,
+    AdapterOptions,
     Calls,
     add_servicer,
     off_loop,
@@ -203,19 +203,16 @@ class OipAdapter:
         server: Any,
         runtime: api.RuntimeApi,
         metrics: api.RequestMetrics,
-        *,
-        max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
-        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
-        replica: str = "",
+        options: AdapterOptions = DEFAULT_ADAPTER_OPTIONS,
     ) -> list[str]:
-        """Adds the service; ModelInfer requests with more than `max_typed_payload_bytes`
-        of typed contents get INVALID_ARGUMENT without being parsed. Answers carry
-        `replica` (see `Calls`). Its one streaming method, ModelStreamInfer, is not
-        offered: `max_stream_in_flight` does not concern it."""
+        """Adds the service; ModelInfer requests with more than
+        `options.max_typed_payload_bytes` of typed contents get INVALID_ARGUMENT without
+        being parsed. Its one streaming method, ModelStreamInfer, is not offered:
+        `max_stream_in_flight` does not concern it."""
         add_servicer(
             service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-            OipServicer(runtime, metrics, replica=replica),
+            OipServicer(runtime, metrics, replica=options.replica),
             server,
-            {"ModelInfer": oip_convert.infer_request_deserializer(max_typed_payload_bytes)},
+            {"ModelInfer": oip_convert.infer_request_deserializer(options.max_typed_payload_bytes)},
         )
         return [SERVICE]

@@ -28,8 +28,8 @@ from tensorflow_serving.apis import (
 from convserve.server import api, types
 from convserve.server.protocols import tfserving_convert
 from convserve.server.protocols.calls import (
-    DEFAULT_MAX_STREAM_IN_FLIGHT,
-    DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
+    DEFAULT_ADAPTER_OPTIONS,
+    AdapterOptions,
     Calls,
     add_servicer,
     off_loop,
@@ -116,21 +116,22 @@ class TfServingAdapter:
         server: Any,
         runtime: api.RuntimeApi,
         metrics: api.RequestMetrics,
-        *,
-        max_typed_payload_bytes: int = DEFAULT_MAX_TYPED_PAYLOAD_BYTES,
-        max_stream_in_flight: int = DEFAULT_MAX_STREAM_IN_FLIGHT,
-        replica: str = "",
+        options: AdapterOptions = DEFAULT_ADAPTER_OPTIONS,
     ) -> list[str]:
-        """Adds the services; Predict requests with more than `max_typed_payload_bytes` of
-        typed values get INVALID_ARGUMENT without being parsed. Answers carry `replica`
-        (see `Calls`). The services stream nothing: `max_stream_in_flight` does not
+        """Adds the services; Predict requests with more than
+        `options.max_typed_payload_bytes` of typed values get INVALID_ARGUMENT without
+        being parsed. The services stream nothing: `max_stream_in_flight` does not
         concern them."""
-        calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label, replica=replica)
+        calls = Calls(PROTOCOL, metrics, model_label=runtime.model_label, replica=options.replica)
         add_servicer(
             prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
             PredictionServicer(runtime, calls),
             server,
-            {"Predict": tfserving_convert.predict_request_deserializer(max_typed_payload_bytes)},
+            {
+                "Predict": tfserving_convert.predict_request_deserializer(
+                    options.max_typed_payload_bytes
+                )
+            },
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(runtime, calls), server
