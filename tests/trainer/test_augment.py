@@ -15,6 +15,7 @@ from convserve.trainer.augment import (
     check_label_preserving,
     gaussian_matrix,
     shift,
+    turn_and_zoom,
     warp,
 )
 from convserve.trainer.models import ARCHITECTURES
@@ -39,7 +40,7 @@ def mean_slope(images: np.ndarray, axis: int) -> np.ndarray:
     return np.diff(centre, axis=axis).mean(axis=(1, 2))
 
 
-@pytest.mark.parametrize("name", ["none", "shift", "elastic"])
+@pytest.mark.parametrize("name", [n for n, p in AUGMENTATIONS.items() if not p.mirror])
 def test_digit_policies_never_mirror_or_turn_images(name: str) -> None:
     rng = np.random.default_rng(0)
     for axis in (1, 2):
@@ -87,6 +88,40 @@ def test_mirroring_is_refused_for_digits_and_allowed_for_clothes() -> None:
     with pytest.raises(AugmentationError, match=r"mirror mirrors images.*digit"):
         check_label_preserving(policy, mirror_symmetric_classes=False, image_shape=(28, 28))
     check_label_preserving(policy, mirror_symmetric_classes=True, image_shape=(28, 28))
+
+
+def test_turns_and_zooms_beyond_their_bounds_are_refused() -> None:
+    with pytest.raises(AugmentationError, match=r"up to 30 degrees; expected 0 to 20"):
+        check_label_preserving(Augmentation("lean", max_rotation_deg=30.0), True, (28, 28))
+    with pytest.raises(AugmentationError, match=r"zooms by up to 0.5; expected 0 to 0.25"):
+        check_label_preserving(Augmentation("big", max_zoom=0.5), True, (28, 28))
+    check_label_preserving(AUGMENTATIONS["affine-elastic"], False, (28, 28))
+
+
+def spot_positions(max_rotation_deg: float, max_zoom: float) -> tuple[np.ndarray, np.ndarray]:
+    """Where a spot 8 pixels right of a 29x29 image's centre lands over 400 draws:
+    (angle in degrees, distance from the centre in pixels)."""
+    image = np.zeros((400, 29, 29))
+    image[:, 13:16, 21:24] = 1.0
+    dy, dx = turn_and_zoom(400, (29, 29), np.random.default_rng(0), max_rotation_deg, max_zoom)
+    out = warp(image, dy, dx)
+    grid_y, grid_x = np.mgrid[0:29, 0:29] - 14.0
+    mass = out.sum(axis=(1, 2))
+    y = (out * grid_y).sum(axis=(1, 2)) / mass
+    x = (out * grid_x).sum(axis=(1, 2)) / mass
+    return np.degrees(np.arctan2(y, x)), np.hypot(y, x)
+
+
+def test_turns_stay_within_their_angle_both_ways_and_zooms_within_their_scale() -> None:
+    angle, distance = spot_positions(max_rotation_deg=10.0, max_zoom=0.0)
+    assert np.abs(angle).max() < 10.5
+    assert angle.min() < -8
+    assert angle.max() > 8
+    np.testing.assert_allclose(distance, 8.0, atol=0.3)
+    angle, distance = spot_positions(max_rotation_deg=0.0, max_zoom=0.1)
+    np.testing.assert_allclose(angle, 0.0, atol=0.1)
+    assert 8 * 0.9 - 0.3 < distance.min() < 7.5
+    assert 8.5 < distance.max() < 8 * 1.1 + 0.3
 
 
 def test_shifts_too_large_for_small_images_are_refused() -> None:

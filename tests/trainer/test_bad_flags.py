@@ -205,7 +205,13 @@ def test_existing_version_fails_before_training(
         (
             ["--augment", "mirror"],
             "--augment mirror mirrors images, which changes what a digit means; "
-            "use none, shift or elastic for this data set",
+            "use none, shift, elastic or affine-elastic for this data set",
+        ),
+        (
+            ["--average-mirrored"],
+            "--average-mirrored averages each image's prediction with its mirror image's, "
+            "and a mirrored digit means something else; use --no-average-mirrored for this "
+            "data set",
         ),
         (
             ["--dataset", "digits8", "--augment", "elastic"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,9 +104,10 @@ def test_training_record(trained_model_dir: Path) -> None:
     assert all(isinstance(v, str) for v in record["hyperparameters"].values())
     assert record["hyperparameters"]["epochs"] == "2"
     assert record["hyperparameters"]["limit_train"] == "2000"
-    # The sample's own defaults: elastic distortions, cosine-decayed rate, smoothing.
+    # The sample's own defaults: turns, zooms and elastic distortions, cosine-decayed
+    # rate, smoothing.
     assert record["hyperparameters"]["batch_size"] == "64"
-    assert record["hyperparameters"]["augment"] == "elastic"
+    assert record["hyperparameters"]["augment"] == "affine-elastic"
     assert record["hyperparameters"]["optimizer"] == "adam"
     assert record["hyperparameters"]["label_smoothing"] == "0.1"
     assert record["hyperparameters"]["lr_schedule"] == "cosine"
@@ -134,7 +136,9 @@ def test_training_record(trained_model_dir: Path) -> None:
         "architecture": "keras-bn",
         "parameters": 93_962,
         "training_time_s": record["training_time_s"],
+        "prediction": "the network's probabilities",
     }
+    assert record["hyperparameters"]["average_mirrored"] == "false"
     assert record["model_card"]["source"].endswith("mnist_5k.csv.gz")
     assert matrix.sum() == 1000
     assert np.trace(matrix) / 1000 == pytest.approx(record["test_accuracy"])
@@ -189,9 +193,10 @@ def test_fixed_seed_gives_identical_models(
     for name in first:
         np.testing.assert_array_equal(first[name], second[name], err_msg=name)
     assert any(not np.array_equal(first[name], other[name]) for name in first)
-    # --quiet prints nothing; otherwise progress bars, accuracy and the confusion table.
+    # --quiet prints nothing; otherwise a line per epoch, accuracy and the confusion table.
     assert quiet_out == ""
-    assert "/step" in loud_out  # the Keras progress bar
+    epoch_line = r"^epoch 1/\d+: +[0-9.]+ s, loss [0-9.]+, .* elapsed, ETA \S+$"
+    assert re.search(epoch_line, loud_out, re.MULTILINE)
     assert "held-out accuracy:" in loud_out
     assert "true\\pred" in loud_out
     assert "recall" in loud_out
@@ -319,13 +324,17 @@ def test_data_flag_trains_on_idx_files(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_training_on_the_sample_reaches_98_percent(tmp_path: Path) -> None:
-    """The documented default: the sample, every setting left alone, >= 98% held out
-    (98.4% measured with seed 0; keras's recipe, the default before, 98.1%)."""
+def test_default_training_on_the_sample_reaches_98_5_percent(tmp_path: Path) -> None:
+    """The documented default: the sample, every setting left alone, >= 98.5% held out.
+
+    98.8-99.2% was measured over seven runs on a 2-core machine (99.0% on average);
+    the bound leaves room for another CPU's arithmetic while still failing keras's
+    recipe (98.1%) and the previous default's worst run (elastic distortions only:
+    98.4% with seed 0)."""
     base = tmp_path / "mnist"
     assert main(["--dataset", "sample", "--quiet", "--model-base-path", str(base)]) == 0
     record = read_record(base / "1")
     assert record["dataset"] == "sample"
     assert record["test_examples"] == 1000
-    assert record["hyperparameters"]["augment"] == "elastic"
-    assert record["test_accuracy"] >= 0.98, record["test_accuracy"]
+    assert record["hyperparameters"]["augment"] == "affine-elastic"
+    assert record["test_accuracy"] >= 0.985, record["test_accuracy"]

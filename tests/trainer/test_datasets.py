@@ -270,7 +270,8 @@ def test_fashion_mnist_end_to_end_on_small_files(
     monkeypatch.setattr(data_module, "FASHION_MNIST_DIR", tmp_path / "fashion")
     base = tmp_path / "models"
     argv = ["--dataset", "fashion-mnist", "--epochs", "1", "--quiet", "--model-base-path"]
-    assert main([*argv, str(base)]) == 0
+    mirrored = ["--augment", "mirror", "--average-mirrored"]
+    assert main([*argv, str(base), *mirrored]) == 0
     record = read_record(base / "1")
     assert record["class_names"] == FASHION_NAMES
     assert record["model_card"]["dataset"] == "fashion-mnist"
@@ -278,3 +279,13 @@ def test_fashion_mnist_end_to_end_on_small_files(
     assert record["model_card"]["test_examples"] == 7
     assert record["model_card"]["image_shape"] == [28, 28, 1]
     assert list(FASHION_MNIST_CLASS_NAMES) == FASHION_NAMES
+    # Clothes may be mirrored in training and their predictions mirror-averaged: the
+    # served model answers an image and its mirror image alike.
+    assert record["hyperparameters"]["augment"] == "mirror"
+    assert record["hyperparameters"]["average_mirrored"] == "true"
+    assert "mirror image" in record["model_card"]["prediction"]
+    serve = tf.saved_model.load(str(base / "1")).signatures["predict_uint8"]
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    plain = serve(images=tf.constant(images))["probabilities"].numpy()
+    mirrored = serve(images=tf.constant(images[:, :, ::-1]))["probabilities"].numpy()
+    np.testing.assert_allclose(mirrored, plain, atol=1e-6)

@@ -20,6 +20,7 @@ from convserve.trainer.train import (
     TrainConfig,
     deterministic,
     held_out_samples,
+    predict_probabilities,
     train,
     training_record,
 )
@@ -34,7 +35,7 @@ class Exported:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """A briefly trained model with a frozen sobel-x first layer, exported once."""
     data = load_sample().limit_train(300)
-    config = TrainConfig(epochs=2, batch_size=16, learning_rate=2e-3, seed=1, verbose=False)
+    config = TrainConfig(epochs=2, batch_size=16, learning_rate=2e-3, seed=1)
     with deterministic(config.seed):
         model = build_model("keras", load_kernel("sobel-x"))
         result = train(model, data, config, lambda _: None)
@@ -98,6 +99,29 @@ def test_savedmodel_predicts_like_keras(exported: Exported) -> None:
     # The model learnt something, so the comparison is between meaningful outputs.
     accuracy = np.mean(expected.argmax(axis=1) == exported.data.y_test[:64])
     assert accuracy > 0.5
+
+
+def test_a_mirror_averaged_export_answers_the_same_for_an_image_and_its_mirror(
+    exported: Exported, tmp_path: Path
+) -> None:
+    images, _ = held_out_samples(exported.data)
+    path = export_model(
+        exported.model, tmp_path / "m", exported.record, images, average_mirrored=True
+    )
+    loaded = tf.saved_model.load(str(path))
+    as_float = (exported.data.x_test[:64].astype(np.float32) / 255.0)[..., None]
+    served = loaded.signatures["serving_default"](images=tf.constant(as_float))["probabilities"]
+    mirrored = loaded.signatures["serving_default"](images=tf.constant(as_float[:, :, ::-1]))
+    uint8 = loaded.signatures["predict_uint8"](
+        images=tf.constant(exported.data.x_test[:64, :, :, None])
+    )["probabilities"]
+    expected = predict_probabilities(exported.model, as_float, average_mirrored=True)
+    np.testing.assert_allclose(served.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(uint8.numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(mirrored["probabilities"].numpy(), expected, atol=1e-5)
+    # The network alone is not mirror-symmetric, so the average is a different answer.
+    plain = predict_probabilities(exported.model, as_float)
+    assert np.max(np.abs(plain - expected)) > 1e-3
 
 
 def test_feature_maps_match_keras(exported: Exported) -> None:

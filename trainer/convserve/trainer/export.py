@@ -72,8 +72,12 @@ def model_image_shape(model: keras.Model) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def write_signatures(model: keras.Model, directory: Path) -> None:
-    """Write the SavedModel with serving_default, predict_uint8 and feature_maps."""
+def write_signatures(model: keras.Model, directory: Path, average_mirrored: bool = False) -> None:
+    """Write the SavedModel with serving_default, predict_uint8 and feature_maps.
+
+    ``average_mirrored``: the probabilities are the mean of the image's and its
+    left-right mirror image's (feature maps stay those of the image itself).
+    """
     features = feature_model(model)
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -84,12 +88,18 @@ def write_signatures(model: keras.Model, directory: Path) -> None:
     float_spec = tf.TensorSpec(shape, tf.float32, name="images")
     uint8_spec = tf.TensorSpec(shape, tf.uint8, name="images")
 
+    def probabilities(images: tf.Tensor) -> tf.Tensor:
+        result = model(images, training=False)
+        if average_mirrored:
+            mirrored = model(tf.reverse(images, axis=[2]), training=False)
+            result = (result + mirrored) / 2.0
+        return result
+
     def predict_float(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        return {"probabilities": model(images, training=False)}
+        return {"probabilities": probabilities(images)}
 
     def predict_uint8(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        scaled = tf.cast(images, tf.float32) / 255.0
-        return {"probabilities": model(scaled, training=False)}
+        return {"probabilities": probabilities(tf.cast(images, tf.float32) / 255.0)}
 
     def feature_maps(images: tf.Tensor) -> dict[str, tf.Tensor]:
         return dict(features(images, training=False))
@@ -136,10 +146,12 @@ def export_model(
     record: dict[str, Any],
     warmup_images: np.ndarray,
     version: int | None = None,
+    average_mirrored: bool = False,
 ) -> Path:
     """Export ``model`` as ``<base>/<version>`` atomically; returns the version directory.
 
     ``version`` None picks the next integer. An existing version is never overwritten.
+    ``average_mirrored``: see :func:`write_signatures`.
     """
     base_path = Path(base)
     if version is not None and version <= 0:
@@ -155,7 +167,7 @@ def export_model(
             f"--model-base-path: cannot write to {base_path}: {exc.strerror or exc}"
         ) from exc
     try:
-        write_signatures(model, tmp)
+        write_signatures(model, tmp, average_mirrored)
         extra = tmp / ASSETS_EXTRA
         extra.mkdir(exist_ok=True)
         write_warmup(extra / WARMUP_FILE, str(record.get("model_name", "mnist")), warmup_images)
