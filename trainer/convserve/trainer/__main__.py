@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # TensorFlow's C++ start-up chatter would bury the training output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # TensorFlow turns its oneDNN kernels on only for CPUs with AVX-512 VNNI and newer; on
-# the AVX2 machines this was measured on they train these networks 1.3-1.6x faster
+# the AVX2 machines this was measured on they train these networks 1.2-1.6x faster
 # (README, "Training recipes"). Read once, when TensorFlow loads; an explicit 0 wins.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
