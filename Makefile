@@ -27,7 +27,7 @@ FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 # the 8x8 digits, serve all of them from one server, predict held-out images of each
 # (and one MNIST image through TF Serving's REST API with curl), stop. Fashion-MNIST
 # trains for DEMO_FASHION_EPOCHS of its default recipe's epochs, to keep the demo near
-# five minutes; `make demo DEMO_FASHION_EPOCHS=` trains it in full (about four minutes more).
+# five minutes; `make demo DEMO_FASHION_EPOCHS=` trains it in full (three to four minutes more).
 DEMO_FASHION_EPOCHS ?= 2
 demo: setup
 	@set -eu; \

@@ -299,9 +299,9 @@ async def test_operations_metadata_and_feature_maps(
         image = images[:1]
         maps = await runtime.feature_maps(types.FeatureMapsInput(image), deadline=None)
         assert [(name, m.shape) for name, m in maps.maps] == [
-            ("conv1", (26, 26, 32)),
-            ("conv2", (11, 11, 64)),
-            ("conv3", (3, 3, 64)),
+            ("conv1", (28, 28, 32)),
+            ("conv2", (14, 14, 64)),
+            ("conv3", (7, 7, 64)),
         ]
         chosen = await runtime.feature_maps(
             types.FeatureMapsInput(image, layers=("conv3", "conv1")), deadline=None

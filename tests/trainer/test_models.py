@@ -29,18 +29,19 @@ KERAS_LAYERS = [
     ("probabilities", "Dense", [10], 650),
 ]
 KERAS_BN_LAYERS = [
-    ("conv1", "Conv2D", [26, 26, 32], 320),
-    ("pool1", "MaxPooling2D", [13, 13, 32], 0),
-    ("bn1", "BatchNormalization", [13, 13, 32], 128),
-    ("conv2", "Conv2D", [11, 11, 64], 18_496),
-    ("pool2", "MaxPooling2D", [5, 5, 64], 0),
-    ("bn2", "BatchNormalization", [5, 5, 64], 256),
-    ("conv3", "Conv2D", [3, 3, 64], 36_928),
+    ("conv1", "Conv2D", [28, 28, 32], 320),
+    ("pool1", "MaxPooling2D", [14, 14, 32], 0),
+    ("bn1", "BatchNormalization", [14, 14, 32], 128),
+    ("conv2", "Conv2D", [14, 14, 64], 18_496),
+    ("pool2", "MaxPooling2D", [7, 7, 64], 0),
+    ("bn2", "BatchNormalization", [7, 7, 64], 256),
+    ("conv3", "Conv2D", [7, 7, 64], 36_928),
+    ("pool3", "MaxPooling2D", [3, 3, 64], 0),
     ("bn3", "BatchNormalization", [3, 3, 64], 256),
     ("flatten", "Flatten", [576], 0),
     ("dropout", "Dropout", [576], 0),
-    ("dense", "Dense", [64], 36_928),
-    ("probabilities", "Dense", [10], 650),
+    ("dense", "Dense", [128], 73_856),
+    ("probabilities", "Dense", [10], 1_290),
 ]
 TUTORIAL_LAYERS = [
     ("conv1", "Conv2D", [28, 28, 32], 832),
@@ -71,8 +72,8 @@ def test_keras_architecture() -> None:
 def test_keras_bn_architecture() -> None:
     model = build_model("keras-bn")
     # Batch normalization's moving mean and variance (320 values) are not trained.
-    assert model.count_params() == 93_962
-    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 93_642
+    assert model.count_params() == 131_530
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == 131_210
     assert rows("keras-bn") == KERAS_BN_LAYERS
     assert conv_layer_names(model) == ["conv1", "conv2", "conv3"]
     images = np.random.default_rng(0).random((3, 28, 28, 1), dtype=np.float32)
@@ -80,6 +81,20 @@ def test_keras_bn_architecture() -> None:
     np.testing.assert_allclose(np.sum(probabilities, axis=1), 1.0, rtol=1e-5)
     # Dropout and batch statistics act only in training.
     np.testing.assert_array_equal(model(images, training=False), probabilities)
+
+
+@pytest.mark.parametrize(
+    ("size", "last_map"),
+    [(28, [3, 3, 64]), (24, [3, 3, 64]), (16, [4, 4, 64]), (8, [2, 2, 64]), (4, [1, 1, 64])],
+)
+def test_keras_bn_pools_a_third_time_only_where_the_map_is_wide_enough(
+    size: int, last_map: list[int]
+) -> None:
+    table = layer_table(build_model("keras-bn", image_shape=(size, size)))
+    names = [row["name"] for row in table]
+    assert ("pool3" in names) == (size >= 24)
+    assert next(row for row in table if row["name"] == "bn3")["output_shape"] == last_map
+    assert next(row for row in table if row["name"] == "conv1")["output_shape"] == [size, size, 32]
 
 
 def test_tutorial_architecture() -> None:

@@ -105,6 +105,15 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def with_test_in_training(self) -> Dataset:
+        """The same data set with the test images added to the training images (for a
+        final fit once the recipe is fixed; the test split itself is left as it is)."""
+        return dataclasses.replace(
+            self,
+            x_train=np.concatenate([self.x_train, self.x_test]),
+            y_train=np.concatenate([self.y_train, self.y_test]),
+        )
+
     def limit_train(self, n: int | None) -> Dataset:
         """The same data set with only the first ``n`` training examples."""
         if n is None or n >= len(self.x_train):
