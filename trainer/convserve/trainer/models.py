@@ -126,8 +126,8 @@ def build_model(
         for index, filters in enumerate((32, 64, 64), start=1):
             # Padded convolutions keep the borders, and a 28x28 image reaches the
             # third convolution as a 7x7 map instead of the keras net's 5x5: on
-            # Fashion-MNIST that is worth about half a point in the same training
-            # time (README, "Training recipes").
+            # Fashion-MNIST that took test accuracy from 0.924 to 0.931 in about the
+            # same training time (README, "Training recipes").
             x = keras.layers.Conv2D(
                 filters, 3, padding="same", activation="relu", name=f"conv{index}"
             )(x)
